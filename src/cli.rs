@@ -1,0 +1,141 @@
+//! The command-line contract of DESIGN.md: argument definitions and dispatch.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "dreambooth", version, about = "DreamBooth fine-tuning of Stable Diffusion, in the terminal")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Guided set-up of a training run.
+    Wizard {
+        #[arg(long)]
+        runs_dir: Option<PathBuf>,
+    },
+    /// Train from a run config.
+    Train {
+        config: PathBuf,
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        plain: bool,
+    },
+    /// Continue a run from its newest complete checkpoint.
+    Resume {
+        run_dir: PathBuf,
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        plain: bool,
+    },
+    /// Dashboard of a running or finished run.
+    Attach { run_dir: PathBuf },
+    /// Checkpoint, then stop a running run.
+    Stop { run_dir: PathBuf },
+    /// Text-to-image with a model.
+    Generate(GenerateArgs),
+    /// Export a run's weights.
+    Export {
+        run_dir: PathBuf,
+        #[arg(long)]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        step: Option<u64>,
+    },
+    /// Estimated peak VRAM of a run config, per component.
+    Vram { config: PathBuf },
+    /// The VRAM presets.
+    Presets,
+    /// Source checkpoints found in folders.
+    Models { dirs: Vec<PathBuf> },
+    /// Training speed and memory, as one JSON line.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        steps: Option<u64>,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Tiny built-in model on the CPU.
+    Demo {
+        #[arg(long)]
+        plain: bool,
+        /// Where to write the demo's files (default: a `demo` folder here).
+        #[arg(long, default_value = "demo")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// Diffusers folder, single-file .safetensors / .ckpt, or a run directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A diffusers folder whose */config.json describe the model (overrides inference).
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// With a run directory: the checkpoint step to use.
+    #[arg(long)]
+    pub step: Option<u64>,
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    #[arg(long, default_value = "ddim")]
+    pub scheduler: String,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    #[arg(long)]
+    pub width: Option<i64>,
+    #[arg(long)]
+    pub height: Option<i64>,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let Some(command) = cli.command else {
+        if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+            return not_yet("the wizard");
+        }
+        use clap::CommandFactory;
+        Cli::command().print_help()?;
+        println!();
+        return Ok(());
+    };
+    match command {
+        Command::Generate(args) => crate::pipeline::generate_command(&args),
+        Command::Models { dirs } => crate::checkpoint::models_command(&dirs),
+        Command::Demo { dir, .. } => crate::pipeline::demo_command(&dir),
+        Command::Wizard { .. } => not_yet("the wizard"),
+        Command::Train { .. } | Command::Resume { .. } | Command::Stop { .. } | Command::Attach { .. } => {
+            not_yet("training")
+        }
+        Command::Export { .. } => not_yet("export"),
+        Command::Vram { .. } | Command::Presets | Command::Bench { .. } => not_yet("the VRAM estimator and bench"),
+    }
+}
+
+fn not_yet(what: &str) -> anyhow::Result<()> {
+    anyhow::bail!("{what} is not available in this build yet")
+}

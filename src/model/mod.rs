@@ -1,0 +1,9 @@
+//! Stable Diffusion's networks as tch modules whose fields spell checkpoint keys.
+
+pub mod attention;
+pub mod clip;
+pub mod config;
+pub mod nn;
+pub mod unet;
+pub mod vae;
+pub mod weights;

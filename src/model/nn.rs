@@ -1,0 +1,102 @@
+//! The basic layers, holding their tensors under checkpoint key names
+//! (`weight`, `bias`). Forward passes are plain libtorch ops.
+
+use tch::Tensor;
+
+use super::weights::{WeightError, Weights};
+
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(w: &Weights, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self, WeightError> {
+        let weight = w.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: i64,
+    pub padding: i64,
+}
+
+impl Conv2d {
+    pub fn new(
+        w: &Weights,
+        in_ch: i64,
+        out_ch: i64,
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+    ) -> Result<Self, WeightError> {
+        let weight = w.get("weight", &[out_ch, in_ch, kernel, kernel])?;
+        let bias = Some(w.get("bias", &[out_ch])?);
+        Ok(Conv2d { weight, bias, stride, padding })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(&self.weight, self.bias.as_ref(), [self.stride], [self.padding], [1], 1)
+    }
+}
+
+#[derive(Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: i64,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(w: &Weights, groups: i64, channels: i64, eps: f64) -> Result<Self, WeightError> {
+        Ok(GroupNorm { weight: w.get("weight", &[channels])?, bias: w.get("bias", &[channels])?, groups, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub dim: i64,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(w: &Weights, dim: i64, eps: f64) -> Result<Self, WeightError> {
+        Ok(LayerNorm { weight: w.get("weight", &[dim])?, bias: w.get("bias", &[dim])?, dim, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(w: &Weights, count: i64, dim: i64) -> Result<Self, WeightError> {
+        Ok(Embedding { weight: w.get("weight", &[count, dim])? })
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}

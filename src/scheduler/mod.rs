@@ -1,0 +1,3 @@
+//! Noise schedules: the training schedule and the samplers.
+
+pub mod config;
