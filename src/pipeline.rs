@@ -1,13 +1,294 @@
-//! Text-to-image sampling: previews, class images and `generate`.
+//! Text-to-image sampling (previews, class images, `generate`), step for step as
+//! diffusers' `StableDiffusionPipeline`: CLIP-encode the prompt and the negative
+//! prompt, draw the initial latents from the CPU generator seeded with the seed,
+//! run the sampler with classifier-free guidance, decode with the VAE.
 
 use std::path::Path;
 
-use crate::cli::GenerateArgs;
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
 
-pub fn generate_command(_args: &GenerateArgs) -> anyhow::Result<()> {
-    anyhow::bail!("generate is not available in this build yet")
+use crate::checkpoint::{load_model, LoadedModel, TokenizerSource};
+use crate::error::usage;
+use crate::model::attention::AttentionBackend;
+use crate::model::clip::ClipTextTransformer;
+use crate::model::config::{ClipConfig, UNetConfig, VaeConfig};
+use crate::model::unet::UNet2DConditionModel;
+use crate::model::vae::AutoencoderKL;
+use crate::model::weights::Weights;
+use crate::scheduler::config::SchedulerConfig;
+use crate::scheduler::build_sampler;
+use crate::tokenizer::ClipTokenizer;
+
+/// A loaded Stable Diffusion model, ready to sample.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextTransformer,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub unet_config: UNetConfig,
+    pub vae_config: VaeConfig,
+    pub text_config: ClipConfig,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+    /// Kind of the UNet and text encoder; the VAE stays in float32 (SD's VAE
+    /// overflows in fp16, diffusers' `force_upcast`).
+    pub kind: Kind,
 }
 
-pub fn demo_command(_dir: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("demo is not available in this build yet")
+/// One text-to-image request.
+#[derive(Debug, Clone)]
+pub struct SampleRequest {
+    pub prompt: String,
+    pub negative: String,
+    pub seed: u64,
+    pub steps: usize,
+    pub sampler: String,
+    pub guidance: f64,
+    pub width: i64,
+    pub height: i64,
+    /// A1111's clip skip: 1 = last layer.
+    pub clip_skip: i64,
+}
+
+fn build_tokenizer(source: &TokenizerSource) -> anyhow::Result<ClipTokenizer> {
+    match source {
+        TokenizerSource::Folder(dir) => ClipTokenizer::from_folder(dir),
+        TokenizerSource::OpenAi { pad_token } => ClipTokenizer::openai()?.with_pad_token(pad_token),
+    }
+}
+
+/// Builds a module's weights and refuses checkpoints carrying tensors the model
+/// would silently ignore (a sign of a wrong architecture guess).
+fn check_all_used(w: &Weights, component: &str, source: &Path) -> anyhow::Result<()> {
+    let unused = w.unused_keys();
+    if let Some(first) = unused.first() {
+        anyhow::bail!(
+            "{}: the {component} has {} tensor(s) the model config does not use (first: `{first}`); the architecture does not match the file",
+            source.display(),
+            unused.len()
+        );
+    }
+    w.release();
+    Ok(())
+}
+
+impl StableDiffusion {
+    pub fn load(path: &Path, model_config: Option<&Path>, device: Device, attention: AttentionBackend) -> anyhow::Result<Self> {
+        let loaded = load_model(path, model_config)?;
+        let kind = if device.is_cuda() { Kind::Half } else { Kind::Float };
+        Self::from_loaded(loaded, device, kind, attention)
+    }
+
+    pub fn from_loaded(m: LoadedModel, device: Device, kind: Kind, attention: AttentionBackend) -> anyhow::Result<Self> {
+        let source = m.source.clone();
+        let tokenizer = build_tokenizer(&m.tokenizer)?;
+        if tokenizer.vocab_size() as i64 > m.text_config.vocab_size {
+            anyhow::bail!(
+                "{}: the tokenizer has {} tokens but the text encoder only {}",
+                source.display(),
+                tokenizer.vocab_size(),
+                m.text_config.vocab_size
+            );
+        }
+        let text_w = Weights::new("text encoder", m.text_encoder, device, kind);
+        let text_encoder = ClipTextTransformer::new(&text_w, &m.text_config)
+            .with_context(|| format!("{}: cannot build the text encoder", source.display()))?;
+        check_all_used(&text_w, "text encoder", &source)?;
+        let unet_w = Weights::new("UNet", m.unet, device, kind);
+        let unet = UNet2DConditionModel::new(&unet_w, &m.unet_config, attention)
+            .with_context(|| format!("{}: cannot build the UNet", source.display()))?;
+        check_all_used(&unet_w, "UNet", &source)?;
+        let vae_w = Weights::new("VAE", m.vae, device, Kind::Float);
+        let vae = AutoencoderKL::new(&vae_w, &m.vae_config)
+            .with_context(|| format!("{}: cannot build the VAE", source.display()))?;
+        check_all_used(&vae_w, "VAE", &source)?;
+        Ok(StableDiffusion {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            unet_config: m.unet_config,
+            vae_config: m.vae_config,
+            text_config: m.text_config,
+            scheduler_config: m.scheduler_config,
+            device,
+            kind,
+        })
+    }
+
+    /// Pixels per latent: the VAE's factor.
+    pub fn vae_factor(&self) -> i64 {
+        self.vae_config.downsampling_factor()
+    }
+
+    /// Image sides must be a multiple of this: the VAE factor times the UNet's downsampling.
+    pub fn size_multiple(&self) -> i64 {
+        self.vae_factor() * (1 << (self.unet_config.block_out_channels.len() as i64 - 1))
+    }
+
+    /// The model's native image side (diffusers' default height/width).
+    pub fn default_size(&self) -> i64 {
+        self.unet_config.sample_size * self.vae_factor()
+    }
+
+    pub fn check_size(&self, width: i64, height: i64) -> anyhow::Result<()> {
+        let m = self.size_multiple();
+        for (flag, v) in [("--width", width), ("--height", height)] {
+            if v <= 0 || v % m != 0 {
+                return Err(usage(format!(
+                    "{flag} {v} is not a positive multiple of {m} (this model's VAE factor {} times its UNet downsampling {})",
+                    self.vae_factor(),
+                    m / self.vae_factor()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Prompt embeddings `[1, 77, hidden]` as the pipeline feeds the UNet.
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: i64) -> Tensor {
+        let max_len = self.text_config.max_position_embeddings as usize;
+        let ids = self.tokenizer.encode_padded(prompt, max_len);
+        let ids = Tensor::from_slice(&ids).view([1, -1]).to_device(self.device);
+        self.text_encoder.forward(&ids, clip_skip)
+    }
+
+    /// Runs the sampler; returns the image as float32 `[H, W, 3]` in [0, 1] on the CPU.
+    /// `on_step(i, n)` is called after each denoising step.
+    pub fn text_to_image(&self, req: &SampleRequest, mut on_step: impl FnMut(usize, usize)) -> anyhow::Result<Tensor> {
+        self.check_size(req.width, req.height)?;
+        let mut sampler = build_sampler(&req.sampler, &self.scheduler_config, req.steps)?;
+        let _guard = tch::no_grad_guard();
+        let cond = self.encode_prompt(&req.prompt, req.clip_skip);
+        let guided = req.guidance > 1.0;
+        let context = if guided {
+            let uncond = self.encode_prompt(&req.negative, req.clip_skip);
+            Tensor::cat(&[uncond, cond], 0)
+        } else {
+            cond
+        };
+
+        // The first randn draw of a CPU generator seeded with the seed, as diffusers
+        // with torch.Generator("cpu").manual_seed(seed): exact on any device.
+        tch::manual_seed(req.seed as i64);
+        let f = self.vae_factor();
+        let shape = [1, self.unet_config.in_channels, req.height / f, req.width / f];
+        let mut latents = Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(self.device)
+            * sampler.init_noise_sigma();
+
+        let timesteps = sampler.timesteps().to_vec();
+        let n = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_in = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
+            let model_in = sampler.scale_model_input(&model_in, i);
+            let t_batch = Tensor::from_slice(&[t as f32]).to_device(self.device).expand([model_in.size()[0]], false);
+            let out = self
+                .unet
+                .forward(&model_in.to_kind(self.kind), &t_batch, &context)
+                .to_kind(Kind::Float);
+            let noise_pred = if guided {
+                let parts = out.chunk(2, 0);
+                &parts[0] + (&parts[1] - &parts[0]) * req.guidance
+            } else {
+                out
+            };
+            latents = sampler.step(&noise_pred, i, &latents);
+            on_step(i + 1, n);
+        }
+        Ok(self.decode_latents(&latents))
+    }
+
+    /// Latents to an image `[H, W, 3]` in [0, 1], float32 on the CPU (first of the batch).
+    pub fn decode_latents(&self, latents: &Tensor) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let z = latents.to_kind(Kind::Float) / self.vae_config.scaling_factor;
+        let image = self.vae.decode(&z);
+        (image / 2.0 + 0.5).clamp(0.0, 1.0).get(0).permute([1, 2, 0]).to_device(Device::Cpu)
+    }
+}
+
+/// `[H, W, 3]` float in [0, 1] to 8-bit RGB, rounding as diffusers' `numpy_to_pil`.
+pub fn to_rgb8(image: &Tensor) -> anyhow::Result<image::RgbImage> {
+    let size = image.size();
+    let (h, w) = (size[0] as u32, size[1] as u32);
+    let bytes = (image * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).contiguous();
+    let mut data = vec![0u8; (h * w * 3) as usize];
+    bytes.f_copy_data(&mut data, data.len())?;
+    image::RgbImage::from_raw(w, h, data).context("image buffer has the wrong size")
+}
+
+/// Writes a PNG atomically (temporary name, then rename).
+pub fn save_png(image: &Tensor, path: &Path) -> anyhow::Result<()> {
+    let rgb = to_rgb8(image)?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(usage(format!("cannot write {}: the folder {} does not exist", path.display(), dir.display())));
+    }
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    rgb.save_with_format(&tmp, image::ImageFormat::Png)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// `dreambooth generate`.
+pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
+    use crate::scheduler::SAMPLER_NAMES;
+    // Cheap checks first, so a typo does not cost a model load.
+    if !SAMPLER_NAMES.contains(&args.scheduler.as_str()) {
+        return Err(usage(format!(
+            "--scheduler {} is not one of {}",
+            args.scheduler,
+            SAMPLER_NAMES.join(", ")
+        )));
+    }
+    if args.steps == 0 {
+        return Err(usage("--steps must be at least 1"));
+    }
+    if args.lora.is_some() {
+        anyhow::bail!("--lora is not available in this build yet");
+    }
+    if args.step.is_some() {
+        anyhow::bail!("--step applies to run directories, which come with training; this build cannot read them yet");
+    }
+    let device = crate::device::parse_device(&args.device)?;
+    let sd = StableDiffusion::load(&args.model, args.model_config.as_deref(), device, AttentionBackend::Default)?;
+    let width = args.width.unwrap_or_else(|| sd.default_size());
+    let height = args.height.unwrap_or_else(|| sd.default_size());
+    sd.check_size(width, height)?;
+    if let Some(dir) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the folder {}", dir.display()))?;
+    }
+    let req = SampleRequest {
+        prompt: args.prompt.clone(),
+        negative: args.negative.clone(),
+        seed: args.seed,
+        steps: args.steps,
+        sampler: args.scheduler.clone(),
+        guidance: args.guidance,
+        width,
+        height,
+        clip_skip: 1,
+    };
+    let bar = progress_bar(args.steps as u64);
+    let image = sd.text_to_image(&req, |i, _| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+    save_png(&image, &args.out)?;
+    eprintln!("wrote {} ({width}x{height}, {} steps of {}, seed {})", args.out.display(), args.steps, args.scheduler, args.seed);
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal; hidden otherwise (logs stay clean).
+pub fn progress_bar(len: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }
