@@ -1,0 +1,137 @@
+//! Bad input to `generate`: one clear sentence naming the file or flag, a
+//! non-zero exit status, never a panic.
+
+mod common;
+
+use std::path::Path;
+
+use common::{model, run_cli};
+
+fn generate(model: &Path, extra: &[&str], out: &Path) -> (i32, String) {
+    let mut args = vec![
+        "generate", "--model", model.to_str().unwrap(), "--prompt", "a dog", "--steps", "2", "--device", "cpu",
+        "--out", out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (code, _, err) = run_cli(&args);
+    (code, err)
+}
+
+/// One line on stderr, starting with "error:", mentioning `needle`, no panic.
+fn assert_clear_error(code: i32, err: &str, needle: &str) {
+    assert_ne!(code, 0, "expected failure; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(!err.contains("RUST_BACKTRACE"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(model("tiny-sd1.safetensors")).unwrap();
+    let path = dir.path().join("cut.safetensors");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, err) = generate(&path, &[], &dir.path().join("o.png"));
+    assert_clear_error(code, &err, "cut.safetensors");
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn garbage_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.safetensors");
+    std::fs::write(&path, b"this is not a tensor file at all, just some text").unwrap();
+    let (code, err) = generate(&path, &[], &dir.path().join("o.png"));
+    assert_clear_error(code, &err, "junk.safetensors");
+}
+
+#[test]
+fn evil_ckpt_is_refused_and_runs_nothing() {
+    let marker = Path::new("/tmp/dreambooth_evil_ckpt_ran");
+    let _ = std::fs::remove_file(marker);
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = generate(&model("evil.ckpt"), &[], &dir.path().join("o.png"));
+    assert_clear_error(code, &err, "evil.ckpt");
+    assert!(err.contains("system"), "the refusal names what the pickle asked for: {err}");
+    assert!(!marker.exists(), "the pickle's command ran");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn folder_without_unet() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("broken-model");
+    copy_dir(&model("tiny-sd1"), &m);
+    std::fs::remove_dir_all(m.join("unet")).unwrap();
+    let (code, err) = generate(&m, &[], &dir.path().join("o.png"));
+    assert_clear_error(code, &err, "unet");
+    assert!(err.contains("broken-model"), "{err}");
+}
+
+#[test]
+fn folder_without_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("no-tok");
+    copy_dir(&model("tiny-sd1"), &m);
+    std::fs::remove_dir_all(m.join("tokenizer")).unwrap();
+    let (code, err) = generate(&m, &[], &dir.path().join("o.png"));
+    assert_clear_error(code, &err, "tokenizer");
+}
+
+#[test]
+fn unknown_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mystery.safetensors");
+    let t = tch::Tensor::zeros([4, 4], (tch::Kind::Float, tch::Device::Cpu));
+    tch::Tensor::write_safetensors(&[("some.other.network.weight", &t)], &path).unwrap();
+    let (code, err) = generate(&path, &[], &dir.path().join("o.png"));
+    assert_clear_error(code, &err, "mystery.safetensors");
+}
+
+#[test]
+fn missing_model_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = generate(&dir.path().join("nowhere"), &[], &dir.path().join("o.png"));
+    assert_clear_error(code, &err, "nowhere");
+}
+
+#[test]
+fn width_the_model_cannot_take() {
+    let dir = tempfile::tempdir().unwrap();
+    // tiny-sd2: VAE factor 4 × UNet downsampling 4 = multiples of 16.
+    let (code, err) = generate(&model("tiny-sd2"), &["--width", "40"], &dir.path().join("o.png"));
+    assert_clear_error(code, &err, "--width 40");
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn unknown_scheduler() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = generate(&model("tiny-sd1"), &["--scheduler", "heun"], &dir.path().join("o.png"));
+    assert_clear_error(code, &err, "heun");
+    assert!(err.contains("dpmpp-2m"), "lists the valid names: {err}");
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn unknown_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = generate(&model("tiny-sd1"), &["--device", "tpu"], &dir.path().join("o.png"));
+    assert_clear_error(code, &err, "--device tpu");
+    assert_eq!(code, 2);
+}
