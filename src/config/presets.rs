@@ -1,0 +1,43 @@
+//! VRAM-tier presets: YAML fragments under `presets/` that a config names with
+//! `preset:`. The project's own presets are built into the binary; a
+//! `presets/<name>.yaml` beside the config (or in the working directory) wins.
+
+use std::path::Path;
+
+use serde_yaml::Value;
+
+use crate::error::usage;
+
+/// (name, YAML text) of the presets shipped with the program.
+pub const BUILTIN: &[(&str, &str)] = &[];
+
+pub fn load_preset(name: &str, base: &Path) -> anyhow::Result<Value> {
+    if name.contains('/') || name.contains('\\') || name.is_empty() {
+        return Err(usage(format!("`preset` {name:?} must be a preset name such as 12gb")));
+    }
+    let file = format!("{name}.yaml");
+    for dir in [base.join("presets"), Path::new("presets").to_path_buf()] {
+        let path = dir.join(&file);
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| usage(format!("cannot read the preset {}: {e}", path.display())))?;
+            return parse_preset(&text, &path.display().to_string());
+        }
+    }
+    if let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name) {
+        return parse_preset(text, &format!("built-in preset {name}"));
+    }
+    let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+    Err(usage(format!(
+        "`preset` {name:?} is not a known preset{}",
+        if names.is_empty() { String::new() } else { format!(" (known: {})", names.join(", ")) }
+    )))
+}
+
+fn parse_preset(text: &str, origin: &str) -> anyhow::Result<Value> {
+    let v: Value = serde_yaml::from_str(text).map_err(|e| usage(format!("{origin} is not valid YAML: {e}")))?;
+    if v.get("name").is_some() || v.get("concepts").is_some() || v.get("source_checkpoint").is_some() {
+        return Err(usage(format!("{origin} may only hold settings, not name, source_checkpoint or concepts")));
+    }
+    Ok(v)
+}

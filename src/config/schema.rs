@@ -1,0 +1,208 @@
+//! The run configuration (DESIGN.md "Run configuration"): one struct per YAML
+//! section, snake_case keys, defaults for every optional key. Unknown keys are
+//! caught before deserialising (see `load.rs`) so the error can name the key and
+//! suggest the near one.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run directory = `<output_dir>/<name>`.
+    pub name: String,
+    /// A diffusers folder, LDM single file or .ckpt.
+    pub source_checkpoint: PathBuf,
+    #[serde(default = "default_output_dir")]
+    pub output_dir: PathBuf,
+    /// auto | cpu | cuda | cuda:N
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "default_resolution")]
+    pub resolution: i64,
+    /// Name of a file in `presets/` whose keys this config's own keys override.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    pub concepts: Vec<Concept>,
+    #[serde(default)]
+    pub training: Training,
+    #[serde(default)]
+    pub sampling: Sampling,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Concept {
+    pub instance_data_dir: PathBuf,
+    pub instance_prompt: String,
+    /// Empty: no prior preservation.
+    #[serde(default)]
+    pub class_prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_data_dir: Option<PathBuf>,
+    #[serde(default = "default_num_class_images")]
+    pub num_class_images: u32,
+    #[serde(default = "one")]
+    pub prior_loss_weight: f64,
+    #[serde(default)]
+    pub sample_prompts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    Constant,
+    ConstantWithWarmup,
+    LinearWithWarmup,
+    Polynomial,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    Adamw,
+    #[serde(rename = "adamw_8bit")]
+    Adamw8bit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MixedPrecision {
+    No,
+    Fp16,
+    Bf16,
+}
+
+pub use crate::model::attention::AttentionBackend;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Training {
+    /// "Epochs": total steps = epochs × images ÷ batch.
+    pub steps_per_image: u32,
+    pub batch_size: u32,
+    pub gradient_accumulation_steps: u32,
+    pub learning_rate: f64,
+    pub lr_scheduler: LrScheduler,
+    pub lr_warmup_steps: u32,
+    /// Polynomial degree.
+    pub lr_power: f64,
+    /// Polynomial decay's final learning rate (diffusers' `lr_end`).
+    pub lr_end: f64,
+    pub train_unet: bool,
+    /// Fraction of the steps that also train the text encoder (0.7 faces, 0.2 styles).
+    pub text_encoder_train_ratio: f64,
+    pub use_lora: bool,
+    pub lora_rank: u32,
+    pub lora_alpha: f64,
+    pub train_imagic_only: bool,
+    pub use_ema: bool,
+    pub ema_decay: f64,
+    pub optimizer: Optimizer,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub weight_decay: f64,
+    /// Gradient clipping by global norm; 0 = off.
+    pub max_grad_norm: f64,
+    pub mixed_precision: MixedPrecision,
+    pub attention: AttentionBackend,
+    pub gradient_checkpointing: bool,
+    pub set_grads_to_none: bool,
+    pub cache_latents: bool,
+    pub offset_noise: f64,
+    /// Min-SNR loss weighting gamma; 0 = off.
+    pub min_snr_gamma: f64,
+    pub freeze_clip_normalization: bool,
+    pub clip_skip: i64,
+    pub random_flip: bool,
+    pub pause_after_n_epochs: u32,
+    pub pause_seconds: u64,
+    pub save_model_every_n_epochs: u32,
+    pub save_preview_every_n_epochs: u32,
+    /// Checkpoints kept on disk (older ones are deleted); 0 = keep all.
+    pub keep_last_checkpoints: u32,
+}
+
+impl Default for Training {
+    fn default() -> Self {
+        Training {
+            steps_per_image: 175,
+            batch_size: 1,
+            gradient_accumulation_steps: 1,
+            learning_rate: 1.0e-6,
+            lr_scheduler: LrScheduler::ConstantWithWarmup,
+            lr_warmup_steps: 0,
+            lr_power: 1.0,
+            lr_end: 1.0e-7,
+            train_unet: true,
+            text_encoder_train_ratio: 0.0,
+            use_lora: false,
+            lora_rank: 4,
+            lora_alpha: 4.0,
+            train_imagic_only: false,
+            use_ema: false,
+            ema_decay: 0.9999,
+            optimizer: Optimizer::Adamw,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 1e-2,
+            max_grad_norm: 1.0,
+            mixed_precision: MixedPrecision::Bf16,
+            attention: AttentionBackend::Default,
+            gradient_checkpointing: false,
+            set_grads_to_none: true,
+            cache_latents: true,
+            offset_noise: 0.0,
+            min_snr_gamma: 0.0,
+            freeze_clip_normalization: false,
+            clip_skip: 1,
+            random_flip: false,
+            pause_after_n_epochs: 0,
+            pause_seconds: 0,
+            save_model_every_n_epochs: 25,
+            save_preview_every_n_epochs: 5,
+            keep_last_checkpoints: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sampling {
+    pub scheduler: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub negative_prompt: String,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { scheduler: "ddim".into(), steps: 30, guidance: 7.5, seed: 42, negative_prompt: String::new() }
+    }
+}
+
+fn default_output_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_seed() -> u64 {
+    1234
+}
+fn default_resolution() -> i64 {
+    512
+}
+fn default_num_class_images() -> u32 {
+    200
+}
+fn one() -> f64 {
+    1.0
+}

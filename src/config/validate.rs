@@ -1,0 +1,111 @@
+//! Range and consistency checks of a parsed run config. Each failure is one
+//! sentence naming the key. Checks that need the disk (folders, images) live
+//! with the data loading, which knows the image counts.
+
+use super::schema::RunConfig;
+
+pub fn validate(c: &RunConfig) -> Result<(), String> {
+    if c.name.trim().is_empty() {
+        return Err("`name` is empty; it names the run directory".into());
+    }
+    if c.name.contains('/') || c.name.contains('\\') || c.name == "." || c.name == ".." {
+        return Err(format!("`name` {:?} must be a plain folder name, without slashes", c.name));
+    }
+    if !matches!(c.device.as_str(), "auto" | "cpu" | "cuda") && !c.device.starts_with("cuda:") {
+        return Err(format!("`device` {:?} is not one of auto, cpu, cuda, cuda:N", c.device));
+    }
+    if c.resolution < 64 || c.resolution % 8 != 0 {
+        return Err(format!("`resolution` {} must be a multiple of 8, at least 64", c.resolution));
+    }
+    if c.concepts.is_empty() {
+        return Err("`concepts` is empty; give at least one instance_data_dir and instance_prompt".into());
+    }
+    for (i, concept) in c.concepts.iter().enumerate() {
+        if concept.instance_prompt.trim().is_empty() {
+            return Err(format!("`concepts[{i}].instance_prompt` is empty"));
+        }
+        if concept.prior_loss_weight < 0.0 || !concept.prior_loss_weight.is_finite() {
+            return Err(format!("`concepts[{i}].prior_loss_weight` must be 0 or more"));
+        }
+        if !concept.class_prompt.trim().is_empty() && concept.num_class_images == 0 {
+            return Err(format!(
+                "`concepts[{i}].num_class_images` is 0 but a class_prompt is set; prior preservation needs class images"
+            ));
+        }
+    }
+    let t = &c.training;
+    let positive = [
+        ("training.steps_per_image", t.steps_per_image),
+        ("training.batch_size", t.batch_size),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
+        ("training.lora_rank", t.lora_rank),
+    ];
+    for (key, v) in positive {
+        if v == 0 {
+            return Err(format!("`{key}` must be at least 1"));
+        }
+    }
+    if !(t.learning_rate > 0.0 && t.learning_rate <= 1.0) {
+        return Err(format!("`training.learning_rate` {} must be above 0 and at most 1 (1e-6 to 2e-6 is typical)", t.learning_rate));
+    }
+    if !(0.0..=1.0).contains(&t.text_encoder_train_ratio) {
+        return Err(format!("`training.text_encoder_train_ratio` {} must be between 0 and 1", t.text_encoder_train_ratio));
+    }
+    if !t.train_unet && t.text_encoder_train_ratio == 0.0 {
+        return Err("`training.train_unet` is false and `training.text_encoder_train_ratio` is 0: nothing would train".into());
+    }
+    if !(t.ema_decay > 0.0 && t.ema_decay < 1.0) {
+        return Err(format!("`training.ema_decay` {} must be between 0 and 1", t.ema_decay));
+    }
+    for (key, v) in [("training.adam_beta1", t.adam_beta1), ("training.adam_beta2", t.adam_beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(format!("`{key}` {v} must be at least 0 and below 1"));
+        }
+    }
+    for (key, v) in [
+        ("training.adam_epsilon", t.adam_epsilon),
+        ("training.weight_decay", t.weight_decay),
+        ("training.max_grad_norm", t.max_grad_norm),
+        ("training.min_snr_gamma", t.min_snr_gamma),
+        ("training.lr_power", t.lr_power),
+        ("training.lr_end", t.lr_end),
+        ("training.lora_alpha", t.lora_alpha),
+    ] {
+        if v < 0.0 || !v.is_finite() {
+            return Err(format!("`{key}` {v} must be 0 or more"));
+        }
+    }
+    if t.lr_end >= t.learning_rate && t.lr_scheduler == super::schema::LrScheduler::Polynomial {
+        return Err(format!(
+            "`training.lr_end` {} must be below `training.learning_rate` {} for the polynomial schedule",
+            t.lr_end, t.learning_rate
+        ));
+    }
+    if !(-1.0..=1.0).contains(&t.offset_noise) {
+        return Err(format!("`training.offset_noise` {} must be between -1 and 1 (0.05 to 0.1 is typical)", t.offset_noise));
+    }
+    if t.clip_skip < 1 {
+        return Err(format!("`training.clip_skip` {} must be at least 1 (1 = the last layer)", t.clip_skip));
+    }
+    if t.pause_after_n_epochs > 0 && t.pause_seconds == 0 {
+        return Err("`training.pause_after_n_epochs` is set but `training.pause_seconds` is 0".into());
+    }
+    if t.train_imagic_only && c.concepts.len() != 1 {
+        return Err("`training.train_imagic_only` trains on one image of one concept; give exactly one concept".into());
+    }
+    let s = &c.sampling;
+    if !crate::scheduler::SAMPLER_NAMES.contains(&s.scheduler.as_str()) {
+        return Err(format!(
+            "`sampling.scheduler` {:?} is not one of {}",
+            s.scheduler,
+            crate::scheduler::SAMPLER_NAMES.join(", ")
+        ));
+    }
+    if s.steps == 0 {
+        return Err("`sampling.steps` must be at least 1".into());
+    }
+    if s.guidance < 0.0 {
+        return Err("`sampling.guidance` must be 0 or more".into());
+    }
+    Ok(())
+}
