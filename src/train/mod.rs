@@ -1,0 +1,3 @@
+//! Training: LR schedules, optimizers, the loop.
+
+pub mod lr_schedule;
