@@ -2,9 +2,12 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod device;
 pub mod error;
 pub mod model;
 pub mod pipeline;
+pub mod run;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod train;
