@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod model;

@@ -1,0 +1,161 @@
+//! Instance and class images: found in a folder, decoded (png, jpg, webp), EXIF
+//! rotation applied, grayscale/alpha made RGB, resized so the short side is the
+//! training resolution (bilinear) and centre-cropped, as diffusers' DreamBooth
+//! example does. Optional per-image captions in `<image>.txt`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use tch::{Kind, Tensor};
+
+use crate::error::usage;
+
+pub const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
+
+/// One training image with its optional caption (text of `<stem>.txt`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageFile {
+    pub path: PathBuf,
+    pub caption: Option<String>,
+}
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
+}
+
+/// The images of `dir`, sorted by file name (a stable data order for exact resume).
+/// `what` names the folder's role in errors ("concepts[0].instance_data_dir").
+pub fn list_images(dir: &Path, what: &str) -> anyhow::Result<Vec<ImageFile>> {
+    if !dir.exists() {
+        return Err(usage(format!("{what} {} does not exist", dir.display())));
+    }
+    if !dir.is_dir() {
+        return Err(usage(format!("{what} {} is not a folder", dir.display())));
+    }
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the folder {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && is_image(p))
+        .collect();
+    paths.sort();
+    let mut files = Vec::with_capacity(paths.len());
+    for path in paths {
+        let caption_path = path.with_extension("txt");
+        let caption = if caption_path.is_file() {
+            let text = std::fs::read_to_string(&caption_path)
+                .with_context(|| format!("cannot read the caption {}", caption_path.display()))?;
+            Some(text.trim().to_string())
+        } else {
+            None
+        };
+        files.push(ImageFile { path, caption });
+    }
+    Ok(files)
+}
+
+/// Decodes `path` with its EXIF orientation applied, as 8-bit RGB.
+pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read the image {}", path.display()))?;
+    if meta.len() == 0 {
+        return Err(usage(format!("the image {} is empty (0 bytes)", path.display())));
+    }
+    let not_image = |e: &dyn std::fmt::Display| usage(format!("{} is not a readable image ({e})", path.display()));
+    let reader = ImageReader::open(path)
+        .with_context(|| format!("cannot read the image {}", path.display()))?
+        .with_guessed_format()
+        .map_err(|e| not_image(&e))?;
+    let mut decoder = reader.into_decoder().map_err(|e| not_image(&e))?;
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| not_image(&e))?;
+    img.apply_orientation(orientation);
+    Ok(img.to_rgb8())
+}
+
+/// Short side to `size` (bilinear), then the centre `size`×`size` square.
+pub fn resize_center_crop(img: &RgbImage, size: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let scale = size as f64 / w.min(h) as f64;
+    let (nw, nh) = (((w as f64 * scale).round() as u32).max(size), ((h as f64 * scale).round() as u32).max(size));
+    let resized = image::imageops::resize(img, nw, nh, FilterType::Triangle);
+    let (x, y) = ((nw - size) / 2, (nh - size) / 2);
+    image::imageops::crop_imm(&resized, x, y, size, size).to_image()
+}
+
+/// `[3, H, W]` float32 in [-1, 1], the VAE's input range.
+pub fn to_tensor(img: &RgbImage) -> Tensor {
+    let (w, h) = img.dimensions();
+    Tensor::from_slice(img.as_raw())
+        .view([h as i64, w as i64, 3])
+        .permute([2, 0, 1])
+        .to_kind(Kind::Float)
+        / 127.5
+        - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_sorted_images_with_captions_and_skips_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        RgbImage::new(8, 8).save(dir.path().join("b.png")).unwrap();
+        RgbImage::new(8, 8).save(dir.path().join("a.jpg")).unwrap();
+        std::fs::write(dir.path().join("a.txt"), "a dog, sitting \n").unwrap();
+        std::fs::write(dir.path().join("notes.md"), "x").unwrap();
+        let files = list_images(dir.path(), "instance_data_dir").unwrap();
+        let names: Vec<_> = files.iter().map(|f| f.path.file_name().unwrap().to_str().unwrap()).collect();
+        assert_eq!(names, ["a.jpg", "b.png"]);
+        assert_eq!(files[0].caption.as_deref(), Some("a dog, sitting"));
+        assert_eq!(files[1].caption, None);
+    }
+
+    #[test]
+    fn bad_images_are_one_sentence_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.png");
+        std::fs::write(&empty, b"").unwrap();
+        let err = load_rgb(&empty).unwrap_err().to_string();
+        assert!(err.contains("empty.png") && err.contains("0 bytes"), "{err}");
+        let fake = dir.path().join("fake.jpg");
+        std::fs::write(&fake, b"hello, I am text").unwrap();
+        let err = load_rgb(&fake).unwrap_err().to_string();
+        assert!(err.contains("fake.jpg") && err.contains("not a readable image"), "{err}");
+        let err = list_images(&dir.path().join("missing"), "instance_data_dir").unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn crop_is_square_and_centred() {
+        let mut img = RgbImage::new(40, 20);
+        // A red stripe in the middle columns survives the centre crop.
+        for y in 0..20 {
+            for x in 18..22 {
+                img.put_pixel(x, y, image::Rgb([255, 0, 0]));
+            }
+        }
+        let out = resize_center_crop(&img, 10);
+        assert_eq!(out.dimensions(), (10, 10));
+        assert!(out.get_pixel(5, 5)[0] > 100);
+        assert!(out.get_pixel(0, 5)[0] < 50);
+        let t = to_tensor(&out);
+        assert_eq!(t.size(), [3, 10, 10]);
+        assert!(t.max().double_value(&[]) <= 1.0 && t.min().double_value(&[]) >= -1.0);
+    }
+
+    #[test]
+    fn grayscale_and_alpha_become_rgb() {
+        let dir = tempfile::tempdir().unwrap();
+        let gray = dir.path().join("g.png");
+        image::GrayImage::from_pixel(4, 4, image::Luma([200])).save(&gray).unwrap();
+        assert_eq!(*load_rgb(&gray).unwrap().get_pixel(0, 0), image::Rgb([200, 200, 200]));
+        let rgba = dir.path().join("a.png");
+        image::RgbaImage::from_pixel(4, 4, image::Rgba([10, 20, 30, 0])).save(&rgba).unwrap();
+        assert_eq!(*load_rgb(&rgba).unwrap().get_pixel(0, 0), image::Rgb([10, 20, 30]));
+    }
+}

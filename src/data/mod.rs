@@ -1,0 +1,3 @@
+//! Training data: instance and class images, captions, the latent cache.
+
+pub mod images;
