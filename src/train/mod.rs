@@ -1,3 +1,4 @@
 //! Training: LR schedules, optimizers, the loop.
 
 pub mod lr_schedule;
+pub mod adamw;

@@ -1,0 +1,115 @@
+//! AdamW with decoupled weight decay, operation for operation as PyTorch's
+//! single-tensor `torch.optim.AdamW` (the CPU default), so a step matches the
+//! reference to float rounding. Its state (step count and both moments, by
+//! parameter key) is saved with checkpoints for exact resume.
+
+use std::collections::HashMap;
+
+use tch::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+    }
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Parameters by checkpoint key, in a fixed order.
+    params: Vec<(String, Tensor)>,
+    exp_avg: HashMap<String, Tensor>,
+    exp_avg_sq: HashMap<String, Tensor>,
+    /// Optimizer steps taken (PyTorch keeps one per parameter; they move together).
+    pub step: u64,
+}
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> AdamW {
+        AdamW { config, params, exp_avg: HashMap::new(), exp_avg_sq: HashMap::new(), step: 0 }
+    }
+
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// One update with learning rate `lr` from the parameters' current `.grad()`.
+    /// Parameters without a gradient are left alone (as PyTorch skips them).
+    pub fn step(&mut self, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        self.step += 1;
+        let c = self.config;
+        let step = self.step as i32;
+        let bias_correction1 = 1.0 - c.beta1.powi(step);
+        let bias_correction2 = 1.0 - c.beta2.powi(step);
+        let step_size = lr / bias_correction1;
+        let bias_correction2_sqrt = bias_correction2.sqrt();
+        for (key, param) in &self.params {
+            let grad = param.grad();
+            if !grad.defined() {
+                continue;
+            }
+            let mut param = param.shallow_clone();
+            let exp_avg = self.exp_avg.entry(key.clone()).or_insert_with(|| param.zeros_like());
+            let exp_avg_sq = self.exp_avg_sq.entry(key.clone()).or_insert_with(|| param.zeros_like());
+            if c.weight_decay != 0.0 {
+                let _ = param.g_mul_scalar_(1.0 - lr * c.weight_decay);
+            }
+            let _ = exp_avg.lerp_(&grad, 1.0 - c.beta1);
+            // addcmul_(grad, grad, value) computes (value * grad) * grad.
+            let _ = exp_avg_sq.g_mul_scalar_(c.beta2);
+            let _ = exp_avg_sq.g_add_(&((&grad * (1.0 - c.beta2)) * &grad));
+            let denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt) + c.eps;
+            // addcdiv_(exp_avg, denom, value) computes (value * exp_avg) / denom.
+            let _ = param.g_add_(&((&*exp_avg * -step_size) / denom));
+        }
+    }
+
+    /// Zeroes the gradients (keeping their memory for the next backward pass).
+    pub fn zero_grad(&mut self) {
+        for (_, p) in &self.params {
+            let mut p = p.shallow_clone();
+            p.zero_grad();
+        }
+    }
+
+    /// The state as named tensors (for checkpoint files) plus the step count.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (key, _) in &self.params {
+            if let (Some(m), Some(v)) = (self.exp_avg.get(key), self.exp_avg_sq.get(key)) {
+                out.push((format!("exp_avg.{key}"), m.shallow_clone()));
+                out.push((format!("exp_avg_sq.{key}"), v.shallow_clone()));
+            }
+        }
+        out
+    }
+
+    /// Restores what `state_tensors` saved (moved to each parameter's device).
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> anyhow::Result<()> {
+        self.step = step;
+        self.exp_avg.clear();
+        self.exp_avg_sq.clear();
+        for (key, p) in &self.params {
+            match (tensors.get(&format!("exp_avg.{key}")), tensors.get(&format!("exp_avg_sq.{key}"))) {
+                (Some(m), Some(v)) => {
+                    if m.size() != p.size() || v.size() != p.size() {
+                        anyhow::bail!("the optimizer state of `{key}` does not match the parameter's shape");
+                    }
+                    self.exp_avg.insert(key.clone(), m.to_device(p.device()).to_kind(p.kind()));
+                    self.exp_avg_sq.insert(key.clone(), v.to_device(p.device()).to_kind(p.kind()));
+                }
+                (None, None) if step == 0 => {}
+                _ => anyhow::bail!("the optimizer state has no moments for `{key}`"),
+            }
+        }
+        Ok(())
+    }
+}
