@@ -258,3 +258,52 @@ fn random_weights_match_the_checkpoint_layout() {
         assert!(bool::try_from(out.isfinite().all()).unwrap());
     }
 }
+
+/// Loaded in bfloat16 the modules run end to end in bfloat16 (no float32 tensor
+/// made inside forward leaks in) and stay close to the float32 reference.
+#[test]
+fn modules_run_in_bfloat16() {
+    let model = "tiny-sd2";
+    let r = reference(model);
+    let bf = |t: &Tensor| t.to_kind(Kind::BFloat16);
+    let load = |component: &str, file: &str, name: &str| {
+        let path = fixtures().join("models").join(model).join(component).join(file);
+        Weights::new(name, read_safetensors(&path, "text_model."), Device::Cpu, Kind::BFloat16)
+    };
+    tch::no_grad(|| {
+        let clip = ClipTextTransformer::new(&load("text_encoder", "model.safetensors", "text encoder"), &config(model, "text_encoder")).unwrap();
+        let hidden = clip.forward(&r["text.ids"], 1);
+        assert_eq!(hidden.kind(), Kind::BFloat16);
+        check("bf16 text.hidden", &hidden.to_kind(Kind::Float), &r["text.hidden"], 0.15);
+
+        let unet = UNet2DConditionModel::new(&load("unet", "diffusion_pytorch_model.safetensors", "UNet"), &config(model, "unet"), AttentionBackend::Default).unwrap();
+        let out = unet.forward(&bf(&r["unet.sample"]), &r["unet.timestep"], &bf(&r["unet.encoder_hidden_states"]));
+        assert_eq!(out.kind(), Kind::BFloat16);
+        check("bf16 unet.out", &out.to_kind(Kind::Float), &r["unet.out"], 0.15);
+
+        let vae = AutoencoderKL::new(&load("vae", "diffusion_pytorch_model.safetensors", "VAE"), &config(model, "vae")).unwrap();
+        let dist = vae.encode(&bf(&r["vae.image"]));
+        assert_eq!(dist.sample().kind(), Kind::BFloat16);
+        check("bf16 vae.mean", &dist.mean.to_kind(Kind::Float), &r["vae.mean"], 0.1);
+        let decoded = vae.decode(&bf(&r["vae.latents"]));
+        check("bf16 vae.decoded", &decoded.to_kind(Kind::Float), &r["vae.decoded"], 0.15);
+    });
+}
+
+/// `sample` draws from the global CPU generator: the same seed gives the same latents,
+/// `mean + std * randn` with the generator's first draw.
+#[test]
+fn vae_sample_uses_the_global_cpu_generator() {
+    let r = reference("tiny-sd1");
+    let w = weights("tiny-sd1", "vae", "diffusion_pytorch_model.safetensors", "VAE");
+    let vae = AutoencoderKL::new(&w, &config("tiny-sd1", "vae")).unwrap();
+    tch::no_grad(|| {
+        let dist = vae.encode(&r["vae.image"]);
+        tch::manual_seed(1234);
+        let a = dist.sample();
+        tch::manual_seed(1234);
+        let eps = Tensor::randn(dist.mean.size(), (Kind::Float, Device::Cpu));
+        check("sample", &a, &(&dist.mean + &dist.std * eps), 0.0);
+        check("std", &dist.std, &(&r["vae.logvar"] * 0.5).exp(), 1e-4);
+    });
+}
