@@ -38,32 +38,47 @@ fn say_fallback_once(backend: AttentionBackend, why: &str) {
 /// Attention over `[batch, heads, seq, head_dim]` tensors, returning the same layout.
 /// `upcast` computes the scores in float32 (diffusers' `upcast_attention`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, backend: AttentionBackend, upcast: bool) -> Tensor {
+    run(q, k, v, backend, upcast, false)
+}
+
+/// Causal self-attention (each position sees itself and those before it), as the
+/// CLIP text encoder uses it. Same layout as [`attention`].
+pub fn attention_causal(q: &Tensor, k: &Tensor, v: &Tensor, backend: AttentionBackend) -> Tensor {
+    run(q, k, v, backend, false, true)
+}
+
+fn run(q: &Tensor, k: &Tensor, v: &Tensor, backend: AttentionBackend, upcast: bool, causal: bool) -> Tensor {
     let head_dim = *q.size().last().expect("attention input has dimensions");
     let scale = 1.0 / (head_dim as f64).sqrt();
     match backend {
-        AttentionBackend::Default => explicit(q, k, v, scale, upcast),
+        AttentionBackend::Default => explicit(q, k, v, scale, upcast, causal),
         AttentionBackend::Xformers | AttentionBackend::FlashAttention => {
             if q.device() == Device::Cpu {
                 say_fallback_once(backend, "it needs CUDA");
-                return explicit(q, k, v, scale, upcast);
+                return explicit(q, k, v, scale, upcast, causal);
             }
             let flash = backend == AttentionBackend::FlashAttention;
             if flash && !matches!(q.kind(), Kind::Half | Kind::BFloat16) {
                 say_fallback_once(backend, "flash attention needs fp16 or bf16");
-                return explicit(q, k, v, scale, upcast);
+                return explicit(q, k, v, scale, upcast, causal);
             }
             // SDPA picks its kernel itself; we steer it with the back-end flags in the
             // caller's context (see `sdpa_kernel`), here we just call the fused op.
-            Tensor::scaled_dot_product_attention(q, k, v, None::<&Tensor>, 0.0, false, Some(scale), false)
+            Tensor::scaled_dot_product_attention(q, k, v, None::<&Tensor>, 0.0, causal, Some(scale), false)
         }
     }
 }
 
-fn explicit(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool) -> Tensor {
-    let kind = q.kind();
+/// softmax(q k^T * scale) v with the softmax in float32 (as diffusers and
+/// transformers do), the scores too when `upcast`.
+fn explicit(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool, causal: bool) -> Tensor {
     let (q, k) = if upcast { (q.to_kind(Kind::Float), k.to_kind(Kind::Float)) } else { (q.shallow_clone(), k.shallow_clone()) };
-    let scores = q.matmul(&k.transpose(-1, -2)) * scale;
+    let mut scores = q.matmul(&k.transpose(-1, -2)) * scale;
+    if causal {
+        let (lq, lk) = (q.size()[q.dim() - 2], k.size()[k.dim() - 2]);
+        let future = Tensor::ones([lq, lk], (Kind::Bool, q.device())).triu(1);
+        scores = scores.masked_fill(&future, f64::NEG_INFINITY);
+    }
     let probs = scores.softmax(-1, Kind::Float).to_kind(v.kind());
-    let _ = kind;
     probs.matmul(v)
 }

@@ -1,1 +1,150 @@
-//! (in progress)
+//! The CLIP text encoder (transformers' `CLIPTextModel`), with keys as the
+//! checkpoint loader gives them: without the `text_model.` prefix.
+
+use anyhow::{Context, Result};
+use tch::{Kind, Tensor};
+
+use super::attention::{attention_causal, AttentionBackend};
+use super::config::ClipConfig;
+use super::nn::{Activation, Embedding, LayerNorm, Linear};
+use super::weights::Weights;
+
+#[derive(Debug)]
+pub struct ClipTextEmbeddings {
+    pub token_embedding: Embedding,
+    pub position_embedding: Embedding,
+}
+
+impl ClipTextEmbeddings {
+    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        let seq = *input_ids.size().last().expect("input ids have a sequence dimension");
+        let positions = Tensor::arange(seq, (Kind::Int64, input_ids.device()));
+        self.token_embedding.forward(input_ids) + self.position_embedding.forward(&positions)
+    }
+}
+
+#[derive(Debug)]
+pub struct ClipAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    pub heads: i64,
+    pub backend: AttentionBackend,
+}
+
+impl ClipAttention {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, n, d) = x.size3().expect("CLIP hidden states are [batch, seq, hidden]");
+        let split = |t: Tensor| t.view([b, n, self.heads, d / self.heads]).transpose(1, 2);
+        let q = split(self.q_proj.forward(x));
+        let k = split(self.k_proj.forward(x));
+        let v = split(self.v_proj.forward(x));
+        let out = attention_causal(&q, &k, &v, self.backend);
+        self.out_proj.forward(&out.transpose(1, 2).reshape([b, n, d]))
+    }
+}
+
+#[derive(Debug)]
+pub struct ClipMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub act: Activation,
+}
+
+impl ClipMlp {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(x)))
+    }
+}
+
+/// `encoder.layers.{i}`: pre-norm attention and MLP, each with a residual.
+#[derive(Debug)]
+pub struct ClipEncoderLayer {
+    pub self_attn: ClipAttention,
+    pub layer_norm1: LayerNorm,
+    pub mlp: ClipMlp,
+    pub layer_norm2: LayerNorm,
+}
+
+impl ClipEncoderLayer {
+    fn new(w: &Weights, cfg: &ClipConfig, act: Activation) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
+        let a = w.pp("self_attn");
+        Ok(ClipEncoderLayer {
+            self_attn: ClipAttention {
+                q_proj: Linear::new(&a.pp("q_proj"), d, d, true)?,
+                k_proj: Linear::new(&a.pp("k_proj"), d, d, true)?,
+                v_proj: Linear::new(&a.pp("v_proj"), d, d, true)?,
+                out_proj: Linear::new(&a.pp("out_proj"), d, d, true)?,
+                heads: cfg.num_attention_heads,
+                backend: AttentionBackend::Default,
+            },
+            layer_norm1: LayerNorm::new(&w.pp("layer_norm1"), d, eps)?,
+            mlp: ClipMlp {
+                fc1: Linear::new(&w.pp("mlp").pp("fc1"), d, cfg.intermediate_size, true)?,
+                fc2: Linear::new(&w.pp("mlp").pp("fc2"), cfg.intermediate_size, d, true)?,
+                act,
+            },
+            layer_norm2: LayerNorm::new(&w.pp("layer_norm2"), d, eps)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let x = self.self_attn.forward(&self.layer_norm1.forward(x)) + x;
+        self.mlp.forward(&self.layer_norm2.forward(&x)) + x
+    }
+}
+
+#[derive(Debug)]
+pub struct ClipTextTransformer {
+    pub embeddings: ClipTextEmbeddings,
+    /// `encoder.layers`
+    pub layers: Vec<ClipEncoderLayer>,
+    pub final_layer_norm: LayerNorm,
+}
+
+impl ClipTextTransformer {
+    pub fn new(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
+        Self::build(w, cfg).context("cannot build the text encoder")
+    }
+
+    fn build(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
+        if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            anyhow::bail!(
+                "the text encoder config has {} attention heads, which do not divide hidden_size {}",
+                cfg.num_attention_heads,
+                cfg.hidden_size
+            );
+        }
+        let act = Activation::parse(&cfg.hidden_act, "hidden_act")?;
+        let e = w.pp("embeddings");
+        let embeddings = ClipTextEmbeddings {
+            token_embedding: Embedding::new(&e.pp("token_embedding"), cfg.vocab_size, cfg.hidden_size)?,
+            position_embedding: Embedding::new(&e.pp("position_embedding"), cfg.max_position_embeddings, cfg.hidden_size)?,
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(&w.pp("encoder").pp("layers").pp(i), cfg, act))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClipTextTransformer {
+            embeddings,
+            layers,
+            final_layer_norm: LayerNorm::new(&w.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+        })
+    }
+
+    /// Hidden states `[batch, seq, hidden]` for token ids `[batch, seq]` (seq at most
+    /// `max_position_embeddings`). `clip_skip` 1 is transformers' `last_hidden_state`;
+    /// N > 1 takes `hidden_states[-N]` (the output N-1 layers before the last) through
+    /// `final_layer_norm`, as AUTOMATIC1111 does. Values past the embeddings are clamped.
+    pub fn forward(&self, input_ids: &Tensor, clip_skip: i64) -> Tensor {
+        let skip = (clip_skip.max(1) - 1) as usize;
+        let run = self.layers.len().saturating_sub(skip);
+        let mut h = self.embeddings.forward(input_ids);
+        for layer in &self.layers[..run] {
+            h = layer.forward(&h);
+        }
+        self.final_layer_norm.forward(&h)
+    }
+}

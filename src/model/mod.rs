@@ -3,7 +3,9 @@
 pub mod attention;
 pub mod clip;
 pub mod config;
+pub mod init;
 pub mod nn;
+pub mod resnet;
 pub mod unet;
 pub mod vae;
 pub mod weights;

@@ -100,3 +100,39 @@ impl Embedding {
         Tensor::embedding(&self.weight, ids, -1, false, false)
     }
 }
+
+/// The activation functions diffusers and transformers configs name (`act_fn`, `hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// Exact (erf) GELU, transformers' `gelu`.
+    Gelu,
+    /// OpenAI CLIP's `x * sigmoid(1.702 x)`.
+    QuickGelu,
+    Mish,
+    Relu,
+}
+
+impl Activation {
+    /// Reads a config's activation name; `what` names the config field for the error.
+    pub fn parse(name: &str, what: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu" => Activation::Gelu,
+            "quick_gelu" => Activation::QuickGelu,
+            "mish" => Activation::Mish,
+            "relu" => Activation::Relu,
+            other => anyhow::bail!("{what} `{other}` is not supported (expected silu, gelu, quick_gelu, mish or relu)"),
+        })
+    }
+
+    pub fn forward(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::Silu => x.silu(),
+            Activation::Gelu => x.gelu("none"),
+            Activation::QuickGelu => x * (x * 1.702).sigmoid(),
+            Activation::Mish => x.mish(),
+            Activation::Relu => x.relu(),
+        }
+    }
+}

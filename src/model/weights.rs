@@ -26,6 +26,8 @@ struct Store {
     taken: Vec<(String, Tensor)>,
     device: Device,
     kind: Kind,
+    /// `Some(seed)`: a generating store (see [`Weights::random`]).
+    random_seed: Option<u64>,
 }
 
 /// A view into a weight store under a key prefix.
@@ -47,9 +49,22 @@ impl Weights {
                 taken: Vec::new(),
                 device,
                 kind,
+                random_seed: None,
             })),
             prefix: String::new(),
         }
+    }
+
+    /// A store that makes up every tensor a module asks for, with the asked shape:
+    /// deterministic random weights for the built-in demo model, without a second
+    /// list of keys and shapes to keep in step with the model code. Matrices and
+    /// kernels are normal with std 1/sqrt(fan_in), 1-D `weight`s (norm scales) are
+    /// ones, biases zeros. Each tensor depends only on `seed` and its key, not on
+    /// the order modules ask. [`parameters`](Self::parameters) then gives them all.
+    pub fn random(component: &str, seed: u64, device: Device, kind: Kind) -> Self {
+        let w = Weights::new(component, HashMap::new(), device, kind);
+        w.store.borrow_mut().random_seed = Some(seed);
+        w
     }
 
     /// Sub-path: `w.pp("down_blocks").pp(0)` looks under `down_blocks.0.`.
@@ -85,9 +100,14 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor, WeightError> {
         let key = self.key(name);
         let mut store = self.store.borrow_mut();
-        let t = match store.tensors.get(&key) {
-            Some(t) => t.shallow_clone(),
-            None => {
+        let t = match (store.tensors.get(&key), store.random_seed) {
+            (Some(t), _) => t.shallow_clone(),
+            (None, Some(seed)) => {
+                let t = made_up_tensor(&key, shape, seed);
+                store.tensors.insert(key.clone(), t.shallow_clone());
+                t
+            }
+            (None, None) => {
                 return Err(WeightError::Missing { component: store.component.clone(), key });
             }
         };
@@ -139,4 +159,36 @@ impl Weights {
     pub fn release(&self) {
         self.store.borrow_mut().tensors.clear();
     }
+}
+
+/// The tensor a generating store hands out for `key` (see [`Weights::random`]).
+fn made_up_tensor(key: &str, shape: &[i64], seed: u64) -> Tensor {
+    let name = key.rsplit('.').next().unwrap_or(key);
+    if shape.len() == 1 {
+        let fill = if name == "weight" { 1.0 } else { 0.0 };
+        return Tensor::full(shape, fill, (Kind::Float, Device::Cpu));
+    }
+    let fan_in: i64 = shape[1..].iter().product::<i64>().max(1);
+    let std = 1.0 / (fan_in as f64).sqrt();
+    let count: i64 = shape.iter().product();
+    // FNV-1a of the key, mixed with the seed: one independent stream per tensor.
+    let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    state ^= seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut uniform = move || {
+        // splitmix64, mapped to (0, 1)
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let values: Vec<f32> = (0..count)
+        .map(|_| {
+            // Box-Muller; one normal per pair of uniforms keeps it simple.
+            let (u1, u2) = (uniform(), uniform());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect();
+    Tensor::from_slice(&values).reshape(shape)
 }
