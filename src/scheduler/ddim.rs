@@ -4,7 +4,7 @@ use anyhow::Result;
 use tch::Tensor;
 
 use super::config::SchedulerConfig;
-use super::schedule::{self, Prediction, Spacing, ZeroSnr};
+use super::schedule::{self, torch_sqrt, Prediction, Spacing, ZeroSnr};
 use super::Sampler;
 
 pub(crate) struct Ddim {
@@ -63,8 +63,8 @@ impl Sampler for Ddim {
         let alpha_prod_t = self.alpha_at(t);
         let alpha_prod_t_prev = self.alpha_at(t - self.step_ratio);
         let beta_prod_t = 1.0 - alpha_prod_t;
-        let sqrt_alpha = alpha_prod_t.sqrt() as f64;
-        let sqrt_beta = beta_prod_t.sqrt() as f64;
+        let sqrt_alpha = torch_sqrt(alpha_prod_t) as f64;
+        let sqrt_beta = torch_sqrt(beta_prod_t) as f64;
 
         let (pred_original_sample, pred_epsilon) = match self.prediction {
             Prediction::Epsilon => ((sample - model_output * sqrt_beta) / sqrt_alpha, model_output.shallow_clone()),
@@ -83,7 +83,7 @@ impl Sampler for Ddim {
             None => pred_original_sample,
         };
         // eta = 0: no variance term, so the direction keeps all of 1 - alpha_prev.
-        let direction_coeff = (1.0 - alpha_prod_t_prev - 0.0f32).sqrt() as f64;
-        pred_original_sample * alpha_prod_t_prev.sqrt() as f64 + pred_epsilon * direction_coeff
+        let direction_coeff = torch_sqrt(1.0 - alpha_prod_t_prev - 0.0f32) as f64;
+        pred_original_sample * torch_sqrt(alpha_prod_t_prev) as f64 + pred_epsilon * direction_coeff
     }
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::config::SchedulerConfig;
-use super::schedule::{self, torch_exp, torch_ln, Prediction, Spacing, ZeroSnr};
+use super::schedule::{self, torch_exp, torch_ln, torch_sqrt, Prediction, Spacing, ZeroSnr};
 use super::Sampler;
 use crate::bail_usage;
 
@@ -26,7 +26,7 @@ pub(crate) struct DpmSolverMultistep {
 
 /// alpha_t and sigma_t of the VP process at noise level `sigma` (float32).
 fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    let alpha = 1.0 / torch_sqrt(sigma * sigma + 1.0);
     (alpha, sigma * alpha)
 }
 

@@ -5,7 +5,7 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::config::SchedulerConfig;
-use super::schedule::{self, Prediction, Spacing, ZeroSnr};
+use super::schedule::{self, torch_sqrt, Prediction, Spacing, ZeroSnr};
 use super::Sampler;
 use crate::bail_usage;
 
@@ -71,7 +71,7 @@ impl Sampler for Euler {
 
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Tensor {
         let sigma = self.sigmas[i];
-        sample / (sigma * sigma + 1.0).sqrt() as f64
+        sample / torch_sqrt(sigma * sigma + 1.0) as f64
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
@@ -88,7 +88,7 @@ impl Sampler for Euler {
             Prediction::Epsilon => &sample - model_output * sigma_hat as f64,
             Prediction::VPrediction => {
                 let var = sigma * sigma + 1.0;
-                model_output * (-sigma / var.sqrt()) as f64 + &sample / var as f64
+                model_output * (-sigma / torch_sqrt(var)) as f64 + &sample / var as f64
             }
         };
         let derivative = (&sample - pred_original_sample) / sigma_hat as f64;

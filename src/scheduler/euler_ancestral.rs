@@ -6,7 +6,7 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::config::SchedulerConfig;
-use super::schedule::{self, Prediction, Spacing, ZeroSnr};
+use super::schedule::{self, torch_sqrt, Prediction, Spacing, ZeroSnr};
 use super::Sampler;
 use crate::bail_usage;
 
@@ -51,7 +51,7 @@ impl Sampler for EulerAncestral {
 
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Tensor {
         let sigma = self.sigmas[i];
-        sample / (sigma * sigma + 1.0).sqrt() as f64
+        sample / torch_sqrt(sigma * sigma + 1.0) as f64
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
@@ -64,15 +64,15 @@ impl Sampler for EulerAncestral {
         let pred_original_sample = match self.prediction {
             Prediction::VPrediction => {
                 let var = sigma * sigma + 1.0;
-                model_output * (-sigma / var.sqrt()) as f64 + &sample / var as f64
+                model_output * (-sigma / torch_sqrt(var)) as f64 + &sample / var as f64
             }
             _ => &sample - model_output * sigma as f64,
         };
         let (sigma_from, sigma_to) = (sigma, self.sigmas[i + 1]);
-        let sigma_up = (sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to)
-            / (sigma_from * sigma_from))
-            .sqrt();
-        let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
+        let sigma_up = torch_sqrt(
+            sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to) / (sigma_from * sigma_from),
+        );
+        let sigma_down = torch_sqrt(sigma_to * sigma_to - sigma_up * sigma_up);
         let derivative = (&sample - pred_original_sample) / sigma as f64;
         let dt = sigma_down - sigma;
         let prev_sample = sample + derivative * dt as f64;

@@ -6,7 +6,7 @@ use anyhow::Result;
 use tch::Tensor;
 
 use super::config::SchedulerConfig;
-use super::schedule::{self, Prediction, Spacing, ZeroSnr};
+use super::schedule::{self, torch_sqrt, Prediction, Spacing, ZeroSnr};
 use super::Sampler;
 
 const ORDER: usize = 4;
@@ -73,7 +73,7 @@ impl Sampler for Lms {
 
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Tensor {
         let sigma = self.sigmas[i];
-        sample / (sigma * sigma + 1.0).sqrt() as f64
+        sample / torch_sqrt(sigma * sigma + 1.0) as f64
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
@@ -86,7 +86,7 @@ impl Sampler for Lms {
             Prediction::Epsilon => sample - model_output * sigma as f64,
             Prediction::VPrediction => {
                 let var = sigma * sigma + 1.0;
-                model_output * (-sigma / var.sqrt()) as f64 + sample / var as f64
+                model_output * (-sigma / torch_sqrt(var)) as f64 + sample / var as f64
             }
             Prediction::Sample => model_output.shallow_clone(),
         };

@@ -7,7 +7,7 @@ use anyhow::Result;
 use tch::Tensor;
 
 use super::config::SchedulerConfig;
-use super::schedule::{self, Prediction, Spacing, ZeroSnr};
+use super::schedule::{self, torch_sqrt, Prediction, Spacing, ZeroSnr};
 use super::Sampler;
 use crate::bail_usage;
 
@@ -67,12 +67,12 @@ impl Pndm {
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let eps = match self.prediction {
             Prediction::VPrediction => {
-                model_output * alpha_prod_t.sqrt() as f64 + sample * beta_prod_t.sqrt() as f64
+                model_output * torch_sqrt(alpha_prod_t) as f64 + sample * torch_sqrt(beta_prod_t) as f64
             }
             _ => model_output.shallow_clone(),
         };
-        let sample_coeff = (alpha_prod_t_prev / alpha_prod_t).sqrt();
-        let denom = alpha_prod_t * beta_prod_t_prev.sqrt() + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev).sqrt();
+        let sample_coeff = torch_sqrt(alpha_prod_t_prev / alpha_prod_t);
+        let denom = alpha_prod_t * torch_sqrt(beta_prod_t_prev) + torch_sqrt(alpha_prod_t * beta_prod_t * alpha_prod_t_prev);
         sample * sample_coeff as f64 - eps * (alpha_prod_t_prev - alpha_prod_t) as f64 / denom as f64
     }
 }

@@ -140,9 +140,11 @@ pub(crate) fn alphas_cumprod(config: &SchedulerConfig, zero_snr: ZeroSnr) -> Res
     Ok(values)
 }
 
-/// The noise level of each training timestep, sqrt((1 - a) / a), in float32.
+/// The noise level of each training timestep, sqrt((1 - a) / a), in float32
+/// through libtorch as diffusers computes it.
 pub(crate) fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
-    alphas_cumprod.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect()
+    let ratios: Vec<f32> = alphas_cumprod.iter().map(|&a| (1.0 - a) / a).collect();
+    Vec::<f32>::try_from(&Tensor::from_slice(&ratios).sqrt()).expect("a float32 tensor reads back as f32")
 }
 
 /// Checks an inference step count against the training range.
@@ -254,7 +256,7 @@ pub(crate) fn sigma_init_noise(sigmas: &[f32], spacing: Spacing) -> f64 {
     let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     match spacing {
         Spacing::Linspace | Spacing::Trailing => max as f64,
-        Spacing::Leading => (max * max + 1.0).sqrt() as f64,
+        Spacing::Leading => torch_sqrt(max * max + 1.0) as f64,
     }
 }
 
@@ -286,6 +288,13 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 /// Natural logs of float32 values, in float32 (numpy's `np.log` of a float32 array).
 pub(crate) fn ln_f32(values: &[f32]) -> Vec<f32> {
     values.iter().map(|v| v.ln()).collect()
+}
+
+/// A float32 square root through libtorch. Its float kernels are not always
+/// correctly rounded (1 ulp off at times), and diffusers takes these roots on
+/// float32 tensors, so matching bits means taking them the same way.
+pub(crate) fn torch_sqrt(x: f32) -> f32 {
+    Tensor::from_slice(&[x]).sqrt().double_value(&[0]) as f32
 }
 
 /// A float32 scalar through libtorch's own log, so results match torch bit for bit.
