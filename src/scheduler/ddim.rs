@@ -73,7 +73,7 @@ impl Sampler for Ddim {
                 let eps = (sample - &x0 * sqrt_alpha) / sqrt_beta;
                 (x0, eps)
             }
-            Prediction::VPrediction => (
+            Prediction::Velocity => (
                 sample * sqrt_alpha - model_output * sqrt_beta,
                 model_output * sqrt_alpha + sample * sqrt_beta,
             ),

@@ -99,7 +99,7 @@ impl DpmSolverMultistep {
         match self.prediction {
             Prediction::Epsilon => (sample - model_output * sigma_t as f64) / alpha_t as f64,
             Prediction::Sample => model_output.shallow_clone(),
-            Prediction::VPrediction => sample * alpha_t as f64 - model_output * sigma_t as f64,
+            Prediction::Velocity => sample * alpha_t as f64 - model_output * sigma_t as f64,
         }
     }
 

@@ -86,7 +86,7 @@ impl Sampler for Euler {
         let pred_original_sample = match self.prediction {
             Prediction::Sample => model_output.shallow_clone(),
             Prediction::Epsilon => &sample - model_output * sigma_hat as f64,
-            Prediction::VPrediction => {
+            Prediction::Velocity => {
                 let var = sigma * sigma + 1.0;
                 model_output * (-sigma / torch_sqrt(var)) as f64 + &sample / var as f64
             }

@@ -62,7 +62,7 @@ impl Sampler for EulerAncestral {
         let sigma = self.sigmas[i];
         let sample = sample.to_kind(Kind::Float);
         let pred_original_sample = match self.prediction {
-            Prediction::VPrediction => {
+            Prediction::Velocity => {
                 let var = sigma * sigma + 1.0;
                 model_output * (-sigma / torch_sqrt(var)) as f64 + &sample / var as f64
             }

@@ -84,7 +84,7 @@ impl Sampler for Lms {
         let sigma = self.sigmas[i];
         let pred_original_sample = match self.prediction {
             Prediction::Epsilon => sample - model_output * sigma as f64,
-            Prediction::VPrediction => {
+            Prediction::Velocity => {
                 let var = sigma * sigma + 1.0;
                 model_output * (-sigma / torch_sqrt(var)) as f64 + sample / var as f64
             }

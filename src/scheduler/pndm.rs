@@ -66,7 +66,7 @@ impl Pndm {
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let eps = match self.prediction {
-            Prediction::VPrediction => {
+            Prediction::Velocity => {
                 model_output * torch_sqrt(alpha_prod_t) as f64 + sample * torch_sqrt(beta_prod_t) as f64
             }
             _ => model_output.shallow_clone(),

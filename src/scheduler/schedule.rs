@@ -13,7 +13,8 @@ use crate::bail_usage;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Prediction {
     Epsilon,
-    VPrediction,
+    /// `v_prediction`: v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0.
+    Velocity,
     Sample,
 }
 
@@ -21,7 +22,7 @@ impl Prediction {
     pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
         Ok(match config.prediction_type.as_str() {
             "epsilon" => Prediction::Epsilon,
-            "v_prediction" => Prediction::VPrediction,
+            "v_prediction" => Prediction::Velocity,
             "sample" => Prediction::Sample,
             other => bail_usage!(
                 "scheduler config key prediction_type is \"{other}\"; expected epsilon, v_prediction or sample"
