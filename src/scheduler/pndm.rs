@@ -2,6 +2,8 @@
 //! PNDMScheduler with `skip_prk_steps` (what Stable Diffusion ships): the first
 //! step is taken twice (an Euler step, then a Heun-like correction), after which
 //! up to four past model outputs are combined with Adams-Bashforth weights.
+//! The Runge-Kutta warm-up of full PNDM is never used: `skip_prk_steps` is taken
+//! as true whatever the config says (every Stable Diffusion config sets it).
 
 use anyhow::Result;
 use tch::Tensor;
