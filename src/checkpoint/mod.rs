@@ -2,6 +2,11 @@
 
 use std::path::PathBuf;
 
+pub mod ckpt;
+pub mod pickle;
+pub mod safetensors_file;
+pub mod source;
+
 pub fn models_command(_dirs: &[PathBuf]) -> anyhow::Result<()> {
     anyhow::bail!("models is not available in this build yet")
 }
