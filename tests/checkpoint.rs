@@ -271,3 +271,78 @@ fn models_lists_what_it_finds_and_why_not() {
     let evil = by_name("evil.ckpt").architecture.clone().unwrap_err();
     assert!(evil.contains("could run code"), "{evil}");
 }
+
+/// An SD 1.x `v1-inference.yaml`-style sidecar (`num_heads`, conv projection) gives the same model.
+#[test]
+fn sd1_sidecar_yaml_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny-sd1.safetensors");
+    std::os::unix::fs::symlink(fixture("tiny-sd1.safetensors"), &file).unwrap();
+    std::fs::write(
+        dir.path().join("tiny-sd1.yaml"),
+        "model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    timesteps: 1000
+    image_size: 16
+    scale_factor: 0.18215
+    unet_config:
+      params:
+        in_channels: 4
+        out_channels: 4
+        model_channels: 32
+        attention_resolutions: [ 1 ]
+        num_res_blocks: 2
+        channel_mult: [ 1, 2 ]
+        num_heads: 8
+        use_spatial_transformer: True
+        transformer_depth: 1
+        context_dim: 64
+    first_stage_config:
+      params:
+        embed_dim: 4
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 32
+          in_channels: 3
+          out_ch: 3
+          ch: 32
+          ch_mult: [ 1, 2 ]
+          num_res_blocks: 1
+          attn_resolutions: []
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+",
+    )
+    .unwrap();
+    let m = load_model(&file, None).unwrap_or_else(|e| panic!("{}", one_line(&e)));
+    assert_eq!(m.unet_config.sample_size, 16);
+    assert_eq!(m.vae_config.sample_size, 32);
+    same_model(&m, &load("tiny-sd1"), true);
+
+    // A sidecar that is not YAML is named.
+    std::fs::write(dir.path().join("tiny-sd1.yaml"), "model: [unclosed").unwrap();
+    let msg = error_of(&file, None);
+    assert!(msg.contains("tiny-sd1.yaml is not valid YAML"), "{msg}");
+}
+
+/// Older SD 1.x files store the CLIP text model without the `text_model.` level.
+#[test]
+fn sd1_single_file_without_text_model_level() {
+    use dreambooth::checkpoint::safetensors_file::SafetensorsFile;
+    let src = SafetensorsFile::open(&fixture("tiny-sd1.safetensors")).unwrap();
+    let renamed: Vec<(String, Tensor)> = src
+        .load_all()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."), t))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("old-layout.safetensors");
+    Tensor::write_safetensors(&renamed, &file).unwrap();
+    let m = load_model(&file, None).unwrap_or_else(|e| panic!("{}", one_line(&e)));
+    same_model(&m, &load("tiny-sd1"), true);
+}

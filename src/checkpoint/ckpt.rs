@@ -63,7 +63,7 @@ impl TorchZipFile {
             .with_context(|| format!("{shown} is a zip archive but not a PyTorch checkpoint (it has no data.pkl)"))?;
         let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
 
-        if let Some(order) = read_entry(&mut archive, &format!("{prefix}byteorder")).ok() {
+        if let Ok(order) = read_entry(&mut archive, &format!("{prefix}byteorder")) {
             if order.trim_ascii() != b"little" {
                 bail!("{shown} stores big-endian tensors, which are not supported");
             }
@@ -137,7 +137,7 @@ fn check_bounds(t: &TensorRef, storage_bytes: u64) -> Result<(), String> {
     if numel(&t.size).is_none() {
         return Err("has a shape that overflows".into());
     }
-    if t.size.iter().any(|&s| s == 0) {
+    if t.size.contains(&0) {
         return Ok(());
     }
     let mut last = t.offset as i128;
@@ -191,4 +191,97 @@ fn is_contiguous(size: &[i64], stride: &[i64]) -> bool {
         expected = expected.saturating_mul(s);
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Protocol-2 pickle pieces, as `torch.save` writes them.
+    fn s(out: &mut Vec<u8>, text: &str) {
+        out.push(b'X');
+        out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+
+    fn int_tuple(out: &mut Vec<u8>, v: &[i64]) {
+        out.push(b'(');
+        for &i in v {
+            out.push(b'J');
+            out.extend_from_slice(&(i as i32).to_le_bytes());
+        }
+        out.push(b't');
+    }
+
+    fn tensor(out: &mut Vec<u8>, storage: &str, key: &str, numel: i64, offset: i64, size: &[i64], stride: &[i64]) {
+        out.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        out.push(b'(');
+        s(out, "storage");
+        out.extend_from_slice(format!("ctorch\n{storage}\n").as_bytes());
+        s(out, key);
+        s(out, "cpu");
+        out.push(b'J');
+        out.extend_from_slice(&(numel as i32).to_le_bytes());
+        out.extend_from_slice(b"tQ");
+        out.push(b'J');
+        out.extend_from_slice(&(offset as i32).to_le_bytes());
+        int_tuple(out, size);
+        int_tuple(out, stride);
+        out.extend_from_slice(b"\x89ccollections\nOrderedDict\n)RtR");
+    }
+
+    fn write_ckpt(path: &Path, pkl: &[u8], storages: &[(&str, Vec<u8>)]) {
+        let mut z = zip::ZipWriter::new(File::create(path).unwrap());
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        z.start_file("archive/data.pkl", opts).unwrap();
+        z.write_all(pkl).unwrap();
+        z.start_file("archive/byteorder", opts).unwrap();
+        z.write_all(b"little").unwrap();
+        for (key, bytes) in storages {
+            z.start_file(format!("archive/data/{key}"), opts).unwrap();
+            z.write_all(bytes).unwrap();
+        }
+        z.finish().unwrap();
+    }
+
+    #[test]
+    fn views_offsets_and_strides_are_honoured() {
+        let mut p = vec![0x80, 2, b'}', b'('];
+        s(&mut p, "state_dict");
+        p.extend_from_slice(b"}(");
+        s(&mut p, "view");
+        // storage 0..6 as f32; offset 1, size [2, 2], stride [1, 2] -> [[1, 3], [2, 4]]
+        tensor(&mut p, "FloatStorage", "0", 6, 1, &[2, 2], &[1, 2]);
+        s(&mut p, "whole");
+        tensor(&mut p, "LongStorage", "1", 3, 0, &[3], &[1]);
+        s(&mut p, "global_step");
+        p.extend_from_slice(b"K\x05u");
+        s(&mut p, "epoch");
+        p.extend_from_slice(b"K\x01u.");
+        let floats: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let longs: Vec<u8> = [7i64, -8, 9].iter().flat_map(|i| i.to_le_bytes()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.ckpt");
+        write_ckpt(&path, &p, &[("0", floats), ("1", longs)]);
+
+        let f = TorchZipFile::open(&path).unwrap();
+        assert_eq!(f.index().keys().collect::<Vec<_>>(), ["view", "whole"]);
+        let view = f.load("view").unwrap();
+        assert_eq!(Vec::<f32>::try_from(view.flatten(0, -1)).unwrap(), [1.0, 3.0, 2.0, 4.0]);
+        assert_eq!(Vec::<i64>::try_from(f.load("whole").unwrap()).unwrap(), [7, -8, 9]);
+    }
+
+    #[test]
+    fn a_tensor_outside_its_storage_is_refused() {
+        let mut p = vec![0x80, 2, b'}', b'('];
+        s(&mut p, "bad");
+        tensor(&mut p, "FloatStorage", "0", 4, 2, &[4], &[1]);
+        p.extend_from_slice(b"u.");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.ckpt");
+        write_ckpt(&path, &p, &[("0", vec![0u8; 16])]);
+        let e = TorchZipFile::open(&path).err().expect("out-of-bounds tensor accepted").to_string();
+        assert!(e.contains("bad.ckpt is not a valid PyTorch checkpoint (tensor `bad` reaches element 5"), "{e}");
+    }
 }

@@ -67,7 +67,12 @@ pub fn scan(dirs: &[PathBuf]) -> Vec<ModelEntry> {
 fn describe(path: &Path) -> ModelEntry {
     let size_bytes = disk_size(path);
     let format = format_of(path).unwrap_or(ModelFormat::SingleFileSafetensors);
-    let architecture = architecture_of(path, format).map_err(|e| one_line(&e));
+    // The listing shows the path already: keep only what follows it in the message.
+    let shown = path.display().to_string();
+    let architecture = architecture_of(path, format).map_err(|e| {
+        let line = one_line(&e);
+        line.strip_prefix(&shown).map(|rest| rest.trim_start().to_string()).unwrap_or(line)
+    });
     let has_sidecar = format != ModelFormat::Diffusers && super::ldm_yaml::sidecar_path(path).is_file();
     ModelEntry { path: path.to_path_buf(), format, size_bytes, architecture, has_sidecar }
 }

@@ -442,7 +442,7 @@ impl<'a> Machine<'a> {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, PickleError> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(malformed("odd number of dict items"));
     }
     let mut out = Vec::with_capacity(items.len() / 2);
@@ -456,13 +456,9 @@ fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, PickleError> {
 fn set_items(target: &mut Value, items: Vec<(Value, Value)>) -> Result<(), PickleError> {
     match target {
         Value::Dict(d) => {
-            let d = Rc::make_mut(d);
-            for (k, v) in items {
-                match d.iter_mut().find(|(old, _)| *old == k) {
-                    Some(slot) => slot.1 = v,
-                    None => d.push((k, v)),
-                }
-            }
+            // Kept in order; a repeated key (never written by torch.save) is left for
+            // readers to resolve, the later entry winning as in Python.
+            Rc::make_mut(d).extend(items);
             Ok(())
         }
         // Items of a data-only object (e.g. a callback's dict subclass): not needed.
