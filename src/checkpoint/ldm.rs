@@ -574,3 +574,135 @@ pub fn text_plan(src: &dyn TensorSource, layout: TextLayout, layers: i64) -> any
     }
     Ok(plan)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::io::Read;
+    use std::path::{Path, PathBuf};
+
+    use tch::{Kind, Tensor};
+
+    use super::*;
+    use crate::checkpoint::source::TensorInfo;
+
+    /// A checkpoint known only by its keys and shapes.
+    struct IndexOnly {
+        path: PathBuf,
+        index: BTreeMap<String, TensorInfo>,
+    }
+
+    impl TensorSource for IndexOnly {
+        fn path(&self) -> &Path {
+            &self.path
+        }
+        fn index(&self) -> &BTreeMap<String, TensorInfo> {
+            &self.index
+        }
+        fn load(&self, key: &str) -> anyhow::Result<Tensor> {
+            anyhow::bail!("no data for {key}")
+        }
+    }
+
+    /// Full-size SD 1.5 / SD 2.1 layouts (testdata/make_ldm_shapes.py).
+    fn real_layout(name: &str) -> (IndexOnly, serde_json::Value) {
+        let gz = include_bytes!("testdata/ldm_shapes.json.gz");
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text).unwrap();
+        let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let index = all[name]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let shape = v.as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect();
+                (k.clone(), TensorInfo { shape, kind: Kind::Half })
+            })
+            .collect();
+        (IndexOnly { path: format!("{name}.safetensors").into(), index }, all[format!("{name}_diffusers")].clone())
+    }
+
+    fn targets(plan: &[Mapped]) -> BTreeSet<String> {
+        let t: BTreeSet<String> = plan.iter().map(|m| m.target.clone()).collect();
+        assert_eq!(t.len(), plan.len(), "two tensors map to one key");
+        t
+    }
+
+    fn keys(v: &serde_json::Value) -> BTreeSet<String> {
+        v.as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect()
+    }
+
+    fn same_unet(got: &UNetConfig, want: &UNetConfig) {
+        assert_eq!(got.block_out_channels, want.block_out_channels);
+        assert_eq!(got.down_block_types, want.down_block_types);
+        assert_eq!(got.up_block_types, want.up_block_types);
+        assert_eq!(got.mid_block_type, want.mid_block_type);
+        for i in 0..4 {
+            assert_eq!(got.heads(i), want.heads(i), "heads of block {i}");
+            assert_eq!(got.layers_per_block.at(i), want.layers_per_block.at(i));
+            assert_eq!(got.cross_attention_dim.at(i), want.cross_attention_dim.at(i));
+            assert_eq!(got.transformer_layers_per_block.at(i), want.transformer_layers_per_block.at(i));
+        }
+        assert_eq!(got.use_linear_projection, want.use_linear_projection);
+        assert_eq!(got.upcast_attention, want.upcast_attention);
+        assert_eq!((got.in_channels, got.out_channels), (want.in_channels, want.out_channels));
+    }
+
+    fn same_text(got: &ClipConfig, want: &ClipConfig) {
+        assert_eq!(got.hidden_size, want.hidden_size);
+        assert_eq!(got.intermediate_size, want.intermediate_size);
+        assert_eq!(got.num_hidden_layers, want.num_hidden_layers);
+        assert_eq!(got.num_attention_heads, want.num_attention_heads);
+        assert_eq!(got.hidden_act, want.hidden_act);
+        assert_eq!(got.vocab_size, want.vocab_size);
+        assert_eq!(got.max_position_embeddings, want.max_position_embeddings);
+    }
+
+    fn same_vae(got: &VaeConfig, want: &VaeConfig) {
+        assert_eq!(got.block_out_channels, want.block_out_channels);
+        assert_eq!(got.layers_per_block, want.layers_per_block);
+        assert_eq!(got.latent_channels, want.latent_channels);
+        assert_eq!(got.down_block_types, want.down_block_types);
+    }
+
+    #[test]
+    fn full_size_sd15_is_recognised_and_mapped() {
+        let (src, diffusers) = real_layout("sd15");
+        let arch = detect(&src);
+        assert_eq!(arch, Architecture::Sd1);
+        let inferred = infer(&src, &arch).unwrap();
+        same_unet(&inferred.unet, &UNetConfig::sd_v1_5());
+        same_vae(&inferred.vae, &VaeConfig::default());
+        same_text(&inferred.text, &ClipConfig::sd_v1());
+        assert_eq!(targets(&unet_plan(&src).unwrap()), keys(&diffusers["unet"]));
+        assert_eq!(targets(&vae_plan(&src).unwrap()), keys(&diffusers["vae"]));
+        let text = text_plan(&src, TextLayout::HfClip, inferred.text.num_hidden_layers).unwrap();
+        assert_eq!(targets(&text), keys(&diffusers["text_encoder"]));
+    }
+
+    #[test]
+    fn full_size_sd21_is_recognised_and_mapped() {
+        let (src, diffusers) = real_layout("sd21");
+        let arch = detect(&src);
+        assert_eq!(arch, Architecture::Sd2);
+        let inferred = infer(&src, &arch).unwrap();
+        same_unet(&inferred.unet, &UNetConfig::sd_v2_1());
+        same_vae(&inferred.vae, &VaeConfig::default());
+        same_text(&inferred.text, &ClipConfig::sd_v2());
+        assert_eq!(inferred.stored_text_layers, 24);
+        assert_eq!(targets(&unet_plan(&src).unwrap()), keys(&diffusers["unet"]));
+        let vae = vae_plan(&src).unwrap();
+        assert_eq!(targets(&vae), keys(&diffusers["vae"]));
+        assert_eq!(vae.iter().filter(|m| m.transform == Transform::Conv1x1ToLinear).count(), 8); // q, k, v, proj_out of two mid blocks
+        let text = text_plan(&src, TextLayout::OpenClip, inferred.text.num_hidden_layers).unwrap();
+        assert_eq!(targets(&text), keys(&diffusers["text_encoder"]));
+    }
+
+    #[test]
+    fn an_unknown_unet_key_is_named() {
+        let (mut src, _) = real_layout("sd15");
+        src.index.insert(format!("{UNET}input_blocks.1.0.extra.weight"), TensorInfo { shape: vec![1], kind: Kind::Float });
+        let e = unet_plan(&src).unwrap_err().to_string();
+        assert!(e.contains("`model.diffusion_model.input_blocks.1.0.extra.weight`"), "{e}");
+    }
+}
