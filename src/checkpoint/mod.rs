@@ -1,7 +1,260 @@
-//! Reading the model files people have: diffusers folders, LDM single files, .ckpt.
+//! Reading the model files people have — diffusers folders, LDM single files
+//! (`.safetensors`, `.ckpt`) — into one structure with diffusers key names and
+//! config structs. Tensors stay on the CPU in their stored dtype; the model
+//! builder converts them.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
-pub fn models_command(_dirs: &[PathBuf]) -> anyhow::Result<()> {
-    anyhow::bail!("models is not available in this build yet")
+use anyhow::{bail, Context};
+use tch::Tensor;
+
+use crate::model::config::{ClipConfig, UNetConfig, VaeConfig};
+use crate::scheduler::config::SchedulerConfig;
+
+pub mod ckpt;
+pub mod diffusers;
+pub mod ldm;
+pub mod ldm_yaml;
+pub mod models;
+pub mod pickle;
+pub mod safetensors_file;
+pub mod source;
+
+pub use models::models_command;
+
+use ldm::{Mapped, Transform};
+use source::TensorSource;
+
+/// Where the tokenizer's vocabulary comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenizerSource {
+    /// A diffusers `tokenizer/` folder (`vocab.json`, `merges.txt`, its special tokens).
+    Folder(PathBuf),
+    /// OpenAI's CLIP vocabulary; SD 1.x pads with `<|endoftext|>`, SD 2.x with `!`.
+    OpenAi { pad_token: String },
+}
+
+impl TokenizerSource {
+    pub fn for_architecture(arch: &Architecture) -> Self {
+        let pad = if *arch == Architecture::Sd2 { "!" } else { "<|endoftext|>" };
+        TokenizerSource::OpenAi { pad_token: pad.into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Architecture {
+    Sd1,
+    Sd2,
+    /// Not something this program can load; says what it seems to be.
+    Unknown(String),
+}
+
+impl fmt::Display for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Architecture::Sd1 => write!(f, "SD 1.x"),
+            Architecture::Sd2 => write!(f, "SD 2.x"),
+            Architecture::Unknown(what) => write!(f, "unknown ({what})"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ModelFormat {
+    Diffusers,
+    SingleFileSafetensors,
+    Ckpt,
+}
+
+impl fmt::Display for ModelFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelFormat::Diffusers => "diffusers",
+            ModelFormat::SingleFileSafetensors => "safetensors",
+            ModelFormat::Ckpt => "ckpt",
+        })
+    }
+}
+
+pub struct LoadedModel {
+    pub unet_config: UNetConfig,
+    pub vae_config: VaeConfig,
+    pub text_config: ClipConfig,
+    pub scheduler_config: SchedulerConfig,
+    pub tokenizer: TokenizerSource,
+    /// diffusers keys (`down_blocks.0.attentions.0...`)
+    pub unet: HashMap<String, Tensor>,
+    /// diffusers keys
+    pub vae: HashMap<String, Tensor>,
+    /// transformers keys without the `text_model.` prefix
+    pub text_encoder: HashMap<String, Tensor>,
+    pub architecture: Architecture,
+    pub source: PathBuf,
+    pub format: ModelFormat,
+}
+
+impl fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("source", &self.source)
+            .field("format", &self.format)
+            .field("architecture", &self.architecture)
+            .field("unet_tensors", &self.unet.len())
+            .field("vae_tensors", &self.vae.len())
+            .field("text_encoder_tensors", &self.text_encoder.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The noise schedule a single file gets when nothing says otherwise: diffusers'
+/// default for single files (SD's PNDM config, `leading` spacing, epsilon).
+/// SD 2's v-prediction can only come from a sidecar `.yaml` or `--model-config`.
+pub fn single_file_scheduler() -> SchedulerConfig {
+    SchedulerConfig { timestep_spacing: Some("leading".into()), ..SchedulerConfig::stable_diffusion() }
+}
+
+/// What kind of model file `path` is, from its contents (not only its name).
+pub fn format_of(path: &Path) -> anyhow::Result<ModelFormat> {
+    if path.is_dir() {
+        return Ok(ModelFormat::Diffusers);
+    }
+    let mut head = [0u8; 4];
+    let n = {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        f.read(&mut head).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+    if n == 4 && head == *ckpt::ZIP_MAGIC {
+        return Ok(ModelFormat::Ckpt);
+    }
+    match ext.as_str() {
+        "safetensors" => Ok(ModelFormat::SingleFileSafetensors),
+        "ckpt" | "pt" | "pth" | "bin" => Ok(ModelFormat::Ckpt),
+        _ => bail!("{} is not a model file this program reads (.safetensors, .ckpt or a diffusers folder)", path.display()),
+    }
+}
+
+/// Loads a diffusers folder, an LDM single file (`.safetensors` or `.ckpt`).
+/// `model_config_dir` (a diffusers folder) overrides a single file's inferred configs.
+pub fn load_model(path: &Path, model_config_dir: Option<&Path>) -> anyhow::Result<LoadedModel> {
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    match format_of(path)? {
+        ModelFormat::Diffusers => diffusers::load(path),
+        format => load_single_file(path, format, model_config_dir),
+    }
+}
+
+/// Opens a single file's tensor index.
+pub fn open_single_file(path: &Path, format: ModelFormat) -> anyhow::Result<Box<dyn TensorSource>> {
+    Ok(match format {
+        ModelFormat::Ckpt => Box::new(ckpt::TorchZipFile::open(path)?),
+        _ => Box::new(safetensors_file::SafetensorsFile::open(path)?),
+    })
+}
+
+fn load_single_file(path: &Path, format: ModelFormat, model_config_dir: Option<&Path>) -> anyhow::Result<LoadedModel> {
+    let shown = path.display();
+    let src = open_single_file(path, format)?;
+    let src = src.as_ref();
+    let architecture = ldm::detect(src);
+    if let Architecture::Unknown(what) = &architecture {
+        bail!("{shown} is not a Stable Diffusion 1.x/2.x checkpoint: {what}");
+    }
+    let layout = ldm::text_layout(&architecture);
+
+    let overrides = match model_config_dir {
+        Some(dir) if !dir.is_dir() => bail!("--model-config {} is not a folder", dir.display()),
+        Some(dir) => Some(diffusers::read_configs(dir)?),
+        None => None,
+    };
+    let fully_given = overrides.as_ref().is_some_and(|o| o.unet.is_some() && o.vae.is_some() && o.text.is_some());
+    let inferred = match ldm::infer(src, &architecture) {
+        Ok(i) => Some(i),
+        // Shapes that break SD's conventions are fine when the configs are given.
+        Err(_) if fully_given => None,
+        Err(e) => return Err(e.context(format!("cannot infer the architecture of {shown}; give --model-config"))),
+    };
+    let (mut unet_config, mut vae_config, mut text_config) = match &inferred {
+        Some(i) => (i.unet.clone(), i.vae.clone(), i.text.clone()),
+        None => Default::default(),
+    };
+    let mut scheduler_config = single_file_scheduler();
+    let mut tokenizer = TokenizerSource::for_architecture(&architecture);
+
+    let sidecar = ldm_yaml::sidecar_path(path);
+    if sidecar.is_file() {
+        let yaml = ldm_yaml::LdmYaml::read(&sidecar)?;
+        yaml.apply_unet(&mut unet_config)?;
+        yaml.apply_vae(&mut vae_config)?;
+        if let Some(i) = &inferred {
+            yaml.apply_text(&mut text_config, i.stored_text_layers);
+        }
+        yaml.apply_scheduler(&mut scheduler_config)?;
+    }
+    if let Some(o) = overrides {
+        unet_config = o.unet.unwrap_or(unet_config);
+        vae_config = o.vae.unwrap_or(vae_config);
+        text_config = o.text.unwrap_or(text_config);
+        scheduler_config = o.scheduler.unwrap_or(scheduler_config);
+        tokenizer = o.tokenizer.map(TokenizerSource::Folder).unwrap_or(tokenizer);
+    }
+
+    let unet = materialize(src, &ldm::unet_plan(src)?)?;
+    let vae = materialize(src, &ldm::vae_plan(src)?)?;
+    let text_encoder = materialize(src, &ldm::text_plan(src, layout, text_config.num_hidden_layers)?)?;
+    Ok(LoadedModel {
+        unet_config,
+        vae_config,
+        text_config,
+        scheduler_config,
+        tokenizer,
+        unet,
+        vae,
+        text_encoder,
+        architecture,
+        source: path.to_path_buf(),
+        format,
+    })
+}
+
+/// Reads the planned tensors, each stored tensor once.
+fn materialize(src: &dyn TensorSource, plan: &[Mapped]) -> anyhow::Result<HashMap<String, Tensor>> {
+    let mut order: Vec<&Mapped> = plan.iter().collect();
+    order.sort_by(|a, b| a.source.cmp(&b.source));
+    let mut out = HashMap::with_capacity(plan.len());
+    let mut last: Option<(&str, Tensor)> = None;
+    for m in order {
+        let t = match &last {
+            Some((key, t)) if *key == m.source => t.shallow_clone(),
+            _ => {
+                let t = src.load(&m.source)?;
+                last = Some((m.source.as_str(), t.shallow_clone()));
+                t
+            }
+        };
+        let bad = |why: &str| anyhow::anyhow!("tensor `{}` of {} {why}", m.source, src.path().display());
+        let t = match m.transform {
+            Transform::Same => t,
+            Transform::Conv1x1ToLinear => match t.size().as_slice() {
+                [o, i, 1, 1] => t.reshape([*o, *i]),
+                _ => return Err(bad("is not a 1×1 convolution")),
+            },
+            Transform::ThirdOf(part) => {
+                let n = t.size().first().copied().unwrap_or(0);
+                if n % 3 != 0 {
+                    return Err(bad("cannot be split into q, k and v"));
+                }
+                t.narrow(0, part * (n / 3), n / 3).copy()
+            }
+        };
+        if out.insert(m.target.clone(), t).is_some() {
+            bail!("{} maps two tensors to `{}`", src.path().display(), m.target);
+        }
+    }
+    Ok(out)
 }

@@ -1,0 +1,708 @@
+//! Single-file checkpoints in the original latent-diffusion layout (what
+//! AUTOMATIC1111 and most model sites use): `model.diffusion_model.*` (UNet),
+//! `first_stage_model.*` (VAE), `cond_stage_model.transformer.*` (SD 1.x, a
+//! transformers CLIP) or `cond_stage_model.model.*` (SD 2.x, OpenCLIP).
+//!
+//! Two jobs: read the architecture off the tensor shapes (Stable Diffusion's
+//! conventions fill in what shapes cannot say: SD 1.x uses 8 heads, SD 2.x and
+//! CLIP a head size of 64), and map every key to its diffusers name. The
+//! mapping follows the file's own block structure, so it does not depend on
+//! the config and works the same when a sidecar or `--model-config` overrides it.
+
+use std::collections::{BTreeSet, HashMap};
+
+use anyhow::{bail, Context};
+
+use super::source::TensorSource;
+use super::Architecture;
+use crate::model::config::{ClipConfig, PerBlock, UNetConfig, VaeConfig};
+
+pub const UNET: &str = "model.diffusion_model.";
+pub const VAE: &str = "first_stage_model.";
+pub const HF_CLIP: &str = "cond_stage_model.transformer.";
+pub const OPEN_CLIP: &str = "cond_stage_model.model.";
+
+/// How a stored tensor becomes the diffusers one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Transform {
+    Same,
+    /// LDM's VAE attention uses 1×1 convolutions where diffusers has linear layers.
+    Conv1x1ToLinear,
+    /// One third (0 = q, 1 = k, 2 = v) of OpenCLIP's fused `in_proj` along dim 0.
+    ThirdOf(i64),
+}
+
+/// One diffusers tensor and where it comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    pub target: String,
+    pub source: String,
+    pub transform: Transform,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TextLayout {
+    /// transformers' CLIPTextModel keys under `cond_stage_model.transformer.` (SD 1.x).
+    HfClip,
+    /// OpenCLIP's text tower under `cond_stage_model.model.` (SD 2.x).
+    OpenClip,
+}
+
+/// What the file's keys alone say about it (cheap: no shapes needed beyond a few).
+pub fn detect(src: &dyn TensorSource) -> Architecture {
+    let has_prefix = |p: &str| src.index().range(p.to_string()..).next().is_some_and(|(k, _)| k.starts_with(p));
+    if has_prefix("conditioner.embedders.") {
+        return Architecture::Unknown("SDXL (not supported)".into());
+    }
+    if !has_prefix(UNET) {
+        return Architecture::Unknown("no Stable Diffusion UNet (`model.diffusion_model.*`) in it".into());
+    }
+    if has_prefix(&format!("{UNET}label_emb.")) {
+        return Architecture::Unknown("a class-conditioned UNet (upscaler or unCLIP; not supported)".into());
+    }
+    if has_prefix(OPEN_CLIP) {
+        Architecture::Sd2
+    } else if has_prefix(HF_CLIP) {
+        Architecture::Sd1
+    } else {
+        Architecture::Unknown("no text encoder (`cond_stage_model.*`) in it".into())
+    }
+}
+
+pub fn text_layout(arch: &Architecture) -> TextLayout {
+    if *arch == Architecture::Sd2 {
+        TextLayout::OpenClip
+    } else {
+        TextLayout::HfClip
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Structure
+// ----------------------------------------------------------------------------
+
+/// Numbers that follow `prefix` in the file's keys (`input_blocks.` → 0, 1, 2, ...).
+fn indices(src: &dyn TensorSource, prefix: &str) -> BTreeSet<usize> {
+    src.index()
+        .range(prefix.to_string()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .filter_map(|(k, _)| k[prefix.len()..].split('.').next()?.parse().ok())
+        .collect()
+}
+
+fn shape<'a>(src: &'a dyn TensorSource, key: &str) -> anyhow::Result<&'a [i64]> {
+    src.shape(key).with_context(|| format!("{} has no tensor `{key}`", src.path().display()))
+}
+
+fn dim(src: &dyn TensorSource, key: &str, i: usize) -> anyhow::Result<i64> {
+    let s = shape(src, key)?;
+    s.get(i).copied().with_context(|| format!("tensor `{key}` of {} has shape {s:?}, too few dimensions", src.path().display()))
+}
+
+/// Checks that block numbers run 0..n without gaps.
+fn contiguous(src: &dyn TensorSource, set: &BTreeSet<usize>, what: &str) -> anyhow::Result<usize> {
+    let n = set.len();
+    if set.iter().enumerate().any(|(i, &b)| i != b) {
+        bail!("{} has a gap in its {what} numbering ({set:?})", src.path().display());
+    }
+    Ok(n)
+}
+
+#[derive(Debug, Clone)]
+struct Level {
+    channels: i64,
+    resnets: usize,
+    /// Transformer depth of the level's attentions, 0 when it has none.
+    depth: usize,
+}
+
+/// The UNet's block structure as stored.
+#[derive(Debug, Clone)]
+struct UnetStructure {
+    levels: Vec<Level>,
+    layers_per_block: usize,
+    mid_depth: usize,
+    up_attention: Vec<bool>,
+    /// Where each input block goes: `None` for a downsampler of the level, `Some(j)` for resnet j.
+    input_blocks: Vec<(usize, Option<usize>)>,
+}
+
+fn transformer_depth(src: &dyn TensorSource, block: &str) -> usize {
+    indices(src, &format!("{block}transformer_blocks.")).len()
+}
+
+fn unet_structure(src: &dyn TensorSource) -> anyhow::Result<UnetStructure> {
+    let shown = src.path().display();
+    let n_in = contiguous(src, &indices(src, &format!("{UNET}input_blocks.")), "UNet input_blocks")?;
+    let mut levels = vec![Level { channels: 0, resnets: 0, depth: 0 }];
+    let mut input_blocks = vec![(0, Some(0))];
+    for k in 1..n_in {
+        let p = format!("{UNET}input_blocks.{k}.");
+        let level = levels.len() - 1;
+        if src.has(&format!("{p}0.op.weight")) {
+            input_blocks.push((level, None));
+            levels.push(Level { channels: 0, resnets: 0, depth: 0 });
+        } else if src.has(&format!("{p}0.in_layers.2.weight")) {
+            let lv = levels.last_mut().expect("levels is never empty");
+            lv.channels = dim(src, &format!("{p}0.out_layers.3.weight"), 0)?;
+            let depth = transformer_depth(src, &format!("{p}1."));
+            if lv.resnets > 0 && depth != lv.depth {
+                bail!("{shown}: UNet input block {k} has {depth} transformer blocks, its level's others {}", lv.depth);
+            }
+            lv.depth = depth;
+            input_blocks.push((level, Some(lv.resnets)));
+            lv.resnets += 1;
+        } else {
+            bail!("{shown}: UNet input block {k} is neither a resnet nor a downsampler (not an SD 1.x/2.x UNet?)");
+        }
+    }
+    if levels.iter().any(|l| l.resnets == 0) {
+        bail!("{shown}: a UNet level has no resnets (not an SD 1.x/2.x UNet?)");
+    }
+    let layers_per_block = levels[0].resnets;
+    if levels.iter().any(|l| l.resnets != layers_per_block) {
+        bail!("{shown}: UNet levels have different numbers of resnets, which is not supported");
+    }
+    let n_out = contiguous(src, &indices(src, &format!("{UNET}output_blocks.")), "UNet output_blocks")?;
+    if n_out != levels.len() * (layers_per_block + 1) {
+        bail!(
+            "{shown}: the UNet has {n_out} output blocks, expected {} for {} levels of {layers_per_block} resnets",
+            levels.len() * (layers_per_block + 1),
+            levels.len()
+        );
+    }
+    let up_attention = (0..levels.len())
+        .map(|i| src.has(&format!("{UNET}output_blocks.{}.1.norm.weight", i * (layers_per_block + 1))))
+        .collect();
+    let mid_depth = transformer_depth(src, &format!("{UNET}middle_block.1."));
+    Ok(UnetStructure { levels, layers_per_block, mid_depth, up_attention, input_blocks })
+}
+
+// ----------------------------------------------------------------------------
+// Configs from shapes
+// ----------------------------------------------------------------------------
+
+/// The architecture the shapes and SD conventions give.
+#[derive(Debug, Clone)]
+pub struct Inferred {
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text: ClipConfig,
+    /// Text encoder blocks stored in the file (the config may use fewer: SD 2's penultimate layer).
+    pub stored_text_layers: i64,
+}
+
+pub fn infer(src: &dyn TensorSource, arch: &Architecture) -> anyhow::Result<Inferred> {
+    let unet = infer_unet(src, arch)?;
+    let vae = infer_vae(src)?;
+    let (text, stored_text_layers) = infer_text(src, text_layout(arch))?;
+    Ok(Inferred { unet, vae, text, stored_text_layers })
+}
+
+fn infer_unet(src: &dyn TensorSource, arch: &Architecture) -> anyhow::Result<UNetConfig> {
+    let s = unet_structure(src)?;
+    let shown = src.path().display();
+    let block_out_channels: Vec<i64> = s.levels.iter().map(|l| l.channels).collect();
+    let down_block_types =
+        s.levels.iter().map(|l| if l.depth > 0 { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string()).collect();
+    let up_block_types =
+        s.up_attention.iter().map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }.to_string()).collect();
+
+    // The first attention tells the projection kind and the context width.
+    let first_attn = s
+        .input_blocks
+        .iter()
+        .enumerate()
+        .find(|(k, _)| src.has(&format!("{UNET}input_blocks.{k}.1.proj_in.weight")))
+        .map(|(k, _)| format!("{UNET}input_blocks.{k}.1."))
+        .unwrap_or_else(|| format!("{UNET}middle_block.1."));
+    let proj_in = shape(src, &format!("{first_attn}proj_in.weight"))
+        .context("the UNet has no attention layers (not an SD 1.x/2.x UNet?)")?;
+    let use_linear_projection = proj_in.len() == 2;
+    let cross_attention_dim = dim(src, &format!("{first_attn}transformer_blocks.0.attn2.to_k.weight"), 1)?;
+
+    let depths: BTreeSet<usize> = s.levels.iter().map(|l| l.depth).chain([s.mid_depth]).filter(|&d| d > 0).collect();
+    let transformer_layers_per_block = match depths.len() {
+        0 | 1 => PerBlock::One(depths.first().copied().unwrap_or(1) as i64),
+        _ => PerBlock::Each(s.levels.iter().map(|l| l.depth.max(1) as i64).collect()),
+    };
+
+    // diffusers' `attention_head_dim` holds the number of heads for SD 1.x/2.x.
+    let attention_head_dim = match arch {
+        Architecture::Sd2 => {
+            for c in &block_out_channels {
+                if c % 64 != 0 {
+                    bail!("{shown}: UNet width {c} is not a multiple of SD 2's head size 64; give a sidecar .yaml or --model-config");
+                }
+            }
+            PerBlock::Each(block_out_channels.iter().map(|c| c / 64).collect())
+        }
+        _ => PerBlock::One(8),
+    };
+
+    Ok(UNetConfig {
+        in_channels: dim(src, &format!("{UNET}input_blocks.0.0.weight"), 1)?,
+        out_channels: dim(src, &format!("{UNET}out.2.weight"), 0)?,
+        sample_size: 64,
+        down_block_types,
+        mid_block_type: Some(if s.mid_depth > 0 { "UNetMidBlock2DCrossAttn" } else { "UNetMidBlock2D" }.into()),
+        up_block_types,
+        block_out_channels,
+        layers_per_block: PerBlock::One(s.layers_per_block as i64),
+        cross_attention_dim: PerBlock::One(cross_attention_dim),
+        transformer_layers_per_block,
+        attention_head_dim,
+        num_attention_heads: None,
+        use_linear_projection,
+        // The original SD 2 code computes attention scores in float32.
+        upcast_attention: *arch == Architecture::Sd2,
+        ..UNetConfig::default()
+    })
+}
+
+fn infer_vae(src: &dyn TensorSource) -> anyhow::Result<VaeConfig> {
+    let shown = src.path().display();
+    let n = contiguous(src, &indices(src, &format!("{VAE}encoder.down.")), "VAE encoder.down")?;
+    if n == 0 {
+        bail!("{shown} has no VAE (`first_stage_model.*`) weights");
+    }
+    let block_out_channels =
+        (0..n).map(|i| dim(src, &format!("{VAE}encoder.down.{i}.block.0.conv2.weight"), 0)).collect::<anyhow::Result<Vec<_>>>()?;
+    let layers_per_block = indices(src, &format!("{VAE}encoder.down.0.block.")).len() as i64;
+    Ok(VaeConfig {
+        in_channels: dim(src, &format!("{VAE}encoder.conv_in.weight"), 1)?,
+        out_channels: dim(src, &format!("{VAE}decoder.conv_out.weight"), 0)?,
+        down_block_types: vec!["DownEncoderBlock2D".into(); n],
+        up_block_types: vec!["UpDecoderBlock2D".into(); n],
+        block_out_channels,
+        layers_per_block,
+        latent_channels: dim(src, &format!("{VAE}decoder.conv_in.weight"), 1)?,
+        use_quant_conv: src.has(&format!("{VAE}quant_conv.weight")),
+        use_post_quant_conv: src.has(&format!("{VAE}post_quant_conv.weight")),
+        mid_block_add_attention: src.has(&format!("{VAE}encoder.mid.attn_1.q.weight")),
+        ..VaeConfig::default()
+    })
+}
+
+/// `cond_stage_model.transformer.text_model.` or, in older files, without `text_model.`.
+fn hf_clip_prefix(src: &dyn TensorSource) -> String {
+    let with = format!("{HF_CLIP}text_model.");
+    if src.has(&format!("{with}embeddings.token_embedding.weight")) {
+        with
+    } else {
+        HF_CLIP.to_string()
+    }
+}
+
+fn infer_text(src: &dyn TensorSource, layout: TextLayout) -> anyhow::Result<(ClipConfig, i64)> {
+    let shown = src.path().display();
+    let head_size = 64;
+    let (token, position, layers, fc1, act, pad, projection_dim) = match layout {
+        TextLayout::HfClip => {
+            let p = hf_clip_prefix(src);
+            (
+                format!("{p}embeddings.token_embedding.weight"),
+                format!("{p}embeddings.position_embedding.weight"),
+                contiguous(src, &indices(src, &format!("{p}encoder.layers.")), "text encoder layers")?,
+                format!("{p}encoder.layers.0.mlp.fc1.weight"),
+                "quick_gelu",
+                49407, // OpenAI CLIP pads with <|endoftext|>
+                None,
+            )
+        }
+        TextLayout::OpenClip => (
+            format!("{OPEN_CLIP}token_embedding.weight"),
+            format!("{OPEN_CLIP}positional_embedding"),
+            contiguous(src, &indices(src, &format!("{OPEN_CLIP}transformer.resblocks.")), "OpenCLIP resblocks")?,
+            format!("{OPEN_CLIP}transformer.resblocks.0.mlp.c_fc.weight"),
+            "gelu",
+            0, // SD 2's tokenizer pads with "!"
+            src.shape(&format!("{OPEN_CLIP}text_projection")).and_then(|s| s.get(1).copied()),
+        ),
+    };
+    if layers == 0 {
+        bail!("{shown} has no text encoder layers");
+    }
+    let hidden = dim(src, &token, 1)?;
+    if hidden % head_size != 0 {
+        bail!("{shown}: text encoder width {hidden} is not a multiple of CLIP's head size 64; give --model-config");
+    }
+    // SD 2 conditions on OpenCLIP's penultimate layer: the last block is not used.
+    let used_layers = match layout {
+        TextLayout::HfClip => layers as i64,
+        TextLayout::OpenClip => layers as i64 - 1,
+    };
+    let config = ClipConfig {
+        vocab_size: dim(src, &token, 0)?,
+        hidden_size: hidden,
+        intermediate_size: dim(src, &fc1, 0)?,
+        num_hidden_layers: used_layers,
+        num_attention_heads: hidden / head_size,
+        max_position_embeddings: dim(src, &position, 0)?,
+        hidden_act: act.into(),
+        projection_dim: projection_dim.unwrap_or(hidden),
+        pad_token_id: pad,
+        ..ClipConfig::default()
+    };
+    Ok((config, layers as i64))
+}
+
+// ----------------------------------------------------------------------------
+// Key mapping
+// ----------------------------------------------------------------------------
+
+/// Longest `prefix.` of `key` (cut at dots) found in `table`.
+fn longest_prefix<'a, V>(table: &'a HashMap<String, V>, key: &str) -> Option<(&'a str, &'a V)> {
+    key.match_indices('.')
+        .rev()
+        .find_map(|(i, _)| table.get_key_value(&key[..=i]).map(|(k, v)| (k.as_str(), v)))
+}
+
+fn rename_first<'a>(rest: &'a str, renames: &[(&str, &'a str)]) -> Option<(&'a str, &'a str)> {
+    renames.iter().find_map(|(from, to)| rest.strip_prefix(from).map(|tail| (*to, tail)))
+}
+
+const UNET_RESNET: &[(&str, &str)] = &[
+    ("in_layers.0.", "norm1."),
+    ("in_layers.2.", "conv1."),
+    ("emb_layers.1.", "time_emb_proj."),
+    ("out_layers.0.", "norm2."),
+    ("out_layers.3.", "conv2."),
+    ("skip_connection.", "conv_shortcut."),
+];
+
+/// Diffusers UNet keys for every `model.diffusion_model.*` tensor.
+pub fn unet_plan(src: &dyn TensorSource) -> anyhow::Result<Vec<Mapped>> {
+    let s = unet_structure(src)?;
+    // LDM block prefix -> (diffusers prefix, is a resnet)
+    let mut table: HashMap<String, (String, bool)> = HashMap::new();
+    let mut put = |from: String, to: String, resnet: bool| {
+        table.insert(from, (to, resnet));
+    };
+    put("time_embed.0.".into(), "time_embedding.linear_1.".into(), false);
+    put("time_embed.2.".into(), "time_embedding.linear_2.".into(), false);
+    put("input_blocks.0.0.".into(), "conv_in.".into(), false);
+    put("out.0.".into(), "conv_norm_out.".into(), false);
+    put("out.2.".into(), "conv_out.".into(), false);
+    for (k, &(level, slot)) in s.input_blocks.iter().enumerate().skip(1) {
+        match slot {
+            Some(j) => {
+                put(format!("input_blocks.{k}.0."), format!("down_blocks.{level}.resnets.{j}."), true);
+                put(format!("input_blocks.{k}.1."), format!("down_blocks.{level}.attentions.{j}."), false);
+            }
+            None => put(format!("input_blocks.{k}.0.op."), format!("down_blocks.{level}.downsamplers.0.conv."), false),
+        }
+    }
+    put("middle_block.0.".into(), "mid_block.resnets.0.".into(), true);
+    if s.mid_depth > 0 {
+        put("middle_block.1.".into(), "mid_block.attentions.0.".into(), false);
+        put("middle_block.2.".into(), "mid_block.resnets.1.".into(), true);
+    } else {
+        put("middle_block.1.".into(), "mid_block.resnets.1.".into(), true);
+    }
+    let per_level = s.layers_per_block + 1;
+    let n = s.levels.len();
+    for level in 0..n {
+        for j in 0..per_level {
+            let k = level * per_level + j;
+            put(format!("output_blocks.{k}.0."), format!("up_blocks.{level}.resnets.{j}."), true);
+            let mut next = 1;
+            if s.up_attention[level] {
+                put(format!("output_blocks.{k}.1."), format!("up_blocks.{level}.attentions.{j}."), false);
+                next = 2;
+            }
+            if j == per_level - 1 && level + 1 < n {
+                put(format!("output_blocks.{k}.{next}.conv."), format!("up_blocks.{level}.upsamplers.0.conv."), false);
+            }
+        }
+    }
+
+    let mut plan = Vec::new();
+    for key in src.index().keys().filter(|k| k.starts_with(UNET)) {
+        let rest = &key[UNET.len()..];
+        let unknown = || {
+            anyhow::anyhow!(
+                "{} has a UNet tensor `{key}` that SD 1.x/2.x UNets do not have (an unsupported model type?)",
+                src.path().display()
+            )
+        };
+        let (prefix, (to, resnet)) = longest_prefix(&table, rest).ok_or_else(unknown)?;
+        let tail = &rest[prefix.len()..];
+        let target = if *resnet {
+            let (renamed, tail) = rename_first(tail, UNET_RESNET).ok_or_else(unknown)?;
+            format!("{to}{renamed}{tail}")
+        } else {
+            format!("{to}{tail}")
+        };
+        plan.push(Mapped { target, source: key.clone(), transform: Transform::Same });
+    }
+    Ok(plan)
+}
+
+const VAE_ATTENTION: &[(&str, &str)] =
+    &[("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")];
+
+/// Diffusers VAE keys for every `first_stage_model.*` tensor.
+pub fn vae_plan(src: &dyn TensorSource) -> anyhow::Result<Vec<Mapped>> {
+    let levels = indices(src, &format!("{VAE}decoder.up.")).len();
+    let mut table: HashMap<String, (String, &str)> = HashMap::new();
+    let mut put = |from: String, to: String, kind: &'static str| {
+        table.insert(from, (to, kind));
+    };
+    for side in ["encoder", "decoder"] {
+        put(format!("{side}.conv_in."), format!("{side}.conv_in."), "");
+        put(format!("{side}.conv_out."), format!("{side}.conv_out."), "");
+        put(format!("{side}.norm_out."), format!("{side}.conv_norm_out."), "");
+        put(format!("{side}.mid.block_1."), format!("{side}.mid_block.resnets.0."), "resnet");
+        put(format!("{side}.mid.block_2."), format!("{side}.mid_block.resnets.1."), "resnet");
+        put(format!("{side}.mid.attn_1."), format!("{side}.mid_block.attentions.0."), "attention");
+    }
+    put("quant_conv.".into(), "quant_conv.".into(), "");
+    put("post_quant_conv.".into(), "post_quant_conv.".into(), "");
+    for i in indices(src, &format!("{VAE}encoder.down.")) {
+        for j in indices(src, &format!("{VAE}encoder.down.{i}.block.")) {
+            put(format!("encoder.down.{i}.block.{j}."), format!("encoder.down_blocks.{i}.resnets.{j}."), "resnet");
+        }
+        put(format!("encoder.down.{i}.downsample.conv."), format!("encoder.down_blocks.{i}.downsamplers.0.conv."), "");
+    }
+    for i in indices(src, &format!("{VAE}decoder.up.")) {
+        // LDM numbers decoder levels from the lowest resolution up; diffusers the other way.
+        let d = levels - 1 - i;
+        for j in indices(src, &format!("{VAE}decoder.up.{i}.block.")) {
+            put(format!("decoder.up.{i}.block.{j}."), format!("decoder.up_blocks.{d}.resnets.{j}."), "resnet");
+        }
+        put(format!("decoder.up.{i}.upsample.conv."), format!("decoder.up_blocks.{d}.upsamplers.0.conv."), "");
+    }
+
+    let mut plan = Vec::new();
+    for key in src.index().keys().filter(|k| k.starts_with(VAE)) {
+        let rest = &key[VAE.len()..];
+        if rest.starts_with("loss.") {
+            continue; // training-time discriminator some VAE checkpoints carry
+        }
+        let unknown = || {
+            anyhow::anyhow!("{} has a VAE tensor `{key}` that SD's VAE does not have", src.path().display())
+        };
+        let (prefix, (to, kind)) = longest_prefix(&table, rest).ok_or_else(unknown)?;
+        let tail = &rest[prefix.len()..];
+        let (target, transform) = match *kind {
+            "resnet" => match tail.strip_prefix("nin_shortcut.") {
+                Some(t) => (format!("{to}conv_shortcut.{t}"), Transform::Same),
+                None => (format!("{to}{tail}"), Transform::Same),
+            },
+            "attention" => {
+                let (renamed, t) = rename_first(tail, VAE_ATTENTION).ok_or_else(unknown)?;
+                let conv = src.shape(key).is_some_and(|s| s.len() == 4);
+                let transform = if conv && renamed != "group_norm." { Transform::Conv1x1ToLinear } else { Transform::Same };
+                (format!("{to}{renamed}{t}"), transform)
+            }
+            _ => (format!("{to}{tail}"), Transform::Same),
+        };
+        plan.push(Mapped { target, source: key.clone(), transform });
+    }
+    Ok(plan)
+}
+
+/// transformers CLIPTextModel keys (without `text_model.`) for the text encoder's
+/// tensors, keeping the first `layers` blocks.
+pub fn text_plan(src: &dyn TensorSource, layout: TextLayout, layers: i64) -> anyhow::Result<Vec<Mapped>> {
+    let mut plan = Vec::new();
+    let layer_of = |rest: &str, prefix: &str| -> Option<i64> { rest.strip_prefix(prefix)?.split('.').next()?.parse().ok() };
+    match layout {
+        TextLayout::HfClip => {
+            let p = hf_clip_prefix(src);
+            for key in src.index().keys().filter(|k| k.starts_with(&p)) {
+                let rest = &key[p.len()..];
+                let keep = match layer_of(rest, "encoder.layers.") {
+                    Some(i) => i < layers,
+                    None => {
+                        (rest.starts_with("embeddings.") && rest != "embeddings.position_ids")
+                            || rest.starts_with("final_layer_norm.")
+                    }
+                };
+                if keep {
+                    plan.push(Mapped { target: rest.to_string(), source: key.clone(), transform: Transform::Same });
+                }
+            }
+        }
+        TextLayout::OpenClip => {
+            let fixed = [
+                ("token_embedding.weight", "embeddings.token_embedding.weight"),
+                ("positional_embedding", "embeddings.position_embedding.weight"),
+                ("ln_final.weight", "final_layer_norm.weight"),
+                ("ln_final.bias", "final_layer_norm.bias"),
+            ];
+            let block = [
+                ("attn.out_proj.", "self_attn.out_proj."),
+                ("ln_1.", "layer_norm1."),
+                ("ln_2.", "layer_norm2."),
+                ("mlp.c_fc.", "mlp.fc1."),
+                ("mlp.c_proj.", "mlp.fc2."),
+            ];
+            for key in src.index().keys().filter(|k| k.starts_with(OPEN_CLIP)) {
+                let rest = &key[OPEN_CLIP.len()..];
+                if let Some((_, to)) = fixed.iter().find(|(from, _)| *from == rest) {
+                    plan.push(Mapped { target: to.to_string(), source: key.clone(), transform: Transform::Same });
+                    continue;
+                }
+                let Some(i) = layer_of(rest, "transformer.resblocks.") else {
+                    continue; // text_projection, logit_scale, attn_mask: not part of CLIPTextModel
+                };
+                if i >= layers {
+                    continue;
+                }
+                let inner = rest.splitn(4, '.').nth(3).unwrap_or("");
+                let to = format!("encoder.layers.{i}.");
+                if let Some(wb) = inner.strip_prefix("attn.in_proj_") {
+                    for (t, name) in ["q", "k", "v"].iter().enumerate() {
+                        plan.push(Mapped {
+                            target: format!("{to}self_attn.{name}_proj.{wb}"),
+                            source: key.clone(),
+                            transform: Transform::ThirdOf(t as i64),
+                        });
+                    }
+                } else if let Some((renamed, tail)) = rename_first(inner, &block) {
+                    plan.push(Mapped { target: format!("{to}{renamed}{tail}"), source: key.clone(), transform: Transform::Same });
+                } else {
+                    bail!("{} has an OpenCLIP tensor `{key}` this program does not know", src.path().display());
+                }
+            }
+        }
+    }
+    if plan.is_empty() {
+        bail!("{} has no text encoder weights", src.path().display());
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::io::Read;
+    use std::path::{Path, PathBuf};
+
+    use tch::{Kind, Tensor};
+
+    use super::*;
+    use crate::checkpoint::source::TensorInfo;
+
+    /// A checkpoint known only by its keys and shapes.
+    struct IndexOnly {
+        path: PathBuf,
+        index: BTreeMap<String, TensorInfo>,
+    }
+
+    impl TensorSource for IndexOnly {
+        fn path(&self) -> &Path {
+            &self.path
+        }
+        fn index(&self) -> &BTreeMap<String, TensorInfo> {
+            &self.index
+        }
+        fn load(&self, key: &str) -> anyhow::Result<Tensor> {
+            anyhow::bail!("no data for {key}")
+        }
+    }
+
+    /// Full-size SD 1.5 / SD 2.1 layouts (testdata/make_ldm_shapes.py).
+    fn real_layout(name: &str) -> (IndexOnly, serde_json::Value) {
+        let gz = include_bytes!("testdata/ldm_shapes.json.gz");
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text).unwrap();
+        let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let index = all[name]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let shape = v.as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect();
+                (k.clone(), TensorInfo { shape, kind: Kind::Half })
+            })
+            .collect();
+        (IndexOnly { path: format!("{name}.safetensors").into(), index }, all[format!("{name}_diffusers")].clone())
+    }
+
+    fn targets(plan: &[Mapped]) -> BTreeSet<String> {
+        let t: BTreeSet<String> = plan.iter().map(|m| m.target.clone()).collect();
+        assert_eq!(t.len(), plan.len(), "two tensors map to one key");
+        t
+    }
+
+    fn keys(v: &serde_json::Value) -> BTreeSet<String> {
+        v.as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect()
+    }
+
+    fn same_unet(got: &UNetConfig, want: &UNetConfig) {
+        assert_eq!(got.block_out_channels, want.block_out_channels);
+        assert_eq!(got.down_block_types, want.down_block_types);
+        assert_eq!(got.up_block_types, want.up_block_types);
+        assert_eq!(got.mid_block_type, want.mid_block_type);
+        for i in 0..4 {
+            assert_eq!(got.heads(i), want.heads(i), "heads of block {i}");
+            assert_eq!(got.layers_per_block.at(i), want.layers_per_block.at(i));
+            assert_eq!(got.cross_attention_dim.at(i), want.cross_attention_dim.at(i));
+            assert_eq!(got.transformer_layers_per_block.at(i), want.transformer_layers_per_block.at(i));
+        }
+        assert_eq!(got.use_linear_projection, want.use_linear_projection);
+        assert_eq!(got.upcast_attention, want.upcast_attention);
+        assert_eq!((got.in_channels, got.out_channels), (want.in_channels, want.out_channels));
+    }
+
+    fn same_text(got: &ClipConfig, want: &ClipConfig) {
+        assert_eq!(got.hidden_size, want.hidden_size);
+        assert_eq!(got.intermediate_size, want.intermediate_size);
+        assert_eq!(got.num_hidden_layers, want.num_hidden_layers);
+        assert_eq!(got.num_attention_heads, want.num_attention_heads);
+        assert_eq!(got.hidden_act, want.hidden_act);
+        assert_eq!(got.vocab_size, want.vocab_size);
+        assert_eq!(got.max_position_embeddings, want.max_position_embeddings);
+    }
+
+    fn same_vae(got: &VaeConfig, want: &VaeConfig) {
+        assert_eq!(got.block_out_channels, want.block_out_channels);
+        assert_eq!(got.layers_per_block, want.layers_per_block);
+        assert_eq!(got.latent_channels, want.latent_channels);
+        assert_eq!(got.down_block_types, want.down_block_types);
+    }
+
+    #[test]
+    fn full_size_sd15_is_recognised_and_mapped() {
+        let (src, diffusers) = real_layout("sd15");
+        let arch = detect(&src);
+        assert_eq!(arch, Architecture::Sd1);
+        let inferred = infer(&src, &arch).unwrap();
+        same_unet(&inferred.unet, &UNetConfig::sd_v1_5());
+        same_vae(&inferred.vae, &VaeConfig::default());
+        same_text(&inferred.text, &ClipConfig::sd_v1());
+        assert_eq!(targets(&unet_plan(&src).unwrap()), keys(&diffusers["unet"]));
+        assert_eq!(targets(&vae_plan(&src).unwrap()), keys(&diffusers["vae"]));
+        let text = text_plan(&src, TextLayout::HfClip, inferred.text.num_hidden_layers).unwrap();
+        assert_eq!(targets(&text), keys(&diffusers["text_encoder"]));
+    }
+
+    #[test]
+    fn full_size_sd21_is_recognised_and_mapped() {
+        let (src, diffusers) = real_layout("sd21");
+        let arch = detect(&src);
+        assert_eq!(arch, Architecture::Sd2);
+        let inferred = infer(&src, &arch).unwrap();
+        same_unet(&inferred.unet, &UNetConfig::sd_v2_1());
+        same_vae(&inferred.vae, &VaeConfig::default());
+        same_text(&inferred.text, &ClipConfig::sd_v2());
+        assert_eq!(inferred.stored_text_layers, 24);
+        assert_eq!(targets(&unet_plan(&src).unwrap()), keys(&diffusers["unet"]));
+        let vae = vae_plan(&src).unwrap();
+        assert_eq!(targets(&vae), keys(&diffusers["vae"]));
+        assert_eq!(vae.iter().filter(|m| m.transform == Transform::Conv1x1ToLinear).count(), 8); // q, k, v, proj_out of two mid blocks
+        let text = text_plan(&src, TextLayout::OpenClip, inferred.text.num_hidden_layers).unwrap();
+        assert_eq!(targets(&text), keys(&diffusers["text_encoder"]));
+    }
+
+    #[test]
+    fn an_unknown_unet_key_is_named() {
+        let (mut src, _) = real_layout("sd15");
+        src.index.insert(format!("{UNET}input_blocks.1.0.extra.weight"), TensorInfo { shape: vec![1], kind: Kind::Float });
+        let e = unet_plan(&src).unwrap_err().to_string();
+        assert!(e.contains("`model.diffusion_model.input_blocks.1.0.extra.weight`"), "{e}");
+    }
+}
