@@ -4,7 +4,7 @@
 //! 1. special ("added") tokens are cut out of the raw text first (`<|startoftext|>`,
 //!    `<|endoftext|>`, and the pad token: SD 2 pads with `!`, so every `!` in a prompt
 //!    becomes id 0 there); tokens marked `normalized` are cut out after step 2 instead;
-//! 2. normalisation: Unicode NFC, every run of whitespace -> one space, per-character
+//! 2. normalisation: Unicode NFC (with the `tokenizers` library's Unicode 9 tables), every run of whitespace -> one space, per-character
 //!    lower-casing (no ftfy, no HTML unescaping, no accent stripping);
 //! 3. pre-tokenisation: CLIP's regex keeps words, single digits, contractions and
 //!    punctuation runs, dropping whitespace; each piece is then split again by GPT-2's
@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use anyhow::{anyhow, bail, Context, Result};
 use regex::Regex;
 use serde_json::Value;
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization_alignments::UnicodeNormalization;
 
 /// OpenAI's merges file, vendored (see assets/README.md for origin and license).
 const OPENAI_BPE_GZ: &[u8] = include_bytes!("../assets/bpe_simple_vocab_16e6.txt.gz");
@@ -131,7 +131,9 @@ fn split_on_tokens<'a>(text: &'a str, tokens: &[(String, u32)]) -> Vec<Segment<'
 fn normalize(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut in_space = false;
-    for c in text.nfc() {
+    // The `tokenizers` library's own NFC (Unicode 9 tables): newer tables compose and
+    // reorder marks of scripts added since, where transformers does not.
+    for (c, _) in text.nfc() {
         if c.is_whitespace() {
             if !in_space {
                 out.push(' ');

@@ -90,7 +90,8 @@ fn errors_name_the_file() {
 }
 
 /// Bulk comparison with transformers, for development: `TOKENIZER_COMPARE=file.json`
-/// (same layout as tokens.json, an "sd1" list, ids unpadded or padded to 77).
+/// (same layout as tokens.json: "prompts", "sd1", optional "sd2";
+/// ids unpadded, or padded to "max_len" when given).
 #[test]
 fn bulk_comparison_from_env() {
     let Ok(path) = std::env::var("TOKENIZER_COMPARE") else { return };
@@ -98,9 +99,12 @@ fn bulk_comparison_from_env() {
     let prompts: Vec<String> = serde_json::from_value(json["prompts"].clone()).unwrap();
     let want: Vec<Vec<i64>> = serde_json::from_value(json["sd1"].clone()).unwrap();
     let len = json["max_len"].as_u64().map(|n| n as usize);
-    let tok = ClipTokenizer::openai().unwrap();
     let mut bad = 0;
-    for (p, w) in prompts.iter().zip(&want) {
+    let sd1 = ClipTokenizer::openai().unwrap();
+    let sd2 = ClipTokenizer::openai().unwrap().with_pad_token("!").unwrap();
+    let want2: Vec<Vec<i64>> = serde_json::from_value(json["sd2"].clone()).unwrap_or_default();
+    let cases = want.iter().map(|w| (&sd1, w)).zip(prompts.iter()).chain(want2.iter().map(|w| (&sd2, w)).zip(prompts.iter()));
+    for ((tok, w), p) in cases {
         let got = match len {
             Some(n) => tok.encode_padded(p, n),
             None => tok.encode(p),
