@@ -64,6 +64,25 @@ pub struct ClipTokenizer {
     cache: Mutex<HashMap<String, Vec<u32>>>,
 }
 
+impl Clone for ClipTokenizer {
+    /// A copy with an empty word cache.
+    fn clone(&self) -> Self {
+        ClipTokenizer {
+            encoder: self.encoder.clone(),
+            merges: self.merges.clone(),
+            byte_chars: self.byte_chars,
+            clip_pattern: self.clip_pattern.clone(),
+            byte_level_pattern: self.byte_level_pattern.clone(),
+            added: self.added.clone(),
+            bos_id: self.bos_id,
+            eos_id: self.eos_id,
+            pad_id: self.pad_id,
+            unk_id: self.unk_id,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClipTokenizer")
@@ -215,9 +234,8 @@ impl ClipTokenizer {
                 }
             }
         }
-        let mut specials = vec![bos.clone(), eos.clone(), unk.clone(), pad.clone()];
         // The special-token entries decide how their tokens match; declared ones follow.
-        let mut declared: Vec<(String, Option<u32>, bool)> = specials.drain(..).map(|(c, n)| (c, None, n)).collect();
+        let mut declared: Vec<(String, Option<u32>, bool)> = [&bos, &eos, &unk, &pad].into_iter().map(|(c, n)| (c.clone(), None, *n)).collect();
         declared.extend(added_decl);
 
         let source = dir.display().to_string();

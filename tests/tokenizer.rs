@@ -70,6 +70,43 @@ fn token_lookup() {
     assert_eq!(tok.token_id("no such token"), None);
 }
 
+/// Special-token behaviour checked against transformers 5.24 by hand.
+#[test]
+fn special_tokens_like_transformers() {
+    let sd1 = ClipTokenizer::openai().unwrap();
+    // A special token typed in a prompt is the token; a capitalised one is plain text.
+    assert_eq!(sd1.encode("<|endoftext|>x"), vec![49406, 49407, 343, 49407]);
+    assert_eq!(sd1.encode("a <|ENDOFTEXT|> b"), vec![49406, 320, 27, 347, 40786, 4160, 91, 285, 321, 49407]);
+    assert_eq!(sd1.encode("wow!!! yes"), vec![49406, 2781, 995, 1958, 49407]);
+    // SD 2's pad token "!" is special too: each "!" is id 0.
+    let sd2 = ClipTokenizer::openai().unwrap().with_pad_token("!").unwrap();
+    assert_eq!(sd2.encode("wow!!! yes"), vec![49406, 2781, 0, 0, 0, 1958, 49407]);
+}
+
+/// The hub's SD layout: AddedToken objects with `normalized: true` (matched after lower
+/// casing), and special_tokens_map.json's pad token winning over tokenizer_config.json's.
+#[test]
+fn hub_style_special_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("models/tiny-sd1/tokenizer");
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let added = |c: &str| format!(r#"{{"content": "{c}", "lstrip": false, "normalized": true, "rstrip": false, "single_word": false}}"#);
+    let map = format!(
+        r#"{{"bos_token": {}, "eos_token": {}, "pad_token": "!", "unk_token": {}}}"#,
+        added("<|startoftext|>"),
+        added("<|endoftext|>"),
+        added("<|endoftext|>")
+    );
+    std::fs::write(dir.path().join("special_tokens_map.json"), map).unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"pad_token": "<|endoftext|>", "model_max_length": 77}"#).unwrap();
+    let tok = ClipTokenizer::from_folder(dir.path()).unwrap();
+    assert_eq!(tok.pad_id(), 0);
+    assert_eq!(tok.encode("a <|ENDOFTEXT|> b"), vec![49406, 320, 49407, 321, 49407]);
+    assert_eq!(tok.encode("hello!"), vec![49406, 3306, 0, 49407]);
+}
+
 #[test]
 fn errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -113,6 +150,31 @@ fn bulk_comparison_from_env() {
             bad += 1;
             if bad <= 20 {
                 eprintln!("MISMATCH {p:?} ({:?})\n  got  {got:?}\n  want {w:?}", p.chars().map(|c| format!("{:x}", c as u32)).collect::<Vec<_>>());
+            }
+        }
+    }
+    eprintln!("{} prompts, {bad} mismatches", prompts.len());
+    assert_eq!(bad, 0);
+}
+
+/// Same, for tokenizer folders: `TOKENIZER_COMPARE_FOLDERS=file.json` with "prompts",
+/// "max_len" and "folders": {folder path: [ids per prompt]}.
+#[test]
+fn folder_comparison_from_env() {
+    let Ok(path) = std::env::var("TOKENIZER_COMPARE_FOLDERS") else { return };
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let prompts: Vec<String> = serde_json::from_value(json["prompts"].clone()).unwrap();
+    let max_len = json["max_len"].as_u64().unwrap() as usize;
+    let base = Path::new(&path).parent().unwrap();
+    let mut bad = 0;
+    for (folder, want) in json["folders"].as_object().unwrap() {
+        let tok = ClipTokenizer::from_folder(&base.join(folder)).unwrap();
+        let want: Vec<Vec<i64>> = serde_json::from_value(want.clone()).unwrap();
+        for (p, w) in prompts.iter().zip(&want) {
+            let got = tok.encode_padded(p, max_len);
+            if &got != w {
+                bad += 1;
+                eprintln!("MISMATCH {folder} {p:?}\n  got  {got:?}\n  want {w:?}");
             }
         }
     }
