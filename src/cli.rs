@@ -126,7 +126,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match command {
         Command::Generate(args) => crate::pipeline::generate_command(&args),
         Command::Models { dirs } => crate::checkpoint::models_command(&dirs),
-        Command::Demo { dir, .. } => crate::pipeline::demo_command(&dir),
+        Command::Demo { dir, .. } => crate::demo::demo_command(&dir),
         Command::Wizard { .. } => not_yet("the wizard"),
         Command::Train { .. } | Command::Resume { .. } | Command::Stop { .. } | Command::Attach { .. } => {
             not_yet("training")

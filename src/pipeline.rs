@@ -213,8 +213,9 @@ pub fn to_rgb8(image: &Tensor) -> anyhow::Result<image::RgbImage> {
     let size = image.size();
     let (h, w) = (size[0] as u32, size[1] as u32);
     let bytes = (image * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8).contiguous();
-    let mut data = vec![0u8; (h * w * 3) as usize];
-    bytes.f_copy_data(&mut data, data.len())?;
+    let len = (h * w * 3) as usize;
+    let mut data = vec![0u8; len];
+    bytes.f_copy_data(&mut data, len)?;
     image::RgbImage::from_raw(w, h, data).context("image buffer has the wrong size")
 }
 

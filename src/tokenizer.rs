@@ -582,3 +582,52 @@ mod tests {
         assert_eq!(sd2.encode_padded("a cat!", 6), vec![49406, 320, 2368, 0, 49407, 0]);
     }
 }
+
+impl ClipTokenizer {
+    /// Writes this tokenizer as a transformers tokenizer folder (`vocab.json`,
+    /// `merges.txt`, `special_tokens_map.json`, `tokenizer_config.json`), so a
+    /// model folder we write loads in transformers and in `from_folder`.
+    pub fn save_folder(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut by_id: Vec<(&String, &u32)> = self.encoder.iter().collect();
+        by_id.sort_by_key(|(_, id)| **id);
+        let id_to_token: HashMap<u32, &str> = by_id.iter().map(|(t, id)| (**id, t.as_str())).collect();
+        let vocab: serde_json::Map<String, Value> =
+            by_id.iter().map(|(t, id)| ((*t).clone(), Value::from(**id))).collect();
+        let vocab_path = dir.join("vocab.json");
+        std::fs::write(&vocab_path, serde_json::to_string(&Value::Object(vocab))?)
+            .with_context(|| format!("cannot write {}", vocab_path.display()))?;
+
+        let mut merges: Vec<(&(u32, u32), &(u32, u32))> = self.merges.iter().collect();
+        merges.sort_by_key(|(_, (rank, _))| *rank);
+        let mut text = String::from("#version: 0.2\n");
+        for ((left, right), _) in merges {
+            let (Some(l), Some(r)) = (id_to_token.get(left), id_to_token.get(right)) else {
+                bail!("the tokenizer's merges name an id that is not in its vocabulary");
+            };
+            text.push_str(&format!("{l} {r}\n"));
+        }
+        let merges_path = dir.join("merges.txt");
+        std::fs::write(&merges_path, text).with_context(|| format!("cannot write {}", merges_path.display()))?;
+
+        let token = |id: u32| id_to_token.get(&id).map(|s| s.to_string()).unwrap_or_default();
+        let unk = self.unk_id.map(token).unwrap_or_else(|| token(self.eos_id));
+        let specials = serde_json::json!({
+            "bos_token": token(self.bos_id),
+            "eos_token": token(self.eos_id),
+            "unk_token": unk,
+            "pad_token": token(self.pad_id),
+        });
+        let map_path = dir.join("special_tokens_map.json");
+        std::fs::write(&map_path, serde_json::to_string_pretty(&specials)?)
+            .with_context(|| format!("cannot write {}", map_path.display()))?;
+        let mut config = specials;
+        config["model_max_length"] = Value::from(77);
+        config["do_lower_case"] = Value::from(true);
+        config["tokenizer_class"] = Value::from("CLIPTokenizer");
+        let config_path = dir.join("tokenizer_config.json");
+        std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        Ok(())
+    }
+}

@@ -15,12 +15,14 @@ use crate::scheduler::config::SchedulerConfig;
 
 pub mod ckpt;
 pub mod diffusers;
+pub mod export_diffusers;
 pub mod ldm;
 pub mod ldm_yaml;
 pub mod models;
 pub mod pickle;
 pub mod safetensors_file;
 pub mod source;
+pub mod write;
 
 pub use models::models_command;
 
