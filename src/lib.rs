@@ -9,6 +9,7 @@ pub mod device;
 pub mod error;
 pub mod model;
 pub mod pipeline;
+pub mod rng;
 pub mod run;
 pub mod scheduler;
 pub mod tokenizer;

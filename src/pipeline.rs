@@ -16,6 +16,7 @@ use crate::model::config::{ClipConfig, UNetConfig, VaeConfig};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
 use crate::model::weights::Weights;
+use crate::rng::CpuRng;
 use crate::scheduler::config::SchedulerConfig;
 use crate::scheduler::build_sampler;
 use crate::tokenizer::ClipTokenizer;
@@ -170,12 +171,12 @@ impl StableDiffusion {
         };
 
         // The first randn draw of a CPU generator seeded with the seed, as diffusers
-        // with torch.Generator("cpu").manual_seed(seed): exact on any device.
-        tch::manual_seed(req.seed as i64);
+        // with torch.Generator("cpu").manual_seed(seed): exact on any device. The
+        // same generator feeds the sampler's own noise (euler-a).
+        let mut rng = CpuRng::new(req.seed);
         let f = self.vae_factor();
         let shape = [1, self.unet_config.in_channels, req.height / f, req.width / f];
-        let mut latents = Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(self.device)
-            * sampler.init_noise_sigma();
+        let mut latents = rng.randn_on(&shape, self.device) * sampler.init_noise_sigma();
 
         let timesteps = sampler.timesteps().to_vec();
         let n = timesteps.len();
@@ -193,7 +194,7 @@ impl StableDiffusion {
             } else {
                 out
             };
-            latents = sampler.step(&noise_pred, i, &latents);
+            latents = sampler.step(&noise_pred, i, &latents, &mut rng);
             on_step(i + 1, n);
         }
         Ok(self.decode_latents(&latents))

@@ -131,7 +131,11 @@ fn unknown_scheduler() {
 #[test]
 fn unknown_device() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, err) = generate(&model("tiny-sd1"), &["--device", "tpu"], &dir.path().join("o.png"));
+    let m = model("tiny-sd1");
+    let out = dir.path().join("o.png");
+    let (code, _, err) = run_cli(&[
+        "generate", "--model", m.to_str().unwrap(), "--prompt", "a dog", "--device", "tpu", "--out", out.to_str().unwrap(),
+    ]);
     assert_clear_error(code, &err, "--device tpu");
     assert_eq!(code, 2);
 }

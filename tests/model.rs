@@ -283,24 +283,23 @@ fn modules_run_in_bfloat16() {
 
         let vae = AutoencoderKL::new(&load("vae", "diffusion_pytorch_model.safetensors", "VAE"), &config(model, "vae")).unwrap();
         let dist = vae.encode(&bf(&r["vae.image"]));
-        assert_eq!(dist.sample().kind(), Kind::BFloat16);
+        assert_eq!(dist.sample(&mut dreambooth::rng::CpuRng::new(0)).kind(), Kind::BFloat16);
         check("bf16 vae.mean", &dist.mean.to_kind(Kind::Float), &r["vae.mean"], 0.1);
         let decoded = vae.decode(&bf(&r["vae.latents"]));
         check("bf16 vae.decoded", &decoded.to_kind(Kind::Float), &r["vae.decoded"], 0.15);
     });
 }
 
-/// `sample` draws from the global CPU generator: the same seed gives the same latents,
-/// `mean + std * randn` with the generator's first draw.
+/// `sample` draws from the given CPU generator: `mean + std * randn` with its first draw,
+/// the same as a freshly seeded global generator's.
 #[test]
-fn vae_sample_uses_the_global_cpu_generator() {
+fn vae_sample_uses_the_given_cpu_generator() {
     let r = reference("tiny-sd1");
     let w = weights("tiny-sd1", "vae", "diffusion_pytorch_model.safetensors", "VAE");
     let vae = AutoencoderKL::new(&w, &config("tiny-sd1", "vae")).unwrap();
     tch::no_grad(|| {
         let dist = vae.encode(&r["vae.image"]);
-        tch::manual_seed(1234);
-        let a = dist.sample();
+        let a = dist.sample(&mut dreambooth::rng::CpuRng::new(1234));
         tch::manual_seed(1234);
         let eps = Tensor::randn(dist.mean.size(), (Kind::Float, Device::Cpu));
         check("sample", &a, &(&dist.mean + &dist.std * eps), 0.0);

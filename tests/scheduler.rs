@@ -2,7 +2,6 @@
 //! (tests/fixtures/reference/schedulers.json and the `train.*` tensors).
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use dreambooth::error::{exit_code, UsageError};
 use dreambooth::scheduler::{build_sampler, NoiseSchedule, SchedulerConfig, SAMPLER_NAMES};
@@ -14,9 +13,6 @@ const MODELS: [&str; 2] = ["tiny-sd1", "tiny-sd2"];
 const SCHEDULE_TOL: f64 = 1e-6;
 /// Step outputs (1e-5, relative above 1).
 const STEP_TOL: f64 = 1e-5;
-
-/// euler-a draws from the global generator: seed and draw under one lock.
-static GLOBAL_RNG: Mutex<()> = Mutex::new(());
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -96,10 +92,8 @@ fn first_steps_match_diffusers() {
             let expected = reference[model][name]["step_check"].as_array().unwrap();
             let mut sampler = build_sampler(name, &config, steps).expect("sampler builds");
             let mut sample = tensor_from(&floats(&check["sample"]), &shape);
-            let _rng = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
-            if name == "euler-a" {
-                tch::manual_seed(check["euler_a_noise_seed"].as_i64().unwrap());
-            }
+            // euler-a's noise: a generator seeded as the fixture's torch.manual_seed.
+            let mut rng = dreambooth::rng::CpuRng::new(check["euler_a_noise_seed"].as_u64().unwrap());
             let mut worst_here: f64 = 0.0;
             for (i, (model_output, step)) in model_outputs.iter().zip(expected).enumerate() {
                 let what = format!("{model} {name} step {i}");
@@ -108,7 +102,7 @@ fn first_steps_match_diffusers() {
                 let scaled = sampler.scale_model_input(&sample, i);
                 let err = max_error(&tensor_values(&scaled), &floats(&step["scale_model_input"]));
                 assert!(err <= STEP_TOL, "{what}: scale_model_input off by {err:e}");
-                sample = sampler.step(model_output, i, &sample);
+                sample = sampler.step(model_output, i, &sample, &mut rng);
                 let err = max_error(&tensor_values(&sample), &floats(&step["prev_sample"]));
                 assert!(err <= STEP_TOL, "{what}: prev_sample off by {err:e}");
                 worst_here = worst_here.max(err);

@@ -45,7 +45,8 @@ pub fn read_configs(dir: &Path) -> anyhow::Result<FolderConfigs> {
         vae: opt("vae", "config.json").map(|p| read_json(&p)).transpose()?,
         text: opt("text_encoder", "config.json").map(|p| read_json(&p)).transpose()?,
         scheduler: opt("scheduler", "scheduler_config.json").map(|p| read_json(&p)).transpose()?,
-        tokenizer: Some(dir.join("tokenizer")).filter(|p| p.join("vocab.json").is_file()),
+        tokenizer: Some(dir.join("tokenizer"))
+            .filter(|p| p.join("vocab.json").is_file() || p.join("tokenizer.json").is_file()),
     })
 }
 
@@ -64,12 +65,27 @@ pub fn architecture_of(dir: &Path, unet: &UNetConfig, text: &ClipConfig) -> Arch
     }
 }
 
-pub fn load(dir: &Path) -> anyhow::Result<LoadedModel> {
+/// Loads a diffusers folder; `overrides` (from `--model-config DIR`) replace
+/// the folder's own configs and tokenizer where they have them.
+pub fn load(dir: &Path, overrides: Option<&Path>) -> anyhow::Result<LoadedModel> {
     let shown = dir.display();
     if !dir.join("unet").is_dir() {
         bail!("{shown} has no unet/ folder (not a diffusers model?)");
     }
-    let configs = read_configs(dir)?;
+    let mut configs = read_configs(dir)?;
+    if let Some(o) = overrides {
+        if !o.is_dir() {
+            bail!("--model-config {} is not a folder", o.display());
+        }
+        let o = read_configs(o)?;
+        configs = FolderConfigs {
+            unet: o.unet.or(configs.unet),
+            vae: o.vae.or(configs.vae),
+            text: o.text.or(configs.text),
+            scheduler: o.scheduler.or(configs.scheduler),
+            tokenizer: o.tokenizer.or(configs.tokenizer),
+        };
+    }
     let need = |sub: &str, file: &str| format!("{shown} has no {sub}/{file}");
     let unet_config = configs.unet.with_context(|| need("unet", "config.json"))?;
     let vae_config = configs.vae.with_context(|| need("vae", "config.json"))?;
@@ -78,9 +94,11 @@ pub fn load(dir: &Path) -> anyhow::Result<LoadedModel> {
     if let Architecture::Unknown(what) = &architecture {
         bail!("{shown} is {what}");
     }
+    // diffusers itself cannot load a folder without its tokenizer; guessing one
+    // would give SD 2 folders the wrong padding.
     let tokenizer = match configs.tokenizer {
         Some(p) => TokenizerSource::Folder(p),
-        None => TokenizerSource::for_architecture(&architecture),
+        None => bail!("{shown} has no tokenizer/ folder (vocab.json and merges.txt)"),
     };
     let scheduler_config = configs.scheduler.unwrap_or_else(super::single_file_scheduler);
 

@@ -146,7 +146,7 @@ pub fn load_model(path: &Path, model_config_dir: Option<&Path>) -> anyhow::Resul
         bail!("{} does not exist", path.display());
     }
     match format_of(path)? {
-        ModelFormat::Diffusers => diffusers::load(path),
+        ModelFormat::Diffusers => diffusers::load(path, model_config_dir),
         format => load_single_file(path, format, model_config_dir),
     }
 }

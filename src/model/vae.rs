@@ -2,7 +2,7 @@
 //! latents back to images. The latent `scaling_factor` is the caller's business.
 
 use anyhow::{Context, Result};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use super::config::VaeConfig;
 use super::nn::{Activation, Conv2d, GroupNorm, Linear};
@@ -259,12 +259,10 @@ impl DiagonalGaussian {
         DiagonalGaussian { mean, logvar, std }
     }
 
-    /// `mean + std * eps`, with `eps` drawn from libtorch's global CPU generator in
-    /// the mean's dtype and then moved to its device, exactly as diffusers' sample
-    /// does when given a CPU `torch.Generator`: seed with `tch::manual_seed` for
-    /// the same draw on any device.
-    pub fn sample(&self) -> Tensor {
-        let eps = Tensor::randn(self.mean.size(), (self.mean.kind(), Device::Cpu)).to_device(self.mean.device());
+    /// `mean + std * eps`, with `eps` drawn from `rng` on the CPU and moved to the
+    /// mean's device and dtype, as diffusers' sample does with a CPU generator.
+    pub fn sample(&self, rng: &mut crate::rng::CpuRng) -> Tensor {
+        let eps = rng.randn(&self.mean.size()).to_kind(self.mean.kind()).to_device(self.mean.device());
         &self.mean + &self.std * eps
     }
 

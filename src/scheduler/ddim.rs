@@ -58,7 +58,7 @@ impl Sampler for Ddim {
         sample.shallow_clone()
     }
 
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor {
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _rng: &mut crate::rng::CpuRng) -> Tensor {
         let t = self.timesteps[i];
         let alpha_prod_t = self.alpha_at(t);
         let alpha_prod_t_prev = self.alpha_at(t - self.step_ratio);

@@ -145,7 +145,7 @@ impl Sampler for DpmSolverMultistep {
         Some(&self.sigmas)
     }
 
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor {
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _rng: &mut crate::rng::CpuRng) -> Tensor {
         let n = self.timesteps.len();
         let first_order_last = i + 1 == n && self.first_order_final;
         let x0 = self.x0_prediction(model_output, i, sample);

@@ -78,7 +78,7 @@ impl Sampler for Euler {
         Some(&self.sigmas)
     }
 
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor {
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _rng: &mut crate::rng::CpuRng) -> Tensor {
         let sample = sample.to_kind(Kind::Float);
         let sigma = self.sigmas[i];
         // No churn (s_churn = 0), so sigma_hat = sigma.

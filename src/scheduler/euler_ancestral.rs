@@ -58,7 +58,7 @@ impl Sampler for EulerAncestral {
         Some(&self.sigmas)
     }
 
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor {
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, rng: &mut crate::rng::CpuRng) -> Tensor {
         let sigma = self.sigmas[i];
         let sample = sample.to_kind(Kind::Float);
         let pred_original_sample = match self.prediction {
@@ -77,7 +77,7 @@ impl Sampler for EulerAncestral {
         let dt = sigma_down - sigma;
         let prev_sample = sample + derivative * dt as f64;
         // diffusers with a CPU generator: float32 normal draws on the CPU, then moved.
-        let noise = Tensor::randn(model_output.size(), (Kind::Float, tch::Device::Cpu))
+        let noise = rng.randn(&model_output.size())
             .to_device(model_output.device())
             .to_kind(model_output.kind());
         (prev_sample + noise * sigma_up as f64).to_kind(model_output.kind())

@@ -80,7 +80,7 @@ impl Sampler for Lms {
         Some(&self.sigmas)
     }
 
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor {
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _rng: &mut crate::rng::CpuRng) -> Tensor {
         let sigma = self.sigmas[i];
         let pred_original_sample = match self.prediction {
             Prediction::Epsilon => sample - model_output * sigma as f64,

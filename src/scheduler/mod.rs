@@ -35,9 +35,9 @@ pub trait Sampler: Send {
     /// Scales the denoising input at step `i` (Euler/LMS divide by sqrt(sigma^2+1)); identity for others.
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Tensor;
     /// One step from the model output at step index `i`; returns the previous sample.
-    /// Samplers that add noise (euler-a) draw it with `Tensor::randn` on the CPU global generator
-    /// (float32, sample's shape) and move it to the sample's device, matching diffusers with a CPU generator.
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor;
+    /// Samplers that add noise (euler-a) draw it from `rng` (float32 on the CPU, sample's
+    /// shape) and move it to the sample's device, as diffusers with a CPU generator.
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, rng: &mut crate::rng::CpuRng) -> Tensor;
     /// The sigmas of the sigma-based samplers (one more than the timesteps, ending
     /// at the final sigma), float32 as diffusers keeps them; `None` for the others.
     fn sigmas(&self) -> Option<&[f32]> {

@@ -92,7 +92,7 @@ impl Sampler for Pndm {
         sample.shallow_clone()
     }
 
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor {
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _rng: &mut crate::rng::CpuRng) -> Tensor {
         let mut t = self.timesteps[i];
         let mut t_prev = t - self.step_ratio;
         if self.counter != 1 {
