@@ -12,3 +12,4 @@ pub mod run;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod train;
+pub mod tui;
