@@ -14,3 +14,4 @@ pub mod run;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod train;
+pub mod tui;

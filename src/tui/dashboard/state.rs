@@ -1,0 +1,302 @@
+//! What the dashboard shows, built only by reading the run directory: the
+//! config, events.jsonl, samples/*.png and whether the trainer's lock is held.
+//! Reading never fails the dashboard: problems become a note on screen.
+
+use std::path::{Path, PathBuf};
+
+use image::DynamicImage;
+use ratatui_image::protocol::Protocol;
+
+use crate::config::RunConfig;
+use crate::run::events::{read_events, Event, StepRecord};
+use crate::run::lock::RunLock;
+
+/// Steps left out of the ETA's speed: the first steps include compilation,
+/// cudnn autotuning and cache warm-up, and would make the estimate pessimistic.
+pub const WARMUP_STEPS: u64 = 5;
+/// Steps shown in the "recent" loss chart.
+pub const RECENT_WINDOW: usize = 100;
+/// Preview images kept on screen (the newest).
+pub const MAX_PREVIEWS: usize = 3;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunStatus {
+    /// The trainer holds the lock.
+    Live,
+    /// Live, and the last pause/resume event was a pause.
+    Paused,
+    /// A `done` event was logged.
+    Finished,
+    /// An `error` event was logged; its message.
+    Failed(String),
+    /// Nobody holds the lock and the log has no end: stopped, crashed or not started.
+    NotRunning,
+}
+
+/// One line of the event log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogLine {
+    pub time: Option<f64>,
+    pub kind: String,
+    pub text: String,
+}
+
+/// A preview image; `protocol` is prepared by the event loop for the size it is drawn at.
+pub struct Preview {
+    pub path: PathBuf,
+    pub name: String,
+    pub image: Option<DynamicImage>,
+    pub protocol: Option<Protocol>,
+    /// Cell size the protocol was made for.
+    pub prepared_for: (u16, u16),
+}
+
+/// The outcome of a finished or failed run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub final_loss: Option<f64>,
+    pub steps: u64,
+    pub checkpoint: Option<PathBuf>,
+    pub samples_dir: PathBuf,
+}
+
+pub struct DashboardState {
+    pub run_dir: PathBuf,
+    pub name: String,
+    pub config: Option<RunConfig>,
+    /// Why the config could not be read, when it could not.
+    pub config_error: Option<String>,
+    /// steps_per_image × images ÷ batch; None when the images cannot be counted.
+    pub total_steps: Option<u64>,
+    pub steps: Vec<StepRecord>,
+    pub log: Vec<LogLine>,
+    pub status: RunStatus,
+    pub previews: Vec<Preview>,
+    /// Seconds since the Unix epoch at the last refresh (a field so tests are deterministic).
+    pub now: f64,
+    /// When the run started (first event's time).
+    pub started: Option<f64>,
+    /// The stop confirmation popup is open.
+    pub confirm_stop: bool,
+    /// A short line about the last request sent ("pause sent").
+    pub notice: Option<String>,
+    pub summary: Option<Summary>,
+    /// The card's memory, when the trainer logged it (an event field `vram_total_bytes`).
+    pub vram_total: Option<u64>,
+}
+
+impl DashboardState {
+    /// Reads `run_dir` as it is now.
+    pub fn load(run_dir: &Path, now: f64) -> DashboardState {
+        let mut state = DashboardState {
+            run_dir: run_dir.to_path_buf(),
+            name: run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            config: None,
+            config_error: None,
+            total_steps: None,
+            steps: Vec::new(),
+            log: Vec::new(),
+            status: RunStatus::NotRunning,
+            previews: Vec::new(),
+            now,
+            started: None,
+            confirm_stop: false,
+            notice: None,
+            summary: None,
+            vram_total: None,
+        };
+        state.load_config();
+        state.refresh(now);
+        state
+    }
+
+    fn load_config(&mut self) {
+        let path = self.run_dir.join("config.yaml");
+        match crate::config::load_run_config(&path) {
+            Ok(config) => {
+                self.name = config.name.clone();
+                self.total_steps = total_steps(&config);
+                self.config = Some(config);
+            }
+            Err(e) => self.config_error = Some(crate::error::one_line(&e)),
+        }
+    }
+
+    /// Re-reads the events, the lock and the samples folder.
+    pub fn refresh(&mut self, now: f64) {
+        self.now = now;
+        if self.config.is_none() {
+            self.load_config();
+        }
+        let events = match read_events(&self.run_dir) {
+            Ok(events) => events,
+            Err(e) => {
+                self.notice = Some(crate::error::one_line(&e));
+                return;
+            }
+        };
+        self.apply_events(&events);
+        let live = RunLock::is_held(&self.run_dir);
+        self.status = match (&self.status, live) {
+            (RunStatus::Finished | RunStatus::Failed(_), _) => self.status.clone(),
+            (RunStatus::Paused, true) => RunStatus::Paused,
+            (_, true) => RunStatus::Live,
+            (_, false) => RunStatus::NotRunning,
+        };
+        self.summary = match self.status {
+            RunStatus::Finished | RunStatus::Failed(_) => Some(self.summarize()),
+            _ => None,
+        };
+        self.refresh_previews();
+    }
+
+    fn apply_events(&mut self, events: &[Event]) {
+        self.steps.clear();
+        self.log.clear();
+        self.started = None;
+        let mut status = RunStatus::NotRunning;
+        for event in events {
+            match event {
+                Event::Step(s) => {
+                    self.started.get_or_insert(s.time);
+                    self.steps.push(s.clone());
+                }
+                Event::Named { name, fields } => {
+                    let time = fields.get("time").and_then(|t| t.as_f64());
+                    if let Some(t) = time {
+                        self.started.get_or_insert(t);
+                    }
+                    if let Some(total) = fields.get("vram_total_bytes").and_then(|v| v.as_u64()) {
+                        self.vram_total = Some(total);
+                    }
+                    let text = describe(name, fields);
+                    match name.as_str() {
+                        "pause" => status = RunStatus::Paused,
+                        "resume" => status = RunStatus::Live,
+                        "done" => status = RunStatus::Finished,
+                        "error" => status = RunStatus::Failed(text.clone()),
+                        _ => {}
+                    }
+                    self.log.push(LogLine { time, kind: name.clone(), text });
+                }
+            }
+        }
+        self.status = status;
+    }
+
+    fn summarize(&self) -> Summary {
+        let checkpoints = self.run_dir.join("checkpoints");
+        let newest = std::fs::read_dir(&checkpoints).ok().and_then(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+                .max()
+        });
+        Summary {
+            final_loss: self.steps.last().map(|s| s.loss),
+            steps: self.steps.last().map(|s| s.step).unwrap_or(0),
+            checkpoint: newest,
+            samples_dir: self.run_dir.join("samples"),
+        }
+    }
+
+    /// Keeps the newest MAX_PREVIEWS images of samples/ (names sort by step), decoding only new ones.
+    fn refresh_previews(&mut self) {
+        let dir = self.run_dir.join("samples");
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        paths.sort();
+        let newest: Vec<PathBuf> = paths.into_iter().rev().take(MAX_PREVIEWS).collect();
+        if newest.iter().eq(self.previews.iter().map(|p| &p.path)) {
+            return;
+        }
+        let mut old: Vec<Preview> = std::mem::take(&mut self.previews);
+        for path in newest {
+            if let Some(i) = old.iter().position(|p| p.path == path) {
+                self.previews.push(old.swap_remove(i));
+                continue;
+            }
+            // A sample being written can be unreadable for a moment; it is retried next refresh.
+            let image = image::open(&path).ok();
+            let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            self.previews.push(Preview { path, name, image, protocol: None, prepared_for: (0, 0) });
+        }
+    }
+
+    pub fn last_step(&self) -> Option<&StepRecord> {
+        self.steps.last()
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self.status, RunStatus::Live | RunStatus::Paused)
+    }
+
+    /// Seconds since the first event; a run that is over stops the clock at its last event.
+    pub fn elapsed(&self) -> Option<f64> {
+        let start = self.started?;
+        let end = if self.is_live() {
+            self.now
+        } else {
+            let last_named = self.log.iter().filter_map(|l| l.time).fold(f64::MIN, f64::max);
+            self.steps.last().map(|s| s.time).unwrap_or(f64::MIN).max(last_named)
+        };
+        Some((end - start).max(0.0))
+    }
+
+    /// Steps per second measured after the warm-up steps.
+    pub fn measured_speed(&self) -> Option<f64> {
+        let first = self.steps.first()?.step;
+        let from = self.steps.iter().find(|s| s.step >= first + WARMUP_STEPS)?;
+        let last = self.steps.last()?;
+        let (ds, dt) = (last.step.saturating_sub(from.step) as f64, last.time - from.time);
+        (ds > 0.0 && dt > 0.0).then(|| ds / dt)
+    }
+
+    /// Seconds left at the speed measured after warm-up.
+    pub fn eta(&self) -> Option<f64> {
+        let total = self.total_steps?;
+        let last = self.last_step()?.step;
+        if last >= total {
+            return Some(0.0);
+        }
+        Some((total - last) as f64 / self.measured_speed()?)
+    }
+
+    /// Peak of the logged VRAM use.
+    pub fn vram_peak(&self) -> Option<u64> {
+        self.steps.iter().map(|s| s.vram_bytes).max()
+    }
+
+}
+
+/// steps_per_image × images ÷ batch over all concepts; None when a folder cannot be listed.
+pub fn total_steps(config: &RunConfig) -> Option<u64> {
+    let mut images = 0u64;
+    for (i, concept) in config.concepts.iter().enumerate() {
+        let what = format!("concepts[{i}].instance_data_dir");
+        images += crate::data::images::list_images(&concept.instance_data_dir, &what).ok()?.len() as u64;
+    }
+    let batch = u64::from(config.training.batch_size.max(1));
+    Some(u64::from(config.training.steps_per_image) * images / batch)
+}
+
+/// One log line for a named event, from the fields it usually carries.
+fn describe(name: &str, fields: &serde_json::Map<String, serde_json::Value>) -> String {
+    let text = |key: &str| fields.get(key).and_then(|v| v.as_str()).map(str::to_string);
+    let step = fields.get("step").and_then(|v| v.as_u64()).map(|s| format!("step {s}"));
+    let detail = text("message").or_else(|| text("path")).or_else(|| {
+        fields.get("paths").and_then(|v| v.as_array()).map(|a| {
+            a.iter().filter_map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
+        })
+    });
+    let mut parts = vec![name.to_string()];
+    parts.extend(step);
+    parts.extend(detail);
+    parts.join(" · ")
+}

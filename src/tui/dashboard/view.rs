@@ -1,0 +1,270 @@
+//! Drawing the dashboard: a pure function of `DashboardState`.
+
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::symbols::Marker;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Axis, Block, Chart, Clear, Dataset, Gauge, GraphType, Paragraph, Wrap};
+use ratatui::Frame;
+use ratatui_image::Image;
+
+use super::state::{DashboardState, RunStatus, RECENT_WINDOW};
+use crate::tui::widgets::{centered, format_duration, key_hints};
+
+/// Points drawn for the whole-run chart (bucket means beyond that).
+const WHOLE_RUN_POINTS: usize = 200;
+
+/// The screen's regions; the event loop uses `previews` to size the images before drawing.
+pub struct Areas {
+    pub header: Rect,
+    pub recent: Rect,
+    pub whole: Rect,
+    pub stats: Rect,
+    pub previews: Rect,
+    pub summary: Option<Rect>,
+    pub log: Rect,
+    pub footer: Rect,
+}
+
+pub fn areas(area: Rect, state: &DashboardState) -> Areas {
+    // A finished run trades two event lines for its summary, so the charts keep their room at 80×24.
+    let (summary_height, log_height) = if state.summary.is_some() { (5, 4) } else { (0, 6) };
+    let [header, middle, summary, log, footer] = Layout::vertical([
+        Constraint::Length(3),
+        Constraint::Min(8),
+        Constraint::Length(summary_height),
+        Constraint::Length(log_height),
+        Constraint::Length(1),
+    ])
+    .areas(area);
+    let [charts, right] = Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(middle);
+    let [recent, whole] = Layout::vertical([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(charts);
+    let [stats, previews] = Layout::vertical([Constraint::Length(5), Constraint::Min(3)]).areas(right);
+    Areas { header, recent, whole, stats, previews, summary: state.summary.as_ref().map(|_| summary), log, footer }
+}
+
+/// Cell rectangles of each preview image inside the previews block.
+pub fn preview_cells(previews: Rect, count: usize) -> Vec<Rect> {
+    let inner = Block::bordered().inner(previews);
+    if count == 0 || inner.height < 2 {
+        return Vec::new();
+    }
+    let constraints = vec![Constraint::Ratio(1, count as u32); count];
+    Layout::horizontal(constraints)
+        .spacing(1)
+        .split(inner)
+        .iter()
+        .map(|r| Rect { height: r.height.saturating_sub(1), ..*r })
+        .collect()
+}
+
+pub fn draw(frame: &mut Frame, state: &DashboardState) {
+    let a = areas(frame.area(), state);
+    draw_header(frame, a.header, state);
+    draw_loss(frame, a.recent, state, true);
+    draw_loss(frame, a.whole, state, false);
+    draw_stats(frame, a.stats, state);
+    draw_previews(frame, a.previews, state);
+    if let Some(area) = a.summary {
+        draw_summary(frame, area, state);
+    }
+    draw_log(frame, a.log, state);
+    draw_footer(frame, a.footer, state);
+    if state.confirm_stop {
+        let popup = centered(frame.area(), 54, 5);
+        frame.render_widget(Clear, popup);
+        let text = vec![
+            Line::from("Stop training? A checkpoint is saved first."),
+            Line::from(vec![
+                Span::styled("y", Style::new().add_modifier(Modifier::BOLD).fg(Color::Cyan)),
+                Span::raw(" stop    any other key: keep training"),
+            ]),
+        ];
+        frame.render_widget(
+            Paragraph::new(text).block(Block::bordered().title(" Stop ").border_style(Style::new().fg(Color::Red))),
+            popup,
+        );
+    }
+}
+
+fn status_span(status: &RunStatus) -> Span<'static> {
+    match status {
+        RunStatus::Live => Span::styled("training", Style::new().fg(Color::Green)),
+        RunStatus::Paused => Span::styled("paused", Style::new().fg(Color::Yellow)),
+        RunStatus::Finished => Span::styled("finished", Style::new().fg(Color::Green).add_modifier(Modifier::BOLD)),
+        RunStatus::Failed(_) => Span::styled("failed", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+        RunStatus::NotRunning => Span::styled("not running", Style::new().fg(Color::DarkGray)),
+    }
+}
+
+fn draw_header(frame: &mut Frame, area: Rect, state: &DashboardState) {
+    let last = state.last_step();
+    let step = last.map(|s| s.step).unwrap_or(0);
+    let total = state.total_steps.map(|t| t.to_string()).unwrap_or_else(|| "?".into());
+    let ratio = match state.total_steps {
+        Some(t) if t > 0 => (step as f64 / t as f64).clamp(0.0, 1.0),
+        _ => 0.0,
+    };
+    let label = format!(
+        "step {step}/{total} · epoch {} · {:.2} it/s · elapsed {} · ETA {}",
+        last.map(|s| s.epoch).unwrap_or(0),
+        last.map(|s| s.it_s).unwrap_or(0.0),
+        format_duration(state.elapsed()),
+        if state.is_live() { format_duration(state.eta()) } else { "-".into() },
+    );
+    let title = Line::from(vec![Span::raw(format!(" {} ", state.name)), status_span(&state.status), Span::raw(" ")]);
+    let gauge = Gauge::default()
+        .block(Block::bordered().title(title))
+        .gauge_style(Style::new().fg(Color::Blue).bg(Color::Black))
+        .ratio(ratio)
+        .label(label);
+    frame.render_widget(gauge, area);
+}
+
+/// Bucket means so a long run fits the chart's width.
+fn downsample(points: &[(f64, f64)], max: usize) -> Vec<(f64, f64)> {
+    if points.len() <= max {
+        return points.to_vec();
+    }
+    let per = points.len().div_ceil(max);
+    points
+        .chunks(per)
+        .map(|c| {
+            let n = c.len() as f64;
+            (c.iter().map(|p| p.0).sum::<f64>() / n, c.iter().map(|p| p.1).sum::<f64>() / n)
+        })
+        .collect()
+}
+
+fn draw_loss(frame: &mut Frame, area: Rect, state: &DashboardState, recent: bool) {
+    let all: Vec<(f64, f64)> =
+        state.steps.iter().filter(|s| s.loss.is_finite()).map(|s| (s.step as f64, s.loss)).collect();
+    let points = if recent {
+        all[all.len().saturating_sub(RECENT_WINDOW)..].to_vec()
+    } else {
+        downsample(&all, WHOLE_RUN_POINTS)
+    };
+    let title = if recent { format!(" loss, last {RECENT_WINDOW} steps ") } else { " loss, whole run ".to_string() };
+    let block = Block::bordered().title(title);
+    if points.is_empty() {
+        frame.render_widget(Paragraph::new("no steps logged yet").block(block), area);
+        return;
+    }
+    let (x0, x1) = (points[0].0, points[points.len() - 1].0.max(points[0].0 + 1.0));
+    let (mut y0, mut y1) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    if y1 - y0 < 1e-9 {
+        y0 -= 0.5;
+        y1 += 0.5;
+    }
+    let dataset = Dataset::default()
+        .marker(Marker::Braille)
+        .graph_type(GraphType::Line)
+        .style(Style::new().fg(Color::Cyan))
+        .data(&points);
+    let chart = Chart::new(vec![dataset])
+        .block(block)
+        .x_axis(Axis::default().bounds([x0, x1]).labels([format!("{x0:.0}"), format!("{x1:.0}")]))
+        .y_axis(Axis::default().bounds([y0, y1]).labels([format!("{y0:.3}"), format!("{y1:.3}")]));
+    frame.render_widget(chart, area);
+}
+
+fn draw_stats(frame: &mut Frame, area: Rect, state: &DashboardState) {
+    let block = Block::bordered().title(" learning rate · VRAM ");
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let [lr_row, vram_label, vram_gauge] =
+        Layout::vertical([Constraint::Length(1), Constraint::Length(1), Constraint::Length(1)]).areas(inner);
+    let last = state.last_step();
+    let lr = last.map(|s| format!("lr {:.3e}", s.lr)).unwrap_or_else(|| "lr -".into());
+    let loss = last.map(|s| format!("   loss {:.4}", s.loss)).unwrap_or_default();
+    frame.render_widget(Paragraph::new(format!("{lr}{loss}")), lr_row);
+    let used = last.map(|s| s.vram_bytes).unwrap_or(0);
+    let peak = state.vram_peak().unwrap_or(0);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let card = state.vram_total.map(|t| format!(" of {:.1}", gib(t))).unwrap_or_default();
+    frame.render_widget(
+        Paragraph::new(format!("VRAM {:.1} · peak {:.1}{card} GiB", gib(used), gib(peak))),
+        vram_label,
+    );
+    let scale = state.vram_total.unwrap_or(peak).max(1);
+    let gauge = Gauge::default()
+        .gauge_style(Style::new().fg(Color::Magenta).bg(Color::Black))
+        .ratio((used as f64 / scale as f64).clamp(0.0, 1.0))
+        .label("");
+    frame.render_widget(gauge, vram_gauge);
+}
+
+fn draw_previews(frame: &mut Frame, area: Rect, state: &DashboardState) {
+    frame.render_widget(Block::bordered().title(" previews "), area);
+    if state.previews.is_empty() {
+        frame.render_widget(Paragraph::new("no previews yet"), Block::bordered().inner(area));
+        return;
+    }
+    for (preview, cell) in state.previews.iter().zip(preview_cells(area, state.previews.len())) {
+        match &preview.protocol {
+            Some(protocol) => frame.render_widget(Image::new(protocol), cell),
+            None => frame.render_widget(Paragraph::new("(unreadable)"), cell),
+        }
+        let caption = Rect { y: cell.y + cell.height, height: 1, ..cell };
+        frame.render_widget(Paragraph::new(preview.name.clone()).style(Style::new().fg(Color::DarkGray)), caption);
+    }
+}
+
+fn draw_summary(frame: &mut Frame, area: Rect, state: &DashboardState) {
+    let Some(summary) = &state.summary else { return };
+    let mut lines = Vec::new();
+    if let RunStatus::Failed(message) = &state.status {
+        lines.push(Line::from(Span::styled(message.clone(), Style::new().fg(Color::Red))));
+    }
+    lines.push(Line::from(format!(
+        "{} steps · final loss {}",
+        summary.steps,
+        summary.final_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())
+    )));
+    lines.push(Line::from(format!(
+        "checkpoint: {}",
+        summary.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+    )));
+    lines.push(Line::from(format!("samples:    {}", summary.samples_dir.display())));
+    frame.render_widget(
+        Paragraph::new(lines).wrap(Wrap { trim: false }).block(Block::bordered().title(" summary ")),
+        area,
+    );
+}
+
+fn draw_log(frame: &mut Frame, area: Rect, state: &DashboardState) {
+    let block = Block::bordered().title(" events ");
+    let height = block.inner(area).height as usize;
+    let mut lines: Vec<Line> = Vec::new();
+    if let Some(e) = &state.config_error {
+        lines.push(Line::from(Span::styled(e.clone(), Style::new().fg(Color::Yellow))));
+    }
+    let start = state.log.len().saturating_sub(height.saturating_sub(lines.len()));
+    for entry in &state.log[start..] {
+        let style = match entry.kind.as_str() {
+            "error" => Style::new().fg(Color::Red),
+            "warning" => Style::new().fg(Color::Yellow),
+            "checkpoint" | "done" => Style::new().fg(Color::Green),
+            _ => Style::new(),
+        };
+        let when = match (entry.time, state.started) {
+            (Some(t), Some(s)) => format!("{:>7} ", format_duration(Some(t - s))),
+            _ => "        ".into(),
+        };
+        lines.push(Line::from(vec![Span::styled(when, Style::new().fg(Color::DarkGray)), Span::styled(entry.text.clone(), style)]));
+    }
+    frame.render_widget(Paragraph::new(lines).block(block), area);
+}
+
+fn draw_footer(frame: &mut Frame, area: Rect, state: &DashboardState) {
+    let pause = if state.status == RunStatus::Paused { "resume" } else { "pause" };
+    let mut line = if state.is_live() {
+        key_hints(&[("p", pause), ("s", "save now"), ("n", "sample now"), ("d", "detach"), ("q", "stop")])
+    } else {
+        key_hints(&[("d/q", "quit")])
+    };
+    if let Some(notice) = &state.notice {
+        line.spans.push(Span::styled(format!("  {notice}"), Style::new().fg(Color::Yellow)));
+    }
+    frame.render_widget(Paragraph::new(line), area);
+}

@@ -1,0 +1,691 @@
+//! The wizard's state machine: six steps, each with inline validation before
+//! moving on. Headless: tests feed `Action`s and read the state; nothing here
+//! draws or touches the terminal.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::config::schema::{Concept, LrScheduler, RunConfig, Sampling, Training};
+
+/// A source checkpoint found on disk, as the checkpoint module describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelChoice {
+    pub path: String,
+    pub architecture: String,
+    pub size: String,
+    pub format: String,
+}
+
+/// A VRAM preset with the estimated peak of this run under it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresetChoice {
+    pub name: String,
+    pub estimated_bytes: u64,
+}
+
+/// The detected GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuInfo {
+    pub name: String,
+    pub total_bytes: u64,
+}
+
+/// What the wizard learns from the rest of the program (checkpoint discovery,
+/// VRAM estimator, GPU probe); tests give fixtures.
+pub trait Sources {
+    /// Source checkpoints found in the usual places.
+    fn models(&self) -> Vec<ModelChoice>;
+    /// Every preset with its estimated peak for `config`.
+    fn presets(&self, config: &RunConfig) -> Vec<PresetChoice>;
+    fn gpu(&self) -> Option<GpuInfo>;
+}
+
+/// No models found, no presets, no GPU.
+pub struct NoSources;
+
+impl Sources for NoSources {
+    fn models(&self) -> Vec<ModelChoice> {
+        Vec::new()
+    }
+    fn presets(&self, _: &RunConfig) -> Vec<PresetChoice> {
+        Vec::new()
+    }
+    fn gpu(&self) -> Option<GpuInfo> {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    Name,
+    Source,
+    Concepts,
+    Training,
+    Vram,
+    Review,
+}
+
+impl Step {
+    pub const ALL: [Step; 6] = [Step::Name, Step::Source, Step::Concepts, Step::Training, Step::Vram, Step::Review];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Step::Name => "Name",
+            Step::Source => "Model",
+            Step::Concepts => "Concepts",
+            Step::Training => "Training",
+            Step::Vram => "VRAM",
+            Step::Review => "Review",
+        }
+    }
+
+    fn index(self) -> usize {
+        Step::ALL.iter().position(|s| *s == self).unwrap_or(0)
+    }
+}
+
+/// What is being trained: sets the recommended steps per image and text-encoder ratio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConceptKind {
+    Person,
+    ObjectStyle,
+}
+
+impl ConceptKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ConceptKind::Person => "person",
+            ConceptKind::ObjectStyle => "object/style",
+        }
+    }
+
+    /// Recommended steps per image. The method guide (shared/000_08e16969a22e2253.txt)
+    /// says "try 175 steps (for objects/styles)" and that people have a different
+    /// optimum without giving it; 150 is our choice for faces.
+    pub fn steps_per_image(self) -> u32 {
+        match self {
+            ConceptKind::Person => 150,
+            ConceptKind::ObjectStyle => 175,
+        }
+    }
+
+    /// Text-encoder train ratio; the same guide: 0.7 is best for faces, 0.2 for styles.
+    pub fn text_encoder_train_ratio(self) -> f64 {
+        match self {
+            ConceptKind::Person => 0.7,
+            ConceptKind::ObjectStyle => 0.2,
+        }
+    }
+}
+
+/// A concept as typed (text until it is validated).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConceptDraft {
+    pub instance_dir: String,
+    pub instance_prompt: String,
+    pub class_prompt: String,
+    pub class_images: String,
+    pub kind: ConceptKind,
+}
+
+impl Default for ConceptDraft {
+    fn default() -> Self {
+        ConceptDraft {
+            instance_dir: String::new(),
+            instance_prompt: String::new(),
+            class_prompt: String::new(),
+            class_images: "200".into(),
+            kind: ConceptKind::Person,
+        }
+    }
+}
+
+/// Number of images in a concept folder, or why it has none.
+pub fn count_images(dir: &str) -> Result<usize, String> {
+    if dir.trim().is_empty() {
+        return Err("the instance folder is empty; type the folder of your photos".into());
+    }
+    crate::data::images::list_images(Path::new(dir.trim()), "the instance folder")
+        .map(|files| files.len())
+        .map_err(|e| crate::error::one_line(&e))
+}
+
+/// Fields of the concept form, in focus order.
+pub const CONCEPT_FIELDS: usize = 5;
+/// Fields of the training step, in focus order.
+pub const TRAINING_FIELDS: usize = 5;
+
+pub const LR_SCHEDULERS: [LrScheduler; 5] = [
+    LrScheduler::Constant,
+    LrScheduler::ConstantWithWarmup,
+    LrScheduler::LinearWithWarmup,
+    LrScheduler::Polynomial,
+    LrScheduler::Cosine,
+];
+
+pub fn scheduler_name(s: LrScheduler) -> &'static str {
+    match s {
+        LrScheduler::Constant => "constant",
+        LrScheduler::ConstantWithWarmup => "constant_with_warmup",
+        LrScheduler::LinearWithWarmup => "linear_with_warmup",
+        LrScheduler::Polynomial => "polynomial",
+        LrScheduler::Cosine => "cosine",
+    }
+}
+
+/// What the user asked for; keys map to these by context (see `wizard::action_for_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Validate this step and go to the next (in the concept form: close the form).
+    Next,
+    /// The previous step (in the concept form: close the form).
+    Back,
+    Cancel,
+    FocusNext,
+    FocusPrev,
+    /// Choice fields: the previous/next value.
+    Left,
+    Right,
+    Input(char),
+    Backspace,
+    /// Path completion in path fields.
+    Complete,
+    AddConcept,
+    EditConcept,
+    RemoveConcept,
+    ToggleAdvanced,
+}
+
+pub struct WizardState {
+    pub runs_dir: PathBuf,
+    pub step: Step,
+    /// Focused field (or list row) within the step.
+    pub focus: usize,
+    /// Inline validation message of the current step.
+    pub error: Option<String>,
+    pub name: String,
+    pub models: Vec<ModelChoice>,
+    pub source: String,
+    /// Completion candidates shown under the path field.
+    pub completions: Vec<String>,
+    pub concepts: Vec<ConceptDraft>,
+    pub concept_index: usize,
+    /// The concept form is open on `concept_index`.
+    pub editing: bool,
+    pub steps_per_image: String,
+    pub learning_rate: String,
+    pub lr_scheduler: LrScheduler,
+    pub lr_warmup_steps: String,
+    pub sampler: String,
+    pub text_encoder_train_ratio: f64,
+    pub gpu: Option<GpuInfo>,
+    pub presets: Vec<PresetChoice>,
+    pub preset_index: Option<usize>,
+    pub advanced: bool,
+    pub review_scroll: u16,
+    /// Set when the user saved: the config file written.
+    pub saved: Option<PathBuf>,
+    pub cancelled: bool,
+    sources: Box<dyn Sources>,
+}
+
+impl WizardState {
+    pub fn new(runs_dir: &Path, sources: Box<dyn Sources>) -> WizardState {
+        let defaults = Training::default();
+        WizardState {
+            runs_dir: runs_dir.to_path_buf(),
+            step: Step::Name,
+            focus: 0,
+            error: None,
+            name: String::new(),
+            models: sources.models(),
+            source: String::new(),
+            completions: Vec::new(),
+            concepts: Vec::new(),
+            concept_index: 0,
+            editing: false,
+            steps_per_image: defaults.steps_per_image.to_string(),
+            learning_rate: format!("{:e}", defaults.learning_rate),
+            lr_scheduler: defaults.lr_scheduler,
+            lr_warmup_steps: defaults.lr_warmup_steps.to_string(),
+            sampler: Sampling::default().scheduler,
+            text_encoder_train_ratio: defaults.text_encoder_train_ratio,
+            gpu: sources.gpu(),
+            presets: Vec::new(),
+            preset_index: None,
+            advanced: false,
+            review_scroll: 0,
+            saved: None,
+            cancelled: false,
+            sources,
+        }
+    }
+
+    pub fn step_number(&self) -> usize {
+        self.step.index() + 1
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.saved.is_some() || self.cancelled
+    }
+
+    /// The step's text field under focus, if the focus is on one.
+    fn focused_text(&mut self) -> Option<&mut String> {
+        match self.step {
+            Step::Name => Some(&mut self.name),
+            Step::Source => Some(&mut self.source),
+            Step::Concepts if self.editing => {
+                let c = self.concepts.get_mut(self.concept_index)?;
+                match self.focus {
+                    0 => Some(&mut c.instance_dir),
+                    1 => Some(&mut c.instance_prompt),
+                    2 => Some(&mut c.class_prompt),
+                    3 => Some(&mut c.class_images),
+                    _ => None,
+                }
+            }
+            Step::Training => match self.focus {
+                0 => Some(&mut self.steps_per_image),
+                1 => Some(&mut self.learning_rate),
+                3 => Some(&mut self.lr_warmup_steps),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// True when typed characters go into a text field.
+    pub fn typing(&self) -> bool {
+        match self.step {
+            Step::Name | Step::Source => true,
+            Step::Concepts => self.editing && self.focus < 4,
+            Step::Training => matches!(self.focus, 0 | 1 | 3),
+            _ => false,
+        }
+    }
+
+    /// True when the focused field holds a path (Tab completes).
+    pub fn on_path_field(&self) -> bool {
+        self.step == Step::Source || (self.step == Step::Concepts && self.editing && self.focus == 0)
+    }
+
+    fn field_count(&self) -> usize {
+        match self.step {
+            Step::Source => self.models.len() + 1,
+            Step::Concepts if self.editing => CONCEPT_FIELDS,
+            Step::Concepts => self.concepts.len(),
+            Step::Training => TRAINING_FIELDS,
+            Step::Vram => self.presets.len(),
+            _ => 1,
+        }
+    }
+
+    pub fn apply(&mut self, action: Action) {
+        match action {
+            Action::Cancel => self.cancelled = true,
+            Action::Next => self.next(),
+            Action::Back => self.back(),
+            Action::FocusNext | Action::FocusPrev => self.move_focus(action == Action::FocusNext),
+            Action::Left | Action::Right => self.cycle(action == Action::Right),
+            Action::Input(c) => {
+                if let Some(text) = self.focused_text() {
+                    text.push(c);
+                    self.completions.clear();
+                    self.error = None;
+                }
+            }
+            Action::Backspace => {
+                if let Some(text) = self.focused_text() {
+                    text.pop();
+                    self.completions.clear();
+                    self.error = None;
+                }
+            }
+            Action::Complete => self.complete_path(),
+            Action::AddConcept if self.step == Step::Concepts && !self.editing => {
+                self.concepts.push(ConceptDraft::default());
+                self.concept_index = self.concepts.len() - 1;
+                self.apply_kind(ConceptKind::Person);
+                self.editing = true;
+                self.focus = 0;
+                self.error = None;
+            }
+            Action::EditConcept if self.step == Step::Concepts && !self.editing && !self.concepts.is_empty() => {
+                self.editing = true;
+                self.focus = 0;
+            }
+            Action::RemoveConcept if self.step == Step::Concepts && !self.editing && !self.concepts.is_empty() => {
+                self.concepts.remove(self.concept_index);
+                self.concept_index = self.concept_index.min(self.concepts.len().saturating_sub(1));
+            }
+            Action::ToggleAdvanced if self.step == Step::Vram => self.advanced = !self.advanced,
+            _ => {}
+        }
+    }
+
+    fn move_focus(&mut self, forward: bool) {
+        let n = self.field_count();
+        if self.step == Step::Review {
+            self.review_scroll = if forward { self.review_scroll.saturating_add(1) } else { self.review_scroll.saturating_sub(1) };
+            return;
+        }
+        if n == 0 {
+            return;
+        }
+        match self.step {
+            Step::Concepts if !self.editing => {
+                self.concept_index = (self.concept_index + if forward { 1 } else { n - 1 }) % n;
+            }
+            Step::Vram => {
+                let i = self.preset_index.map(|i| (i + if forward { 1 } else { n - 1 }) % n).unwrap_or(0);
+                self.preset_index = Some(i);
+            }
+            Step::Source => {
+                // Rows 0..models are the found models (choosing one fills the path); the last row is the path.
+                self.focus = (self.focus + if forward { 1 } else { n - 1 }) % n;
+                if let Some(m) = self.models.get(self.focus) {
+                    self.source = m.path.clone();
+                }
+            }
+            _ => self.focus = (self.focus + if forward { 1 } else { n - 1 }) % n,
+        }
+        self.completions.clear();
+    }
+
+    fn cycle(&mut self, forward: bool) {
+        match (self.step, self.focus) {
+            (Step::Concepts, 4) if self.editing => {
+                let kind = match self.concepts.get(self.concept_index).map(|c| c.kind) {
+                    Some(ConceptKind::Person) => ConceptKind::ObjectStyle,
+                    _ => ConceptKind::Person,
+                };
+                self.apply_kind(kind);
+            }
+            (Step::Training, 2) => {
+                let i = LR_SCHEDULERS.iter().position(|s| *s == self.lr_scheduler).unwrap_or(0);
+                let n = LR_SCHEDULERS.len();
+                self.lr_scheduler = LR_SCHEDULERS[(i + if forward { 1 } else { n - 1 }) % n];
+            }
+            (Step::Training, 4) => {
+                let names = crate::scheduler::SAMPLER_NAMES;
+                let i = names.iter().position(|s| *s == self.sampler).unwrap_or(0);
+                let n = names.len();
+                self.sampler = names[(i + if forward { 1 } else { n - 1 }) % n].to_string();
+            }
+            _ => {}
+        }
+    }
+
+    /// Sets the concept's kind and the training settings it recommends.
+    fn apply_kind(&mut self, kind: ConceptKind) {
+        if let Some(c) = self.concepts.get_mut(self.concept_index) {
+            c.kind = kind;
+        }
+        self.steps_per_image = kind.steps_per_image().to_string();
+        self.text_encoder_train_ratio = kind.text_encoder_train_ratio();
+    }
+
+    fn back(&mut self) {
+        self.error = None;
+        self.completions.clear();
+        if self.step == Step::Concepts && self.editing {
+            self.editing = false;
+            return;
+        }
+        match Step::ALL.get(self.step.index().wrapping_sub(1)) {
+            Some(prev) => {
+                self.step = *prev;
+                self.focus = if *prev == Step::Source { self.models.len() } else { 0 };
+            }
+            None => self.cancelled = true,
+        }
+    }
+
+    fn next(&mut self) {
+        self.completions.clear();
+        if self.step == Step::Concepts && self.editing {
+            match self.validate_concept(self.concept_index) {
+                Ok(()) => {
+                    self.editing = false;
+                    self.error = None;
+                }
+                Err(e) => self.error = Some(e),
+            }
+            return;
+        }
+        if let Err(e) = self.validate_step() {
+            self.error = Some(e);
+            return;
+        }
+        self.error = None;
+        if self.step == Step::Review {
+            match self.save() {
+                Ok(path) => self.saved = Some(path),
+                Err(e) => self.error = Some(crate::error::one_line(&e)),
+            }
+            return;
+        }
+        self.step = Step::ALL[self.step.index() + 1];
+        self.focus = if self.step == Step::Source { self.models.len() } else { 0 };
+        if self.step == Step::Vram {
+            self.enter_vram();
+        }
+        if self.step == Step::Review {
+            self.review_scroll = 0;
+        }
+    }
+
+    /// Asks for the presets' estimates and preselects the largest that fits the card.
+    fn enter_vram(&mut self) {
+        let Ok(config) = self.build_config() else { return };
+        self.presets = self.sources.presets(&config);
+        let budget = self.gpu.as_ref().map(|g| g.total_bytes);
+        let fits = |p: &PresetChoice| budget.is_none_or(|b| p.estimated_bytes <= b);
+        // The recommended preset is the most demanding one that fits (it keeps the most quality).
+        self.preset_index = self
+            .presets
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| fits(p))
+            .max_by_key(|(_, p)| p.estimated_bytes)
+            .map(|(i, _)| i)
+            .or(if self.presets.is_empty() { None } else { Some(0) });
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.runs_dir.join(self.name.trim())
+    }
+
+    fn validate_step(&self) -> Result<(), String> {
+        match self.step {
+            Step::Name => self.validate_name(),
+            Step::Source => {
+                let source = self.source.trim();
+                if source.is_empty() {
+                    return Err("choose a found model or type the path of a checkpoint".into());
+                }
+                if !Path::new(source).exists() {
+                    return Err(format!("{source} does not exist"));
+                }
+                Ok(())
+            }
+            Step::Concepts => {
+                if self.concepts.is_empty() {
+                    return Err("add at least one concept (press a)".into());
+                }
+                (0..self.concepts.len()).try_for_each(|i| self.validate_concept(i))
+            }
+            Step::Training => self.training().map(|_| ()),
+            Step::Vram => Ok(()),
+            Step::Review => {
+                let config = self.build_config()?;
+                crate::config::validate::validate(&config)
+            }
+        }
+    }
+
+    fn validate_name(&self) -> Result<(), String> {
+        let name = self.name.trim();
+        if name.is_empty() {
+            return Err("type a name; it becomes the run's folder".into());
+        }
+        if name.contains('/') || name.contains('\\') || name == "." || name == ".." {
+            return Err(format!("{name:?} must be a plain folder name, without slashes"));
+        }
+        let dir = self.run_dir();
+        if crate::run::lock::RunLock::is_held(&dir) {
+            return Err(format!("{} is a live run; choose another name or attach to it", dir.display()));
+        }
+        Ok(())
+    }
+
+    fn validate_concept(&self, i: usize) -> Result<(), String> {
+        let Some(c) = self.concepts.get(i) else { return Ok(()) };
+        let n = i + 1;
+        match count_images(&c.instance_dir) {
+            Ok(0) => return Err(format!("concept {n}: {} has no images (png, jpg, webp, bmp)", c.instance_dir.trim())),
+            Ok(_) => {}
+            Err(e) => return Err(format!("concept {n}: {e}")),
+        }
+        if c.instance_prompt.trim().is_empty() {
+            return Err(format!("concept {n}: the instance prompt is empty (e.g. a photo of sks dog)"));
+        }
+        let count: u32 = c
+            .class_images
+            .trim()
+            .parse()
+            .map_err(|_| format!("concept {n}: class images {:?} is not a whole number", c.class_images))?;
+        if !c.class_prompt.trim().is_empty() && count == 0 {
+            return Err(format!("concept {n}: a class prompt needs class images (200 is typical)"));
+        }
+        Ok(())
+    }
+
+    /// The training step's values, parsed.
+    fn training(&self) -> Result<Training, String> {
+        let mut t = Training::default();
+        t.steps_per_image = match self.steps_per_image.trim().parse::<u32>() {
+            Ok(v) if v >= 1 => v,
+            _ => return Err(format!("steps per image {:?} must be a whole number, at least 1", self.steps_per_image)),
+        };
+        t.learning_rate = match self.learning_rate.trim().parse::<f64>() {
+            Ok(v) if v > 0.0 && v <= 1.0 => v,
+            _ => {
+                return Err(format!(
+                    "learning rate {:?} must be a number above 0 and at most 1 (1e-6 to 2e-6 is typical)",
+                    self.learning_rate
+                ))
+            }
+        };
+        t.lr_scheduler = self.lr_scheduler;
+        t.lr_warmup_steps = self
+            .lr_warmup_steps
+            .trim()
+            .parse()
+            .map_err(|_| format!("warmup steps {:?} must be a whole number", self.lr_warmup_steps))?;
+        t.text_encoder_train_ratio = self.text_encoder_train_ratio;
+        Ok(t)
+    }
+
+    /// Images over all concepts whose folders can be read.
+    pub fn image_count(&self) -> usize {
+        self.concepts.iter().filter_map(|c| count_images(&c.instance_dir).ok()).sum()
+    }
+
+    /// steps per image × images ÷ batch, when the steps parse.
+    pub fn total_steps(&self) -> Option<u64> {
+        let per: u64 = self.steps_per_image.trim().parse().ok()?;
+        Some(per * self.image_count() as u64 / u64::from(Training::default().batch_size.max(1)))
+    }
+
+    /// The config as it will be saved.
+    pub fn build_config(&self) -> Result<RunConfig, String> {
+        let absolute = |p: &str| -> PathBuf {
+            let p = PathBuf::from(p.trim());
+            std::path::absolute(&p).unwrap_or(p)
+        };
+        let concepts = self
+            .concepts
+            .iter()
+            .map(|c| Concept {
+                instance_data_dir: absolute(&c.instance_dir),
+                instance_prompt: c.instance_prompt.trim().to_string(),
+                class_prompt: c.class_prompt.trim().to_string(),
+                class_data_dir: None,
+                num_class_images: c.class_images.trim().parse().unwrap_or(0),
+                prior_loss_weight: 1.0,
+                sample_prompts: vec![c.instance_prompt.trim().to_string()],
+            })
+            .collect();
+        Ok(RunConfig {
+            name: self.name.trim().to_string(),
+            source_checkpoint: absolute(&self.source),
+            output_dir: std::path::absolute(&self.runs_dir).unwrap_or_else(|_| self.runs_dir.clone()),
+            device: "auto".into(),
+            seed: 1234,
+            resolution: 512,
+            preset: self.preset_index.and_then(|i| self.presets.get(i)).map(|p| p.name.clone()),
+            concepts,
+            training: self.training()?,
+            sampling: Sampling { scheduler: self.sampler.clone(), ..Sampling::default() },
+        })
+    }
+
+    /// The YAML the review step shows and `save` writes.
+    pub fn yaml(&self) -> Result<String, String> {
+        let config = self.build_config()?;
+        serde_yaml::to_string(&config).map_err(|e| format!("cannot write the config as YAML: {e}"))
+    }
+
+    /// Writes `<runs_dir>/<name>/config.yaml` (whole or not at all).
+    fn save(&self) -> anyhow::Result<PathBuf> {
+        let yaml = self.yaml().map_err(anyhow::Error::msg)?;
+        let dir = self.run_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("config.yaml");
+        let tmp = dir.join(".config.yaml.tmp");
+        std::fs::write(&tmp, yaml).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Completes the last part of the focused path field from the disk.
+    fn complete_path(&mut self) {
+        let Some(text) = self.focused_text() else { return };
+        let typed = text.clone();
+        let (parent, prefix) = match typed.rfind('/') {
+            Some(i) => (typed[..=i].to_string(), typed[i + 1..].to_string()),
+            None => (String::new(), typed.clone()),
+        };
+        let dir = if parent.is_empty() { PathBuf::from(".") } else { PathBuf::from(&parent) };
+        let mut matches: Vec<(String, bool)> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        (name.starts_with(&prefix) && !name.starts_with('.')).then(|| (name, e.path().is_dir()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        matches.sort();
+        let completed = match matches.as_slice() {
+            [] => return,
+            [(name, is_dir)] => format!("{parent}{name}{}", if *is_dir { "/" } else { "" }),
+            many => {
+                let first = &many[0].0;
+                let common = many.iter().fold(first.len(), |len, (n, _)| {
+                    first.chars().zip(n.chars()).take_while(|(a, b)| a == b).count().min(len)
+                });
+                format!("{parent}{}", &first[..first.char_indices().nth(common).map(|(i, _)| i).unwrap_or(first.len())])
+            }
+        };
+        let candidates: Vec<String> = if matches.len() > 1 { matches.into_iter().map(|(n, _)| n).collect() } else { Vec::new() };
+        if let Some(text) = self.focused_text() {
+            *text = completed;
+        }
+        self.completions = candidates;
+    }
+}

@@ -1,0 +1,209 @@
+//! The dashboard fed a recorded run directory: snapshots at 80×24 (and a resize),
+//! keys turned into control requests, the summary of a finished run.
+
+use std::io::Write;
+use std::path::Path;
+
+use dreambooth::run::control::{take, Request};
+use dreambooth::run::events::{Event, EventLog, StepRecord};
+use dreambooth::run::lock::RunLock;
+use dreambooth::tui::dashboard::{action_for_key, apply, draw, prepare_previews, Action, DashboardState, RunStatus};
+use ratatui::backend::TestBackend;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::layout::Rect;
+use ratatui::Terminal;
+use ratatui_image::picker::Picker;
+
+const T0: f64 = 1_700_000_000.0;
+
+fn png(path: &Path, seed: u8) {
+    let img = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, seed]));
+    img.save(path).unwrap();
+}
+
+/// A run of 2 images × 25 steps per image, 40 steps in, with a checkpoint,
+/// a sample, a pause and a resume.
+fn recorded_run(root: &Path) -> std::path::PathBuf {
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    png(&data.join("a.png"), 10);
+    png(&data.join("b.png"), 20);
+    let run = root.join("runs").join("dog");
+    std::fs::create_dir_all(run.join("samples")).unwrap();
+    std::fs::create_dir_all(run.join("checkpoints/step-000020")).unwrap();
+    let config = format!(
+        "name: dog\nsource_checkpoint: {}\noutput_dir: {}\nconcepts:\n  - instance_data_dir: {}\n    instance_prompt: a photo of sks dog\ntraining:\n  steps_per_image: 25\n",
+        root.join("model.safetensors").display(),
+        root.join("runs").display(),
+        data.display()
+    );
+    std::fs::write(run.join("config.yaml"), config).unwrap();
+    png(&run.join("samples/step-000020-0.png"), 200);
+    let mut log = EventLog::open(&run).unwrap();
+    let named = |name: &str, time: f64, fields: serde_json::Value| {
+        let mut map = fields.as_object().cloned().unwrap_or_default();
+        map.insert("time".into(), serde_json::json!(time));
+        Event::Named { name: name.into(), fields: map }
+    };
+    log.write(&named("start", T0, serde_json::json!({"vram_total_bytes": 24u64 << 30}))).unwrap();
+    for step in 1..=40u64 {
+        // Slow warm-up steps, then 2 steps a second.
+        let time = if step <= 5 { T0 + step as f64 * 3.0 } else { T0 + 15.0 + (step - 5) as f64 * 0.5 };
+        let loss = 0.3 / (1.0 + step as f64 * 0.05) + if step % 3 == 0 { 0.02 } else { 0.0 };
+        let record = StepRecord { step, epoch: step / 2, loss, lr: 1e-6, it_s: 2.0, vram_bytes: (6u64 << 30) + step * (1 << 24), time };
+        log.write(&Event::Step(record)).unwrap();
+        let t = time + 0.1;
+        match step {
+            20 => {
+                log.write(&named("checkpoint", t, serde_json::json!({"step": 20, "path": "checkpoints/step-000020"}))).unwrap();
+                log.write(&named("sample", t, serde_json::json!({"step": 20, "paths": ["samples/step-000020-0.png"]}))).unwrap();
+            }
+            30 => log.write(&named("pause", t, serde_json::json!({"step": 30, "message": "pause requested"}))).unwrap(),
+            32 => log.write(&named("resume", t, serde_json::json!({"step": 32}))).unwrap(),
+            35 => log.write(&named("warning", t, serde_json::json!({"message": "loss spiked at step 35"}))).unwrap(),
+            _ => {}
+        }
+    }
+    run
+}
+
+fn screen(state: &mut DashboardState, width: u16, height: u16) -> String {
+    prepare_previews(state, &Picker::halfblocks(), Rect::new(0, 0, width, height));
+    let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+    terminal.draw(|f| draw(f, state)).unwrap();
+    let buffer = terminal.backend().buffer();
+    let mut out = String::new();
+    for y in 0..height {
+        for x in 0..width {
+            out.push_str(buffer[(x, y)].symbol());
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn settings(root: &Path) -> insta::Settings {
+    let mut s = insta::Settings::clone_current();
+    s.add_filter(&regex_escape(&root.display().to_string()), "[TMP]");
+    s.add_filter(r"/tmp/\.tmp[A-Za-z0-9]+", "[TMP]");
+    s
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars().map(|c| if c.is_alphanumeric() || c == '/' { c.to_string() } else { format!("\\{c}") }).collect()
+}
+
+fn key(c: char) -> KeyEvent {
+    KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE)
+}
+
+#[test]
+fn live_run_shows_progress_loss_vram_previews_and_events() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    let _lock = RunLock::acquire(&run).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 40.0);
+    assert_eq!(state.status, RunStatus::Live);
+    assert_eq!(state.total_steps, Some(50));
+    // 35 steps after the 5 warm-up steps took 17.5 s: 2 it/s, 10 steps left.
+    let speed = state.measured_speed().unwrap();
+    assert!((speed - 2.0).abs() < 1e-9, "{speed}");
+    assert!((state.eta().unwrap() - 5.0).abs() < 1e-9);
+    assert_eq!(state.vram_total, Some(24 << 30));
+    assert_eq!(state.previews.len(), 1);
+    let text = screen(&mut state, 80, 24);
+    assert!(text.contains("step 40/50"), "{text}");
+    assert!(text.matches(|c| c == '▀' || c == '▄').count() > 20, "the preview is drawn with half-blocks:\n{text}");
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_live_80x24", text));
+    // Resized larger, the same state draws without loss.
+    let big = screen(&mut state, 120, 36);
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_live_120x36", big));
+}
+
+#[test]
+fn keys_send_requests_and_stop_asks_first() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    let _lock = RunLock::acquire(&run).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 40.0);
+    for (c, expected) in [('p', Request::Pause), ('s', Request::Save), ('n', Request::Sample)] {
+        let action = action_for_key(&state, key(c)).unwrap();
+        assert!(apply(&mut state, action));
+        assert_eq!(take(&run), vec![expected]);
+    }
+    let ask = action_for_key(&state, key('q')).unwrap();
+    assert_eq!(ask, Action::AskStop);
+    apply(&mut state, ask);
+    assert!(state.confirm_stop);
+    assert!(take(&run).is_empty(), "nothing is sent before the confirmation");
+    let text = screen(&mut state, 80, 24);
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_confirm_stop", text));
+    let cancel = action_for_key(&state, key('n')).unwrap();
+    assert_eq!(cancel, Action::CancelStop);
+    apply(&mut state, cancel);
+    apply(&mut state, Action::AskStop);
+    { let a = action_for_key(&state, key('y')).unwrap(); apply(&mut state, a) };
+    assert_eq!(take(&run), vec![Request::Stop]);
+    // Detach (d, Esc, Ctrl-C) closes the dashboard and sends nothing.
+    assert!(!{ let a = action_for_key(&state, key('d')).unwrap(); apply(&mut state, a) });
+    let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
+    assert_eq!(action_for_key(&state, ctrl_c), Some(Action::Detach));
+    assert!(take(&run).is_empty());
+}
+
+#[test]
+fn paused_run_offers_resume() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    let _lock = RunLock::acquire(&run).unwrap();
+    let mut log = EventLog::open(&run).unwrap();
+    log.write(&Event::Named { name: "pause".into(), fields: serde_json::Map::new() }).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 40.0);
+    assert_eq!(state.status, RunStatus::Paused);
+    { let a = action_for_key(&state, key('p')).unwrap(); apply(&mut state, a) };
+    assert_eq!(take(&run), vec![Request::Resume]);
+}
+
+#[test]
+fn finished_run_shows_its_summary() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    writeln!(file, "{{\"event\":\"done\",\"step\":40,\"time\":{}}}", T0 + 33.0).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 1000.0);
+    assert_eq!(state.status, RunStatus::Finished);
+    let summary = state.summary.clone().unwrap();
+    assert_eq!(summary.steps, 40);
+    assert!(summary.checkpoint.unwrap().ends_with("checkpoints/step-000020"));
+    // The clock stops at the last event, not at `now`.
+    assert_eq!(state.elapsed(), Some(33.0));
+    assert_eq!(action_for_key(&state, key('q')), Some(Action::Detach), "q only quits a finished run");
+    let text = screen(&mut state, 80, 24);
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_finished", text));
+}
+
+#[test]
+fn failed_run_and_unreadable_config_do_not_break_the_screen() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    std::fs::write(run.join("config.yaml"), "name: [unclosed").unwrap();
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    writeln!(file, "{{\"event\":\"error\",\"message\":\"CUDA out of memory\",\"time\":{}}}", T0 + 34.0).unwrap();
+    writeln!(file, "{{\"step\": 41, \"ep").unwrap();
+    let mut state = DashboardState::load(&run, T0 + 40.0);
+    assert!(matches!(state.status, RunStatus::Failed(ref m) if m.contains("CUDA out of memory")));
+    assert!(state.config_error.is_some());
+    assert_eq!(state.total_steps, None);
+    let text = screen(&mut state, 80, 24);
+    assert!(text.contains("step 40/?"), "{text}");
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_failed", text));
+}
+
+#[test]
+fn empty_run_directory_draws() {
+    let root = tempfile::tempdir().unwrap();
+    let mut state = DashboardState::load(root.path(), T0);
+    assert_eq!(state.status, RunStatus::NotRunning);
+    let text = screen(&mut state, 80, 24);
+    assert!(text.contains("no steps logged yet"), "{text}");
+}

@@ -1,0 +1,253 @@
+//! The wizard driven headless: actions and key events in, state and
+//! TestBackend snapshots out, for every step and its validation errors.
+
+use std::path::Path;
+
+use dreambooth::config::RunConfig;
+use dreambooth::run::lock::RunLock;
+use dreambooth::tui::wizard::{
+    action_for_key, draw, Action, ConceptKind, GpuInfo, ModelChoice, PresetChoice, Sources, Step, WizardState,
+};
+use ratatui::backend::TestBackend;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::Terminal;
+
+struct Fixture {
+    model: String,
+}
+
+impl Sources for Fixture {
+    fn models(&self) -> Vec<ModelChoice> {
+        vec![
+            ModelChoice { path: self.model.clone(), architecture: "SD 1.x".into(), size: "2.1 GB".into(), format: "safetensors".into() },
+            ModelChoice { path: "/models/v2-1".into(), architecture: "SD 2.x".into(), size: "5.2 GB".into(), format: "diffusers".into() },
+        ]
+    }
+    fn presets(&self, _: &RunConfig) -> Vec<PresetChoice> {
+        [("8gb", 7.2), ("12gb", 10.9), ("24gb", 21.5), ("48gb", 38.0)]
+            .iter()
+            .map(|(n, gb)| PresetChoice { name: n.to_string(), estimated_bytes: (gb * (1u64 << 30) as f64) as u64 })
+            .collect()
+    }
+    fn gpu(&self) -> Option<GpuInfo> {
+        Some(GpuInfo { name: "NVIDIA GeForce RTX 4090".into(), total_bytes: 24 << 30 })
+    }
+}
+
+struct Setup {
+    root: tempfile::TempDir,
+    state: WizardState,
+}
+
+fn setup() -> Setup {
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("v1-5.safetensors");
+    std::fs::write(&model, b"x").unwrap();
+    let data = root.path().join("dog");
+    std::fs::create_dir_all(&data).unwrap();
+    for name in ["1.png", "2.png", "3.png"] {
+        image::RgbImage::new(8, 8).save(data.join(name)).unwrap();
+    }
+    let state = WizardState::new(&root.path().join("runs"), Box::new(Fixture { model: model.display().to_string() }));
+    Setup { root, state }
+}
+
+fn type_text(state: &mut WizardState, text: &str) {
+    for c in text.chars() {
+        state.apply(Action::Input(c));
+    }
+}
+
+fn screen(state: &WizardState) -> String {
+    let (width, height) = (80, 24);
+    let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+    terminal.draw(|f| draw(f, state)).unwrap();
+    let buffer = terminal.backend().buffer();
+    let mut out = String::new();
+    for y in 0..height {
+        for x in 0..width {
+            out.push_str(buffer[(x, y)].symbol());
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn snapshot(root: &Path, name: &str, state: &WizardState) {
+    let text = screen(state);
+    let mut s = insta::Settings::clone_current();
+    let escaped: String =
+        root.display().to_string().chars().map(|c| if c.is_alphanumeric() || c == '/' { c.to_string() } else { format!("\\{c}") }).collect();
+    s.add_filter(&escaped, "[TMP]");
+    s.add_filter(r"/tmp/\.tmp[A-Za-z0-9]+", "[TMP]");
+    s.bind(|| insta::assert_snapshot!(name, text));
+}
+
+/// Walks the whole wizard, snapshotting each step and its validation errors.
+#[test]
+fn every_step_with_validation_then_save() {
+    let Setup { root, mut state } = setup();
+    let r = root.path();
+
+    // 1. Name
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Name);
+    snapshot(r, "wizard_1_name_error", &state);
+    type_text(&mut state, "my/dog");
+    state.apply(Action::Next);
+    assert!(state.error.as_deref().unwrap().contains("without slashes"));
+    for _ in 0.."my/dog".len() {
+        state.apply(Action::Backspace);
+    }
+    type_text(&mut state, "dog");
+    assert_eq!(state.name, "dog");
+    snapshot(r, "wizard_1_name", &state);
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Source);
+
+    // 2. Source: a typed path that does not exist, then a found model.
+    type_text(&mut state, "/nowhere/model.ckpt");
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Source);
+    snapshot(r, "wizard_2_source_error", &state);
+    state.apply(Action::FocusNext); // from the path row to the first found model
+    assert_eq!(state.source, r.join("v1-5.safetensors").display().to_string());
+    state.error = None;
+    snapshot(r, "wizard_2_source", &state);
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Concepts);
+
+    // 3. Concepts
+    state.apply(Action::Next);
+    assert!(state.error.as_deref().unwrap().contains("add at least one concept"));
+    snapshot(r, "wizard_3_concepts_error", &state);
+    state.apply(Action::AddConcept);
+    assert!(state.editing);
+    type_text(&mut state, &r.join("do").display().to_string());
+    state.apply(Action::Complete);
+    assert_eq!(state.concepts[0].instance_dir, format!("{}/", r.join("dog").display()));
+    state.apply(Action::FocusNext);
+    state.apply(Action::Next);
+    assert!(state.error.as_deref().unwrap().contains("instance prompt is empty"));
+    snapshot(r, "wizard_3_concept_form_error", &state);
+    type_text(&mut state, "a photo of sks dog");
+    state.apply(Action::FocusNext);
+    type_text(&mut state, "a photo of a dog");
+    state.apply(Action::FocusNext);
+    state.apply(Action::FocusNext);
+    state.apply(Action::Right); // person -> object/style
+    assert_eq!(state.concepts[0].kind, ConceptKind::ObjectStyle);
+    assert_eq!(state.steps_per_image, "175");
+    state.apply(Action::Right); // back to person
+    assert_eq!(state.steps_per_image, "150");
+    assert_eq!(state.text_encoder_train_ratio, 0.7);
+    snapshot(r, "wizard_3_concept_form", &state);
+    state.apply(Action::Next);
+    assert!(!state.editing, "{:?}", state.error);
+    snapshot(r, "wizard_3_concepts", &state);
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Training);
+
+    // 4. Training
+    assert_eq!(state.total_steps(), Some(450));
+    state.apply(Action::FocusNext);
+    for _ in 0..10 {
+        state.apply(Action::Backspace);
+    }
+    type_text(&mut state, "fast");
+    state.apply(Action::Next);
+    assert!(state.error.as_deref().unwrap().contains("learning rate \"fast\""));
+    snapshot(r, "wizard_4_training_error", &state);
+    for _ in 0..4 {
+        state.apply(Action::Backspace);
+    }
+    type_text(&mut state, "2e-6");
+    state.apply(Action::FocusNext);
+    state.apply(Action::Right); // constant_with_warmup -> linear_with_warmup
+    state.apply(Action::FocusNext);
+    state.apply(Action::Backspace);
+    type_text(&mut state, "50");
+    state.apply(Action::FocusNext);
+    state.apply(Action::Right); // ddim -> pndm
+    snapshot(r, "wizard_4_training", &state);
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Vram, "{:?}", state.error);
+
+    // 5. VRAM: the biggest preset that fits 24 GiB is preselected.
+    assert_eq!(state.preset_index, Some(2));
+    snapshot(r, "wizard_5_vram", &state);
+    state.apply(Action::ToggleAdvanced);
+    snapshot(r, "wizard_5_vram_advanced", &state);
+    state.apply(Action::FocusPrev);
+    assert_eq!(state.preset_index, Some(1));
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Review);
+
+    // 6. Review, then save.
+    snapshot(r, "wizard_6_review", &state);
+    state.apply(Action::Next);
+    let saved = state.saved.clone().expect("saved");
+    assert_eq!(saved, r.join("runs/dog/config.yaml"));
+    let text = std::fs::read_to_string(&saved).unwrap();
+    let config: RunConfig = dreambooth::config::parse_run_config(
+        &text.replace("preset: 12gb\n", ""),
+        "saved",
+        r,
+    )
+    .unwrap();
+    assert_eq!(config.name, "dog");
+    assert_eq!(config.training.steps_per_image, 150);
+    assert_eq!(config.training.learning_rate, 2e-6);
+    assert_eq!(config.training.lr_warmup_steps, 50);
+    assert_eq!(config.training.text_encoder_train_ratio, 0.7);
+    assert_eq!(config.sampling.scheduler, "pndm");
+    assert_eq!(config.concepts[0].class_prompt, "a photo of a dog");
+    assert!(text.contains("preset: 12gb"), "{text}");
+}
+
+#[test]
+fn a_live_run_name_is_refused() {
+    let Setup { root, mut state } = setup();
+    let live = root.path().join("runs/busy");
+    std::fs::create_dir_all(&live).unwrap();
+    let _lock = RunLock::acquire(&live).unwrap();
+    type_text(&mut state, "busy");
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Name);
+    assert!(state.error.as_deref().unwrap().contains("is a live run"), "{:?}", state.error);
+    snapshot(root.path(), "wizard_1_name_live_run", &state);
+}
+
+#[test]
+fn keys_drive_the_wizard() {
+    let Setup { root: _root, mut state } = setup();
+    let press = |state: &mut WizardState, code: KeyCode| {
+        if let Some(a) = action_for_key(state, KeyEvent::new(code, KeyModifiers::NONE)) {
+            state.apply(a);
+        }
+    };
+    for c in "cat".chars() {
+        press(&mut state, KeyCode::Char(c));
+    }
+    press(&mut state, KeyCode::Enter);
+    assert_eq!(state.step, Step::Source);
+    press(&mut state, KeyCode::Esc);
+    assert_eq!(state.step, Step::Name);
+    assert_eq!(state.name, "cat");
+    press(&mut state, KeyCode::Enter);
+    press(&mut state, KeyCode::Down);
+    press(&mut state, KeyCode::Enter);
+    assert_eq!(state.step, Step::Concepts, "{:?} {:?}", state.error, state.source);
+    // 'a' adds a concept here; inside the form it is typed.
+    press(&mut state, KeyCode::Char('a'));
+    assert!(state.editing);
+    press(&mut state, KeyCode::Char('a'));
+    assert_eq!(state.concepts[0].instance_dir, "a");
+    press(&mut state, KeyCode::Esc);
+    press(&mut state, KeyCode::Char('d'));
+    assert!(state.concepts.is_empty());
+    let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
+    assert_eq!(action_for_key(&state, ctrl_c), Some(Action::Cancel));
+    state.apply(Action::Cancel);
+    assert!(state.is_done() && state.saved.is_none());
+}
