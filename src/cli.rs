@@ -116,7 +116,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let Some(command) = cli.command else {
         if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
-            return not_yet("the wizard");
+            return wizard(&PathBuf::from("runs"));
         }
         use clap::CommandFactory;
         Cli::command().print_help()?;
@@ -127,13 +127,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => crate::pipeline::generate_command(&args),
         Command::Models { dirs } => crate::checkpoint::models_command(&dirs),
         Command::Demo { dir, .. } => crate::demo::demo_command(&dir),
-        Command::Wizard { .. } => not_yet("the wizard"),
-        Command::Train { .. } | Command::Resume { .. } | Command::Stop { .. } | Command::Attach { .. } => {
-            not_yet("training")
-        }
+        Command::Wizard { runs_dir } => wizard(&runs_dir.unwrap_or_else(|| PathBuf::from("runs"))),
+        Command::Attach { run_dir } => crate::tui::dashboard::run(&run_dir),
+        Command::Train { .. } | Command::Resume { .. } | Command::Stop { .. } => not_yet("training"),
         Command::Export { .. } => not_yet("export"),
         Command::Vram { .. } | Command::Presets | Command::Bench { .. } => not_yet("the VRAM estimator and bench"),
     }
+}
+
+fn wizard(runs_dir: &std::path::Path) -> anyhow::Result<()> {
+    let sources = Box::new(crate::tui::sources::DiskSources::default());
+    if let Some(config) = crate::tui::wizard::run_with(runs_dir, sources)? {
+        println!("saved {}; start it with: dreambooth train {}", config.display(), config.display());
+    }
+    Ok(())
 }
 
 fn not_yet(what: &str) -> anyhow::Result<()> {
