@@ -36,7 +36,16 @@ pub fn parse_run_config(text: &str, origin: &str, base: &Path) -> anyhow::Result
         value = merge(preset_value, value);
     }
     check_keys(&value, origin)?;
-    serde_yaml::from_value(value).map_err(|e| usage(format!("{origin}: {e}")))
+    // The path to a wrongly typed value (`training.learning_rate`) goes in the message.
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            usage(format!("{origin}: {inner}"))
+        } else {
+            usage(format!("{origin}: `{path}`: {inner}"))
+        }
+    })
 }
 
 /// `over`'s keys win; mappings merge recursively; lists and scalars replace.
