@@ -129,9 +129,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { dir, .. } => crate::demo::demo_command(&dir),
         Command::Wizard { runs_dir } => wizard(&runs_dir.unwrap_or_else(|| PathBuf::from("runs"))),
         Command::Attach { run_dir } => crate::tui::dashboard::run(&run_dir),
-        Command::Train { .. } | Command::Resume { .. } | Command::Stop { .. } => not_yet("training"),
-        Command::Export { .. } => not_yet("export"),
-        Command::Vram { .. } | Command::Presets | Command::Bench { .. } => not_yet("the VRAM estimator and bench"),
+        Command::Train { config, detach, plain } => crate::train::commands::train_command(&config, detach, plain),
+        Command::Resume { run_dir, detach, plain } => crate::train::commands::resume_command(&run_dir, detach, plain),
+        Command::Stop { run_dir } => crate::train::commands::stop_command(&run_dir),
+        Command::Export { run_dir, format, out, step } => crate::train::commands::export_command(&run_dir, &format, &out, step),
+        Command::Vram { config } => crate::vram::vram_command(&config),
+        Command::Presets => crate::vram::presets_command(),
+        Command::Bench { model, config, steps, device } => {
+            crate::bench::bench_command(&model, config.as_deref(), steps, device.as_deref())
+        }
     }
 }
 
@@ -141,8 +147,4 @@ fn wizard(runs_dir: &std::path::Path) -> anyhow::Result<()> {
         println!("saved {}; start it with: dreambooth train {}", config.display(), config.display());
     }
     Ok(())
-}
-
-fn not_yet(what: &str) -> anyhow::Result<()> {
-    anyhow::bail!("{what} is not available in this build yet")
 }

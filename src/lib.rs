@@ -1,5 +1,6 @@
 //! dreambooth: DreamBooth fine-tuning of Stable Diffusion on libtorch.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -15,3 +16,4 @@ pub mod scheduler;
 pub mod tokenizer;
 pub mod train;
 pub mod tui;
+pub mod vram;

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod init;
+pub mod lora;
 pub mod nn;
 pub mod resnet;
 pub mod unet;

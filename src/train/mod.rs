@@ -2,3 +2,6 @@
 
 pub mod lr_schedule;
 pub mod adamw;
+pub mod adamw8bit;
+pub mod commands;
+pub mod optimizer;

@@ -1,0 +1,1 @@
+//! Blockwise 8-bit AdamW (bitsandbytes-style dynamic quantisation of both moments).
