@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() {
+    dreambooth::device::keep_freed_memory();
     let cli = dreambooth::cli::Cli::parse();
     match dreambooth::cli::run(cli) {
         Ok(()) => {}
