@@ -235,6 +235,10 @@ pub fn save_png(image: &Tensor, path: &Path) -> anyhow::Result<()> {
 }
 
 /// `dreambooth generate`.
+/// `generate` uses the fused SDPA kernel, as diffusers' pipeline does by default:
+/// the same attention without materialising the score matrix.
+const GENERATE_ATTENTION: AttentionBackend = AttentionBackend::Xformers;
+
 pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     use crate::scheduler::SAMPLER_NAMES;
     // Cheap checks first, so a typo does not cost a model load.
@@ -255,7 +259,7 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!("--step applies to run directories, which come with training; this build cannot read them yet");
     }
     let device = crate::device::parse_device(&args.device)?;
-    let sd = StableDiffusion::load(&args.model, args.model_config.as_deref(), device, AttentionBackend::Default)?;
+    let sd = StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?;
     let width = args.width.unwrap_or_else(|| sd.default_size());
     let height = args.height.unwrap_or_else(|| sd.default_size());
     sd.check_size(width, height)?;

@@ -1,7 +1,8 @@
 //! Attention back ends. `default` is the explicit matmul-softmax (what diffusers'
 //! AttnProcessor computes); `xformers` and `flash_attention` map to libtorch's
-//! memory-efficient and flash SDPA kernels. Where a kernel cannot run (CPU, a
-//! dtype it lacks) the math path is used instead and that is said once.
+//! memory-efficient and flash SDPA kernels (on the CPU, its fused CPU kernel).
+//! Where a kernel cannot run (flash attention in fp32 on CUDA) the math path is
+//! used instead and that is said once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -53,12 +54,10 @@ fn run(q: &Tensor, k: &Tensor, v: &Tensor, backend: AttentionBackend, upcast: bo
     match backend {
         AttentionBackend::Default => explicit(q, k, v, scale, upcast, causal),
         AttentionBackend::Xformers | AttentionBackend::FlashAttention => {
-            if q.device() == Device::Cpu {
-                say_fallback_once(backend, "it needs CUDA");
-                return explicit(q, k, v, scale, upcast, causal);
-            }
+            // On the CPU libtorch's SDPA runs its own fused (flash-style) kernel for
+            // every float type, so both back ends are real there too.
             let flash = backend == AttentionBackend::FlashAttention;
-            if flash && !matches!(q.kind(), Kind::Half | Kind::BFloat16) {
+            if flash && q.device() != Device::Cpu && !matches!(q.kind(), Kind::Half | Kind::BFloat16) {
                 say_fallback_once(backend, "flash attention needs fp16 or bf16");
                 return explicit(q, k, v, scale, upcast, causal);
             }
