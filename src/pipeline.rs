@@ -118,6 +118,12 @@ impl StableDiffusion {
         })
     }
 
+    /// Adds a kohya LoRA file into the UNet and text-encoder weights (`scale` 1 =
+    /// the file's own strength); returns the number of layers it changed.
+    pub fn merge_lora(&mut self, path: &Path, scale: f64) -> anyhow::Result<usize> {
+        crate::model::lora::merge_lora(&mut self.unet, &mut self.text_encoder, path, scale)
+    }
+
     /// Pixels per latent: the VAE's factor.
     pub fn vae_factor(&self) -> i64 {
         self.vae_config.downsampling_factor()
@@ -252,14 +258,15 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         return Err(usage("--steps must be at least 1"));
     }
-    if args.lora.is_some() {
-        anyhow::bail!("--lora is not available in this build yet");
-    }
     if args.step.is_some() {
         anyhow::bail!("--step applies to run directories, which come with training; this build cannot read them yet");
     }
     let device = crate::device::parse_device(&args.device)?;
-    let sd = StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?;
+    let mut sd = StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?;
+    if let Some(lora) = &args.lora {
+        let layers = sd.merge_lora(lora, 1.0)?;
+        eprintln!("merged {} ({layers} layers)", lora.display());
+    }
     let width = args.width.unwrap_or_else(|| sd.default_size());
     let height = args.height.unwrap_or_else(|| sd.default_size());
     sd.check_size(width, height)?;

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
 
 use super::attention::{attention_causal, AttentionBackend};
+use super::checkpointing;
 use super::config::ClipConfig;
 use super::nn::{Activation, Embedding, LayerNorm, Linear};
 use super::weights::Weights;
@@ -103,6 +104,8 @@ pub struct ClipTextTransformer {
     /// `encoder.layers`
     pub layers: Vec<ClipEncoderLayer>,
     pub final_layer_norm: LayerNorm,
+    /// Recompute each encoder layer's activations in the backward pass.
+    pub gradient_checkpointing: bool,
 }
 
 impl ClipTextTransformer {
@@ -131,7 +134,14 @@ impl ClipTextTransformer {
             embeddings,
             layers,
             final_layer_norm: LayerNorm::new(&w.pp("final_layer_norm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            gradient_checkpointing: false,
         })
+    }
+
+    /// Recompute each encoder layer's activations in the backward pass instead of
+    /// keeping them (see [`checkpointing`] for the contract).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// Hidden states `[batch, seq, hidden]` for token ids `[batch, seq]` (seq at most
@@ -143,7 +153,7 @@ impl ClipTextTransformer {
         let run = self.layers.len().saturating_sub(skip);
         let mut h = self.embeddings.forward(input_ids);
         for layer in &self.layers[..run] {
-            h = layer.forward(&h);
+            h = checkpointing::clip_layer(layer, &h, self.gradient_checkpointing);
         }
         self.final_layer_norm.forward(&h)
     }

@@ -1,6 +1,7 @@
 //! Stable Diffusion's networks as tch modules whose fields spell checkpoint keys.
 
 pub mod attention;
+pub mod checkpointing;
 pub mod clip;
 pub mod config;
 pub mod init;

@@ -3,23 +3,30 @@
 
 use tch::Tensor;
 
+use super::lora::LoraAdapter;
 use super::weights::{WeightError, Weights};
 
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A low-rank update added to the output (see [`super::lora`]).
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
     pub fn new(w: &Weights, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self, WeightError> {
         let weight = w.get("weight", &[out_dim, in_dim])?;
         let bias = if bias { Some(w.get("bias", &[out_dim])?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, lora: None })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.lora {
+            Some(lora) => y + lora.forward_linear(x),
+            None => y,
+        }
     }
 }
 
@@ -29,6 +36,8 @@ pub struct Conv2d {
     pub bias: Option<Tensor>,
     pub stride: i64,
     pub padding: i64,
+    /// A low-rank update added to the output (see [`super::lora`]).
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Conv2d {
@@ -42,11 +51,15 @@ impl Conv2d {
     ) -> Result<Self, WeightError> {
         let weight = w.get("weight", &[out_ch, in_ch, kernel, kernel])?;
         let bias = Some(w.get("bias", &[out_ch])?);
-        Ok(Conv2d { weight, bias, stride, padding })
+        Ok(Conv2d { weight, bias, stride, padding, lora: None })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.weight, self.bias.as_ref(), [self.stride], [self.padding], [1], 1)
+        let y = x.conv2d(&self.weight, self.bias.as_ref(), [self.stride], [self.padding], [1], 1);
+        match &self.lora {
+            Some(lora) => y + lora.forward_conv(x, self.stride, self.padding),
+            None => y,
+        }
     }
 }
 

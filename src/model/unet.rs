@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
 
 use super::attention::{attention, AttentionBackend};
+use super::checkpointing;
 use super::config::{PerBlock, UNetConfig};
 use super::nn::{Activation, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::resnet::{check_groups, Downsample2D, ResnetBlock2D, ResnetSpec, TimeEmbeddingNorm, Upsample2D};
@@ -272,16 +273,19 @@ pub struct DownBlock {
     /// Empty for `DownBlock2D`.
     pub attentions: Vec<Transformer2DModel>,
     pub downsampler: Option<Downsample2D>,
+    /// Recompute each resnet's and transformer's activations in the backward pass.
+    pub gradient_checkpointing: bool,
 }
 
 impl DownBlock {
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
         let mut h = x.shallow_clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
+        let ckpt = self.gradient_checkpointing;
         for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb));
+            h = checkpointing::resnet(resnet, &h, temb, ckpt);
             if let Some(attn) = self.attentions.get(j) {
-                h = attn.forward(&h, context);
+                h = checkpointing::transformer(attn, &h, context, ckpt);
             }
             skips.push(h.shallow_clone());
         }
@@ -298,13 +302,17 @@ impl DownBlock {
 pub struct MidBlock {
     pub resnets: Vec<ResnetBlock2D>,
     pub attentions: Vec<Transformer2DModel>,
+    /// Recompute each resnet's and transformer's activations in the backward pass.
+    pub gradient_checkpointing: bool,
 }
 
 impl MidBlock {
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
-        let mut h = self.resnets[0].forward(x, Some(temb));
+        let ckpt = self.gradient_checkpointing;
+        let mut h = checkpointing::resnet(&self.resnets[0], x, temb, ckpt);
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = resnet.forward(&attn.forward(&h, context), Some(temb));
+            let a = checkpointing::transformer(attn, &h, context, ckpt);
+            h = checkpointing::resnet(resnet, &a, temb, ckpt);
         }
         h
     }
@@ -318,6 +326,8 @@ pub struct UpBlock {
     /// Empty for `UpBlock2D`.
     pub attentions: Vec<Transformer2DModel>,
     pub upsampler: Option<Upsample2D>,
+    /// Recompute each resnet's and transformer's activations in the backward pass.
+    pub gradient_checkpointing: bool,
 }
 
 impl UpBlock {
@@ -332,11 +342,12 @@ impl UpBlock {
         upsample_size: Option<(i64, i64)>,
     ) -> Tensor {
         let mut h = x.shallow_clone();
+        let ckpt = self.gradient_checkpointing;
         for (j, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("the UNet hands each up block one skip per resnet");
-            h = resnet.forward(&Tensor::cat(&[h, skip], 1), Some(temb));
+            h = checkpointing::resnet(resnet, &Tensor::cat(&[h, skip], 1), temb, ckpt);
             if let Some(attn) = self.attentions.get(j) {
-                h = attn.forward(&h, context);
+                h = checkpointing::transformer(attn, &h, context, ckpt);
             }
         }
         if let Some(up) = &self.upsampler {
@@ -464,7 +475,7 @@ impl UNet2DConditionModel {
             } else {
                 None
             };
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+            down_blocks.push(DownBlock { resnets, attentions, downsampler, gradient_checkpointing: false });
         }
 
         let last = channels[n - 1];
@@ -488,6 +499,7 @@ impl UNet2DConditionModel {
                         cross_dims[n - 1],
                         false,
                     )?],
+                    gradient_checkpointing: false,
                 })
             }
             Some(other) => anyhow::bail!("mid block type `{other}` is not supported (expected UNetMidBlock2DCrossAttn)"),
@@ -524,7 +536,7 @@ impl UNet2DConditionModel {
                 }
             }
             let upsampler = if i + 1 < n { Some(Upsample2D::new(&wb.pp("upsamplers").pp(0), out_ch)?) } else { None };
-            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+            up_blocks.push(UpBlock { resnets, attentions, upsampler, gradient_checkpointing: false });
             prev_out = out_ch;
         }
 
@@ -541,6 +553,16 @@ impl UNet2DConditionModel {
             act,
             center_input_sample: cfg.center_input_sample,
         })
+    }
+
+    /// Recompute the activations of every resnet and transformer in the backward
+    /// pass instead of keeping them (see [`checkpointing`] for the contract).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.down_blocks.iter_mut().for_each(|b| b.gradient_checkpointing = on);
+        if let Some(mid) = &mut self.mid_block {
+            mid.gradient_checkpointing = on;
+        }
+        self.up_blocks.iter_mut().for_each(|b| b.gradient_checkpointing = on);
     }
 
     /// The time embedding `[batch, 4 * block_out_channels[0]]` in the sample's dtype.
