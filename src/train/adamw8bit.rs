@@ -62,13 +62,17 @@ pub struct QuantMap {
     pub values: Tensor,
     /// The 255 midpoints between neighbouring values.
     midpoints: Tensor,
+    /// The code of 0.0 in a signed map (negative values round to it or below).
+    zero_code: Option<i64>,
 }
 
 impl QuantMap {
     pub fn new(signed: bool, device: Device) -> QuantMap {
-        let values = Tensor::from_slice(&create_dynamic_map(signed)).to_device(device);
+        let map = create_dynamic_map(signed);
+        let zero_code = if signed { map.iter().position(|&v| v == 0.0).map(|i| i as i64) } else { None };
+        let values = Tensor::from_slice(&map).to_device(device);
         let midpoints = (values.narrow(0, 0, 255) + values.narrow(0, 1, 255)) / 2.0;
-        QuantMap { signed, values, midpoints }
+        QuantMap { signed, values, midpoints, zero_code }
     }
 
     /// Codes of the nearest map values to `normalized` (values in [−1, 1]).
@@ -112,13 +116,12 @@ fn codes_for(blocks: &Tensor, absmax: &Tensor, map: &QuantMap) -> Tensor {
     let safe = absmax.where_scalarother(&absmax.gt(0.0), 1.0).unsqueeze(1);
     let normalized = blocks / safe;
     let mut codes = map.nearest_codes(&normalized);
-    if map.signed {
-        // As bitsandbytes: a first moment never changes sign by quantisation
-        // (a small negative value that rounds to 0 takes the next code down).
-        let quantized = map.values.take(&codes);
-        let flipped = quantized.signbit().ne_tensor(&blocks.signbit());
-        let step = Tensor::where_scalar(&blocks.gt(0.0), 1i64, -1i64);
-        codes = codes + step * flipped.to_kind(Kind::Int64);
+    if let Some(zero) = map.zero_code {
+        // As bitsandbytes: a first moment never changes sign by quantisation.
+        // With this map only a negative value (or -0.0) rounding to the zero
+        // code can: it takes the next code down, the smallest negative value.
+        let flipped = codes.eq(zero).logical_and(&normalized.signbit());
+        codes = codes - flipped.to_kind(Kind::Int64);
     }
     codes
 }
