@@ -272,7 +272,7 @@ fn state_bytes_are_about_two_per_parameter() {
     assert_eq!(fp32.state_bytes(), 8 * (w_numel + b_numel));
     // W: two uint8 codes per element + two fp32 scales per 256-element block;
     // b is under 4096 elements and keeps fp32 moments, as bitsandbytes does.
-    let blocks = (w_numel + 255) / 256;
+    let blocks = w_numel.div_ceil(256);
     assert_eq!(int8.state_bytes(), 2 * w_numel + 2 * 4 * blocks + 8 * b_numel);
     let per_param_w = (2 * w_numel + 2 * 4 * blocks) as f64 / w_numel as f64;
     assert!((per_param_w - 2.03125).abs() < 1e-9, "{per_param_w} bytes per parameter");

@@ -121,7 +121,7 @@ fn codes_for(blocks: &Tensor, absmax: &Tensor, map: &QuantMap) -> Tensor {
         // With this map only a negative value (or -0.0) rounding to the zero
         // code can: it takes the next code down, the smallest negative value.
         let flipped = codes.eq(zero).logical_and(&normalized.signbit());
-        codes = codes - flipped.to_kind(Kind::Int64);
+        codes -= flipped.to_kind(Kind::Int64);
     }
     codes
 }
@@ -266,7 +266,7 @@ impl AdamW8bit {
             let update = (&exp_avg / (exp_avg_sq.sqrt() + c.eps * correction2)) * step_size;
             let mut new_param = param.to_kind(Kind::Float).reshape([-1]) + update;
             if c.weight_decay > 0.0 {
-                new_param = new_param * (1.0 - lr * c.weight_decay);
+                new_param *= 1.0 - lr * c.weight_decay;
             }
             let mut param = param;
             param.copy_(&new_param.reshape(param.size()).to_kind(param.kind()));
