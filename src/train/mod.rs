@@ -5,3 +5,4 @@ pub mod adamw;
 pub mod adamw8bit;
 pub mod commands;
 pub mod optimizer;
+pub mod imagic;

@@ -1,1 +1,105 @@
 //! The optimizer a run uses: fp32 AdamW or 8-bit AdamW, behind one interface.
+
+use std::collections::HashMap;
+
+use tch::Tensor;
+
+use super::adamw::{AdamW, AdamWConfig};
+use super::adamw8bit::AdamW8bit;
+use crate::config::schema::{Optimizer as OptimizerKind, Training};
+
+pub enum Optimizer {
+    AdamW(AdamW),
+    AdamW8bit(AdamW8bit),
+}
+
+impl Optimizer {
+    pub fn new(kind: OptimizerKind, params: Vec<(String, Tensor)>, config: AdamWConfig) -> Optimizer {
+        match kind {
+            OptimizerKind::Adamw => Optimizer::AdamW(AdamW::new(params, config)),
+            OptimizerKind::Adamw8bit => Optimizer::AdamW8bit(AdamW8bit::new(params, config)),
+        }
+    }
+
+    /// The optimizer and its hyper-parameters as the run's `training` section sets them.
+    pub fn from_training(params: Vec<(String, Tensor)>, training: &Training) -> Optimizer {
+        let config = AdamWConfig {
+            beta1: training.adam_beta1,
+            beta2: training.adam_beta2,
+            eps: training.adam_epsilon,
+            weight_decay: training.weight_decay,
+        };
+        Optimizer::new(training.optimizer, params, config)
+    }
+
+    pub fn kind(&self) -> OptimizerKind {
+        match self {
+            Optimizer::AdamW(_) => OptimizerKind::Adamw,
+            Optimizer::AdamW8bit(_) => OptimizerKind::Adamw8bit,
+        }
+    }
+
+    pub fn config(&self) -> AdamWConfig {
+        match self {
+            Optimizer::AdamW(o) => o.config,
+            Optimizer::AdamW8bit(o) => o.config,
+        }
+    }
+
+    pub fn params(&self) -> &[(String, Tensor)] {
+        match self {
+            Optimizer::AdamW(o) => o.params(),
+            Optimizer::AdamW8bit(o) => o.params(),
+        }
+    }
+
+    /// Optimizer steps taken (saved with checkpoints beside `state_tensors`).
+    pub fn step_count(&self) -> u64 {
+        match self {
+            Optimizer::AdamW(o) => o.step,
+            Optimizer::AdamW8bit(o) => o.step,
+        }
+    }
+
+    pub fn step(&mut self, lr: f64) {
+        match self {
+            Optimizer::AdamW(o) => o.step(lr),
+            Optimizer::AdamW8bit(o) => o.step(lr),
+        }
+    }
+
+    pub fn zero_grad(&mut self) {
+        match self {
+            Optimizer::AdamW(o) => o.zero_grad(),
+            Optimizer::AdamW8bit(o) => o.zero_grad(),
+        }
+    }
+
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Optimizer::AdamW(o) => o.state_tensors(),
+            Optimizer::AdamW8bit(o) => o.state_tensors(),
+        }
+    }
+
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> anyhow::Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.load_state(tensors, step),
+            Optimizer::AdamW8bit(o) => o.load_state(tensors, step),
+        }
+    }
+
+    /// Bytes of optimizer state held now (moments are allocated at the first step).
+    pub fn state_bytes(&self) -> u64 {
+        self.state_tensors().iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum()
+    }
+
+    /// Bytes of state a parameter of `numel` fp32 elements will hold under `kind`
+    /// (for estimates before any step).
+    pub fn state_bytes_for(kind: OptimizerKind, numel: i64) -> u64 {
+        match kind {
+            OptimizerKind::Adamw => 2 * 4 * numel as u64,
+            OptimizerKind::Adamw8bit => AdamW8bit::state_bytes_for(numel),
+        }
+    }
+}
