@@ -4,7 +4,9 @@
 //    registers CUDA with libtorch when loaded), so the linker would drop it and
 //    CUDA would look absent on a GPU machine.
 // 3. Compiles src/shim/torch_shim.cpp: the libtorch calls tch does not bind, and
-//    src/shim/checkpoint_shim.cpp: the autograd function behind gradient checkpointing.
+//    src/shim/checkpoint_shim.cpp: the autograd function behind gradient checkpointing,
+//    and src/shim/cuda_shim.cpp: CUDA allocator statistics (only where libtorch has
+//    CUDA and the CUDA runtime headers that the PyPI wheel's nvidia packages ship).
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -12,6 +14,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/shim/torch_shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/checkpoint_shim.cpp");
+    println!("cargo:rerun-if-changed=src/shim/cuda_shim.cpp");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     if lib.join("libtorch_cuda.so").exists() {
@@ -27,16 +30,49 @@ fn main() {
         .map(|s| s.trim().to_string())
         .filter(|s| s == "0" || s == "1")
         .unwrap_or_else(|| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .file("src/shim/torch_shim.cpp")
-        .file("src/shim/checkpoint_shim.cpp")
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag("-w")
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .compile("dreambooth_torch_shim");
+    let base = |build: &mut cc::Build| {
+        build
+            .cpp(true)
+            .include(&include)
+            .include(include.join("torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .flag("-w")
+            .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str());
+    };
+    let mut shim = cc::Build::new();
+    base(&mut shim);
+    shim.file("src/shim/torch_shim.cpp").file("src/shim/checkpoint_shim.cpp").compile("dreambooth_torch_shim");
+    // The CUDA statistics shim with CUDA where it compiles, else its no-CUDA form.
+    let mut cuda = cc::Build::new();
+    base(&mut cuda);
+    cuda.file("src/shim/cuda_shim.cpp");
+    let with_cuda = cuda_headers(&lib).is_some_and(|dir| {
+        let mut attempt = cuda.clone();
+        attempt.define("DBT_HAVE_CUDA", None).include(dir);
+        attempt.try_compile("dreambooth_cuda_shim").map_err(|e| println!("cargo:warning=CUDA statistics left out: {e}")).is_ok()
+    });
+    if !with_cuda {
+        cuda.compile("dreambooth_cuda_shim");
+    }
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+}
+
+/// A folder with the CUDA runtime headers (`cuda_runtime_api.h` and its `crt/`)
+/// among the packages beside torch, when libtorch itself has CUDA: the nvidia
+/// wheels' include folders, or the copy triton ships.
+fn cuda_headers(torch_lib: &std::path::Path) -> Option<PathBuf> {
+    if !torch_lib.join("libtorch_cuda.so").exists() {
+        return None;
+    }
+    let site_packages = torch_lib.parent()?.parent()?;
+    let nvidia = site_packages.join("nvidia");
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(&nvidia)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("include")))
+        .chain([nvidia.join("cuda_runtime/include"), site_packages.join("triton/backends/nvidia/include")])
+        .filter(|p| p.join("cuda_runtime_api.h").exists() && p.join("crt/host_config.h").exists())
+        .collect();
+    candidates.sort();
+    candidates.pop()
 }

@@ -45,3 +45,35 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// The CUDA caching allocator's figures for one device, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct CudaMemory {
+    pub allocated: i64,
+    pub allocated_peak: i64,
+    pub reserved: i64,
+    pub reserved_peak: i64,
+}
+
+mod ffi {
+    extern "C" {
+        pub fn dbt_cuda_memory(device: i32, allocated: *mut i64, allocated_peak: *mut i64, reserved: *mut i64, reserved_peak: *mut i64) -> i32;
+        pub fn dbt_cuda_reset_peak(device: i32) -> i32;
+    }
+}
+
+/// Allocator figures for `device` (what torch.cuda.memory_allocated and friends
+/// report); None on the CPU or where this build has no CUDA.
+pub fn cuda_memory(device: Device) -> Option<CudaMemory> {
+    let Device::Cuda(index) = device else { return None };
+    let mut m = CudaMemory::default();
+    let rc = unsafe { ffi::dbt_cuda_memory(index as i32, &mut m.allocated, &mut m.allocated_peak, &mut m.reserved, &mut m.reserved_peak) };
+    (rc == 0).then_some(m)
+}
+
+/// Starts a new peak window (torch.cuda.reset_peak_memory_stats).
+pub fn reset_cuda_peak(device: Device) {
+    if let Device::Cuda(index) = device {
+        unsafe { ffi::dbt_cuda_reset_peak(index as i32) };
+    }
+}
