@@ -8,8 +8,16 @@ use serde_yaml::Value;
 
 use crate::error::usage;
 
-/// (name, YAML text) of the presets shipped with the program.
-pub const BUILTIN: &[(&str, &str)] = &[];
+/// (name, YAML text) of the presets shipped with the program, smallest tier first.
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("cpu", include_str!("../../presets/cpu.yaml")),
+    ("6gb", include_str!("../../presets/6gb.yaml")),
+    ("8gb", include_str!("../../presets/8gb.yaml")),
+    ("12gb", include_str!("../../presets/12gb.yaml")),
+    ("16gb", include_str!("../../presets/16gb.yaml")),
+    ("24gb", include_str!("../../presets/24gb.yaml")),
+    ("48gb", include_str!("../../presets/48gb.yaml")),
+];
 
 pub fn load_preset(name: &str, base: &Path) -> anyhow::Result<Value> {
     if name.contains('/') || name.contains('\\') || name.is_empty() {

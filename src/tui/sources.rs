@@ -1,11 +1,13 @@
 //! What the wizard offers, from the rest of the program: checkpoints found on
-//! disk. Presets with VRAM estimates and the GPU probe come with the estimator.
+//! disk, the built-in presets with the estimated peak of this run under each,
+//! and the GPU NVML reports.
 
 use std::path::PathBuf;
 
 use crate::checkpoint::models::scan;
 use crate::config::RunConfig;
 use crate::tui::widgets::format_gib;
+use crate::vram::{probe, rate_presets, ModelShapes};
 use crate::tui::wizard::{GpuInfo, ModelChoice, PresetChoice, Sources};
 
 /// Looks in the working directory and `./models`.
@@ -35,11 +37,17 @@ impl Sources for DiskSources {
             .collect()
     }
 
-    fn presets(&self, _config: &RunConfig) -> Vec<PresetChoice> {
-        Vec::new()
+    /// Each preset's estimate for the chosen model; SD 1.5 shapes when its
+    /// header cannot be read (the wizard validated the path already).
+    fn presets(&self, config: &RunConfig) -> Vec<PresetChoice> {
+        let shapes = ModelShapes::from_checkpoint(&config.source_checkpoint).unwrap_or_else(|_| ModelShapes::sd15());
+        rate_presets(config, &shapes)
+            .into_iter()
+            .map(|(name, estimated_bytes)| PresetChoice { name, estimated_bytes })
+            .collect()
     }
 
     fn gpu(&self) -> Option<GpuInfo> {
-        None
+        probe().map(|g| GpuInfo { name: g.name, total_bytes: g.total_bytes })
     }
 }

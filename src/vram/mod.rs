@@ -1,0 +1,134 @@
+//! VRAM: the peak-memory estimator (`dreambooth vram CONFIG.yaml`), the preset
+//! list rated against the detected card (`dreambooth presets`), and the NVML probe.
+
+pub mod activations;
+pub mod estimate;
+pub mod model;
+pub mod probe;
+pub mod shapes;
+
+use std::path::Path;
+
+use crate::config::presets::{load_preset, BUILTIN};
+use crate::config::schema::RunConfig;
+pub use estimate::{estimate, with_cuda_overhead, Estimate, Plan};
+pub use model::ModelShapes;
+pub use probe::{probe, GpuMemory};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn gib(bytes: i64) -> String {
+    format!("{:.2} GiB", bytes as f64 / GIB)
+}
+
+/// The estimate as a table: one line per component, grouped by phase, then the peak.
+pub fn render(e: &Estimate, model: &str) -> String {
+    let mut out = format!("Estimated peak VRAM for {model}\n\n");
+    let width = e.rows.iter().map(|r| r.what.len()).max().unwrap_or(10).max(24);
+    let dwidth = e.rows.iter().map(|r| r.detail.len()).max().unwrap_or(10);
+    let mut phase = "";
+    for r in &e.rows {
+        if r.phase != phase {
+            phase = r.phase;
+            let extra = e.phases.iter().find(|(p, _)| *p == phase).map(|(_, b)| format!(" (+{})", gib(*b as i64)));
+            out.push_str(&format!("{}{}\n", phase, extra.unwrap_or_default()));
+        }
+        out.push_str(&format!("  {:<width$}  {:<dwidth$}  {:>12}\n", r.what, r.detail, estimate::mib(r.bytes)));
+    }
+    out.push_str(&format!("\n  {:<width$}  {:<dwidth$}  {:>12}\n", "resident total", "", gib(e.resident as i64)));
+    out.push_str(&format!(
+        "  {:<width$}  {:<dwidth$}  {:>12}\n",
+        "peak (allocated)",
+        format!("during the {}", e.peak_phase),
+        gib(e.peak as i64)
+    ));
+    out.push_str(&format!(
+        "  {:<width$}  {:<dwidth$}  {:>12}\n",
+        "card memory needed",
+        "+ CUDA context and allocator slack",
+        gib(with_cuda_overhead(e.peak) as i64)
+    ));
+    out
+}
+
+/// `dreambooth vram CONFIG.yaml`.
+pub fn vram_command(config: &Path) -> anyhow::Result<()> {
+    let c = crate::config::load_run_config(config)?;
+    let shapes = ModelShapes::from_checkpoint(&c.source_checkpoint)?;
+    let e = estimate(&shapes, &Plan::from_config(&c));
+    print!("{}", render(&e, &shapes.origin));
+    if let Some(gpu) = probe() {
+        let need = with_cuda_overhead(e.peak);
+        let free = gpu.total_bytes.saturating_sub(gpu.used_bytes);
+        let verdict = if need <= gpu.total_bytes { "fits" } else { "does NOT fit" };
+        println!(
+            "\n{} ({} total, {} free now): {verdict}",
+            gpu.name,
+            gib(gpu.total_bytes as i64),
+            gib(free as i64)
+        );
+    }
+    Ok(())
+}
+
+/// The tier a preset is named after, in bytes (`12gb` → 12 GiB); `None` for `cpu`.
+pub fn tier_bytes(name: &str) -> Option<u64> {
+    name.strip_suffix("gb").and_then(|n| n.parse::<u64>().ok()).map(|n| n << 30)
+}
+
+/// `config` with `preset`'s settings over its own (the estimate of "this run under that preset").
+pub fn with_preset(config: &RunConfig, preset: &str) -> anyhow::Result<RunConfig> {
+    let preset_value = load_preset(preset, Path::new("."))?;
+    let own = serde_yaml::to_value(config)?;
+    let merged = crate::config::load::merge(own, preset_value);
+    let mut c: RunConfig = serde_yaml::from_value(merged)?;
+    c.preset = Some(preset.to_string());
+    Ok(c)
+}
+
+/// A minimal SD 1.5 run at 512 with one instance concept (no prior preservation).
+fn reference_run() -> RunConfig {
+    let text = "name: x\nsource_checkpoint: x\nconcepts:\n  - instance_data_dir: x\n    instance_prompt: a photo of sks dog\n";
+    crate::config::parse_run_config(text, "the reference run", Path::new(".")).expect("the reference run parses")
+}
+
+/// Every built-in preset with its estimated peak (card memory needed) for `config` on `shapes`.
+pub fn rate_presets(config: &RunConfig, shapes: &ModelShapes) -> Vec<(String, u64)> {
+    BUILTIN
+        .iter()
+        .filter_map(|(name, _)| {
+            let c = with_preset(config, name).ok()?;
+            Some((name.to_string(), with_cuda_overhead(estimate(shapes, &Plan::from_config(&c)).peak)))
+        })
+        .collect()
+}
+
+/// `dreambooth presets`.
+pub fn presets_command() -> anyhow::Result<()> {
+    let gpu = probe();
+    match &gpu {
+        Some(g) => println!(
+            "GPU: {} ({} total, {} in use)\n",
+            g.name,
+            gib(g.total_bytes as i64),
+            gib(g.used_bytes as i64)
+        ),
+        None => println!("No NVIDIA GPU found (no driver or no device): training runs on the CPU.\n"),
+    }
+    let rated = rate_presets(&reference_run(), &ModelShapes::sd15());
+    println!("{:<6}  {:>6}  {:>22}  fits", "preset", "tier", "SD 1.5 at 512 needs");
+    for (name, need) in rated {
+        let tier = tier_bytes(&name).map(|b| format!("{} GB", b >> 30)).unwrap_or_else(|| "CPU".into());
+        let fits = match (&gpu, tier_bytes(&name)) {
+            (None, None) => "yes (CPU)",
+            (None, Some(_)) => "-",
+            (Some(_), None) => "",
+            (Some(g), Some(_)) if need <= g.total_bytes => "yes",
+            (Some(_), Some(_)) => "no",
+        };
+        println!("{name:<6}  {tier:>6}  {:>22}  {fits}", gib(need as i64));
+    }
+    println!("\nA config picks one with `preset: NAME`; its own keys override the preset's.");
+    println!("`dreambooth vram CONFIG.yaml` estimates a run's own peak, component by component.");
+    Ok(())
+}
