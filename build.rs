@@ -3,13 +3,15 @@
 // 2. libtorch_cuda is linked with --no-as-needed: nothing calls it by symbol (it
 //    registers CUDA with libtorch when loaded), so the linker would drop it and
 //    CUDA would look absent on a GPU machine.
-// 3. Compiles src/shim/torch_shim.cpp: the libtorch calls tch does not bind.
+// 3. Compiles src/shim/torch_shim.cpp (and train_shim.cpp, autocast): the libtorch
+//    calls tch does not bind.
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/shim/torch_shim.cpp");
+    println!("cargo:rerun-if-changed=src/shim/train_shim.cpp");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     if lib.join("libtorch_cuda.so").exists() {
@@ -28,6 +30,7 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("src/shim/torch_shim.cpp")
+        .file("src/shim/train_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

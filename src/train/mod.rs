@@ -1,7 +1,9 @@
-//! Training: LR schedules, optimizers, the loop.
+//! Training: LR schedules, optimizers, the step, precision, the loop.
 
 pub mod lr_schedule;
 pub mod adamw;
 pub mod adamw8bit;
 pub mod commands;
 pub mod optimizer;
+pub mod precision;
+pub mod step;
