@@ -7,3 +7,8 @@ pub mod commands;
 pub mod optimizer;
 pub mod precision;
 pub mod step;
+pub mod checkpoint;
+pub mod ema;
+pub mod modules;
+pub mod trainer;
+pub mod export;
