@@ -6,6 +6,16 @@
 
 extern "C" {
 
+// torch.set_flush_denormal(True): tiny Adam moments (grad² of small gradients)
+// become denormal floats, which make CPU math tens of times slower.
+int dbt_set_flush_denormal(int on) {
+  try {
+    return at::globalContext().setFlushDenormal(on != 0) ? 0 : 1;
+  } catch (...) {
+    return 1;
+  }
+}
+
 // Enables autocast for `cuda` (1) or the CPU (0) with `dtype` (c10::ScalarType
 // code: 5 half, 15 bfloat16) or disables it (enabled 0). Returns 0 on success.
 int dbt_autocast_set(int cuda, int enabled, int dtype) {

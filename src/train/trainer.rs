@@ -292,6 +292,7 @@ impl Trainer {
         log: &mut RunLog,
     ) -> anyhow::Result<(RunConfig, Precision, StableDiffusion, ModelParameters, Dataset, AdamW, Option<Ema>)> {
         let t = &config.training;
+        super::precision::flush_denormals();
         let loaded = load_model(&config.source_checkpoint, None)?;
         // Float32 master weights; mixed precision is autocast around the forward pass.
         let (sd, params) = StableDiffusion::from_loaded_with_parameters(loaded, device, Kind::Float, t.attention)?;
