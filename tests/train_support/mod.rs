@@ -14,7 +14,7 @@ pub fn fixture_model(name: &str) -> PathBuf {
 pub fn demo_model() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("dreambooth-train-tests-{}", std::process::id()));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-model-{}", env!("CARGO_CRATE_NAME")));
         dreambooth::demo::ensure_demo_model(&dir.join("model")).unwrap()
     })
     .clone()
