@@ -33,12 +33,12 @@ pub fn subject_images(dir: &Path, n: usize) {
     }
 }
 
-/// Unrelated images: green/yellow horizontal stripes.
+/// Unrelated images: a fine checkerboard of green and yellow, nothing like the subject.
 pub fn other_images(dir: &Path, n: usize) {
     std::fs::create_dir_all(dir).unwrap();
     for k in 0..n {
-        let img = image::RgbImage::from_fn(64, 64, |_, y| {
-            if (y / (4 + k as u32)) % 2 == 0 { image::Rgb([30, 200, 40]) } else { image::Rgb([240, 230, 20]) }
+        let img = image::RgbImage::from_fn(64, 64, |x, y| {
+            if ((x + k as u32) / 2 + y / 2) % 2 == 0 { image::Rgb([30, 200, 40]) } else { image::Rgb([240, 230, 20]) }
         });
         img.save(dir.join(format!("other-{k}.png"))).unwrap();
     }
