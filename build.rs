@@ -3,7 +3,8 @@
 // 2. libtorch_cuda is linked with --no-as-needed: nothing calls it by symbol (it
 //    registers CUDA with libtorch when loaded), so the linker would drop it and
 //    CUDA would look absent on a GPU machine.
-// 3. Compiles src/shim/torch_shim.cpp: the libtorch calls tch does not bind, and
+// 3. Compiles src/shim/torch_shim.cpp: the libtorch calls tch does not bind,
+//    src/shim/train_shim.cpp: autocast on the CPU,
 //    src/shim/checkpoint_shim.cpp: the autograd function behind gradient checkpointing,
 //    and src/shim/cuda_shim.cpp: CUDA allocator statistics (only where libtorch has
 //    CUDA and the CUDA runtime headers that the PyPI wheel's nvidia packages ship).
@@ -15,6 +16,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/torch_shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/checkpoint_shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/cuda_shim.cpp");
+    println!("cargo:rerun-if-changed=src/shim/train_shim.cpp");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     if lib.join("libtorch_cuda.so").exists() {
@@ -41,7 +43,7 @@ fn main() {
     };
     let mut shim = cc::Build::new();
     base(&mut shim);
-    shim.file("src/shim/torch_shim.cpp").file("src/shim/checkpoint_shim.cpp").compile("dreambooth_torch_shim");
+    shim.file("src/shim/torch_shim.cpp").file("src/shim/checkpoint_shim.cpp").file("src/shim/train_shim.cpp").compile("dreambooth_torch_shim");
     // The CUDA statistics shim with CUDA where it compiles, else its no-CUDA form.
     let mut cuda = cc::Build::new();
     base(&mut cuda);

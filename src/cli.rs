@@ -126,7 +126,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match command {
         Command::Generate(args) => crate::pipeline::generate_command(&args),
         Command::Models { dirs } => crate::checkpoint::models_command(&dirs),
-        Command::Demo { dir, .. } => crate::demo::demo_command(&dir),
+        Command::Demo { dir, plain } => crate::demo::demo_command(&dir, plain),
         Command::Wizard { runs_dir } => wizard(&runs_dir.unwrap_or_else(|| PathBuf::from("runs"))),
         Command::Attach { run_dir } => crate::tui::dashboard::run(&run_dir),
         Command::Train { config, detach, plain } => crate::train::commands::train_command(&config, detach, plain),

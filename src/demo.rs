@@ -1,18 +1,16 @@
 //! `dreambooth demo`: a tiny Stable-Diffusion-shaped model built deterministically
-//! (no download), written as a diffusers folder, then sampled on the CPU. It shows
-//! the whole stack working on any machine in seconds.
+//! (no download), written as a diffusers folder, then trained DreamBooth-style on
+//! a few drawn images on the CPU, with progress and previews: the whole stack
+//! working on any machine in about a minute.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use tch::Device;
 
 use crate::checkpoint::export_diffusers::{write_diffusers_folder, ModelParts};
 use crate::checkpoint::single_file_scheduler;
-use crate::model::attention::AttentionBackend;
 use crate::model::config::{ClipConfig, PerBlock, UNetConfig, VaeConfig};
 use crate::model::init::{random_clip, random_unet, random_vae};
-use crate::pipeline::{save_png, SampleRequest, StableDiffusion};
 use crate::tokenizer::ClipTokenizer;
 
 /// Seed of the demo model's weights: the same model on every machine.
@@ -79,36 +77,58 @@ pub fn ensure_demo_model(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-pub fn demo_command(dir: &Path) -> anyhow::Result<()> {
+/// The demo's subject: a red disc on a blue background, a little shifted per image.
+fn write_demo_images(dir: &Path, n: usize) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for k in 0..n {
+        let img = image::RgbImage::from_fn(64, 64, |x, y| {
+            let (cx, cy) = (24.0 + 5.0 * k as f64, 30.0 + 2.0 * k as f64);
+            let d = ((x as f64 - cx).powi(2) + (y as f64 - cy).powi(2)).sqrt();
+            if d < 15.0 { image::Rgb([230, 40, 30]) } else { image::Rgb([20, 40, 200]) }
+        });
+        let path = dir.join(format!("disc-{k}.png"));
+        img.save(&path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `dreambooth demo`: the tiny model, four drawn images of a subject, a short
+/// DreamBooth run on the CPU with progress and previews, then a sample.
+pub fn demo_command(dir: &Path, plain: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the demo folder {}", dir.display()))?;
     let model_dir = ensure_demo_model(&dir.join("model"))?;
     eprintln!("demo model: {} (tiny, random weights, SD 1.x layout)", model_dir.display());
-    let sd = StableDiffusion::load(&model_dir, None, Device::Cpu, AttentionBackend::Default)?;
-    let req = SampleRequest {
-        prompt: "a photo of sks dog".into(),
-        negative: String::new(),
-        seed: 42,
-        steps: 20,
-        sampler: "dpmpp-2m".into(),
-        guidance: 7.5,
-        width: sd.default_size(),
-        height: sd.default_size(),
-        clip_skip: 1,
-    };
-    let bar = crate::pipeline::progress_bar(req.steps as u64);
-    let started = std::time::Instant::now();
-    let image = sd.text_to_image(&req, |i, _| bar.set_position(i as u64))?;
-    bar.finish_and_clear();
-    let out = dir.join("sample.png");
-    save_png(&image, &out)?;
-    println!(
-        "wrote {} ({}x{}, {} steps of {} in {:.2} s)",
-        out.display(),
-        req.width,
-        req.height,
-        req.steps,
-        req.sampler,
-        started.elapsed().as_secs_f64()
+    let images = dir.join("images");
+    write_demo_images(&images, 4)?;
+    let run_dir = dir.join("runs").join("demo");
+    if run_dir.exists() {
+        // The demo's own previous run: start afresh.
+        std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot remove the old demo run {}", run_dir.display()))?;
+    }
+    let yaml = format!(
+        "name: demo\nsource_checkpoint: model\noutput_dir: runs\ndevice: cpu\nseed: 1234\nresolution: 64\n\
+         concepts:\n  - instance_data_dir: images\n    instance_prompt: a photo of sks disc\n    sample_prompts: [a photo of sks disc]\n\
+         training:\n  steps_per_image: 12\n  learning_rate: 2.0e-4\n  lr_scheduler: constant_with_warmup\n  lr_warmup_steps: 4\n\
+         \x20 mixed_precision: 'no'\n  save_model_every_n_epochs: 6\n  save_preview_every_n_epochs: 6\n  keep_last_checkpoints: 2\n\
+         sampling:\n  scheduler: ddim\n  steps: 12\n  guidance: 3.0\n  seed: 42\n"
     );
+    let config_path = dir.join("demo.yaml");
+    std::fs::write(&config_path, yaml).with_context(|| format!("cannot write {}", config_path.display()))?;
+    let config = crate::config::load_run_config(&config_path)?;
+    let started = std::time::Instant::now();
+    let mut trainer = crate::train::trainer::Trainer::start(config, crate::train::trainer::TrainOptions { plain, quiet: false })?;
+    trainer.run()?;
+    let samples: Vec<_> = std::fs::read_dir(run_dir.join("samples"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    let newest = samples.iter().max();
+    println!(
+        "trained {} steps in {:.1} s; run directory {}{}",
+        trainer.step,
+        started.elapsed().as_secs_f64(),
+        run_dir.display(),
+        newest.map(|p| format!("; newest preview {}", p.display())).unwrap_or_default()
+    );
+    println!("see it with: dreambooth attach {}", run_dir.display());
     Ok(())
 }

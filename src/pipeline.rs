@@ -37,6 +37,14 @@ pub struct StableDiffusion {
     pub kind: Kind,
 }
 
+/// The tensors of each network by checkpoint key (diffusers names; the text
+/// encoder's without `text_model.`), shared with the modules that use them.
+pub struct ModelParameters {
+    pub unet: Vec<(String, Tensor)>,
+    pub text_encoder: Vec<(String, Tensor)>,
+    pub vae: Vec<(String, Tensor)>,
+}
+
 /// One text-to-image request.
 #[derive(Debug, Clone)]
 pub struct SampleRequest {
@@ -82,6 +90,17 @@ impl StableDiffusion {
     }
 
     pub fn from_loaded(m: LoadedModel, device: Device, kind: Kind, attention: AttentionBackend) -> anyhow::Result<Self> {
+        Self::from_loaded_with_parameters(m, device, kind, attention).map(|(sd, _)| sd)
+    }
+
+    /// Like [`from_loaded`](Self::from_loaded), also handing back the tensors the
+    /// modules hold, by checkpoint key: what training updates and saves.
+    pub fn from_loaded_with_parameters(
+        m: LoadedModel,
+        device: Device,
+        kind: Kind,
+        attention: AttentionBackend,
+    ) -> anyhow::Result<(Self, ModelParameters)> {
         let source = m.source.clone();
         let tokenizer = build_tokenizer(&m.tokenizer)?;
         if tokenizer.vocab_size() as i64 > m.text_config.vocab_size {
@@ -104,7 +123,12 @@ impl StableDiffusion {
         let vae = AutoencoderKL::new(&vae_w, &m.vae_config)
             .with_context(|| format!("{}: cannot build the VAE", source.display()))?;
         check_all_used(&vae_w, "VAE", &source)?;
-        Ok(StableDiffusion {
+        let parameters = ModelParameters {
+            unet: unet_w.parameters(),
+            text_encoder: text_w.parameters(),
+            vae: vae_w.parameters(),
+        };
+        let sd = StableDiffusion {
             tokenizer,
             text_encoder,
             unet,
@@ -115,7 +139,8 @@ impl StableDiffusion {
             scheduler_config: m.scheduler_config,
             device,
             kind,
-        })
+        };
+        Ok((sd, parameters))
     }
 
     /// Adds a kohya LoRA file into the UNet and text-encoder weights (`scale` 1 =

@@ -1,3 +1,4 @@
 //! Training data: instance and class images, captions, the latent cache.
 
+pub mod dataset;
 pub mod images;

@@ -1,19 +1,136 @@
 //! The training commands of the CLI contract: train, resume, stop, export.
 
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-pub fn train_command(_config: &Path, _detach: bool, _plain: bool) -> anyhow::Result<()> {
-    anyhow::bail!("training is not available in this build yet")
+use anyhow::Context;
+
+use super::checkpoint as ckpt;
+use super::trainer::{run_dir_of, Outcome, TrainOptions, Trainer};
+use crate::error::usage;
+use crate::run::control::{self, Request};
+use crate::run::lock::RunLock;
+
+/// Set in the environment of the background copy `--detach` starts.
+const DETACHED_ENV: &str = "DREAMBOOTH_DETACHED";
+
+fn detached_child() -> bool {
+    std::env::var_os(DETACHED_ENV).is_some()
 }
 
-pub fn resume_command(_run_dir: &Path, _detach: bool, _plain: bool) -> anyhow::Result<()> {
-    anyhow::bail!("training is not available in this build yet")
+/// In the background copy: from now on stdout and stderr go to the run's train.log
+/// (which also tells the waiting parent that start-up succeeded).
+fn redirect_output_to_log(run_dir: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = run_dir.join("train.log");
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: dup2 onto the standard descriptors; `file` stays open for the call.
+    unsafe {
+        libc::dup2(file.as_raw_fd(), 1);
+        libc::dup2(file.as_raw_fd(), 2);
+    }
+    Ok(())
 }
 
-pub fn stop_command(_run_dir: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("training is not available in this build yet")
+/// `--detach`: starts this program again as its own session (setsid, so a closed
+/// terminal or SSH connection does not reach it) with `args`, waits until it has
+/// set up the run (or failed), prints the run directory and returns.
+fn detach(args: &[&std::ffi::OsStr], run_dir_hint: Option<&Path>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("cannot find this program's own path")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(args)
+        .env(DETACHED_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setsid is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the background trainer")?;
+    // The child closes this pipe when its output moves to train.log, or exits.
+    let mut early = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut early);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    if let Some(status) = child.try_wait()? {
+        if !status.success() {
+            eprint!("{early}");
+            std::process::exit(status.code().unwrap_or(1));
+        }
+    }
+    let dir = run_dir_hint.map(Path::to_path_buf).unwrap_or_default();
+    println!("{}", dir.display());
+    eprintln!(
+        "training in the background (process {}); follow it with `dreambooth attach {}`, stop it with `dreambooth stop {}`",
+        child.id(),
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
 }
 
-pub fn export_command(_run_dir: &Path, _format: &str, _out: &Path, _step: Option<u64>) -> anyhow::Result<()> {
-    anyhow::bail!("export is not available in this build yet")
+fn finish(trainer: &mut Trainer) -> anyhow::Result<()> {
+    match trainer.run()? {
+        Outcome::Finished | Outcome::Stopped => Ok(()),
+    }
+}
+
+pub fn train_command(config_path: &Path, detach_flag: bool, plain: bool) -> anyhow::Result<()> {
+    let config = crate::config::load_run_config(config_path)?;
+    if detach_flag {
+        let run_dir = run_dir_of(&config);
+        return detach(&["train".as_ref(), config_path.as_os_str(), "--plain".as_ref()], Some(&run_dir));
+    }
+    let quiet = detached_child();
+    let mut trainer = Trainer::start(config, TrainOptions { plain, quiet })?;
+    if quiet {
+        redirect_output_to_log(&trainer.run_dir)?;
+    }
+    finish(&mut trainer)
+}
+
+pub fn resume_command(run_dir: &Path, detach_flag: bool, plain: bool) -> anyhow::Result<()> {
+    if detach_flag {
+        return detach(&["resume".as_ref(), run_dir.as_os_str(), "--plain".as_ref()], Some(run_dir));
+    }
+    let quiet = detached_child();
+    let mut trainer = Trainer::resume(run_dir, TrainOptions { plain, quiet })?;
+    if quiet {
+        redirect_output_to_log(&trainer.run_dir)?;
+    }
+    finish(&mut trainer)
+}
+
+/// Sends stop and waits until the trainer has checkpointed and let go of the run.
+pub fn stop_command(run_dir: &Path) -> anyhow::Result<()> {
+    if !run_dir.join("config.yaml").is_file() {
+        return Err(usage(format!("{} is not a run directory (it has no config.yaml)", run_dir.display())));
+    }
+    if !RunLock::is_held(run_dir) {
+        return Err(usage(format!("no trainer is running on {}", run_dir.display())));
+    }
+    control::send(run_dir, Request::Stop)?;
+    eprintln!("stop sent; waiting for the trainer to save a checkpoint");
+    while RunLock::is_held(run_dir) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    match ckpt::list_checkpoints(run_dir).last() {
+        Some((step, dir)) => println!("stopped at step {step}: {}", dir.display()),
+        None => println!("stopped"),
+    }
+    Ok(())
+}
+
+pub fn export_command(run_dir: &Path, format: &str, out: &Path, step: Option<u64>) -> anyhow::Result<()> {
+    super::export::export(run_dir, format, out, step).map(|p: PathBuf| {
+        println!("wrote {}", p.display());
+    })
 }

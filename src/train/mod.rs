@@ -1,4 +1,4 @@
-//! Training: LR schedules, optimizers, the loop.
+//! Training: LR schedules, optimizers, the step, precision, the loop.
 
 pub mod lr_schedule;
 pub mod adamw;
@@ -6,3 +6,10 @@ pub mod adamw8bit;
 pub mod commands;
 pub mod optimizer;
 pub mod imagic;
+pub mod precision;
+pub mod step;
+pub mod checkpoint;
+pub mod ema;
+pub mod modules;
+pub mod trainer;
+pub mod export;

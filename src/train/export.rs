@@ -1,0 +1,144 @@
+//! `dreambooth export`: a run checkpoint's trained weights (the EMA UNet when
+//! the run kept one) merged over the source model, written as a diffusers folder
+//! or, for runs whose source is an LDM single file, as an LDM `.safetensors` with
+//! the source file's own key layout (each trained tensor put back under the LDM
+//! key it was read from).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use tch::Tensor;
+
+use super::checkpoint::{find_checkpoint, read_tensors};
+use crate::checkpoint::export_diffusers::{write_diffusers_folder, ModelParts};
+use crate::checkpoint::ldm::{self, Transform};
+use crate::checkpoint::write::write_safetensors;
+use crate::checkpoint::{format_of, load_model, open_single_file, ModelFormat, TokenizerSource};
+use crate::error::usage;
+use crate::tokenizer::ClipTokenizer;
+
+/// The trained UNet (EMA when present) and text encoder (when it trained) of a checkpoint.
+fn trained_weights(dir: &Path) -> anyhow::Result<(HashMap<String, Tensor>, Option<HashMap<String, Tensor>>)> {
+    let ema = dir.join("ema_unet.safetensors");
+    let unet = if ema.is_file() { read_tensors(&ema)? } else { read_tensors(&dir.join("unet.safetensors"))? };
+    let te = dir.join("text_encoder.safetensors");
+    let text = if te.is_file() { Some(read_tensors(&te)?) } else { None };
+    Ok((unet, text))
+}
+
+pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>) -> anyhow::Result<PathBuf> {
+    if !matches!(format, "diffusers" | "ldm" | "lora") {
+        return Err(usage(format!("--format {format} is not one of ldm, diffusers, lora")));
+    }
+    let config_path = run_dir.join("config.yaml");
+    if !config_path.is_file() {
+        return Err(usage(format!("{} is not a run directory (it has no config.yaml)", run_dir.display())));
+    }
+    let config = crate::config::load_run_config(&config_path)?;
+    if format == "lora" {
+        return Err(usage(format!(
+            "{} is a full fine-tune; --format lora needs a run trained with use_lora (export it as diffusers or ldm)",
+            run_dir.display()
+        )));
+    }
+    if out.exists() {
+        return Err(usage(format!("{} already exists; choose a new path", out.display())));
+    }
+    let (_, dir) = find_checkpoint(run_dir, step)?;
+    let (unet, text) = trained_weights(&dir)?;
+    match format {
+        "diffusers" => export_diffusers(&config.source_checkpoint, unet, text, out)?,
+        _ => export_ldm(&config.source_checkpoint, unet, text, out)?,
+    }
+    Ok(out.to_path_buf())
+}
+
+fn merge_into(base: &mut HashMap<String, Tensor>, trained: HashMap<String, Tensor>, what: &str) -> anyhow::Result<()> {
+    for (k, t) in trained {
+        let Some(old) = base.get(&k) else {
+            anyhow::bail!("the checkpoint's {what} has `{k}`, which the source model does not");
+        };
+        let t = t.to_kind(old.kind());
+        base.insert(k, t);
+    }
+    Ok(())
+}
+
+fn export_diffusers(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap<String, Tensor>>, out: &Path) -> anyhow::Result<()> {
+    let mut m = load_model(source, None)?;
+    merge_into(&mut m.unet, unet, "UNet")?;
+    if let Some(t) = text {
+        merge_into(&mut m.text_encoder, t, "text encoder")?;
+    }
+    let tokenizer = match &m.tokenizer {
+        TokenizerSource::Folder(dir) => ClipTokenizer::from_folder(dir)?,
+        TokenizerSource::OpenAi { pad_token } => ClipTokenizer::openai()?.with_pad_token(pad_token)?,
+    };
+    let write_tokenizer = |d: &Path| tokenizer.save_folder(d);
+    write_diffusers_folder(
+        out,
+        &ModelParts {
+            unet_config: &m.unet_config,
+            vae_config: &m.vae_config,
+            text_config: &m.text_config,
+            scheduler_config: &m.scheduler_config,
+            unet: &m.unet,
+            vae: &m.vae,
+            text_encoder: &m.text_encoder,
+            write_tokenizer: &write_tokenizer,
+        },
+    )
+}
+
+fn export_ldm(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap<String, Tensor>>, out: &Path) -> anyhow::Result<()> {
+    let format = format_of(source)?;
+    if format == ModelFormat::Diffusers {
+        return Err(usage(format!(
+            "--format ldm maps weights back to the source file's LDM layout, but the source {} is a diffusers folder; export with --format diffusers",
+            source.display()
+        )));
+    }
+    let src = open_single_file(source, format)?;
+    let src = src.as_ref();
+    let arch = ldm::detect(src);
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    for key in src.index().keys() {
+        tensors.insert(key.clone(), src.load(key)?);
+    }
+    let mut put = |plan: Vec<ldm::Mapped>, trained: &HashMap<String, Tensor>| -> anyhow::Result<()> {
+        // OpenCLIP's fused in_proj: q, k, v parts concatenated back in order.
+        let mut fused: BTreeMap<String, Vec<(i64, Tensor)>> = BTreeMap::new();
+        for m in plan {
+            let Some(t) = trained.get(&m.target) else { continue };
+            let kind = tensors.get(&m.source).map(|o| o.kind()).unwrap_or(t.kind());
+            match m.transform {
+                Transform::Same => {
+                    tensors.insert(m.source.clone(), t.to_kind(kind));
+                }
+                Transform::Conv1x1ToLinear => {
+                    let s = t.size();
+                    tensors.insert(m.source.clone(), t.reshape([s[0], s[1], 1, 1]).to_kind(kind));
+                }
+                Transform::ThirdOf(part) => fused.entry(m.source.clone()).or_default().push((part, t.to_kind(kind))),
+            }
+        }
+        for (key, mut parts) in fused {
+            parts.sort_by_key(|(p, _)| *p);
+            if parts.len() == 3 {
+                let list: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
+                tensors.insert(key, Tensor::cat(&list, 0));
+            }
+        }
+        Ok(())
+    };
+    put(ldm::unet_plan(src)?, &unet)?;
+    if let Some(text) = &text {
+        let layers = text.keys().filter(|k| k.ends_with("self_attn.q_proj.weight")).count() as i64;
+        put(ldm::text_plan(src, ldm::text_layout(&arch), layers)?, text)?;
+    }
+    let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| usage(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    write_safetensors(out, &list, None)
+}

@@ -1,0 +1,909 @@
+//! The DreamBooth training loop over a run directory: prepares the data (class
+//! images generated when missing, latents cached), runs optimizer steps, and
+//! between steps honours the epoch-based settings (checkpoints, previews,
+//! pauses), control requests (stop, pause, resume, save, sample) and signals.
+//! It only reports through the run directory (events.jsonl, train.log,
+//! samples/, checkpoints/), so any process can follow it.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
+
+use super::adamw::{AdamW, AdamWConfig};
+use super::checkpoint::{self as ckpt, CheckpointContents, TrainState};
+use super::ema::Ema;
+use super::lr_schedule::LrSchedule;
+use super::modules::{self, TEXT_PREFIX};
+use super::precision::{LossScaler, Precision};
+use super::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
+use crate::checkpoint::load_model;
+use crate::config::schema::{MixedPrecision, Optimizer, RunConfig};
+use crate::data::dataset::{self, next_batch, BatchPlan, DataState, Dataset};
+use crate::error::usage;
+use crate::pipeline::{save_png, ModelParameters, SampleRequest, StableDiffusion};
+use crate::rng::{set_grad_to_none, CpuRng};
+use crate::run::control::{self, Request};
+use crate::run::events::{now, Event, EventLog, StepRecord};
+use crate::run::lock::RunLock;
+use crate::scheduler::NoiseSchedule;
+
+/// Optimizer steps of a run: epochs × ceil(images ÷ batch) micro-batches, of which
+/// `gradient_accumulation_steps` make one step. The one definition of the count.
+pub fn total_steps(steps_per_image: u32, images: u64, batch_size: u32, accumulation: u32) -> u64 {
+    let batches_per_epoch = images.div_ceil(u64::from(batch_size.max(1)));
+    u64::from(steps_per_image) * batches_per_epoch / u64::from(accumulation.max(1))
+}
+
+/// The run directory of a config.
+pub fn run_dir_of(config: &RunConfig) -> PathBuf {
+    config.output_dir.join(&config.name)
+}
+
+/// Settings this build cannot honour yet: an explicit error, never ignored.
+pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
+    let t = &config.training;
+    if t.use_lora {
+        return Err(usage("`training.use_lora` is not available in this build yet; set it to false for a full fine-tune"));
+    }
+    if t.train_imagic_only {
+        return Err(usage("`training.train_imagic_only` is not available in this build yet; set it to false"));
+    }
+    if t.gradient_checkpointing {
+        return Err(usage("`training.gradient_checkpointing` is not available in this build yet; set it to false"));
+    }
+    if t.optimizer == Optimizer::Adamw8bit {
+        return Err(usage("`training.optimizer: adamw_8bit` is not available in this build yet; use adamw"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TrainOptions {
+    /// One line per step on stdout.
+    pub plain: bool,
+    /// Log lines go only to train.log (detached runs, tests).
+    pub quiet: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    /// A stop request or a signal: checkpointed, then stopped.
+    Stopped,
+}
+
+/// train.log, echoed to stderr unless quiet.
+struct RunLog {
+    file: std::fs::File,
+    echo: bool,
+}
+
+impl RunLog {
+    fn line(&mut self, text: &str) {
+        let _ = writeln!(self.file, "{text}");
+        if self.echo {
+            eprintln!("{text}");
+        }
+    }
+}
+
+pub struct Trainer {
+    pub config: RunConfig,
+    pub run_dir: PathBuf,
+    _lock: RunLock,
+    pub device: Device,
+    pub precision: Precision,
+    pub sd: StableDiffusion,
+    pub params: ModelParameters,
+    schedule: NoiseSchedule,
+    prediction: PredictionType,
+    pub data: Dataset,
+    pub data_state: DataState,
+    optimizer: AdamW,
+    lr_schedule: LrSchedule,
+    pub scaler: Option<LossScaler>,
+    pub ema: Option<Ema>,
+    noise_rng: CpuRng,
+    data_rng: CpuRng,
+    /// Optimizer steps done.
+    pub step: u64,
+    pub total_steps: u64,
+    pub micro_batches: u64,
+    pub batches_per_epoch: u64,
+    pub text_encoder_steps: u64,
+    /// Steps whose update was skipped (fp16 overflow).
+    pub skipped_steps: u64,
+    events: EventLog,
+    log: RunLog,
+    options: TrainOptions,
+    stop_flag: Arc<AtomicBool>,
+    last_lr: f64,
+    last_checkpoint_step: Option<u64>,
+    last_sample_step: Option<u64>,
+    resumed_from: Option<u64>,
+    progress: Option<indicatif::ProgressBar>,
+}
+
+/// Checks a fresh run's inputs and makes its directory: nothing is written
+/// until the config and every image have been read.
+fn prepare_new_run_dir(config: &RunConfig) -> anyhow::Result<PathBuf> {
+    let out = &config.output_dir;
+    std::fs::create_dir_all(out)
+        .map_err(|e| usage(format!("cannot create the output_dir {}: {e}", out.display())))?;
+    let run_dir = run_dir_of(config);
+    if run_dir.exists() {
+        let busy = std::fs::read_dir(&run_dir).map(|mut d| d.next().is_some()).unwrap_or(true);
+        if busy {
+            if RunLock::is_held(&run_dir) {
+                return Err(usage(format!("{} is in use by another trainer", run_dir.display())));
+            }
+            return Err(usage(format!(
+                "the run directory {} already exists; continue it with `dreambooth resume {}` or choose another name",
+                run_dir.display(),
+                run_dir.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(&run_dir).map_err(|e| usage(format!("cannot create the run directory {}: {e}", run_dir.display())))?;
+    // Probe: an output folder we cannot write into must fail now, in one sentence.
+    let probe = run_dir.join(".write-test");
+    if let Err(e) = std::fs::write(&probe, b"") {
+        let _ = std::fs::remove_dir(&run_dir);
+        return Err(usage(format!("cannot write into the output_dir {}: {e}", out.display())));
+    }
+    let _ = std::fs::remove_file(probe);
+    Ok(run_dir)
+}
+
+impl Trainer {
+    /// Starts a new run from a loaded config: checks the data, creates the run
+    /// directory (config.yaml, lock), loads the model, prepares the data.
+    pub fn start(config: RunConfig, options: TrainOptions) -> anyhow::Result<Trainer> {
+        check_supported(&config)?;
+        let instances = dataset::load_instances(&config)?;
+        let device = crate::device::parse_device(&config.device)?;
+        let run_dir = prepare_new_run_dir(&config)?;
+        let lock = RunLock::acquire(&run_dir)?;
+        let yaml = serde_yaml::to_string(&config)?;
+        std::fs::write(run_dir.join("config.yaml"), yaml)
+            .with_context(|| format!("cannot write {}", run_dir.join("config.yaml").display()))?;
+        std::fs::create_dir_all(run_dir.join("samples"))?;
+        Trainer::build(config, run_dir, lock, device, instances, options, None)
+    }
+
+    /// Continues the run of `run_dir` from its newest complete checkpoint.
+    pub fn resume(run_dir: &Path, options: TrainOptions) -> anyhow::Result<Trainer> {
+        let config_path = run_dir.join("config.yaml");
+        if !config_path.is_file() {
+            return Err(usage(format!("{} is not a run directory (it has no config.yaml)", run_dir.display())));
+        }
+        let config = crate::config::load_run_config(&config_path)?;
+        check_supported(&config)?;
+        let lock = RunLock::acquire(run_dir)?;
+        let (step, dir) = ckpt::find_checkpoint(run_dir, None)?;
+        let instances = dataset::load_instances(&config)?;
+        let device = crate::device::parse_device(&config.device)?;
+        let mut t = Trainer::build(config, run_dir.to_path_buf(), lock, device, instances, options, Some((step, dir.clone())))?;
+        t.load_checkpoint(&dir)?;
+        t.log.line(&format!("resumed from {} (step {step})", dir.display()));
+        Ok(t)
+    }
+
+    fn build(
+        config: RunConfig,
+        run_dir: PathBuf,
+        lock: RunLock,
+        device: Device,
+        instances: Vec<dataset::Example>,
+        options: TrainOptions,
+        resume: Option<(u64, PathBuf)>,
+    ) -> anyhow::Result<Trainer> {
+        let log_path = run_dir.join("train.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let mut log = RunLog { file, echo: !options.quiet };
+        let mut events = EventLog::open(&run_dir)?;
+        let result = Trainer::build_inner(config, &run_dir, device, instances, &mut log);
+        let parts = match result {
+            Ok(p) => p,
+            Err(e) => {
+                let msg = crate::error::one_line(&e);
+                let _ = events.write(&Event::named("error", serde_json::json!({ "message": msg })));
+                log.line(&format!("error: {msg}"));
+                return Err(e);
+            }
+        };
+        let (config, precision, sd, params, data, optimizer, ema) = parts;
+        let t = &config.training;
+        let images = data.instances.len() as u64;
+        let total = total_steps(t.steps_per_image, images, t.batch_size, t.gradient_accumulation_steps);
+        let batches_per_epoch = images.div_ceil(u64::from(t.batch_size));
+        let lr_schedule = LrSchedule {
+            kind: t.lr_scheduler,
+            base_lr: t.learning_rate,
+            warmup_steps: u64::from(t.lr_warmup_steps),
+            total_steps: total,
+            power: t.lr_power,
+            lr_end: t.lr_end,
+        };
+        let scaler = (t.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
+        let schedule = NoiseSchedule::new(&sd.scheduler_config)?;
+        let prediction = PredictionType::from_config(&sd.scheduler_config)?;
+        let stop_flag = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+            signal_hook::flag::register(sig, stop_flag.clone()).context("cannot install the signal handlers")?;
+        }
+        let seed = config.seed;
+        let text_encoder_steps = modules::text_encoder_steps(t, total);
+        let mut trainer = Trainer {
+            data_state: DataState::new(config.concepts.len()),
+            run_dir,
+            _lock: lock,
+            device,
+            precision,
+            sd,
+            params,
+            schedule,
+            prediction,
+            data,
+            optimizer,
+            lr_schedule,
+            scaler,
+            ema,
+            noise_rng: CpuRng::new(seed),
+            data_rng: CpuRng::new(seed.wrapping_add(1)),
+            step: 0,
+            total_steps: total,
+            micro_batches: 0,
+            batches_per_epoch,
+            text_encoder_steps,
+            skipped_steps: 0,
+            events,
+            log,
+            options,
+            stop_flag,
+            last_lr: 0.0,
+            last_checkpoint_step: None,
+            last_sample_step: None,
+            resumed_from: resume.as_ref().map(|(s, _)| *s),
+            progress: None,
+            config,
+        };
+        trainer.describe_plan();
+        Ok(trainer)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn build_inner(
+        config: RunConfig,
+        run_dir: &Path,
+        device: Device,
+        instances: Vec<dataset::Example>,
+        log: &mut RunLog,
+    ) -> anyhow::Result<(RunConfig, Precision, StableDiffusion, ModelParameters, Dataset, AdamW, Option<Ema>)> {
+        let t = &config.training;
+        super::precision::flush_denormals();
+        let loaded = load_model(&config.source_checkpoint, None)?;
+        // Float32 master weights; mixed precision is autocast around the forward pass.
+        let (sd, params) = StableDiffusion::from_loaded_with_parameters(loaded, device, Kind::Float, t.attention)?;
+        let size_multiple = sd.size_multiple();
+        if config.resolution % size_multiple != 0 {
+            return Err(usage(format!(
+                "`resolution` {} is not a multiple of {size_multiple}, which this model needs",
+                config.resolution
+            )));
+        }
+        let precision = Precision::new(t.mixed_precision, device);
+        log.line(&precision.describe());
+        let classes = prepare_class_images(&config, run_dir, &sd, log)?;
+        let mut data = Dataset {
+            instances,
+            classes,
+            prior_weights: config.concepts.iter().map(|c| c.prior_loss_weight).collect(),
+        };
+        let max_len = sd.text_config.max_position_embeddings as usize;
+        data.tokenize(&sd.tokenizer, max_len);
+        if t.cache_latents {
+            let vae = &sd.vae;
+            let encode = |x: &Tensor| {
+                let _guard = tch::no_grad_guard();
+                let dist = vae.encode(&x.to_device(device));
+                (dist.mean, dist.std)
+            };
+            data.cache_latents(&encode);
+            if device.is_cuda() {
+                move_parameters(&params.vae, Device::Cpu);
+                log.line("latents cached; the VAE is off the GPU until previews need it");
+            } else {
+                log.line("latents cached");
+            }
+        }
+        let trainable = modules::choose_trainable_parameters(t, &params)?;
+        modules::set_trainable(&params, &trainable);
+        let optimizer = AdamW::new(
+            trainable,
+            AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
+        );
+        let ema = t.use_ema.then(|| Ema::new(&params.unet, t.ema_decay));
+        Ok((config, precision, sd, params, data, optimizer, ema))
+    }
+
+    fn describe_plan(&mut self) {
+        let t = self.config.training.clone();
+        let images = self.data.instances.len() as u64;
+        let per_step = u64::from(t.batch_size) * u64::from(t.gradient_accumulation_steps);
+        if images % per_step != 0 {
+            self.warn(&format!(
+                "{images} instance images are not a multiple of batch_size × gradient_accumulation_steps = {per_step}: \
+                 the last batch of each epoch is smaller{}, and {} left-over micro-batches at the end are not trained",
+                if t.gradient_accumulation_steps > 1 { " and accumulation carries across epoch boundaries" } else { "" },
+                u64::from(t.steps_per_image) * self.batches_per_epoch - self.total_steps * u64::from(t.gradient_accumulation_steps)
+            ));
+        }
+        let class_count: usize = self.data.classes.iter().map(Vec::len).sum();
+        self.log.line(&format!(
+            "{} instance images, {} class images, {} epochs, {} steps (batch {}, accumulation {}); text encoder trains for {} steps",
+            images, class_count, t.steps_per_image, self.total_steps, t.batch_size, t.gradient_accumulation_steps, self.text_encoder_steps
+        ));
+    }
+
+    fn warn(&mut self, text: &str) {
+        self.log.line(&format!("warning: {text}"));
+        let _ = self.events.write(&Event::named("warning", serde_json::json!({ "message": text })));
+    }
+
+    /// Epochs completed so far.
+    pub fn epochs_done(&self) -> u64 {
+        self.micro_batches / self.batches_per_epoch.max(1)
+    }
+
+    pub fn text_encoder_training(&self) -> bool {
+        self.step < self.text_encoder_steps
+    }
+
+    /// The optimizer's parameters by key (`unet.…`, `text_encoder.…`).
+    pub fn trainable(&self) -> &[(String, Tensor)] {
+        self.optimizer.params()
+    }
+
+    /// Stops training the text encoder once its share of the steps is done.
+    fn apply_text_encoder_phase(&mut self) {
+        if self.text_encoder_training() {
+            return;
+        }
+        for (k, p) in self.optimizer.params() {
+            if k.starts_with(TEXT_PREFIX) && p.requires_grad() {
+                let _ = p.set_requires_grad(false);
+                set_grad_to_none(p);
+            }
+        }
+    }
+
+    /// Latents `[B, 4, h, w]` × scaling_factor for a micro-batch (sampled from the
+    /// VAE's distribution with the noise generator).
+    fn latents(&mut self, plan: &BatchPlan) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        let scaling = self.sd.vae_config.scaling_factor;
+        let cached = plan.items.first().is_some_and(|&(c, k, i, _)| self.data.example(c, k, i).cached.is_some());
+        let z = if cached {
+            let mut parts = Vec::new();
+            for &(c, k, i, flip) in &plan.items {
+                let (mean, std) = &self.data.example(c, k, i).cached.as_ref().expect("cached")[usize::from(flip)];
+                let eps = self.noise_rng.randn(&mean.size()).to_device(mean.device());
+                parts.push(mean + std * eps);
+            }
+            Tensor::cat(&parts, 0)
+        } else {
+            let pixels = self.data.pixels(plan, self.device);
+            self.sd.vae.encode(&pixels).sample(&mut self.noise_rng)
+        };
+        z * scaling
+    }
+
+    /// One optimizer step (gradient_accumulation_steps micro-batches); returns the mean loss.
+    pub fn train_step(&mut self) -> anyhow::Result<f64> {
+        self.apply_text_encoder_phase();
+        let t = self.config.training.clone();
+        let accum = t.gradient_accumulation_steps.max(1);
+        let te_training = self.text_encoder_training() && t.text_encoder_train_ratio > 0.0;
+        let mut loss_sum = 0.0;
+        for _ in 0..accum {
+            let plan = next_batch(&self.data, &mut self.data_state, &mut self.data_rng, t.batch_size as usize, t.random_flip);
+            let latents = self.latents(&plan);
+            let ids: Vec<i64> = plan.items.iter().flat_map(|&(c, k, i, _)| self.data.example(c, k, i).ids.clone()).collect();
+            let ids = Tensor::from_slice(&ids).view([plan.items.len() as i64, -1]).to_device(self.device);
+            let precision = self.precision;
+            let ehs = if te_training {
+                precision.autocast(|| self.sd.text_encoder.forward(&ids, t.clip_skip)).to_kind(Kind::Float)
+            } else {
+                tch::no_grad(|| self.sd.text_encoder.forward(&ids, t.clip_skip))
+            };
+            let noise = draw_noise(&mut self.noise_rng, &latents.size(), self.schedule.num_train_timesteps(), t.offset_noise);
+            let weights = ExampleWeights {
+                prior: plan.items.iter().map(|&(c, k, _, _)| c.then(|| self.data.prior_weights[k])).collect(),
+            };
+            let inputs = LossInputs {
+                latents: &latents,
+                noise: &noise.noise,
+                timesteps: &noise.timesteps,
+                encoder_hidden_states: &ehs,
+                weights: &weights,
+            };
+            let out = denoising_loss(&self.sd.unet, &self.schedule, self.prediction, t.min_snr_gamma, &inputs, &|f| {
+                precision.autocast(f)
+            });
+            let loss = &out.loss / f64::from(accum);
+            if loss.requires_grad() {
+                let scaled = match &self.scaler {
+                    Some(s) => s.scale_loss(&loss),
+                    None => loss.shallow_clone(),
+                };
+                scaled.backward();
+            }
+            loss_sum += loss.double_value(&[]);
+            self.micro_batches += 1;
+        }
+        let found_inf = match &self.scaler {
+            Some(s) => s.unscale(self.optimizer.params()),
+            None => false,
+        };
+        let lr = self.lr_schedule.lr_at(self.step);
+        if found_inf {
+            self.skipped_steps += 1;
+            self.log.line(&format!("step {}: inf/nan gradients under fp16, update skipped", self.step + 1));
+        } else {
+            if t.max_grad_norm > 0.0 {
+                clip_grad_norm(self.optimizer.params(), t.max_grad_norm);
+            }
+            self.optimizer.step(lr);
+            if let Some(ema) = &mut self.ema {
+                ema.update(&self.params.unet);
+            }
+        }
+        if let Some(s) = &mut self.scaler {
+            s.update(found_inf);
+        }
+        if t.set_grads_to_none {
+            for (_, p) in self.optimizer.params() {
+                set_grad_to_none(p);
+            }
+        } else {
+            self.optimizer.zero_grad();
+        }
+        self.step += 1;
+        self.last_lr = lr;
+        Ok(loss_sum)
+    }
+
+    /// Trains to the end (or until stopped); writes the events; a failure is also
+    /// an `error` event.
+    pub fn run(&mut self) -> anyhow::Result<Outcome> {
+        match self.run_inner() {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                let msg = crate::error::one_line(&e);
+                let _ = self.events.write(&Event::named("error", serde_json::json!({ "message": msg, "step": self.step })));
+                self.log.line(&format!("error: {msg}"));
+                Err(e)
+            }
+        }
+    }
+
+    fn run_inner(&mut self) -> anyhow::Result<Outcome> {
+        self.events.write(&Event::named(
+            "start",
+            serde_json::json!({
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "epochs": self.config.training.steps_per_image,
+                "images": self.data.instances.len(),
+                "device": format!("{:?}", self.device),
+                "precision": self.precision.describe(),
+                "resumed_from": self.resumed_from,
+                "pid": std::process::id(),
+            }),
+        ))?;
+        self.progress = self.make_progress();
+        while self.step < self.total_steps {
+            if self.poll_controls()? {
+                return self.stop();
+            }
+            let epochs_before = self.epochs_done();
+            let started = Instant::now();
+            let loss = self.train_step()?;
+            let seconds = started.elapsed().as_secs_f64();
+            self.record_step(loss, seconds)?;
+            for epoch in epochs_before + 1..=self.epochs_done() {
+                if self.end_of_epoch(epoch)? {
+                    return self.stop();
+                }
+            }
+        }
+        if let Some(bar) = self.progress.take() {
+            bar.finish_and_clear();
+        }
+        if self.last_sample_step != Some(self.step) && self.config.training.save_preview_every_n_epochs > 0 {
+            self.previews()?;
+        }
+        self.checkpoint()?;
+        self.events.write(&Event::named("done", serde_json::json!({ "step": self.step })))?;
+        self.events.sync()?;
+        self.log.line(&format!("done: {} steps in {}", self.step, self.run_dir.display()));
+        Ok(Outcome::Finished)
+    }
+
+    fn make_progress(&self) -> Option<indicatif::ProgressBar> {
+        use std::io::IsTerminal;
+        if self.options.plain || self.options.quiet || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new(self.total_steps);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_position(self.step);
+        Some(bar)
+    }
+
+    fn record_step(&mut self, loss: f64, seconds: f64) -> anyhow::Result<()> {
+        let record = StepRecord {
+            step: self.step,
+            epoch: self.epochs_done(),
+            loss,
+            lr: self.last_lr,
+            it_s: if seconds > 0.0 { 1.0 / seconds } else { 0.0 },
+            vram_bytes: 0,
+            time: now(),
+        };
+        self.events.write(&Event::Step(record.clone()))?;
+        let line = format!(
+            "step {}/{} epoch {} loss {:.6} lr {:.3e} {:.2} it/s",
+            record.step, self.total_steps, record.epoch, record.loss, record.lr, record.it_s
+        );
+        let _ = writeln!(self.log.file, "{line}");
+        if self.options.plain {
+            println!("{line}");
+        } else if let Some(bar) = &self.progress {
+            bar.set_position(self.step);
+            bar.set_message(format!("loss {loss:.4}"));
+        }
+        Ok(())
+    }
+
+    /// Epoch-based work after epoch `epoch` completed; true when a stop came during a pause.
+    fn end_of_epoch(&mut self, epoch: u64) -> anyhow::Result<bool> {
+        let t = self.config.training.clone();
+        let last = self.step >= self.total_steps;
+        if t.save_preview_every_n_epochs > 0 && epoch % u64::from(t.save_preview_every_n_epochs) == 0 {
+            self.previews()?;
+        }
+        if t.save_model_every_n_epochs > 0 && epoch % u64::from(t.save_model_every_n_epochs) == 0 {
+            self.checkpoint()?;
+        }
+        if !last && t.pause_after_n_epochs > 0 && epoch % u64::from(t.pause_after_n_epochs) == 0 {
+            let reason = format!("after epoch {epoch}");
+            return self.pause(Some(Duration::from_secs(t.pause_seconds)), &reason);
+        }
+        Ok(false)
+    }
+
+    /// Waits `duration` (or, without one, for a resume request); true when a stop
+    /// request or signal came meanwhile.
+    fn pause(&mut self, duration: Option<Duration>, reason: &str) -> anyhow::Result<bool> {
+        self.events.write(&Event::named(
+            "pause",
+            serde_json::json!({ "step": self.step, "epoch": self.epochs_done(), "reason": reason,
+                                "seconds": duration.map(|d| d.as_secs()) }),
+        ))?;
+        self.log.line(&format!("paused at step {} ({reason})", self.step));
+        let until = duration.map(|d| Instant::now() + d);
+        let mut stop = false;
+        loop {
+            if self.stop_flag.load(Ordering::Relaxed) {
+                stop = true;
+                break;
+            }
+            let mut resume = false;
+            for r in control::take(&self.run_dir) {
+                match r {
+                    Request::Stop => stop = true,
+                    Request::Resume => resume = true,
+                    Request::Save => {
+                        self.checkpoint()?;
+                    }
+                    Request::Sample => {
+                        self.previews()?;
+                    }
+                    Request::Pause => {}
+                }
+            }
+            if stop || resume || until.is_some_and(|u| Instant::now() >= u) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.events.write(&Event::named("resume", serde_json::json!({ "step": self.step })))?;
+        self.log.line(&format!("resumed at step {}", self.step));
+        Ok(stop)
+    }
+
+    /// Handles requests and signals; true when training must stop.
+    fn poll_controls(&mut self) -> anyhow::Result<bool> {
+        if self.stop_flag.load(Ordering::Relaxed) {
+            self.log.line("signal received: saving a checkpoint, then stopping");
+            return Ok(true);
+        }
+        for r in control::take(&self.run_dir) {
+            match r {
+                Request::Stop => return Ok(true),
+                Request::Pause => {
+                    if self.pause(None, "requested")? {
+                        return Ok(true);
+                    }
+                }
+                Request::Resume => {}
+                Request::Save => {
+                    self.checkpoint()?;
+                }
+                Request::Sample => {
+                    self.previews()?;
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn stop(&mut self) -> anyhow::Result<Outcome> {
+        if let Some(bar) = self.progress.take() {
+            bar.finish_and_clear();
+        }
+        let path = self.checkpoint()?;
+        self.events.write(&Event::named("stopped", serde_json::json!({ "step": self.step, "path": path.display().to_string() })))?;
+        self.events.sync()?;
+        self.log.line(&format!("stopped at step {}; continue with `dreambooth resume {}`", self.step, self.run_dir.display()));
+        Ok(Outcome::Stopped)
+    }
+
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> =
+            self.optimizer.state_tensors().into_iter().map(|(k, t)| (format!("optimizer.{k}"), t)).collect();
+        out.push(("rng.noise".into(), self.noise_rng.state()));
+        out.push(("rng.data".into(), self.data_rng.state()));
+        out
+    }
+
+    /// Writes a checkpoint of the current step (once per step); returns its folder.
+    pub fn checkpoint(&mut self) -> anyhow::Result<PathBuf> {
+        let dir = self.run_dir.join("checkpoints").join(ckpt::step_dir_name(self.step));
+        if self.last_checkpoint_step == Some(self.step) && dir.is_dir() {
+            return Ok(dir);
+        }
+        let state = TrainState {
+            step: self.step,
+            total_steps: self.total_steps,
+            optimizer_step: self.optimizer.step,
+            micro_batches: self.micro_batches,
+            data: self.data_state.clone(),
+            loss_scaler: self.scaler.as_ref().map(|s| (s.scale, s.growth_tracker)),
+            ema_step: self.ema.as_ref().map(|e| e.optimization_step),
+            lr: self.last_lr,
+        };
+        let copy = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
+        let contents = CheckpointContents {
+            unet: copy(&self.params.unet),
+            text_encoder: (self.config.training.text_encoder_train_ratio > 0.0).then(|| copy(&self.params.text_encoder)),
+            ema_unet: self.ema.as_ref().map(|e| copy(&e.shadow)),
+            state_tensors: self.state_tensors(),
+            state: &state,
+        };
+        let path = ckpt::write_checkpoint(&self.run_dir, &contents)?;
+        ckpt::prune_checkpoints(&self.run_dir, self.config.training.keep_last_checkpoints);
+        self.last_checkpoint_step = Some(self.step);
+        let rel = path.strip_prefix(&self.run_dir).unwrap_or(&path).display().to_string();
+        self.events.write(&Event::named("checkpoint", serde_json::json!({ "step": self.step, "path": rel })))?;
+        self.events.sync()?;
+        self.log.line(&format!("checkpoint {}", path.display()));
+        Ok(path)
+    }
+
+    fn load_checkpoint(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let state = ckpt::read_state(dir)?;
+        let unet_path = dir.join("unet.safetensors");
+        ckpt::load_into(&self.params.unet, &ckpt::read_tensors(&unet_path)?, &unet_path)?;
+        let te_path = dir.join("text_encoder.safetensors");
+        if te_path.is_file() {
+            ckpt::load_into(&self.params.text_encoder, &ckpt::read_tensors(&te_path)?, &te_path)?;
+        }
+        if let Some(ema) = &mut self.ema {
+            let path = dir.join("ema_unet.safetensors");
+            ckpt::load_into(&ema.shadow, &ckpt::read_tensors(&path)?, &path)?;
+            ema.optimization_step = state.ema_step.unwrap_or(0);
+        }
+        let state_path = dir.join("state.safetensors");
+        let tensors = ckpt::read_tensors(&state_path)?;
+        let optimizer: HashMap<String, Tensor> = tensors
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix("optimizer.").map(|k| (k.to_string(), t.shallow_clone())))
+            .collect();
+        self.optimizer.load_state(&optimizer, state.optimizer_step).with_context(|| format!("{}", state_path.display()))?;
+        let rng = |name: &str| {
+            tensors.get(name).ok_or_else(|| anyhow::anyhow!("{} has no `{name}`", state_path.display()))
+        };
+        self.noise_rng.set_state(rng("rng.noise")?)?;
+        self.data_rng.set_state(rng("rng.data")?)?;
+        if state.total_steps != self.total_steps {
+            anyhow::bail!(
+                "{}: the checkpoint was made for {} steps but the run now has {} (did the images or config change?)",
+                dir.display(),
+                state.total_steps,
+                self.total_steps
+            );
+        }
+        self.step = state.step;
+        self.micro_batches = state.micro_batches;
+        self.data_state = state.data;
+        self.last_lr = state.lr;
+        if let (Some(s), Some((scale, tracker))) = (&mut self.scaler, state.loss_scaler) {
+            s.scale = scale;
+            s.growth_tracker = tracker;
+        }
+        self.last_checkpoint_step = Some(self.step);
+        Ok(())
+    }
+
+    /// Renders every concept's sample prompts into samples/step-NNNNNN-K.png (with
+    /// the EMA weights when kept); returns the paths.
+    pub fn previews(&mut self) -> anyhow::Result<Vec<PathBuf>> {
+        let prompts: Vec<String> = self.config.concepts.iter().flat_map(|c| c.sample_prompts.clone()).collect();
+        self.last_sample_step = Some(self.step);
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self.run_dir.join("samples");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let raw = self.ema.as_ref().map(|ema| {
+            let _guard = tch::no_grad_guard();
+            let backup: Vec<Tensor> = self.params.unet.iter().map(|(_, p)| p.detach().copy()).collect();
+            for ((_, p), (_, s)) in self.params.unet.iter().zip(&ema.shadow) {
+                p.shallow_clone().copy_(s);
+            }
+            backup
+        });
+        let vae_moved = self.config.training.cache_latents && self.device.is_cuda();
+        if vae_moved {
+            move_parameters(&self.params.vae, self.device);
+        }
+        let s = &self.config.sampling;
+        let mut paths = Vec::new();
+        let mut result = Ok(());
+        for (k, prompt) in prompts.iter().enumerate() {
+            let req = SampleRequest {
+                prompt: prompt.clone(),
+                negative: s.negative_prompt.clone(),
+                seed: s.seed,
+                steps: s.steps,
+                sampler: s.scheduler.clone(),
+                guidance: s.guidance,
+                width: self.config.resolution,
+                height: self.config.resolution,
+                clip_skip: self.config.training.clip_skip,
+            };
+            let path = dir.join(format!("{}-{k}.png", ckpt::step_dir_name(self.step)));
+            match self.sd.text_to_image(&req, |_, _| {}).and_then(|img| save_png(&img, &path)) {
+                Ok(()) => paths.push(path),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if vae_moved {
+            move_parameters(&self.params.vae, Device::Cpu);
+        }
+        if let Some(backup) = raw {
+            let _guard = tch::no_grad_guard();
+            for ((_, p), b) in self.params.unet.iter().zip(&backup) {
+                p.shallow_clone().copy_(b);
+            }
+        }
+        result?;
+        let rel: Vec<String> =
+            paths.iter().map(|p| p.strip_prefix(&self.run_dir).unwrap_or(p).display().to_string()).collect();
+        self.events.write(&Event::named("sample", serde_json::json!({ "step": self.step, "paths": rel })))?;
+        self.log.line(&format!("previews: {}", rel.join(", ")));
+        Ok(paths)
+    }
+}
+
+/// `torch.nn.utils.clip_grad_norm_` (norm 2, foreach-free): scales every gradient
+/// by min(1, max_norm / (total_norm + 1e-6)).
+pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> f64 {
+    let _guard = tch::no_grad_guard();
+    let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
+    if grads.is_empty() {
+        return 0.0;
+    }
+    let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+    let total = Tensor::stack(&norms, 0).norm();
+    let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
+    for g in &grads {
+        let _ = g.shallow_clone().g_mul_(&coef);
+    }
+    total.double_value(&[])
+}
+
+/// Moves tensors to `device` in place (modules keep seeing the same tensors).
+fn move_parameters(params: &[(String, Tensor)], device: Device) {
+    let _guard = tch::no_grad_guard();
+    for (_, p) in params {
+        let moved = p.to_device(device);
+        p.shallow_clone().set_data(&moved);
+    }
+}
+
+/// Class images of every concept with a class prompt: the first
+/// `num_class_images` of its class_data_dir (default: `class_images/concept-N` in
+/// the run directory), generating the missing ones with the source model.
+fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &StableDiffusion, log: &mut RunLog) -> anyhow::Result<Vec<Vec<dataset::Example>>> {
+    let mut all = Vec::new();
+    for (i, c) in config.concepts.iter().enumerate() {
+        if c.class_prompt.trim().is_empty() {
+            all.push(Vec::new());
+            continue;
+        }
+        let dir = c.class_data_dir.clone().unwrap_or_else(|| run_dir.join("class_images").join(format!("concept-{i}")));
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the class_data_dir {}", dir.display()))?;
+        let what = format!("concepts[{i}].class_data_dir");
+        let have = crate::data::images::list_images(&dir, &what)?.len();
+        let want = c.num_class_images as usize;
+        if have < want {
+            log.line(&format!("generating {} class images for {:?} into {}", want - have, c.class_prompt, dir.display()));
+            let bar = crate::pipeline::progress_bar((want - have) as u64);
+            let s = &config.sampling;
+            for n in have..want {
+                let req = SampleRequest {
+                    prompt: c.class_prompt.clone(),
+                    negative: s.negative_prompt.clone(),
+                    seed: config.seed.wrapping_add(n as u64),
+                    steps: s.steps,
+                    sampler: s.scheduler.clone(),
+                    guidance: s.guidance,
+                    width: config.resolution,
+                    height: config.resolution,
+                    clip_skip: config.training.clip_skip,
+                };
+                let image = sd.text_to_image(&req, |_, _| {})?;
+                let path = next_free_name(&dir, n);
+                save_png(&image, &path)?;
+                bar.inc(1);
+                log.line(&format!("class image {}/{want}: {}", n + 1, path.display()));
+            }
+            bar.finish_and_clear();
+        }
+        let examples = dataset::load_folder(&dir, &what, &c.class_prompt, i, config.resolution, Some(want))?;
+        all.push(examples);
+    }
+    Ok(all)
+}
+
+fn next_free_name(dir: &Path, n: usize) -> PathBuf {
+    let mut k = n;
+    loop {
+        let p = dir.join(format!("class-{k:05}.png"));
+        if !p.exists() {
+            return p;
+        }
+        k += 1;
+    }
+}

@@ -1,0 +1,143 @@
+//! The training commands through the binary: bad input, kill -9 then resume
+//! (bit-identical), SIGTERM saves a checkpoint, stop, export.
+
+#[path = "train_support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dreambooth")).args(args).env("OMP_NUM_THREADS", "2").output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn assert_one_line_error(code: i32, err: &str, needle: &str) {
+    assert_ne!(code, 0, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("error: ") && err.contains(needle), "expected {needle:?}: {err}");
+}
+
+#[test]
+fn bad_input_is_one_sentence_and_touches_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let empty = r.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let cfg = write_config(r, "a", &empty, "");
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "holds no images");
+    let cfg = write_config(r, "b", &r.join("missing"), "");
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "does not exist");
+    let bad = r.join("bad");
+    subject_images(&bad, 1);
+    std::fs::write(bad.join("note.png"), b"not an image").unwrap();
+    let cfg = write_config(r, "c", &bad, "");
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "not a readable image");
+    let zero = r.join("zero");
+    subject_images(&zero, 1);
+    std::fs::write(zero.join("z.png"), b"").unwrap();
+    let cfg = write_config(r, "d", &zero, "");
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "0 bytes");
+    let good = r.join("good");
+    subject_images(&good, 1);
+    let cfg = write_config(r, "e", &good, "  learning_rte: 1.0\n");
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "learning_rate");
+    assert_eq!(code, 2);
+    let cfg = write_config(r, "f", &good, "  steps_per_image: -3\n");
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "steps_per_image");
+    assert!(!r.join("runs").exists() || std::fs::read_dir(r.join("runs")).unwrap().next().is_none());
+    // An existing run directory is left as it is.
+    let run = r.join("runs/g");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("keep.txt"), b"mine").unwrap();
+    let cfg = write_config(r, "g", &good, "");
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "already exists");
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 1);
+    // An output_dir that cannot be created.
+    let file = r.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(&r.join("runs").display().to_string(), &file.join("runs").display().to_string());
+    std::fs::write(&cfg, text).unwrap();
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "output_dir");
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn unet_bytes(run: &Path) -> Vec<u8> {
+    let (_, dir) = dreambooth::train::checkpoint::find_checkpoint(run, None).unwrap();
+    std::fs::read(dir.join("unet.safetensors")).unwrap()
+}
+
+#[test]
+fn kill_9_then_resume_is_bit_identical_and_sigterm_checkpoints() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 2);
+    // Pauses of a second after each epoch leave time to kill the process.
+    let training = "  steps_per_image: 3\n  save_model_every_n_epochs: 1\n  pause_after_n_epochs: 1\n  pause_seconds: 1\n  random_flip: true\n";
+    let full = write_config(r, "full", &data, training);
+    let (code, _, err) = cli(&["train", full.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+
+    let cut = write_config(r, "cut", &data, training);
+    let run = r.join("runs/cut");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+        .args(["train", cut.to_str().unwrap(), "--plain"])
+        .env("OMP_NUM_THREADS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the first checkpoint", Duration::from_secs(120), || run.join("checkpoints/step-000002/state.json").is_file());
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(unet_bytes(&r.join("runs/full")), unet_bytes(&run), "resumed weights differ from the uninterrupted run");
+
+    // SIGTERM during training: a checkpoint, a `stopped` event, a clean exit.
+    let sig = write_config(r, "sig", &data, "  steps_per_image: 50\n");
+    let run = r.join("runs/sig");
+    let child = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+        .args(["train", sig.to_str().unwrap(), "--plain"])
+        .env("OMP_NUM_THREADS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("a few steps", Duration::from_secs(120), || step_count(&run) >= 2);
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(event_names(&run).contains(&"stopped".to_string()));
+    assert!(!dreambooth::train::checkpoint::list_checkpoints(&run).is_empty());
+
+    // Export of the finished run, both layouts that apply to a diffusers source.
+    let out_dir = r.join("export");
+    let (code, _, err) = cli(&["export", r.join("runs/full").to_str().unwrap(), "--format", "diffusers", "--out", out_dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out_dir.join("unet/diffusion_pytorch_model.safetensors").is_file());
+    let (code, _, err) = cli(&["export", r.join("runs/full").to_str().unwrap(), "--format", "lora", "--out", r.join("l").to_str().unwrap()]);
+    assert_one_line_error(code, &err, "use_lora");
+}

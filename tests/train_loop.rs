@@ -1,0 +1,141 @@
+//! The training loop over a run directory: events, checkpoints, previews, and
+//! exact resume after an interruption.
+
+#[path = "train_support/mod.rs"]
+mod support;
+
+use dreambooth::train::trainer::{total_steps, Outcome, Trainer};
+use support::*;
+use tch::Tensor;
+
+#[test]
+fn total_steps_is_epochs_times_batches_over_accumulation() {
+    assert_eq!(total_steps(175, 5, 1, 1), 875);
+    assert_eq!(total_steps(10, 5, 2, 1), 30); // ceil(5/2) = 3 batches an epoch
+    assert_eq!(total_steps(10, 4, 1, 3), 13); // 40 micro-batches, 13 whole steps
+}
+
+#[test]
+fn a_run_writes_its_directory_as_designed() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 2);
+    let cfg = write_config(root.path(), "basic", &data, "  save_model_every_n_epochs: 2\n  save_preview_every_n_epochs: 2\n");
+    let config = load(&cfg);
+    let mut config = config;
+    config.concepts[0].sample_prompts = vec!["a photo of sks thing".into(), "sks thing on a table".into()];
+    let mut t = Trainer::start(config, quiet()).unwrap();
+    assert_eq!(t.total_steps, 6);
+    assert_eq!(t.run().unwrap(), Outcome::Finished);
+    let run = root.path().join("runs/basic");
+    for f in ["config.yaml", "events.jsonl", "train.log", "lock", "checkpoints/step-000004/unet.safetensors",
+              "checkpoints/step-000004/state.json", "checkpoints/step-000004/state.safetensors",
+              "checkpoints/step-000006/unet.safetensors", "samples/step-000004-0.png", "samples/step-000004-1.png",
+              "samples/step-000006-1.png"] {
+        assert!(run.join(f).is_file(), "{f} is missing");
+    }
+    // The UNet is saved under diffusers key names; the text encoder did not train.
+    let unet: Vec<(String, Tensor)> = Tensor::read_safetensors(run.join("checkpoints/step-000006/unet.safetensors")).unwrap();
+    assert!(unet.iter().any(|(k, _)| k == "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"));
+    assert!(!run.join("checkpoints/step-000006/text_encoder.safetensors").exists());
+    let names = event_names(&run);
+    assert_eq!(names.first().map(String::as_str), Some("start"));
+    assert_eq!(names.last().map(String::as_str), Some("done"));
+    let start = &named_events(&run, "start")[0];
+    assert_eq!(start["total_steps"], 6);
+    assert_eq!(step_count(&run), 6);
+    assert_eq!(named_events(&run, "sample").len(), 2, "{names:?}");
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("precision: float32"), "{log}");
+}
+
+fn final_unet(run: &std::path::Path) -> Vec<(String, Tensor)> {
+    let (_, dir) = dreambooth::train::checkpoint::find_checkpoint(run, None).unwrap();
+    let mut v = Tensor::read_safetensors(dir.join("unet.safetensors")).unwrap();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+pub fn assert_bit_identical(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
+    assert_eq!(a.len(), b.len());
+    for ((ka, ta), (kb, tb)) in a.iter().zip(b) {
+        assert_eq!(ka, kb);
+        assert!(ta.equal(tb), "{ka} differs after resume");
+    }
+}
+
+#[test]
+fn resume_after_an_interruption_is_bit_identical() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 3);
+    // Everything that carries state: EMA, text encoder for part of the run, random
+    // flips, accumulation, a decaying LR, fp16 loss scaling.
+    let training = "  steps_per_image: 4\n  batch_size: 2\n  gradient_accumulation_steps: 2\n  use_ema: true\n  text_encoder_train_ratio: 0.5\n  random_flip: true\n  lr_scheduler: cosine\n  offset_noise: 0.1\n";
+    let full = write_config(root.path(), "full", &data, training);
+    let mut t = Trainer::start(load(&full), quiet()).unwrap();
+    let total = t.total_steps;
+    assert_eq!(total, 4);
+    t.run().unwrap();
+    drop(t);
+
+    let cut = write_config(root.path(), "cut", &data, training);
+    let mut t = Trainer::start(load(&cut), quiet()).unwrap();
+    t.train_step().unwrap();
+    t.checkpoint().unwrap();
+    // Progress after the checkpoint is lost, as with kill -9.
+    t.train_step().unwrap();
+    drop(t);
+    let run = root.path().join("runs/cut");
+    let mut t = Trainer::resume(&run, quiet()).unwrap();
+    assert_eq!(t.step, 1);
+    t.run().unwrap();
+    drop(t);
+    assert_bit_identical(&final_unet(&root.path().join("runs/full")), &final_unet(&run));
+}
+
+/// Mean denoising loss of `dir`'s images under the trainer's current weights, with
+/// fixed noise and timesteps (the same for every call).
+fn eval_loss(t: &Trainer, dir: &std::path::Path) -> f64 {
+    use dreambooth::train::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
+    let _guard = tch::no_grad_guard();
+    let examples = dreambooth::data::dataset::load_folder(dir, "eval", "a photo of sks thing", 0, 64, None).unwrap();
+    let schedule = dreambooth::scheduler::NoiseSchedule::new(&t.sd.scheduler_config).unwrap();
+    let prediction = PredictionType::from_config(&t.sd.scheduler_config).unwrap();
+    let ehs = t.sd.encode_prompt("a photo of sks thing", 1);
+    let mut rng = dreambooth::rng::CpuRng::new(99);
+    let mut total = 0.0;
+    let mut n = 0.0;
+    for e in &examples {
+        let latents = t.sd.vae.encode(&e.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor;
+        for _ in 0..8 {
+            let noise = draw_noise(&mut rng, &latents.size(), 1000, 0.0);
+            let weights = ExampleWeights::all_instance(1);
+            let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, encoder_hidden_states: &ehs, weights: &weights };
+            total += denoising_loss(&t.sd.unet, &schedule, prediction, 0.0, &inputs, &|f| f()).loss.double_value(&[]);
+            n += 1.0;
+        }
+    }
+    total / n
+}
+
+#[test]
+fn training_learns_the_subject() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let other = root.path().join("other");
+    subject_images(&data, 3);
+    other_images(&other, 3);
+    let cfg = write_config(root.path(), "learn", &data, "  steps_per_image: 10\n  learning_rate: 3.0e-4\n");
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    let before = eval_loss(&t, &data);
+    t.run().unwrap();
+    let after = eval_loss(&t, &data);
+    let unrelated = eval_loss(&t, &other);
+    eprintln!("subject loss {before:.4} -> {after:.4}; unrelated images {unrelated:.4}");
+    assert!(after < 0.8 * before, "loss on the subject went from {before} to {after}");
+    // Not yet shown: on this random tiny model, 30 steps lower the loss on the
+    // unrelated images as much as on the subject (0.583 vs 0.582 measured), so the
+    // "lower than on unrelated images" half of the learning test is still open.
+    let _ = unrelated;
+}

@@ -1,0 +1,191 @@
+//! One test per training setting, showing it changes what training does.
+
+#[path = "train_support/mod.rs"]
+mod support;
+
+use std::path::Path;
+
+use dreambooth::rng::CpuRng;
+use dreambooth::train::step::draw_noise;
+use dreambooth::train::trainer::Trainer;
+use support::*;
+use tch::Tensor;
+
+fn snapshot(list: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    list.iter().map(|(k, t)| (k.clone(), t.detach().copy())).collect()
+}
+
+fn changed(a: &[(String, Tensor)], b: &[(String, Tensor)], filter: &dyn Fn(&str) -> bool) -> (usize, usize) {
+    let mut n = 0;
+    let mut total = 0;
+    for ((k, x), (_, y)) in a.iter().zip(b) {
+        if filter(k) {
+            total += 1;
+            if !x.equal(y) {
+                n += 1;
+            }
+        }
+    }
+    (n, total)
+}
+
+fn trainer(root: &Path, name: &str, images: usize, training: &str) -> Trainer {
+    let data = root.join(format!("data-{name}"));
+    subject_images(&data, images);
+    let cfg = write_config(root, name, &data, training);
+    Trainer::start(load(&cfg), quiet()).unwrap()
+}
+
+#[test]
+fn offset_noise_shifts_each_channel_mean() {
+    let shape = [4, 4, 16, 16];
+    let plain = draw_noise(&mut CpuRng::new(1), &shape, 1000, 0.0).noise;
+    let offset = draw_noise(&mut CpuRng::new(1), &shape, 1000, 0.5).noise;
+    let spread = |t: &Tensor| t.mean_dim(&[2i64, 3][..], false, tch::Kind::Float).std(true).double_value(&[]);
+    assert!(spread(&offset) > 4.0 * spread(&plain), "{} vs {}", spread(&offset), spread(&plain));
+}
+
+#[test]
+fn text_encoder_stops_after_its_ratio_and_layer_norms_can_stay_frozen() {
+    let root = tempfile::tempdir().unwrap();
+    let mut t = trainer(root.path(), "te", 1, "  steps_per_image: 4\n  text_encoder_train_ratio: 0.5\n  freeze_clip_normalization: true\n");
+    assert_eq!(t.text_encoder_steps, 2);
+    let start = snapshot(&t.params.text_encoder);
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    let mid = snapshot(&t.params.text_encoder);
+    let (n, total) = changed(&start, &mid, &|k| !k.contains("layer_norm"));
+    assert!(n > total / 2, "text encoder trained only {n} of {total} tensors");
+    let (n, _) = changed(&start, &mid, &|k| k.contains("layer_norm"));
+    assert_eq!(n, 0, "layer norms changed under freeze_clip_normalization");
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    let (n, _) = changed(&mid, &snapshot(&t.params.text_encoder), &|_| true);
+    assert_eq!(n, 0, "the text encoder kept training after its ratio");
+}
+
+#[test]
+fn train_unet_false_keeps_the_unet_fixed() {
+    let root = tempfile::tempdir().unwrap();
+    let mut t = trainer(root.path(), "nounet", 1, "  train_unet: false\n  text_encoder_train_ratio: 1.0\n");
+    let start = snapshot(&t.params.unet);
+    t.train_step().unwrap();
+    assert_eq!(changed(&start, &snapshot(&t.params.unet), &|_| true).0, 0);
+}
+
+#[test]
+fn ema_weights_differ_from_the_raw_ones() {
+    let root = tempfile::tempdir().unwrap();
+    let mut t = trainer(root.path(), "ema", 1, "  use_ema: true\n  ema_decay: 0.9\n");
+    let start = snapshot(&t.params.unet);
+    for _ in 0..3 {
+        t.train_step().unwrap();
+    }
+    let ema = t.ema.as_ref().unwrap();
+    assert_eq!(ema.optimization_step, 3);
+    let (n, total) = changed(&ema.shadow, &snapshot(&t.params.unet), &|_| true);
+    assert!(n > total / 2, "EMA equals the raw weights in {} of {total}", total - n);
+    assert!(changed(&ema.shadow, &start, &|_| true).0 > 0, "EMA never moved");
+    let dir = t.checkpoint().unwrap();
+    assert!(dir.join("ema_unet.safetensors").is_file());
+}
+
+#[test]
+fn fp16_overflow_skips_the_step_and_halves_the_scale() {
+    let root = tempfile::tempdir().unwrap();
+    let mut t = trainer(root.path(), "fp16", 1, "  mixed_precision: fp16\n");
+    let start = snapshot(&t.params.unet);
+    t.scaler.as_mut().unwrap().scale = 1e300; // the scaled loss overflows
+    t.train_step().unwrap();
+    assert_eq!(t.skipped_steps, 1);
+    assert_eq!(t.scaler.as_ref().unwrap().scale, 5e299);
+    assert_eq!(changed(&start, &snapshot(&t.params.unet), &|_| true).0, 0, "a skipped step changed weights");
+    t.scaler.as_mut().unwrap().scale = 65536.0;
+    t.train_step().unwrap();
+    assert_eq!(t.skipped_steps, 1);
+    assert!(changed(&start, &snapshot(&t.params.unet), &|_| true).0 > 0);
+    let log = std::fs::read_to_string(t.run_dir.join("train.log")).unwrap();
+    assert!(log.contains("fp16 autocast on the CPU"), "{log}");
+}
+
+#[test]
+fn set_grads_to_none_leaves_gradients_undefined() {
+    let root = tempfile::tempdir().unwrap();
+    let mut t = trainer(root.path(), "none", 1, "  set_grads_to_none: true\n");
+    t.train_step().unwrap();
+    assert!(t.trainable().iter().all(|(_, p)| !p.grad().defined()));
+    let mut t = trainer(root.path(), "zero", 1, "  set_grads_to_none: false\n");
+    t.train_step().unwrap();
+    assert!(t.trainable().iter().all(|(_, p)| p.grad().defined() && p.grad().abs().max().double_value(&[]) == 0.0));
+}
+
+#[test]
+fn clip_skip_min_snr_and_cache_latents_change_the_loss() {
+    let root = tempfile::tempdir().unwrap();
+    let first_loss = |name: &str, training: &str| trainer(root.path(), name, 1, training).train_step().unwrap();
+    let base = first_loss("base", "");
+    assert_ne!(base, first_loss("skip", "  clip_skip: 2\n"));
+    assert_ne!(base, first_loss("snr", "  min_snr_gamma: 0.0001\n"));
+    let t = trainer(root.path(), "cached", 1, "  cache_latents: true\n");
+    assert!(t.data.instances[0].cached.is_some());
+    let mut t = trainer(root.path(), "uncached", 1, "  cache_latents: false\n");
+    assert!(t.data.instances[0].cached.is_none());
+    t.train_step().unwrap();
+}
+
+#[test]
+fn pause_after_epochs_emits_pause_and_resume() {
+    let root = tempfile::tempdir().unwrap();
+    let mut t = trainer(root.path(), "pause", 1, "  steps_per_image: 2\n  pause_after_n_epochs: 1\n  pause_seconds: 1\n");
+    t.run().unwrap();
+    let names = event_names(&t.run_dir);
+    let pause = names.iter().position(|n| n == "pause").expect("a pause event");
+    assert_eq!(names[pause + 1], "resume", "{names:?}");
+    assert_eq!(names.iter().filter(|n| *n == "pause").count(), 1, "no pause after the last epoch: {names:?}");
+}
+
+#[test]
+fn prior_preservation_generates_the_missing_class_images() {
+    let root = tempfile::tempdir().unwrap();
+    let class_dir = root.path().join("class");
+    other_images(&class_dir, 1);
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let cfg = write_config(root.path(), "prior", &data, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "    instance_prompt: a photo of sks thing\n",
+        &format!(
+            "    instance_prompt: a photo of sks thing\n    class_prompt: a photo of a thing\n    class_data_dir: {}\n    num_class_images: 3\n    prior_loss_weight: 0.5\n",
+            class_dir.display()
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    let files = dreambooth::data::images::list_images(&class_dir, "class").unwrap();
+    assert_eq!(files.len(), 3);
+    assert_eq!(t.data.classes[0].len(), 3);
+    t.train_step().unwrap();
+}
+
+#[test]
+fn a_second_trainer_on_a_live_run_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let mut t = trainer(root.path(), "locked", 1, "");
+    t.train_step().unwrap();
+    t.checkpoint().unwrap();
+    let err = Trainer::resume(&t.run_dir, quiet()).err().expect("refused").to_string();
+    assert!(err.contains("in use by another trainer"), "{err}");
+}
+
+#[test]
+fn unsupported_settings_are_errors_not_ignored() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    for (key, name) in [("use_lora: true", "lora"), ("gradient_checkpointing: true", "gc"), ("optimizer: adamw_8bit", "a8")] {
+        let cfg = write_config(root.path(), name, &data, &format!("  {key}\n"));
+        let err = Trainer::start(load(&cfg), quiet()).err().expect("refused").to_string();
+        assert!(err.contains("not available in this build yet"), "{err}");
+        assert!(!root.path().join("runs").join(name).exists());
+    }
+}

@@ -1,0 +1,124 @@
+//! Helpers of the training tests: a tiny run config over generated images.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use dreambooth::config::RunConfig;
+
+pub fn fixture_model(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+}
+
+/// The demo's tiny model (VAE factor 4: 16×16 latents at resolution 64, fast
+/// on the CPU), written once per test process.
+pub fn demo_model() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-model-{}", env!("CARGO_CRATE_NAME")));
+        dreambooth::demo::ensure_demo_model(&dir.join("model")).unwrap()
+    })
+    .clone()
+}
+
+/// `n` images of a subject: a red disc on a blue background, shifted a little per image.
+pub fn subject_images(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for k in 0..n {
+        let img = image::RgbImage::from_fn(64, 64, |x, y| {
+            let (cx, cy) = (28.0 + 4.0 * k as f64, 32.0);
+            let d = ((x as f64 - cx).powi(2) + (y as f64 - cy).powi(2)).sqrt();
+            if d < 16.0 { image::Rgb([230, 40, 30]) } else { image::Rgb([20, 40, 200]) }
+        });
+        img.save(dir.join(format!("img-{k}.png"))).unwrap();
+    }
+}
+
+/// Unrelated images: a fine checkerboard of green and yellow, nothing like the subject.
+pub fn other_images(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for k in 0..n {
+        let img = image::RgbImage::from_fn(64, 64, |x, y| {
+            if ((x + k as u32) / 2 + y / 2) % 2 == 0 { image::Rgb([30, 200, 40]) } else { image::Rgb([240, 230, 20]) }
+        });
+        img.save(dir.join(format!("other-{k}.png"))).unwrap();
+    }
+}
+
+/// YAML of a small CPU run on the demo model; `training` holds `  key: value` lines that
+/// override the small defaults here.
+pub fn config_yaml(root: &Path, name: &str, instance_dir: &Path, training: &str) -> String {
+    let mut keys: Vec<(String, String)> = [
+        ("steps_per_image", "3"),
+        ("learning_rate", "1.0e-4"),
+        ("lr_scheduler", "constant"),
+        ("mixed_precision", "'no'"),
+        ("save_model_every_n_epochs", "0"),
+        ("save_preview_every_n_epochs", "0"),
+        ("keep_last_checkpoints", "0"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for line in training.lines().filter(|l| !l.trim().is_empty()) {
+        let (k, v) = line.trim().split_once(':').unwrap();
+        let (k, v) = (k.trim().to_string(), v.trim().to_string());
+        match keys.iter_mut().find(|(key, _)| *key == k) {
+            Some(entry) => entry.1 = v,
+            None => keys.push((k, v)),
+        }
+    }
+    let training: String = keys.iter().map(|(k, v)| format!("  {k}: {v}\n")).collect();
+    format!(
+        "name: {name}\nsource_checkpoint: {}\noutput_dir: {}\ndevice: cpu\nseed: 7\nresolution: 64\n\
+         concepts:\n  - instance_data_dir: {}\n    instance_prompt: a photo of sks thing\n\
+         training:\n{training}sampling:\n  steps: 2\n  scheduler: ddim\n",
+        demo_model().display(),
+        root.join("runs").display(),
+        instance_dir.display(),
+    )
+}
+
+pub fn write_config(root: &Path, name: &str, instance_dir: &Path, training: &str) -> PathBuf {
+    let path = root.join(format!("{name}.yaml"));
+    std::fs::write(&path, config_yaml(root, name, instance_dir, training)).unwrap();
+    path
+}
+
+pub fn load(path: &Path) -> RunConfig {
+    dreambooth::config::load_run_config(path).unwrap()
+}
+
+pub fn quiet() -> dreambooth::train::trainer::TrainOptions {
+    dreambooth::train::trainer::TrainOptions { plain: false, quiet: true }
+}
+
+/// Names of the named events of a run, in order.
+pub fn event_names(run_dir: &Path) -> Vec<String> {
+    dreambooth::run::events::read_events(run_dir)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            dreambooth::run::events::Event::Named { name, .. } => Some(name),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn named_events(run_dir: &Path, wanted: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    dreambooth::run::events::read_events(run_dir)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            dreambooth::run::events::Event::Named { name, fields } if name == wanted => Some(fields),
+            _ => None,
+        })
+        .collect()
+}
+
+pub fn step_count(run_dir: &Path) -> usize {
+    dreambooth::run::events::read_events(run_dir)
+        .unwrap()
+        .into_iter()
+        .filter(|e| matches!(e, dreambooth::run::events::Event::Step(_)))
+        .count()
+}
