@@ -68,8 +68,7 @@ fn run(q: &Tensor, k: &Tensor, v: &Tensor, backend: AttentionBackend, upcast: bo
     }
 }
 
-/// softmax(q k^T * scale) v with the softmax in float32 (as diffusers and
-/// transformers do), the scores too when `upcast`.
+/// softmax(q k^T * scale) v, the scores in float32 when `upcast`.
 fn explicit(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool, causal: bool) -> Tensor {
     let (q, k) = if upcast { (q.to_kind(Kind::Float), k.to_kind(Kind::Float)) } else { (q.shallow_clone(), k.shallow_clone()) };
     let mut scores = q.matmul(&k.transpose(-1, -2)) * scale;
@@ -78,6 +77,10 @@ fn explicit(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool, causal
         let future = Tensor::ones([lq, lk], (Kind::Bool, q.device())).triu(1);
         scores = scores.masked_fill(&future, f64::NEG_INFINITY);
     }
-    let probs = scores.softmax(-1, Kind::Float).to_kind(v.kind());
+    // The softmax dtype of each reference: transformers' CLIP (the causal caller)
+    // and `upcast` attention take it in float32; diffusers' UNet attention in the
+    // scores' own dtype (bf16/fp16 under autocast, which also halves its traffic).
+    let softmax_kind = if upcast || causal { Kind::Float } else { scores.kind() };
+    let probs = scores.softmax(-1, softmax_kind).to_kind(v.kind());
     probs.matmul(v)
 }

@@ -51,6 +51,11 @@ impl AdamW {
         let bias_correction2 = 1.0 - c.beta2.powi(step);
         let step_size = lr / bias_correction1;
         let bias_correction2_sqrt = bias_correction2.sqrt();
+        let tensors: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
+        if super::foreach::applies(&tensors) {
+            self.fused_step(lr);
+            return;
+        }
         for (key, param) in &self.params {
             let grad = param.grad();
             if !grad.defined() {
@@ -70,6 +75,27 @@ impl AdamW {
             // addcdiv_(exp_avg, denom, value) computes (value * exp_avg) / denom.
             let _ = param.g_add_(&((&*exp_avg * -step_size) / denom));
         }
+    }
+
+    /// The same update as one fused multi-tensor kernel (CUDA): PyTorch's
+    /// `fused=True` AdamW, equal to the loop up to float rounding.
+    fn fused_step(&mut self, lr: f64) {
+        let c = self.config;
+        let (mut params, mut grads, mut exp_avgs, mut exp_avg_sqs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (key, param) in &self.params {
+            let grad = param.grad();
+            if !grad.defined() {
+                continue;
+            }
+            let exp_avg = self.exp_avg.entry(key.clone()).or_insert_with(|| param.zeros_like());
+            let exp_avg_sq = self.exp_avg_sq.entry(key.clone()).or_insert_with(|| param.zeros_like());
+            params.push(param.shallow_clone());
+            grads.push(grad);
+            exp_avgs.push(exp_avg.shallow_clone());
+            exp_avg_sqs.push(exp_avg_sq.shallow_clone());
+        }
+        super::foreach::fused_adamw(&params, &grads, &exp_avgs, &exp_avg_sqs, self.step, lr, c.beta1, c.beta2, c.weight_decay, c.eps)
+            .expect("fused AdamW on float32 CUDA tensors");
     }
 
     /// Zeroes the gradients (keeping their memory for the next backward pass).

@@ -98,6 +98,10 @@ impl LossScaler {
     pub fn unscale(&self, params: &[(String, Tensor)]) -> bool {
         let _guard = tch::no_grad_guard();
         let inv = 1.0 / self.scale;
+        let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
+        if super::foreach::applies(&grads) {
+            return super::foreach::unscale(&grads, inv).expect("unscale of float32 CUDA gradients");
+        }
         let mut found_inf = false;
         for (_, p) in params {
             let mut g = p.grad();

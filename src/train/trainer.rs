@@ -826,13 +826,21 @@ impl Trainer {
     }
 }
 
-/// `torch.nn.utils.clip_grad_norm_` (norm 2, foreach-free): scales every gradient
-/// by min(1, max_norm / (total_norm + 1e-6)).
+/// `torch.nn.utils.clip_grad_norm_` (norm 2): scales every gradient by
+/// min(1, max_norm / (total_norm + 1e-6)); returns the total norm (NaN on CUDA,
+/// where it stays on the device).
 pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> f64 {
     let _guard = tch::no_grad_guard();
     let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
     if grads.is_empty() {
         return 0.0;
+    }
+    if super::foreach::applies(&grads) {
+        // Not read back: reading the norm would make the CPU wait for the GPU every step.
+        return match super::foreach::clip_grad_norm(&grads, max_norm) {
+            Ok(_) => f64::NAN,
+            Err(e) => panic!("{e}"),
+        };
     }
     let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
     let total = Tensor::stack(&norms, 0).norm();
