@@ -15,15 +15,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use super::adamw::{AdamW, AdamWConfig};
 use super::checkpoint::{self as ckpt, CheckpointContents, TrainState};
 use super::ema::Ema;
 use super::lr_schedule::LrSchedule;
 use super::modules::{self, TEXT_PREFIX};
+use super::optimizer::Optimizer;
 use super::precision::{LossScaler, Precision};
 use super::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
 use crate::checkpoint::load_model;
-use crate::config::schema::{MixedPrecision, Optimizer, RunConfig};
+use crate::config::schema::{MixedPrecision, RunConfig};
 use crate::data::dataset::{self, next_batch, BatchPlan, DataState, Dataset};
 use crate::error::usage;
 use crate::pipeline::{save_png, ModelParameters, SampleRequest, StableDiffusion};
@@ -56,9 +56,6 @@ pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
     }
     if t.gradient_checkpointing {
         return Err(usage("`training.gradient_checkpointing` is not available in this build yet; set it to false"));
-    }
-    if t.optimizer == Optimizer::Adamw8bit {
-        return Err(usage("`training.optimizer: adamw_8bit` is not available in this build yet; use adamw"));
     }
     Ok(())
 }
@@ -106,7 +103,7 @@ pub struct Trainer {
     prediction: PredictionType,
     pub data: Dataset,
     pub data_state: DataState,
-    optimizer: AdamW,
+    optimizer: Optimizer,
     lr_schedule: LrSchedule,
     pub scaler: Option<LossScaler>,
     pub ema: Option<Ema>,
@@ -290,7 +287,7 @@ impl Trainer {
         device: Device,
         instances: Vec<dataset::Example>,
         log: &mut RunLog,
-    ) -> anyhow::Result<(RunConfig, Precision, StableDiffusion, ModelParameters, Dataset, AdamW, Option<Ema>)> {
+    ) -> anyhow::Result<(RunConfig, Precision, StableDiffusion, ModelParameters, Dataset, Optimizer, Option<Ema>)> {
         let t = &config.training;
         super::precision::flush_denormals();
         let loaded = load_model(&config.source_checkpoint, None)?;
@@ -330,10 +327,7 @@ impl Trainer {
         }
         let trainable = modules::choose_trainable_parameters(t, &params)?;
         modules::set_trainable(&params, &trainable);
-        let optimizer = AdamW::new(
-            trainable,
-            AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
-        );
+        let optimizer = Optimizer::from_training(trainable, t);
         let ema = t.use_ema.then(|| Ema::new(&params.unet, t.ema_decay));
         Ok((config, precision, sd, params, data, optimizer, ema))
     }
@@ -692,7 +686,7 @@ impl Trainer {
         let state = TrainState {
             step: self.step,
             total_steps: self.total_steps,
-            optimizer_step: self.optimizer.step,
+            optimizer_step: self.optimizer.step_count(),
             micro_batches: self.micro_batches,
             data: self.data_state.clone(),
             loss_scaler: self.scaler.as_ref().map(|s| (s.scale, s.growth_tracker)),
