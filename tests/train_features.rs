@@ -87,3 +87,83 @@ fn adamw_8bit_trains_resumes_exactly_and_stays_close_to_fp32_adamw() {
     eprintln!("8-bit vs fp32 AdamW final UNet: ‖Δ‖ / ‖fp32 update‖ = {distance:.4}");
     assert!(distance < 0.25, "8-bit AdamW ended {distance} (relative) away from fp32 AdamW");
 }
+
+fn dreambooth(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth")).args(args).env("OMP_NUM_THREADS", "2").output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// `dreambooth generate` with the demo sampling settings, plus `extra` flags; the image's bytes.
+fn generate(model: &Path, out: &Path, extra: &[&str]) -> Vec<u8> {
+    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing", "--seed", "3",
+                        "--steps", "3", "--width", "64", "--height", "64", "--device", "cpu", "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, err) = dreambooth(&args);
+    assert_eq!(code, 0, "{err}");
+    image::open(out).unwrap().to_rgb8().into_raw()
+}
+
+fn sorted(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    let mut v = v;
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn lora_trains_only_adapters_saves_kohya_files_and_resumes_exactly() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let training = "  steps_per_image: 3\n  learning_rate: 5.0e-3\n  use_lora: true\n  lora_rank: 2\n  lora_alpha: 2\n  text_encoder_train_ratio: 1.0\n";
+    let cfg = write_config(root.path(), "lora-steps", &data, training);
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    let snap = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.detach().copy())).collect::<Vec<_>>();
+    let (unet0, text0, adapters0) = (snap(&t.params.unet), snap(&t.params.text_encoder), snap(t.trainable()));
+    assert!(adapters0.iter().any(|(k, _)| k.starts_with("lora_unet_")) && adapters0.iter().any(|(k, _)| k.starts_with("lora_te_")));
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    assert_bit_identical(&unet0, &snap(&t.params.unet));
+    assert_bit_identical(&text0, &snap(&t.params.text_encoder));
+    let moved = adapters0.iter().zip(t.trainable()).filter(|((_, a), (_, b))| !a.equal(b)).count();
+    assert!(moved > adapters0.len() / 2, "only {moved} of {} adapter tensors trained", adapters0.len());
+    let dir = t.checkpoint().unwrap();
+    assert!(dir.join("lora.safetensors").is_file());
+    assert!(!dir.join("unet.safetensors").exists() && !dir.join("text_encoder.safetensors").exists());
+    let file = Tensor::read_safetensors(dir.join("lora.safetensors")).unwrap();
+    assert!(file.iter().any(|(k, _)| k == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"));
+    assert!(file.iter().any(|(k, _)| k == "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"));
+    drop(t);
+
+    // Resume: the adapters reload exactly.
+    let (full, cut_dir) = full_and_resumed(root.path(), "lora", &data, training);
+    let lora_of = |run: &Path| {
+        let (_, dir) = dreambooth::train::checkpoint::find_checkpoint(run, None).unwrap();
+        sorted(Tensor::read_safetensors(dir.join("lora.safetensors")).unwrap())
+    };
+    assert_bit_identical(&lora_of(&full.run_dir), &lora_of(&cut_dir));
+
+    // The file is a LoRA generate reads, and it changes the image.
+    let run = full.run_dir.clone();
+    drop(full);
+    let exported = root.path().join("out/sks.safetensors");
+    let (code, err) = dreambooth(&["export", run.to_str().unwrap(), "--format", "lora", "--out", exported.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let base = generate(&demo_model(), &root.path().join("base.png"), &[]);
+    let with_lora = generate(&demo_model(), &root.path().join("lora.png"), &["--lora", exported.to_str().unwrap()]);
+    assert_ne!(base, with_lora, "the LoRA did not change the image");
+    // Merged export = base + LoRA.
+    let merged = root.path().join("merged");
+    let (code, err) = dreambooth(&["export", run.to_str().unwrap(), "--format", "diffusers", "--out", merged.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(generate(&merged, &root.path().join("merged.png"), &[]), with_lora);
+}
+
+#[test]
+fn lora_with_ema_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let cfg = write_config(root.path(), "lora-ema", &data, "  use_lora: true\n  use_ema: true\n");
+    let err = Trainer::start(load(&cfg), quiet()).err().expect("refused").to_string();
+    assert!(err.contains("use_ema") && err.contains("use_lora"), "{err}");
+}

@@ -18,12 +18,13 @@ use tch::{Device, Kind, Tensor};
 use super::checkpoint::{self as ckpt, CheckpointContents, TrainState};
 use super::ema::Ema;
 use super::lr_schedule::LrSchedule;
-use super::modules::{self, TEXT_PREFIX};
+use super::modules;
 use super::optimizer::Optimizer;
 use super::precision::{LossScaler, Precision};
 use super::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
 use crate::checkpoint::load_model;
 use crate::config::schema::{MixedPrecision, RunConfig};
+use crate::model::lora::LoraNetwork;
 use crate::data::dataset::{self, next_batch, BatchPlan, DataState, Dataset};
 use crate::error::usage;
 use crate::pipeline::{save_png, ModelParameters, SampleRequest, StableDiffusion};
@@ -48,8 +49,10 @@ pub fn run_dir_of(config: &RunConfig) -> PathBuf {
 /// Settings this build cannot honour yet: an explicit error, never ignored.
 pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
     let t = &config.training;
-    if t.use_lora {
-        return Err(usage("`training.use_lora` is not available in this build yet; set it to false for a full fine-tune"));
+    if t.use_lora && t.use_ema {
+        return Err(usage(
+            "`training.use_ema` cannot be combined with `use_lora`: EMA averages the UNet's weights, which a LoRA run leaves frozen",
+        ));
     }
     if t.train_imagic_only {
         return Err(usage("`training.train_imagic_only` is not available in this build yet; set it to false"));
@@ -104,6 +107,8 @@ pub struct Trainer {
     pub data: Dataset,
     pub data_state: DataState,
     optimizer: Optimizer,
+    /// The adapters a LoRA run trains (their tensors are the optimizer's).
+    pub lora: Option<LoraNetwork>,
     lr_schedule: LrSchedule,
     pub scaler: Option<LossScaler>,
     pub ema: Option<Ema>,
@@ -220,7 +225,7 @@ impl Trainer {
                 return Err(e);
             }
         };
-        let (config, precision, sd, params, data, optimizer, ema) = parts;
+        let (config, precision, sd, params, data, optimizer, lora, ema) = parts;
         let t = &config.training;
         let images = data.instances.len() as u64;
         let total = total_steps(t.steps_per_image, images, t.batch_size, t.gradient_accumulation_steps);
@@ -254,6 +259,7 @@ impl Trainer {
             prediction,
             data,
             optimizer,
+            lora,
             lr_schedule,
             scaler,
             ema,
@@ -287,12 +293,12 @@ impl Trainer {
         device: Device,
         instances: Vec<dataset::Example>,
         log: &mut RunLog,
-    ) -> anyhow::Result<(RunConfig, Precision, StableDiffusion, ModelParameters, Dataset, Optimizer, Option<Ema>)> {
+    ) -> anyhow::Result<(RunConfig, Precision, StableDiffusion, ModelParameters, Dataset, Optimizer, Option<LoraNetwork>, Option<Ema>)> {
         let t = &config.training;
         super::precision::flush_denormals();
         let loaded = load_model(&config.source_checkpoint, None)?;
         // Float32 master weights; mixed precision is autocast around the forward pass.
-        let (sd, params) = StableDiffusion::from_loaded_with_parameters(loaded, device, Kind::Float, t.attention)?;
+        let (mut sd, params) = StableDiffusion::from_loaded_with_parameters(loaded, device, Kind::Float, t.attention)?;
         let size_multiple = sd.size_multiple();
         if config.resolution % size_multiple != 0 {
             return Err(usage(format!(
@@ -325,11 +331,12 @@ impl Trainer {
                 log.line("latents cached");
             }
         }
-        let trainable = modules::choose_trainable_parameters(t, &params)?;
-        modules::set_trainable(&params, &trainable);
-        let optimizer = Optimizer::from_training(trainable, t);
+        // The adapters' own generator: their initial values do not depend on the data.
+        let trainable = modules::choose_trainable_parameters(t, &mut sd, &params, config.seed.wrapping_add(2))?;
+        modules::set_trainable(&params, &trainable.params);
+        let optimizer = Optimizer::from_training(trainable.params, t);
         let ema = t.use_ema.then(|| Ema::new(&params.unet, t.ema_decay));
-        Ok((config, precision, sd, params, data, optimizer, ema))
+        Ok((config, precision, sd, params, data, optimizer, trainable.lora, ema))
     }
 
     fn describe_plan(&mut self) {
@@ -376,7 +383,7 @@ impl Trainer {
             return;
         }
         for (k, p) in self.optimizer.params() {
-            if k.starts_with(TEXT_PREFIX) && p.requires_grad() {
+            if modules::is_text_encoder_key(k) && p.requires_grad() {
                 let _ = p.set_requires_grad(false);
                 set_grad_to_none(p);
             }
@@ -694,9 +701,11 @@ impl Trainer {
             lr: self.last_lr,
         };
         let copy = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
+        let full = self.lora.is_none();
         let contents = CheckpointContents {
-            unet: copy(&self.params.unet),
-            text_encoder: (self.config.training.text_encoder_train_ratio > 0.0).then(|| copy(&self.params.text_encoder)),
+            unet: full.then(|| copy(&self.params.unet)),
+            text_encoder: (full && self.config.training.text_encoder_train_ratio > 0.0).then(|| copy(&self.params.text_encoder)),
+            lora: self.lora.as_ref(),
             ema_unet: self.ema.as_ref().map(|e| copy(&e.shadow)),
             state_tensors: self.state_tensors(),
             state: &state,
@@ -713,8 +722,14 @@ impl Trainer {
 
     fn load_checkpoint(&mut self, dir: &Path) -> anyhow::Result<()> {
         let state = ckpt::read_state(dir)?;
-        let unet_path = dir.join("unet.safetensors");
-        ckpt::load_into(&self.params.unet, &ckpt::read_tensors(&unet_path)?, &unet_path)?;
+        if let Some(lora) = &self.lora {
+            // The adapters attached at start are overwritten in place: the optimizer holds them.
+            let path = dir.join(ckpt::LORA_FILE);
+            ckpt::load_into(&lora.trainable(), &ckpt::read_tensors(&path)?, &path)?;
+        } else {
+            let unet_path = dir.join("unet.safetensors");
+            ckpt::load_into(&self.params.unet, &ckpt::read_tensors(&unet_path)?, &unet_path)?;
+        }
         let te_path = dir.join("text_encoder.safetensors");
         if te_path.is_file() {
             ckpt::load_into(&self.params.text_encoder, &ckpt::read_tensors(&te_path)?, &te_path)?;
