@@ -57,9 +57,6 @@ pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
     if t.train_imagic_only {
         return Err(usage("`training.train_imagic_only` is not available in this build yet; set it to false"));
     }
-    if t.gradient_checkpointing {
-        return Err(usage("`training.gradient_checkpointing` is not available in this build yet; set it to false"));
-    }
     Ok(())
 }
 
@@ -334,6 +331,13 @@ impl Trainer {
         // The adapters' own generator: their initial values do not depend on the data.
         let trainable = modules::choose_trainable_parameters(t, &mut sd, &params, config.seed.wrapping_add(2))?;
         modules::set_trainable(&params, &trainable.params);
+        if t.gradient_checkpointing {
+            // Recompute each block's activations in backward instead of keeping them.
+            sd.unet.set_gradient_checkpointing(true);
+            if t.text_encoder_train_ratio > 0.0 {
+                sd.text_encoder.set_gradient_checkpointing(true);
+            }
+        }
         let optimizer = Optimizer::from_training(trainable.params, t);
         let ema = t.use_ema.then(|| Ema::new(&params.unet, t.ema_decay));
         Ok((config, precision, sd, params, data, optimizer, trainable.lora, ema))
