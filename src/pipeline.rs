@@ -283,11 +283,22 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         return Err(usage("--steps must be at least 1"));
     }
-    if args.step.is_some() {
-        anyhow::bail!("--step applies to run directories, which come with training; this build cannot read them yet");
+    let run_dir = crate::train::export::is_run_dir(&args.model);
+    if args.step.is_some() && !run_dir {
+        return Err(usage(format!("--step applies to run directories, and {} is not one", args.model.display())));
+    }
+    if run_dir && args.model_config.is_some() {
+        return Err(usage("--model-config does not apply to a run directory (its source model is read as it was for training)"));
     }
     let device = crate::device::parse_device(&args.device)?;
-    let mut sd = StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?;
+    let mut sd = if run_dir {
+        // The run's checkpoint over its source model, as `export` would write it.
+        let loaded = crate::train::export::load_run_model(&args.model, args.step)?;
+        let kind = if device.is_cuda() { Kind::Half } else { Kind::Float };
+        StableDiffusion::from_loaded(loaded, device, kind, GENERATE_ATTENTION)?
+    } else {
+        StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?
+    };
     if let Some(lora) = &args.lora {
         let layers = sd.merge_lora(lora, 1.0)?;
         eprintln!("merged {} ({layers} layers)", lora.display());

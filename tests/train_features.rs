@@ -93,14 +93,20 @@ fn dreambooth(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into())
 }
 
-/// `dreambooth generate` with the demo sampling settings, plus `extra` flags; the image's bytes.
+/// `dreambooth generate` with the demo sampling settings, plus `extra` flags, in
+/// this process (the CLI's own command function); the image's bytes.
 fn generate(model: &Path, out: &Path, extra: &[&str]) -> Vec<u8> {
-    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing", "--seed", "3",
+    use clap::Parser;
+    let mut args = vec!["dreambooth", "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing", "--seed", "3",
                         "--steps", "3", "--width", "64", "--height", "64", "--device", "cpu", "--out", out.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let (code, err) = dreambooth(&args);
-    assert_eq!(code, 0, "{err}");
+    dreambooth::cli::run(dreambooth::cli::Cli::try_parse_from(args).unwrap()).unwrap();
     image::open(out).unwrap().to_rgb8().into_raw()
+}
+
+/// `dreambooth export` in this process.
+fn export(run: &Path, format: &str, out: &Path, step: Option<u64>) {
+    dreambooth::train::export::export(run, format, out, step).unwrap();
 }
 
 fn sorted(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
@@ -146,16 +152,16 @@ fn lora_trains_only_adapters_saves_kohya_files_and_resumes_exactly() {
     let run = full.run_dir.clone();
     drop(full);
     let exported = root.path().join("out/sks.safetensors");
-    let (code, err) = dreambooth(&["export", run.to_str().unwrap(), "--format", "lora", "--out", exported.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    export(&run, "lora", &exported, None);
     let base = generate(&demo_model(), &root.path().join("base.png"), &[]);
     let with_lora = generate(&demo_model(), &root.path().join("lora.png"), &["--lora", exported.to_str().unwrap()]);
     assert_ne!(base, with_lora, "the LoRA did not change the image");
     // Merged export = base + LoRA.
     let merged = root.path().join("merged");
-    let (code, err) = dreambooth(&["export", run.to_str().unwrap(), "--format", "diffusers", "--out", merged.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    export(&run, "diffusers", &merged, None);
     assert_eq!(generate(&merged, &root.path().join("merged.png"), &[]), with_lora);
+    // generate --model RUN_DIR merges the run's LoRA the same way.
+    assert_eq!(generate(&run, &root.path().join("run.png"), &[]), with_lora);
 }
 
 #[test]
@@ -223,4 +229,39 @@ fn gradient_checkpointing_gives_the_same_gradients_and_weights() {
         // itself near zero can move that element by up to lr: compare with lr.
         assert!(dw <= 0.5 * lr, "{name}: weights differ by {dw} with gradient checkpointing");
     }
+}
+
+#[test]
+fn generate_from_a_run_directory_equals_export_then_generate() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let training = "  steps_per_image: 2\n  learning_rate: 1.0e-3\n  use_ema: true\n  ema_decay: 0.5\n  text_encoder_train_ratio: 1.0\n  save_model_every_n_epochs: 1\n";
+    let cfg = write_config(root.path(), "gen", &data, training);
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    t.run().unwrap();
+    drop(t);
+    let run = root.path().join("runs/gen");
+    let base = generate(&demo_model(), &root.path().join("base.png"), &[]);
+    for step in [None, Some(1u64)] {
+        let flag = step.map(|s| s.to_string());
+        let extra: Vec<&str> = flag.as_deref().map(|s| vec!["--step", s]).unwrap_or_default();
+        let exported = root.path().join(format!("export-{step:?}"));
+        export(&run, "diffusers", &exported, step);
+        let from_export = generate(&exported, &root.path().join("a.png"), &[]);
+        // The one trip through the binary: the CLI contract itself.
+        let out = root.path().join("b.png");
+        let mut args = vec!["generate", "--model", run.to_str().unwrap(), "--prompt", "a photo of sks thing", "--seed", "3",
+                            "--steps", "3", "--width", "64", "--height", "64", "--device", "cpu", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(&extra);
+        let (code, err) = dreambooth(&args);
+        assert_eq!(code, 0, "{err}");
+        let from_run = image::open(&out).unwrap().to_rgb8().into_raw();
+        assert_eq!(from_run, from_export, "step {step:?}: generate --model RUN_DIR differs from export + generate");
+        assert_ne!(from_run, base, "step {step:?}: the trained run gives the base model's image");
+    }
+    let (code, err) = dreambooth(&["generate", "--model", run.to_str().unwrap(), "--step", "7", "--prompt", "x", "--out",
+                                   root.path().join("c.png").to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no checkpoint of step 7"), "{err}");
 }
