@@ -265,3 +265,25 @@ fn generate_from_a_run_directory_equals_export_then_generate() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no checkpoint of step 7"), "{err}");
 }
+
+#[test]
+fn step_records_report_the_memory_in_use() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let cfg = write_config(root.path(), "mem", &data, "  steps_per_image: 1\n");
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    t.run().unwrap();
+    let steps: Vec<u64> = dreambooth::run::events::read_events(&t.run_dir)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            dreambooth::run::events::Event::Step(s) => Some(s.vram_bytes),
+            _ => None,
+        })
+        .collect();
+    // On the CPU: the process's resident memory, at least the model's few MB.
+    assert!(!steps.is_empty() && steps.iter().all(|&b| b > 1 << 20), "{steps:?}");
+    let done = &named_events(&t.run_dir, "done")[0];
+    assert!(done["vram_peak_bytes"].as_u64().unwrap() >= steps[0], "{done:?}");
+}

@@ -541,7 +541,8 @@ impl Trainer {
             self.previews()?;
         }
         self.checkpoint()?;
-        self.events.write(&Event::named("done", serde_json::json!({ "step": self.step })))?;
+        let peak = crate::device::memory_in_use(self.device).1;
+        self.events.write(&Event::named("done", serde_json::json!({ "step": self.step, "vram_peak_bytes": peak })))?;
         self.events.sync()?;
         self.log.line(&format!("done: {} steps in {}", self.step, self.run_dir.display()));
         Ok(Outcome::Finished)
@@ -568,7 +569,7 @@ impl Trainer {
             loss,
             lr: self.last_lr,
             it_s: if seconds > 0.0 { 1.0 / seconds } else { 0.0 },
-            vram_bytes: 0,
+            vram_bytes: crate::device::memory_in_use(self.device).0,
             time: now(),
         };
         self.events.write(&Event::Step(record.clone()))?;
