@@ -188,11 +188,24 @@ impl StableDiffusion {
 
     /// Runs the sampler; returns the image as float32 `[H, W, 3]` in [0, 1] on the CPU.
     /// `on_step(i, n)` is called after each denoising step.
-    pub fn text_to_image(&self, req: &SampleRequest, mut on_step: impl FnMut(usize, usize)) -> anyhow::Result<Tensor> {
+    pub fn text_to_image(&self, req: &SampleRequest, on_step: impl FnMut(usize, usize)) -> anyhow::Result<Tensor> {
+        let cond = tch::no_grad(|| self.encode_prompt(&req.prompt, req.clip_skip));
+        self.text_to_image_with_embeddings(req, &cond, on_step)
+    }
+
+    /// [`text_to_image`](Self::text_to_image) conditioned on a given prompt
+    /// embedding `[1, 77, hidden]` (Imagic's interpolated one) instead of
+    /// `req.prompt`; the negative prompt is still encoded from `req.negative`.
+    pub fn text_to_image_with_embeddings(
+        &self,
+        req: &SampleRequest,
+        cond: &Tensor,
+        mut on_step: impl FnMut(usize, usize),
+    ) -> anyhow::Result<Tensor> {
         self.check_size(req.width, req.height)?;
         let mut sampler = build_sampler(&req.sampler, &self.scheduler_config, req.steps)?;
         let _guard = tch::no_grad_guard();
-        let cond = self.encode_prompt(&req.prompt, req.clip_skip);
+        let cond = cond.to_device(self.device).to_kind(self.kind);
         let guided = req.guidance > 1.0;
         let context = if guided {
             let uncond = self.encode_prompt(&req.negative, req.clip_skip);

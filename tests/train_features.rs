@@ -287,3 +287,52 @@ fn step_records_report_the_memory_in_use() {
     let done = &named_events(&t.run_dir, "done")[0];
     assert!(done["vram_peak_bytes"].as_u64().unwrap() >= steps[0], "{done:?}");
 }
+
+/// Imagic's reconstruction loss: the denoising loss of the image's latents
+/// under `embedding`, over fixed noise and timesteps.
+fn reconstruction_loss(t: &Trainer, latents: &Tensor, embedding: &Tensor) -> f64 {
+    use dreambooth::train::imagic::Denoiser;
+    let _guard = tch::no_grad_guard();
+    let schedule = dreambooth::scheduler::NoiseSchedule::new(&t.sd.scheduler_config).unwrap();
+    let denoiser = Denoiser::new(&t.sd.unet, &schedule, &t.sd.scheduler_config).unwrap();
+    let (noise, timesteps) = denoiser.draw(latents, 16, &mut dreambooth::rng::CpuRng::new(11));
+    denoiser.loss_with(latents, embedding, &noise, &timesteps).double_value(&[])
+}
+
+#[test]
+fn imagic_run_writes_its_files_and_learns_to_reconstruct_the_image() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 2);
+    let training = "  train_imagic_only: true\n  steps_per_image: 6\n  learning_rate: 5.0e-4\n  save_preview_every_n_epochs: 3\n";
+    let cfg = write_config(root.path(), "imagic", &data, training);
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    let example = &t.data.instances[0];
+    let latents = tch::no_grad(|| t.sd.vae.encode(&example.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor);
+    let target = tch::no_grad(|| t.sd.encode_prompt("a photo of sks thing", 1));
+    let before = reconstruction_loss(&t, &latents, &target);
+    assert_eq!(t.run().unwrap(), dreambooth::train::trainer::Outcome::Finished);
+    let run = t.run_dir.clone();
+    let (step, dir) = dreambooth::train::checkpoint::find_checkpoint(&run, None).unwrap();
+    assert_eq!(step, 9, "3 embedding steps + 6 UNet steps");
+    assert!(dir.join("unet.safetensors").is_file());
+    let (file_target, optimized, prompt) =
+        dreambooth::train::imagic::load_embeddings(&dir.join("imagic_embeddings.safetensors")).unwrap();
+    assert_eq!(prompt, "a photo of sks thing");
+    assert!(file_target.equal(&target));
+    assert!(!optimized.equal(&target), "the embedding did not move");
+    let after = reconstruction_loss(&t, &latents, &optimized);
+    eprintln!("Imagic reconstruction loss {before:.4} -> {after:.4}");
+    assert!(after < 0.8 * before, "reconstruction loss went from {before} to {after}");
+    assert_eq!(step_count(&run), 9);
+    let names = event_names(&run);
+    assert_eq!(names.last().map(String::as_str), Some("done"), "{names:?}");
+    assert!(names.iter().any(|n| n == "warning"), "no warning about the second image: {names:?}");
+    let start = &named_events(&run, "start")[0];
+    assert_eq!(start["imagic"]["embedding_steps"], 3);
+    assert_eq!(start["imagic"]["unet_steps"], 6);
+    assert!(run.join("samples/step-000006-0.png").is_file() && run.join("samples/step-000009-0.png").is_file());
+    drop(t);
+    let err = Trainer::resume(&run, quiet()).err().expect("refused").to_string();
+    assert!(err.contains("cannot be resumed"), "{err}");
+}

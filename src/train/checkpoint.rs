@@ -34,6 +34,9 @@ pub struct TrainState {
 /// The adapters of a LoRA run's checkpoint (kohya keys), in place of the networks' weights.
 pub const LORA_FILE: &str = "lora.safetensors";
 
+/// An Imagic run's target and optimised embeddings.
+pub const IMAGIC_FILE: &str = "imagic_embeddings.safetensors";
+
 /// What a checkpoint holds, to write.
 pub struct CheckpointContents<'a> {
     /// The UNet's weights (a full fine-tune; a LoRA run saves `lora` instead).
@@ -41,6 +44,8 @@ pub struct CheckpointContents<'a> {
     pub lora: Option<&'a crate::model::lora::LoraNetwork>,
     pub text_encoder: Option<Vec<(String, Tensor)>>,
     pub ema_unet: Option<Vec<(String, Tensor)>>,
+    /// Imagic's (target, optimised) embeddings and target text.
+    pub imagic: Option<(&'a Tensor, &'a Tensor, &'a str)>,
     /// Optimizer moments, generator states, data order.
     pub state_tensors: Vec<(String, Tensor)>,
     pub state: &'a TrainState,
@@ -78,6 +83,9 @@ pub fn write_checkpoint(run_dir: &Path, c: &CheckpointContents) -> anyhow::Resul
         }
         if let Some(te) = &c.text_encoder {
             write_safetensors(&tmp.join("text_encoder.safetensors"), te, None)?;
+        }
+        if let Some((target, optimized, prompt)) = c.imagic {
+            super::imagic::save_embeddings(&tmp.join(IMAGIC_FILE), target, optimized, prompt)?;
         }
         if let Some(ema) = &c.ema_unet {
             write_safetensors(&tmp.join("ema_unet.safetensors"), ema, None)?;

@@ -22,6 +22,9 @@ pub fn is_clip_norm(key: &str) -> bool {
 
 /// Number of optimizer steps during which the text encoder trains.
 pub fn text_encoder_steps(training: &Training, total_steps: u64) -> u64 {
+    if training.train_imagic_only {
+        return 0;
+    }
     (training.text_encoder_train_ratio * total_steps as f64).ceil() as u64
 }
 
@@ -59,7 +62,7 @@ pub fn choose_trainable_parameters(
         if training.train_unet {
             net.extend(lora::attach_unet_lora(&mut sd.unet, &spec, &mut rng)?);
         }
-        if training.text_encoder_train_ratio > 0.0 {
+        if training.text_encoder_train_ratio > 0.0 && !training.train_imagic_only {
             net.extend(lora::attach_text_lora(&mut sd.text_encoder, &spec, &mut rng)?);
         }
         if net.modules.is_empty() {
@@ -73,7 +76,8 @@ pub fn choose_trainable_parameters(
     if training.train_unet {
         out.extend(params.unet.iter().map(|(k, t)| (format!("{UNET_PREFIX}{k}"), t.shallow_clone())));
     }
-    if training.text_encoder_train_ratio > 0.0 {
+    // Imagic optimises the prompt embedding itself, never the text encoder.
+    if training.text_encoder_train_ratio > 0.0 && !training.train_imagic_only {
         out.extend(
             params
                 .text_encoder

@@ -49,13 +49,13 @@ pub fn run_dir_of(config: &RunConfig) -> PathBuf {
 /// Settings this build cannot honour yet: an explicit error, never ignored.
 pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
     let t = &config.training;
+    if t.train_imagic_only && t.use_lora {
+        return Err(usage("`training.train_imagic_only` fine-tunes the whole UNet; it cannot be combined with `use_lora`"));
+    }
     if t.use_lora && t.use_ema {
         return Err(usage(
             "`training.use_ema` cannot be combined with `use_lora`: EMA averages the UNet's weights, which a LoRA run leaves frozen",
         ));
-    }
-    if t.train_imagic_only {
-        return Err(usage("`training.train_imagic_only` is not available in this build yet; set it to false"));
     }
     Ok(())
 }
@@ -128,6 +128,10 @@ pub struct Trainer {
     last_sample_step: Option<u64>,
     resumed_from: Option<u64>,
     progress: Option<indicatif::ProgressBar>,
+    /// `train_imagic_only`: the stages' step counts.
+    imagic_plan: Option<imagic_run::ImagicPlan>,
+    /// Imagic's (target, optimised) embeddings once stage (a) has begun.
+    imagic: Option<(Tensor, Tensor)>,
 }
 
 /// Checks a fresh run's inputs and makes its directory: nothing is written
@@ -185,6 +189,12 @@ impl Trainer {
         }
         let config = crate::config::load_run_config(&config_path)?;
         check_supported(&config)?;
+        if config.training.train_imagic_only {
+            return Err(usage(format!(
+                "{} is an Imagic run, which cannot be resumed (its checkpoints hold the UNet and embeddings as they were); start a new run",
+                run_dir.display()
+            )));
+        }
         let lock = RunLock::acquire(run_dir)?;
         let (step, dir) = ckpt::find_checkpoint(run_dir, None)?;
         let instances = dataset::load_instances(&config)?;
@@ -225,13 +235,20 @@ impl Trainer {
         let (config, precision, sd, params, data, optimizer, lora, ema) = parts;
         let t = &config.training;
         let images = data.instances.len() as u64;
-        let total = total_steps(t.steps_per_image, images, t.batch_size, t.gradient_accumulation_steps);
-        let batches_per_epoch = images.div_ceil(u64::from(t.batch_size));
+        let imagic_plan = t.train_imagic_only.then(|| imagic_run::ImagicPlan::from_training(t));
+        let (total, batches_per_epoch, lr_steps) = match &imagic_plan {
+            // Both stages count as steps; the LR schedule covers the UNet stage.
+            Some(plan) => (plan.embedding_steps + plan.unet_steps, 1, plan.unet_steps),
+            None => {
+                let total = total_steps(t.steps_per_image, images, t.batch_size, t.gradient_accumulation_steps);
+                (total, images.div_ceil(u64::from(t.batch_size)), total)
+            }
+        };
         let lr_schedule = LrSchedule {
             kind: t.lr_scheduler,
             base_lr: t.learning_rate,
             warmup_steps: u64::from(t.lr_warmup_steps),
-            total_steps: total,
+            total_steps: lr_steps,
             power: t.lr_power,
             lr_end: t.lr_end,
         };
@@ -277,6 +294,8 @@ impl Trainer {
             last_sample_step: None,
             resumed_from: resume.as_ref().map(|(s, _)| *s),
             progress: None,
+            imagic_plan,
+            imagic: None,
             config,
         };
         trainer.describe_plan();
@@ -346,6 +365,24 @@ impl Trainer {
     fn describe_plan(&mut self) {
         let t = self.config.training.clone();
         let images = self.data.instances.len() as u64;
+        if let Some(plan) = self.imagic_plan {
+            if images > 1 {
+                self.warn(&format!(
+                    "Imagic trains on a single image: only the first of the {images} images of concepts[0] is used"
+                ));
+            }
+            if t.text_encoder_train_ratio > 0.0 {
+                self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_train_ratio` does not apply to it");
+            }
+            if t.mixed_precision != MixedPrecision::No {
+                self.warn("Imagic trains in float32: `mixed_precision` does not apply to it");
+            }
+            self.log.line(&format!(
+                "Imagic: {} embedding steps, then {} UNet steps on one image, target text {:?}",
+                plan.embedding_steps, plan.unet_steps, self.config.concepts[0].instance_prompt
+            ));
+            return;
+        }
         let per_step = u64::from(t.batch_size) * u64::from(t.gradient_accumulation_steps);
         if images % per_step != 0 {
             self.warn(&format!(
@@ -516,9 +553,13 @@ impl Trainer {
                 "precision": self.precision.describe(),
                 "resumed_from": self.resumed_from,
                 "pid": std::process::id(),
+                "imagic": self.imagic_plan.map(|p| p.describe()),
             }),
         ))?;
         self.progress = self.make_progress();
+        if self.imagic_plan.is_some() {
+            return self.run_imagic();
+        }
         while self.step < self.total_steps {
             if self.poll_controls()? {
                 return self.stop();
@@ -709,9 +750,10 @@ impl Trainer {
         let full = self.lora.is_none();
         let contents = CheckpointContents {
             unet: full.then(|| copy(&self.params.unet)),
-            text_encoder: (full && self.config.training.text_encoder_train_ratio > 0.0).then(|| copy(&self.params.text_encoder)),
+            text_encoder: (full && self.text_encoder_steps > 0).then(|| copy(&self.params.text_encoder)),
             lora: self.lora.as_ref(),
             ema_unet: self.ema.as_ref().map(|e| copy(&e.shadow)),
+            imagic: self.imagic.as_ref().map(|(target, optimized)| (target, optimized, self.config.concepts[0].instance_prompt.as_str())),
             state_tensors: self.state_tensors(),
             state: &state,
         };
@@ -779,7 +821,11 @@ impl Trainer {
     /// Renders every concept's sample prompts into samples/step-NNNNNN-K.png (with
     /// the EMA weights when kept); returns the paths.
     pub fn previews(&mut self) -> anyhow::Result<Vec<PathBuf>> {
-        let prompts: Vec<String> = self.config.concepts.iter().flat_map(|c| c.sample_prompts.clone()).collect();
+        let prompts: Vec<String> = match &self.imagic {
+            // One image from the interpolated embedding (the prompt is its target text).
+            Some(_) => vec![self.config.concepts[0].instance_prompt.clone()],
+            None => self.config.concepts.iter().flat_map(|c| c.sample_prompts.clone()).collect(),
+        };
         self.last_sample_step = Some(self.step);
         if prompts.is_empty() {
             return Ok(Vec::new());
@@ -814,7 +860,14 @@ impl Trainer {
                 clip_skip: self.config.training.clip_skip,
             };
             let path = dir.join(format!("{}-{k}.png", ckpt::step_dir_name(self.step)));
-            match self.sd.text_to_image(&req, |_, _| {}).and_then(|img| save_png(&img, &path)) {
+            let image = match &self.imagic {
+                Some((target, optimized)) => {
+                    let cond = super::imagic::interpolate(target, optimized, imagic_run::PREVIEW_ETA);
+                    self.sd.text_to_image_with_embeddings(&req, &cond, |_, _| {})
+                }
+                None => self.sd.text_to_image(&req, |_, _| {}),
+            };
+            match image.and_then(|img| save_png(&img, &path)) {
                 Ok(()) => paths.push(path),
                 Err(e) => {
                     result = Err(e);
@@ -839,6 +892,8 @@ impl Trainer {
         Ok(paths)
     }
 }
+
+mod imagic_run;
 
 /// `torch.nn.utils.clip_grad_norm_` (norm 2, foreach-free): scales every gradient
 /// by min(1, max_norm / (total_norm + 1e-6)).
