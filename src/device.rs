@@ -77,3 +77,22 @@ pub fn reset_cuda_peak(device: Device) {
         unsafe { ffi::dbt_cuda_reset_peak(index as i32) };
     }
 }
+
+/// Memory a run holds now and at its peak, in bytes, for the dashboard's gauge:
+/// the CUDA caching allocator's reserved bytes on a GPU; on the CPU (or a build
+/// without CUDA figures) the process's resident set (`VmRSS`, peak `VmHWM` of
+/// /proc/self/status), 0 where neither is known.
+pub fn memory_in_use(device: Device) -> (u64, u64) {
+    if let Some(m) = cuda_memory(device) {
+        return (m.reserved.max(0) as u64, m.reserved_peak.max(0) as u64);
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |field: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (kib("VmRSS:") * 1024, kib("VmHWM:") * 1024)
+}

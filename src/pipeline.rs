@@ -188,11 +188,24 @@ impl StableDiffusion {
 
     /// Runs the sampler; returns the image as float32 `[H, W, 3]` in [0, 1] on the CPU.
     /// `on_step(i, n)` is called after each denoising step.
-    pub fn text_to_image(&self, req: &SampleRequest, mut on_step: impl FnMut(usize, usize)) -> anyhow::Result<Tensor> {
+    pub fn text_to_image(&self, req: &SampleRequest, on_step: impl FnMut(usize, usize)) -> anyhow::Result<Tensor> {
+        let cond = tch::no_grad(|| self.encode_prompt(&req.prompt, req.clip_skip));
+        self.text_to_image_with_embeddings(req, &cond, on_step)
+    }
+
+    /// [`text_to_image`](Self::text_to_image) conditioned on a given prompt
+    /// embedding `[1, 77, hidden]` (Imagic's interpolated one) instead of
+    /// `req.prompt`; the negative prompt is still encoded from `req.negative`.
+    pub fn text_to_image_with_embeddings(
+        &self,
+        req: &SampleRequest,
+        cond: &Tensor,
+        mut on_step: impl FnMut(usize, usize),
+    ) -> anyhow::Result<Tensor> {
         self.check_size(req.width, req.height)?;
         let mut sampler = build_sampler(&req.sampler, &self.scheduler_config, req.steps)?;
         let _guard = tch::no_grad_guard();
-        let cond = self.encode_prompt(&req.prompt, req.clip_skip);
+        let cond = cond.to_device(self.device).to_kind(self.kind);
         let guided = req.guidance > 1.0;
         let context = if guided {
             let uncond = self.encode_prompt(&req.negative, req.clip_skip);
@@ -283,11 +296,22 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         return Err(usage("--steps must be at least 1"));
     }
-    if args.step.is_some() {
-        anyhow::bail!("--step applies to run directories, which come with training; this build cannot read them yet");
+    let run_dir = crate::train::export::is_run_dir(&args.model);
+    if args.step.is_some() && !run_dir {
+        return Err(usage(format!("--step applies to run directories, and {} is not one", args.model.display())));
+    }
+    if run_dir && args.model_config.is_some() {
+        return Err(usage("--model-config does not apply to a run directory (its source model is read as it was for training)"));
     }
     let device = crate::device::parse_device(&args.device)?;
-    let mut sd = StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?;
+    let mut sd = if run_dir {
+        // The run's checkpoint over its source model, as `export` would write it.
+        let loaded = crate::train::export::load_run_model(&args.model, args.step)?;
+        let kind = if device.is_cuda() { Kind::Half } else { Kind::Float };
+        StableDiffusion::from_loaded(loaded, device, kind, GENERATE_ATTENTION)?
+    } else {
+        StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?
+    };
     if let Some(lora) = &args.lora {
         let layers = sd.merge_lora(lora, 1.0)?;
         eprintln!("merged {} ({layers} layers)", lora.display());

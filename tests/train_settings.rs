@@ -176,16 +176,3 @@ fn a_second_trainer_on_a_live_run_is_refused() {
     let err = Trainer::resume(&t.run_dir, quiet()).err().expect("refused").to_string();
     assert!(err.contains("in use by another trainer"), "{err}");
 }
-
-#[test]
-fn unsupported_settings_are_errors_not_ignored() {
-    let root = tempfile::tempdir().unwrap();
-    let data = root.path().join("data");
-    subject_images(&data, 1);
-    for (key, name) in [("use_lora: true", "lora"), ("gradient_checkpointing: true", "gc"), ("optimizer: adamw_8bit", "a8")] {
-        let cfg = write_config(root.path(), name, &data, &format!("  {key}\n"));
-        let err = Trainer::start(load(&cfg), quiet()).err().expect("refused").to_string();
-        assert!(err.contains("not available in this build yet"), "{err}");
-        assert!(!root.path().join("runs").join(name).exists());
-    }
-}

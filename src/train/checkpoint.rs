@@ -1,6 +1,7 @@
 //! Run checkpoints, `checkpoints/step-NNNNNN/`: the trained weights under
 //! diffusers key names (`unet.safetensors`, `text_encoder.safetensors` when the
-//! text encoder trains, `ema_unet.safetensors` with EMA) and everything needed to
+//! text encoder trains, `ema_unet.safetensors` with EMA; a LoRA run's adapters
+//! as `lora.safetensors` with kohya keys instead) and everything needed to
 //! continue bit for bit (`state.safetensors`: optimizer moments, generator
 //! states, the epoch's data order; `state.json`: counters, loss scaler, data
 //! position). Written into a temporary folder, fsynced, then renamed, so a crash
@@ -30,11 +31,21 @@ pub struct TrainState {
     pub lr: f64,
 }
 
+/// The adapters of a LoRA run's checkpoint (kohya keys), in place of the networks' weights.
+pub const LORA_FILE: &str = "lora.safetensors";
+
+/// An Imagic run's target and optimised embeddings.
+pub const IMAGIC_FILE: &str = "imagic_embeddings.safetensors";
+
 /// What a checkpoint holds, to write.
 pub struct CheckpointContents<'a> {
-    pub unet: Vec<(String, Tensor)>,
+    /// The UNet's weights (a full fine-tune; a LoRA run saves `lora` instead).
+    pub unet: Option<Vec<(String, Tensor)>>,
+    pub lora: Option<&'a crate::model::lora::LoraNetwork>,
     pub text_encoder: Option<Vec<(String, Tensor)>>,
     pub ema_unet: Option<Vec<(String, Tensor)>>,
+    /// Imagic's (target, optimised) embeddings and target text.
+    pub imagic: Option<(&'a Tensor, &'a Tensor, &'a str)>,
     /// Optimizer moments, generator states, data order.
     pub state_tensors: Vec<(String, Tensor)>,
     pub state: &'a TrainState,
@@ -64,9 +75,17 @@ pub fn write_checkpoint(run_dir: &Path, c: &CheckpointContents) -> anyhow::Resul
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let result = (|| -> anyhow::Result<()> {
-        write_safetensors(&tmp.join("unet.safetensors"), &c.unet, None)?;
+        if let Some(unet) = &c.unet {
+            write_safetensors(&tmp.join("unet.safetensors"), unet, None)?;
+        }
+        if let Some(lora) = c.lora {
+            lora.save(&tmp.join(LORA_FILE), &Default::default())?;
+        }
         if let Some(te) = &c.text_encoder {
             write_safetensors(&tmp.join("text_encoder.safetensors"), te, None)?;
+        }
+        if let Some((target, optimized, prompt)) = c.imagic {
+            super::imagic::save_embeddings(&tmp.join(IMAGIC_FILE), target, optimized, prompt)?;
         }
         if let Some(ema) = &c.ema_unet {
             write_safetensors(&tmp.join("ema_unet.safetensors"), ema, None)?;

@@ -2,23 +2,39 @@
 //! the run kept one) merged over the source model, written as a diffusers folder
 //! or, for runs whose source is an LDM single file, as an LDM `.safetensors` with
 //! the source file's own key layout (each trained tensor put back under the LDM
-//! key it was read from).
+//! key it was read from). A LoRA run exports its kohya file as it is (`lora`)
+//! or merged into the source model (`diffusers`, `ldm`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use tch::Tensor;
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
 
-use super::checkpoint::{find_checkpoint, read_tensors};
+use super::checkpoint::{find_checkpoint, read_tensors, LORA_FILE};
 use crate::checkpoint::export_diffusers::{write_diffusers_folder, ModelParts};
 use crate::checkpoint::ldm::{self, Transform};
 use crate::checkpoint::write::write_safetensors;
-use crate::checkpoint::{format_of, load_model, open_single_file, ModelFormat, TokenizerSource};
+use crate::checkpoint::{format_of, load_model, open_single_file, LoadedModel, ModelFormat, TokenizerSource};
+use crate::config::RunConfig;
 use crate::error::usage;
+use crate::model::attention::AttentionBackend;
+use crate::pipeline::StableDiffusion;
 use crate::tokenizer::ClipTokenizer;
 
-/// The trained UNet (EMA when present) and text encoder (when it trained) of a checkpoint.
-fn trained_weights(dir: &Path) -> anyhow::Result<(HashMap<String, Tensor>, Option<HashMap<String, Tensor>>)> {
+/// The trained UNet (EMA when present) and text encoder (when it trained) of a
+/// checkpoint, by diffusers key. A LoRA run's adapters are merged (strength 1)
+/// into the source model's UNet and text encoder, which are returned whole.
+fn trained_weights(config: &RunConfig, dir: &Path) -> anyhow::Result<(HashMap<String, Tensor>, Option<HashMap<String, Tensor>>)> {
+    let lora = dir.join(LORA_FILE);
+    if config.training.use_lora {
+        let loaded = load_model(&config.source_checkpoint, None)?;
+        let (mut sd, params) =
+            StableDiffusion::from_loaded_with_parameters(loaded, Device::Cpu, Kind::Float, AttentionBackend::Default)?;
+        sd.merge_lora(&lora, 1.0)?;
+        let map = |v: Vec<(String, Tensor)>| v.into_iter().collect::<HashMap<_, _>>();
+        return Ok((map(params.unet), Some(map(params.text_encoder))));
+    }
     let ema = dir.join("ema_unet.safetensors");
     let unet = if ema.is_file() { read_tensors(&ema)? } else { read_tensors(&dir.join("unet.safetensors"))? };
     let te = dir.join("text_encoder.safetensors");
@@ -26,16 +42,41 @@ fn trained_weights(dir: &Path) -> anyhow::Result<(HashMap<String, Tensor>, Optio
     Ok((unet, text))
 }
 
-pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>) -> anyhow::Result<PathBuf> {
-    if !matches!(format, "diffusers" | "ldm" | "lora") {
-        return Err(usage(format!("--format {format} is not one of ldm, diffusers, lora")));
-    }
+/// The run's config (from its `config.yaml`).
+fn run_config(run_dir: &Path) -> anyhow::Result<RunConfig> {
     let config_path = run_dir.join("config.yaml");
     if !config_path.is_file() {
         return Err(usage(format!("{} is not a run directory (it has no config.yaml)", run_dir.display())));
     }
-    let config = crate::config::load_run_config(&config_path)?;
-    if format == "lora" {
+    crate::config::load_run_config(&config_path)
+}
+
+/// Whether `path` is a run directory (what `generate --model` treats as one).
+pub fn is_run_dir(path: &Path) -> bool {
+    path.is_dir() && path.join("config.yaml").is_file() && path.join("checkpoints").is_dir()
+}
+
+/// The source model of a run with a checkpoint's trained weights in place (the
+/// newest complete one, or `step`'s): what export writes and `generate --model
+/// RUN_DIR` samples from.
+pub fn load_run_model(run_dir: &Path, step: Option<u64>) -> anyhow::Result<LoadedModel> {
+    let config = run_config(run_dir)?;
+    let (_, dir) = find_checkpoint(run_dir, step)?;
+    let (unet, text) = trained_weights(&config, &dir)?;
+    let mut m = load_model(&config.source_checkpoint, None)?;
+    merge_into(&mut m.unet, unet, "UNet")?;
+    if let Some(t) = text {
+        merge_into(&mut m.text_encoder, t, "text encoder")?;
+    }
+    Ok(m)
+}
+
+pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>) -> anyhow::Result<PathBuf> {
+    if !matches!(format, "diffusers" | "ldm" | "lora") {
+        return Err(usage(format!("--format {format} is not one of ldm, diffusers, lora")));
+    }
+    let config = run_config(run_dir)?;
+    if format == "lora" && !config.training.use_lora {
         return Err(usage(format!(
             "{} is a full fine-tune; --format lora needs a run trained with use_lora (export it as diffusers or ldm)",
             run_dir.display()
@@ -45,10 +86,20 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>) -> an
         return Err(usage(format!("{} already exists; choose a new path", out.display())));
     }
     let (_, dir) = find_checkpoint(run_dir, step)?;
-    let (unet, text) = trained_weights(&dir)?;
     match format {
-        "diffusers" => export_diffusers(&config.source_checkpoint, unet, text, out)?,
-        _ => export_ldm(&config.source_checkpoint, unet, text, out)?,
+        "lora" => {
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| usage(format!("cannot create {}: {e}", parent.display())))?;
+            }
+            let from = dir.join(LORA_FILE);
+            std::fs::copy(&from, out)
+                .with_context(|| format!("cannot copy {} to {}", from.display(), out.display()))?;
+        }
+        "diffusers" => export_diffusers(load_run_model(run_dir, step)?, out)?,
+        _ => {
+            let (unet, text) = trained_weights(&config, &dir)?;
+            export_ldm(&config.source_checkpoint, unet, text, out)?
+        }
     }
     Ok(out.to_path_buf())
 }
@@ -64,12 +115,7 @@ fn merge_into(base: &mut HashMap<String, Tensor>, trained: HashMap<String, Tenso
     Ok(())
 }
 
-fn export_diffusers(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap<String, Tensor>>, out: &Path) -> anyhow::Result<()> {
-    let mut m = load_model(source, None)?;
-    merge_into(&mut m.unet, unet, "UNet")?;
-    if let Some(t) = text {
-        merge_into(&mut m.text_encoder, t, "text encoder")?;
-    }
+fn export_diffusers(m: LoadedModel, out: &Path) -> anyhow::Result<()> {
     let tokenizer = match &m.tokenizer {
         TokenizerSource::Folder(dir) => ClipTokenizer::from_folder(dir)?,
         TokenizerSource::OpenAi { pad_token } => ClipTokenizer::openai()?.with_pad_token(pad_token)?,

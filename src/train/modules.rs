@@ -1,12 +1,16 @@
 //! Which tensors train: the UNet (`train_unet`), the text encoder for the first
 //! `text_encoder_train_ratio` of the steps (without its layer norms when
 //! `freeze_clip_normalization`). Optimizer keys carry the network as a prefix
-//! (`unet.conv_in.weight`, `text_encoder.encoder.layers.0.mlp.fc1.weight`).
+//! (`unet.conv_in.weight`, `text_encoder.encoder.layers.0.mlp.fc1.weight`). A
+//! LoRA run (`use_lora`) trains adapters on the attention projections instead,
+//! keyed by their kohya names (`lora_unet_….lora_down.weight`, `lora_te_…`).
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::config::schema::Training;
-use crate::pipeline::ModelParameters;
+use crate::model::lora::{self, LoraNetwork, LoraSpec, LoraTargets};
+use crate::pipeline::{ModelParameters, StableDiffusion};
+use crate::rng::CpuRng;
 
 pub const UNET_PREFIX: &str = "unet.";
 pub const TEXT_PREFIX: &str = "text_encoder.";
@@ -18,23 +22,62 @@ pub fn is_clip_norm(key: &str) -> bool {
 
 /// Number of optimizer steps during which the text encoder trains.
 pub fn text_encoder_steps(training: &Training, total_steps: u64) -> u64 {
+    if training.train_imagic_only {
+        return 0;
+    }
     (training.text_encoder_train_ratio * total_steps as f64).ceil() as u64
 }
 
-/// The trainable parameter set of a full fine-tune, by optimizer key. This is
-/// the one place that chooses it: a LoRA run would hand back its adapter
-/// matrices here instead of the networks' own weights.
-pub fn choose_trainable_parameters(training: &Training, params: &ModelParameters) -> anyhow::Result<Vec<(String, Tensor)>> {
+/// Whether an optimizer key belongs to the text encoder (full weights or adapters).
+pub fn is_text_encoder_key(key: &str) -> bool {
+    key.starts_with(TEXT_PREFIX) || key.starts_with(lora::TEXT_PREFIX)
+}
+
+/// What a run trains: the optimizer's tensors by key, and the adapters they
+/// belong to in a LoRA run (saved as the checkpoint's `lora.safetensors`).
+pub struct TrainableSet {
+    pub params: Vec<(String, Tensor)>,
+    pub lora: Option<LoraNetwork>,
+}
+
+/// The trainable parameter set, by optimizer key. This is the one place that
+/// chooses it: the networks' own weights for a full fine-tune; for a LoRA run,
+/// fresh adapters (down from a generator seeded with `seed`, up at zero) attached
+/// to the UNet (`train_unet`) and the text encoder (when it trains).
+pub fn choose_trainable_parameters(
+    training: &Training,
+    sd: &mut StableDiffusion,
+    params: &ModelParameters,
+    seed: u64,
+) -> anyhow::Result<TrainableSet> {
     if training.use_lora {
-        return Err(crate::error::usage(
-            "`training.use_lora` is not available in this build yet; set it to false for a full fine-tune",
-        ));
+        let spec = LoraSpec {
+            rank: i64::from(training.lora_rank),
+            alpha: training.lora_alpha,
+            targets: LoraTargets::ATTENTION,
+            kind: Kind::Float,
+        };
+        let mut rng = CpuRng::new(seed);
+        let mut net = LoraNetwork::default();
+        if training.train_unet {
+            net.extend(lora::attach_unet_lora(&mut sd.unet, &spec, &mut rng)?);
+        }
+        if training.text_encoder_train_ratio > 0.0 && !training.train_imagic_only {
+            net.extend(lora::attach_text_lora(&mut sd.text_encoder, &spec, &mut rng)?);
+        }
+        if net.modules.is_empty() {
+            return Err(crate::error::usage(
+                "`training.use_lora` with `train_unet: false` and `text_encoder_train_ratio: 0` leaves nothing to train",
+            ));
+        }
+        return Ok(TrainableSet { params: net.trainable(), lora: Some(net) });
     }
     let mut out = Vec::new();
     if training.train_unet {
         out.extend(params.unet.iter().map(|(k, t)| (format!("{UNET_PREFIX}{k}"), t.shallow_clone())));
     }
-    if training.text_encoder_train_ratio > 0.0 {
+    // Imagic optimises the prompt embedding itself, never the text encoder.
+    if training.text_encoder_train_ratio > 0.0 && !training.train_imagic_only {
         out.extend(
             params
                 .text_encoder
@@ -43,7 +86,7 @@ pub fn choose_trainable_parameters(training: &Training, params: &ModelParameters
                 .map(|(k, t)| (format!("{TEXT_PREFIX}{k}"), t.shallow_clone())),
         );
     }
-    Ok(out)
+    Ok(TrainableSet { params: out, lora: None })
 }
 
 /// Turns gradients on for `trainable` and off for everything else in `params`.

@@ -15,15 +15,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use super::adamw::{AdamW, AdamWConfig};
 use super::checkpoint::{self as ckpt, CheckpointContents, TrainState};
 use super::ema::Ema;
 use super::lr_schedule::LrSchedule;
-use super::modules::{self, TEXT_PREFIX};
+use super::modules;
+use super::optimizer::Optimizer;
 use super::precision::{LossScaler, Precision};
 use super::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
 use crate::checkpoint::load_model;
-use crate::config::schema::{MixedPrecision, Optimizer, RunConfig};
+use crate::config::schema::{MixedPrecision, RunConfig};
+use crate::model::lora::LoraNetwork;
 use crate::data::dataset::{self, next_batch, BatchPlan, DataState, Dataset};
 use crate::error::usage;
 use crate::pipeline::{save_png, ModelParameters, SampleRequest, StableDiffusion};
@@ -48,17 +49,13 @@ pub fn run_dir_of(config: &RunConfig) -> PathBuf {
 /// Settings this build cannot honour yet: an explicit error, never ignored.
 pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
     let t = &config.training;
-    if t.use_lora {
-        return Err(usage("`training.use_lora` is not available in this build yet; set it to false for a full fine-tune"));
+    if t.train_imagic_only && t.use_lora {
+        return Err(usage("`training.train_imagic_only` fine-tunes the whole UNet; it cannot be combined with `use_lora`"));
     }
-    if t.train_imagic_only {
-        return Err(usage("`training.train_imagic_only` is not available in this build yet; set it to false"));
-    }
-    if t.gradient_checkpointing {
-        return Err(usage("`training.gradient_checkpointing` is not available in this build yet; set it to false"));
-    }
-    if t.optimizer == Optimizer::Adamw8bit {
-        return Err(usage("`training.optimizer: adamw_8bit` is not available in this build yet; use adamw"));
+    if t.use_lora && t.use_ema {
+        return Err(usage(
+            "`training.use_ema` cannot be combined with `use_lora`: EMA averages the UNet's weights, which a LoRA run leaves frozen",
+        ));
     }
     Ok(())
 }
@@ -106,7 +103,9 @@ pub struct Trainer {
     prediction: PredictionType,
     pub data: Dataset,
     pub data_state: DataState,
-    optimizer: AdamW,
+    optimizer: Optimizer,
+    /// The adapters a LoRA run trains (their tensors are the optimizer's).
+    pub lora: Option<LoraNetwork>,
     lr_schedule: LrSchedule,
     pub scaler: Option<LossScaler>,
     pub ema: Option<Ema>,
@@ -129,6 +128,10 @@ pub struct Trainer {
     last_sample_step: Option<u64>,
     resumed_from: Option<u64>,
     progress: Option<indicatif::ProgressBar>,
+    /// `train_imagic_only`: the stages' step counts.
+    imagic_plan: Option<imagic_run::ImagicPlan>,
+    /// Imagic's (target, optimised) embeddings once stage (a) has begun.
+    imagic: Option<(Tensor, Tensor)>,
 }
 
 /// Checks a fresh run's inputs and makes its directory: nothing is written
@@ -186,6 +189,12 @@ impl Trainer {
         }
         let config = crate::config::load_run_config(&config_path)?;
         check_supported(&config)?;
+        if config.training.train_imagic_only {
+            return Err(usage(format!(
+                "{} is an Imagic run, which cannot be resumed (its checkpoints hold the UNet and embeddings as they were); start a new run",
+                run_dir.display()
+            )));
+        }
         let lock = RunLock::acquire(run_dir)?;
         let (step, dir) = ckpt::find_checkpoint(run_dir, None)?;
         let instances = dataset::load_instances(&config)?;
@@ -223,16 +232,23 @@ impl Trainer {
                 return Err(e);
             }
         };
-        let (config, precision, sd, params, data, optimizer, ema) = parts;
+        let (config, precision, sd, params, data, optimizer, lora, ema) = parts;
         let t = &config.training;
         let images = data.instances.len() as u64;
-        let total = total_steps(t.steps_per_image, images, t.batch_size, t.gradient_accumulation_steps);
-        let batches_per_epoch = images.div_ceil(u64::from(t.batch_size));
+        let imagic_plan = t.train_imagic_only.then(|| imagic_run::ImagicPlan::from_training(t));
+        let (total, batches_per_epoch, lr_steps) = match &imagic_plan {
+            // Both stages count as steps; the LR schedule covers the UNet stage.
+            Some(plan) => (plan.embedding_steps + plan.unet_steps, 1, plan.unet_steps),
+            None => {
+                let total = total_steps(t.steps_per_image, images, t.batch_size, t.gradient_accumulation_steps);
+                (total, images.div_ceil(u64::from(t.batch_size)), total)
+            }
+        };
         let lr_schedule = LrSchedule {
             kind: t.lr_scheduler,
             base_lr: t.learning_rate,
             warmup_steps: u64::from(t.lr_warmup_steps),
-            total_steps: total,
+            total_steps: lr_steps,
             power: t.lr_power,
             lr_end: t.lr_end,
         };
@@ -257,6 +273,7 @@ impl Trainer {
             prediction,
             data,
             optimizer,
+            lora,
             lr_schedule,
             scaler,
             ema,
@@ -277,6 +294,8 @@ impl Trainer {
             last_sample_step: None,
             resumed_from: resume.as_ref().map(|(s, _)| *s),
             progress: None,
+            imagic_plan,
+            imagic: None,
             config,
         };
         trainer.describe_plan();
@@ -290,12 +309,12 @@ impl Trainer {
         device: Device,
         instances: Vec<dataset::Example>,
         log: &mut RunLog,
-    ) -> anyhow::Result<(RunConfig, Precision, StableDiffusion, ModelParameters, Dataset, AdamW, Option<Ema>)> {
+    ) -> anyhow::Result<(RunConfig, Precision, StableDiffusion, ModelParameters, Dataset, Optimizer, Option<LoraNetwork>, Option<Ema>)> {
         let t = &config.training;
         super::precision::flush_denormals();
         let loaded = load_model(&config.source_checkpoint, None)?;
         // Float32 master weights; mixed precision is autocast around the forward pass.
-        let (sd, params) = StableDiffusion::from_loaded_with_parameters(loaded, device, Kind::Float, t.attention)?;
+        let (mut sd, params) = StableDiffusion::from_loaded_with_parameters(loaded, device, Kind::Float, t.attention)?;
         let size_multiple = sd.size_multiple();
         if config.resolution % size_multiple != 0 {
             return Err(usage(format!(
@@ -328,19 +347,42 @@ impl Trainer {
                 log.line("latents cached");
             }
         }
-        let trainable = modules::choose_trainable_parameters(t, &params)?;
-        modules::set_trainable(&params, &trainable);
-        let optimizer = AdamW::new(
-            trainable,
-            AdamWConfig { beta1: t.adam_beta1, beta2: t.adam_beta2, eps: t.adam_epsilon, weight_decay: t.weight_decay },
-        );
+        // The adapters' own generator: their initial values do not depend on the data.
+        let trainable = modules::choose_trainable_parameters(t, &mut sd, &params, config.seed.wrapping_add(2))?;
+        modules::set_trainable(&params, &trainable.params);
+        if t.gradient_checkpointing {
+            // Recompute each block's activations in backward instead of keeping them.
+            sd.unet.set_gradient_checkpointing(true);
+            if t.text_encoder_train_ratio > 0.0 {
+                sd.text_encoder.set_gradient_checkpointing(true);
+            }
+        }
+        let optimizer = Optimizer::from_training(trainable.params, t);
         let ema = t.use_ema.then(|| Ema::new(&params.unet, t.ema_decay));
-        Ok((config, precision, sd, params, data, optimizer, ema))
+        Ok((config, precision, sd, params, data, optimizer, trainable.lora, ema))
     }
 
     fn describe_plan(&mut self) {
         let t = self.config.training.clone();
         let images = self.data.instances.len() as u64;
+        if let Some(plan) = self.imagic_plan {
+            if images > 1 {
+                self.warn(&format!(
+                    "Imagic trains on a single image: only the first of the {images} images of concepts[0] is used"
+                ));
+            }
+            if t.text_encoder_train_ratio > 0.0 {
+                self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_train_ratio` does not apply to it");
+            }
+            if t.mixed_precision != MixedPrecision::No {
+                self.warn("Imagic trains in float32: `mixed_precision` does not apply to it");
+            }
+            self.log.line(&format!(
+                "Imagic: {} embedding steps, then {} UNet steps on one image, target text {:?}",
+                plan.embedding_steps, plan.unet_steps, self.config.concepts[0].instance_prompt
+            ));
+            return;
+        }
         let per_step = u64::from(t.batch_size) * u64::from(t.gradient_accumulation_steps);
         if images % per_step != 0 {
             self.warn(&format!(
@@ -382,7 +424,7 @@ impl Trainer {
             return;
         }
         for (k, p) in self.optimizer.params() {
-            if k.starts_with(TEXT_PREFIX) && p.requires_grad() {
+            if modules::is_text_encoder_key(k) && p.requires_grad() {
                 let _ = p.set_requires_grad(false);
                 set_grad_to_none(p);
             }
@@ -511,9 +553,13 @@ impl Trainer {
                 "precision": self.precision.describe(),
                 "resumed_from": self.resumed_from,
                 "pid": std::process::id(),
+                "imagic": self.imagic_plan.map(|p| p.describe()),
             }),
         ))?;
         self.progress = self.make_progress();
+        if self.imagic_plan.is_some() {
+            return self.run_imagic();
+        }
         while self.step < self.total_steps {
             if self.poll_controls()? {
                 return self.stop();
@@ -536,7 +582,8 @@ impl Trainer {
             self.previews()?;
         }
         self.checkpoint()?;
-        self.events.write(&Event::named("done", serde_json::json!({ "step": self.step })))?;
+        let peak = crate::device::memory_in_use(self.device).1;
+        self.events.write(&Event::named("done", serde_json::json!({ "step": self.step, "vram_peak_bytes": peak })))?;
         self.events.sync()?;
         self.log.line(&format!("done: {} steps in {}", self.step, self.run_dir.display()));
         Ok(Outcome::Finished)
@@ -563,7 +610,7 @@ impl Trainer {
             loss,
             lr: self.last_lr,
             it_s: if seconds > 0.0 { 1.0 / seconds } else { 0.0 },
-            vram_bytes: 0,
+            vram_bytes: crate::device::memory_in_use(self.device).0,
             time: now(),
         };
         self.events.write(&Event::Step(record.clone()))?;
@@ -692,7 +739,7 @@ impl Trainer {
         let state = TrainState {
             step: self.step,
             total_steps: self.total_steps,
-            optimizer_step: self.optimizer.step,
+            optimizer_step: self.optimizer.step_count(),
             micro_batches: self.micro_batches,
             data: self.data_state.clone(),
             loss_scaler: self.scaler.as_ref().map(|s| (s.scale, s.growth_tracker)),
@@ -700,10 +747,13 @@ impl Trainer {
             lr: self.last_lr,
         };
         let copy = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
+        let full = self.lora.is_none();
         let contents = CheckpointContents {
-            unet: copy(&self.params.unet),
-            text_encoder: (self.config.training.text_encoder_train_ratio > 0.0).then(|| copy(&self.params.text_encoder)),
+            unet: full.then(|| copy(&self.params.unet)),
+            text_encoder: (full && self.text_encoder_steps > 0).then(|| copy(&self.params.text_encoder)),
+            lora: self.lora.as_ref(),
             ema_unet: self.ema.as_ref().map(|e| copy(&e.shadow)),
+            imagic: self.imagic.as_ref().map(|(target, optimized)| (target, optimized, self.config.concepts[0].instance_prompt.as_str())),
             state_tensors: self.state_tensors(),
             state: &state,
         };
@@ -719,8 +769,14 @@ impl Trainer {
 
     fn load_checkpoint(&mut self, dir: &Path) -> anyhow::Result<()> {
         let state = ckpt::read_state(dir)?;
-        let unet_path = dir.join("unet.safetensors");
-        ckpt::load_into(&self.params.unet, &ckpt::read_tensors(&unet_path)?, &unet_path)?;
+        if let Some(lora) = &self.lora {
+            // The adapters attached at start are overwritten in place: the optimizer holds them.
+            let path = dir.join(ckpt::LORA_FILE);
+            ckpt::load_into(&lora.trainable(), &ckpt::read_tensors(&path)?, &path)?;
+        } else {
+            let unet_path = dir.join("unet.safetensors");
+            ckpt::load_into(&self.params.unet, &ckpt::read_tensors(&unet_path)?, &unet_path)?;
+        }
         let te_path = dir.join("text_encoder.safetensors");
         if te_path.is_file() {
             ckpt::load_into(&self.params.text_encoder, &ckpt::read_tensors(&te_path)?, &te_path)?;
@@ -765,7 +821,11 @@ impl Trainer {
     /// Renders every concept's sample prompts into samples/step-NNNNNN-K.png (with
     /// the EMA weights when kept); returns the paths.
     pub fn previews(&mut self) -> anyhow::Result<Vec<PathBuf>> {
-        let prompts: Vec<String> = self.config.concepts.iter().flat_map(|c| c.sample_prompts.clone()).collect();
+        let prompts: Vec<String> = match &self.imagic {
+            // One image from the interpolated embedding (the prompt is its target text).
+            Some(_) => vec![self.config.concepts[0].instance_prompt.clone()],
+            None => self.config.concepts.iter().flat_map(|c| c.sample_prompts.clone()).collect(),
+        };
         self.last_sample_step = Some(self.step);
         if prompts.is_empty() {
             return Ok(Vec::new());
@@ -800,7 +860,14 @@ impl Trainer {
                 clip_skip: self.config.training.clip_skip,
             };
             let path = dir.join(format!("{}-{k}.png", ckpt::step_dir_name(self.step)));
-            match self.sd.text_to_image(&req, |_, _| {}).and_then(|img| save_png(&img, &path)) {
+            let image = match &self.imagic {
+                Some((target, optimized)) => {
+                    let cond = super::imagic::interpolate(target, optimized, imagic_run::PREVIEW_ETA);
+                    self.sd.text_to_image_with_embeddings(&req, &cond, |_, _| {})
+                }
+                None => self.sd.text_to_image(&req, |_, _| {}),
+            };
+            match image.and_then(|img| save_png(&img, &path)) {
                 Ok(()) => paths.push(path),
                 Err(e) => {
                     result = Err(e);
@@ -825,6 +892,8 @@ impl Trainer {
         Ok(paths)
     }
 }
+
+mod imagic_run;
 
 /// `torch.nn.utils.clip_grad_norm_` (norm 2): scales every gradient by
 /// min(1, max_norm / (total_norm + 1e-6)); returns the total norm (NaN on CUDA,

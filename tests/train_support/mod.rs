@@ -122,3 +122,28 @@ pub fn step_count(run_dir: &Path) -> usize {
         .filter(|e| matches!(e, dreambooth::run::events::Event::Step(_)))
         .count()
 }
+
+/// Mean denoising loss of `dir`'s images under the trainer's current weights, with
+/// fixed noise and timesteps (the same for every call).
+pub fn eval_loss(t: &dreambooth::train::trainer::Trainer, dir: &std::path::Path) -> f64 {
+    use dreambooth::train::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
+    let _guard = tch::no_grad_guard();
+    let examples = dreambooth::data::dataset::load_folder(dir, "eval", "a photo of sks thing", 0, 64, None).unwrap();
+    let schedule = dreambooth::scheduler::NoiseSchedule::new(&t.sd.scheduler_config).unwrap();
+    let prediction = PredictionType::from_config(&t.sd.scheduler_config).unwrap();
+    let ehs = t.sd.encode_prompt("a photo of sks thing", 1);
+    let mut rng = dreambooth::rng::CpuRng::new(99);
+    let mut total = 0.0;
+    let mut n = 0.0;
+    for e in &examples {
+        let latents = t.sd.vae.encode(&e.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor;
+        for _ in 0..8 {
+            let noise = draw_noise(&mut rng, &latents.size(), 1000, 0.0);
+            let weights = ExampleWeights::all_instance(1);
+            let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, encoder_hidden_states: &ehs, weights: &weights };
+            total += denoising_loss(&t.sd.unet, &schedule, prediction, 0.0, &inputs, &|f| f()).loss.double_value(&[]);
+            n += 1.0;
+        }
+    }
+    total / n
+}

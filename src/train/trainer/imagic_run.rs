@@ -1,0 +1,167 @@
+//! `train_imagic_only`: Imagic's two training stages inside the trainer, with the
+//! normal loop's events, controls, previews and checkpoints. On one image (the
+//! first of concepts[0]) with its instance prompt as the target text:
+//! (a) optimise the prompt embedding with the UNet frozen, (b) fine-tune the UNet
+//! with that embedding fixed. Previews sample the interpolation
+//! η·e_tgt + (1−η)·e_opt; checkpoints add `imagic_embeddings.safetensors`.
+
+use std::time::Instant;
+
+use anyhow::Context;
+
+use super::{clip_grad_norm, Outcome, Trainer};
+use crate::config::schema::Training;
+use crate::rng::set_grad_to_none;
+use crate::run::events::Event;
+use crate::train::imagic::{self, Denoiser, EmbeddingOptimization, ImagicSettings};
+
+/// η of the previews: the paper's usual edit strength.
+pub const PREVIEW_ETA: f64 = 0.7;
+
+/// How many steps each stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImagicPlan {
+    pub embedding_steps: u64,
+    pub unet_steps: u64,
+}
+
+impl ImagicPlan {
+    /// Stage (b) runs `steps_per_image` UNet steps (the one image's epochs) at the
+    /// config's learning rate. Stage (a) keeps the paper's proportion: its 500
+    /// embedding steps per 1000 UNet steps, so half as many (at least one), at the
+    /// paper's fixed embedding learning rate 1e-3.
+    pub fn from_training(t: &Training) -> ImagicPlan {
+        let paper = ImagicSettings::default();
+        let unet_steps = u64::from(t.steps_per_image).max(1);
+        let embedding_steps = (unet_steps * paper.embedding_steps as u64).div_ceil(paper.unet_steps as u64).max(1);
+        ImagicPlan { embedding_steps, unet_steps }
+    }
+
+    pub fn embedding_lr() -> f64 {
+        ImagicSettings::default().embedding_lr
+    }
+
+    /// For the start event.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "embedding_steps": self.embedding_steps,
+            "embedding_lr": Self::embedding_lr(),
+            "unet_steps": self.unet_steps,
+            "preview_eta": PREVIEW_ETA,
+        })
+    }
+}
+
+impl Trainer {
+    /// Runs both stages to the end (or until stopped).
+    pub(super) fn run_imagic(&mut self) -> anyhow::Result<Outcome> {
+        let plan = self.imagic_plan.context("run_imagic without an Imagic plan")?;
+        let t = self.config.training.clone();
+        let example = self.data.instances.iter().find(|e| e.concept == 0).context("concepts[0] has no image")?;
+        let (pixels, prompt) = (example.pixels.unsqueeze(0), example.prompt.clone());
+        let vae_device = self.params.vae.first().map(|(_, p)| p.device()).unwrap_or(self.device);
+        let scaling = self.sd.vae_config.scaling_factor;
+        let latents = imagic::encode_latents(&self.sd.vae, scaling, &pixels.to_device(vae_device), &mut self.noise_rng)
+            .to_device(self.device);
+        let target = tch::no_grad(|| self.sd.encode_prompt(&prompt, t.clip_skip));
+
+        // (a) The UNet stays frozen while the embedding moves.
+        self.set_unet_training(false);
+        self.stage_event("embedding", plan.embedding_steps)?;
+        let mut stage = EmbeddingOptimization::new(&target);
+        self.imagic = Some((stage.target.shallow_clone(), stage.optimized()));
+        let lr = ImagicPlan::embedding_lr();
+        for _ in 0..plan.embedding_steps {
+            if self.poll_controls()? {
+                return self.stop();
+            }
+            let started = Instant::now();
+            let loss = {
+                let denoiser = Denoiser::new(&self.sd.unet, &self.schedule, &self.sd.scheduler_config)?;
+                stage.step(&denoiser, &latents, lr, &mut self.noise_rng)
+            };
+            self.imagic = Some((stage.target.shallow_clone(), stage.optimized()));
+            self.step += 1;
+            self.last_lr = lr;
+            self.record_step(loss, started.elapsed().as_secs_f64())?;
+        }
+        let optimized = stage.optimized();
+
+        // (b) The UNet learns to reconstruct the image from e_opt.
+        self.set_unet_training(true);
+        self.stage_event("unet", plan.unet_steps)?;
+        for k in 0..plan.unet_steps {
+            if self.poll_controls()? {
+                return self.stop();
+            }
+            let started = Instant::now();
+            let lr = self.lr_schedule.lr_at(k);
+            self.optimizer.zero_grad();
+            let loss = {
+                let denoiser = Denoiser::new(&self.sd.unet, &self.schedule, &self.sd.scheduler_config)?;
+                denoiser.loss(&latents, &optimized, &mut self.noise_rng)
+            };
+            loss.backward();
+            if t.max_grad_norm > 0.0 {
+                clip_grad_norm(self.optimizer.params(), t.max_grad_norm);
+            }
+            self.optimizer.step(lr);
+            if let Some(ema) = &mut self.ema {
+                ema.update(&self.params.unet);
+            }
+            self.step += 1;
+            self.micro_batches += 1;
+            self.last_lr = lr;
+            self.record_step(loss.double_value(&[]), started.elapsed().as_secs_f64())?;
+            if t.save_model_every_n_epochs > 0 && (k + 1) % u64::from(t.save_model_every_n_epochs) == 0 {
+                self.checkpoint()?;
+            }
+            if t.save_preview_every_n_epochs > 0 && (k + 1) % u64::from(t.save_preview_every_n_epochs) == 0 {
+                self.previews()?;
+            }
+        }
+        self.set_unet_training(false);
+        if let Some(bar) = self.progress.take() {
+            bar.finish_and_clear();
+        }
+        if self.last_sample_step != Some(self.step) && t.save_preview_every_n_epochs > 0 {
+            self.previews()?;
+        }
+        self.checkpoint()?;
+        self.events.write(&Event::named("done", serde_json::json!({ "step": self.step })))?;
+        self.events.sync()?;
+        self.log.line(&format!("done: Imagic, {} steps in {}", self.step, self.run_dir.display()));
+        Ok(Outcome::Finished)
+    }
+
+    /// Gradients on (stage b) or off (stage a, sampling) for the UNet's trained tensors.
+    fn set_unet_training(&mut self, on: bool) {
+        for (_, p) in self.optimizer.params() {
+            if !on {
+                set_grad_to_none(p);
+            }
+            let _ = p.shallow_clone().requires_grad_(on);
+        }
+    }
+
+    fn stage_event(&mut self, stage: &str, steps: u64) -> anyhow::Result<()> {
+        self.events.write(&Event::named("imagic_stage", serde_json::json!({ "step": self.step, "stage": stage, "steps": steps })))?;
+        self.log.line(&format!("Imagic stage {stage}: {steps} steps"));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_a_keeps_the_papers_proportion() {
+        let mut t = Training::default();
+        t.steps_per_image = 1000;
+        assert_eq!(ImagicPlan::from_training(&t), ImagicPlan { embedding_steps: 500, unet_steps: 1000 });
+        t.steps_per_image = 3;
+        assert_eq!(ImagicPlan::from_training(&t), ImagicPlan { embedding_steps: 2, unet_steps: 3 });
+    }
+}
+

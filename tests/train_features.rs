@@ -1,0 +1,338 @@
+//! The trainer's optional features end to end on the demo model: 8-bit AdamW,
+//! LoRA, gradient checkpointing, Imagic, `generate --model`.
+
+#[path = "train_support/mod.rs"]
+mod support;
+
+use std::path::Path;
+
+use dreambooth::train::trainer::Trainer;
+use support::*;
+use tch::Tensor;
+
+fn final_unet(run: &Path) -> Vec<(String, Tensor)> {
+    let (_, dir) = dreambooth::train::checkpoint::find_checkpoint(run, None).unwrap();
+    let mut v = Tensor::read_safetensors(dir.join("unet.safetensors")).unwrap();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn assert_bit_identical(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
+    assert_eq!(a.len(), b.len());
+    for ((ka, ta), (kb, tb)) in a.iter().zip(b) {
+        assert_eq!(ka, kb);
+        assert!(ta.equal(tb), "{ka} differs");
+    }
+}
+
+/// ‖a − b‖ / ‖b − start‖ over all tensors: how far apart two runs end, relative
+/// to how far training moved the weights.
+fn relative_distance(a: &[(String, Tensor)], b: &[(String, Tensor)], start: &[(String, Tensor)]) -> f64 {
+    let (mut diff, mut moved) = (0.0, 0.0);
+    for (((_, x), (_, y)), (_, s)) in a.iter().zip(b).zip(start) {
+        diff += (x - y).square().sum(tch::Kind::Double).double_value(&[]);
+        moved += (y - s).square().sum(tch::Kind::Double).double_value(&[]);
+    }
+    (diff / moved).sqrt()
+}
+
+/// Trains `name` to the end from a fresh run; a second run `name-cut` is
+/// checkpointed after one step, loses its next step (kill -9) and resumes.
+fn full_and_resumed(root: &Path, name: &str, data: &Path, training: &str) -> (Trainer, std::path::PathBuf) {
+    let full = write_config(root, name, data, training);
+    let mut t = Trainer::start(load(&full), quiet()).unwrap();
+    t.run().unwrap();
+    let cut = write_config(root, &format!("{name}-cut"), data, training);
+    let mut c = Trainer::start(load(&cut), quiet()).unwrap();
+    c.train_step().unwrap();
+    c.checkpoint().unwrap();
+    c.train_step().unwrap();
+    let cut_dir = c.run_dir.clone();
+    drop(c);
+    let mut c = Trainer::resume(&cut_dir, quiet()).unwrap();
+    assert_eq!(c.step, 1);
+    c.run().unwrap();
+    drop(c);
+    (t, cut_dir)
+}
+
+#[test]
+fn adamw_8bit_trains_resumes_exactly_and_stays_close_to_fp32_adamw() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let training = "  steps_per_image: 6\n  learning_rate: 5.0e-4\n";
+    let cfg = write_config(root.path(), "fp32", &data, training);
+    let mut fp32 = Trainer::start(load(&cfg), quiet()).unwrap();
+    let start: Vec<(String, Tensor)> = {
+        let mut v: Vec<_> = fp32.params.unet.iter().map(|(k, t)| (k.clone(), t.detach().copy())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let before = eval_loss(&fp32, &data);
+    fp32.run().unwrap();
+    let fp32_after = eval_loss(&fp32, &data);
+
+    let (q, cut_dir) = full_and_resumed(root.path(), "q8", &data, &format!("{training}  optimizer: adamw_8bit\n"));
+    let after = eval_loss(&q, &data);
+    eprintln!("denoising loss {before:.4} -> {after:.4} with 8-bit AdamW ({fp32_after:.4} with fp32 AdamW)");
+    assert!(after < 0.8 * before, "8-bit AdamW: loss went from {before} to {after}");
+    let state = Tensor::read_safetensors(
+        dreambooth::train::checkpoint::find_checkpoint(&q.run_dir, None).unwrap().1.join("state.safetensors"),
+    )
+    .unwrap();
+    assert!(state.iter().any(|(_, t)| t.kind() == tch::Kind::Uint8), "no 8-bit moments in the checkpoint");
+    assert_bit_identical(&final_unet(&q.run_dir), &final_unet(&cut_dir));
+    let distance = relative_distance(&final_unet(&q.run_dir), &final_unet(&fp32.run_dir), &start);
+    eprintln!("8-bit vs fp32 AdamW final UNet: ‖Δ‖ / ‖fp32 update‖ = {distance:.4}");
+    assert!(distance < 0.25, "8-bit AdamW ended {distance} (relative) away from fp32 AdamW");
+}
+
+fn dreambooth(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth")).args(args).env("OMP_NUM_THREADS", "2").output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// `dreambooth generate` with the demo sampling settings, plus `extra` flags, in
+/// this process (the CLI's own command function); the image's bytes.
+fn generate(model: &Path, out: &Path, extra: &[&str]) -> Vec<u8> {
+    use clap::Parser;
+    let mut args = vec!["dreambooth", "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing", "--seed", "3",
+                        "--steps", "3", "--width", "64", "--height", "64", "--device", "cpu", "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    dreambooth::cli::run(dreambooth::cli::Cli::try_parse_from(args).unwrap()).unwrap();
+    image::open(out).unwrap().to_rgb8().into_raw()
+}
+
+/// `dreambooth export` in this process.
+fn export(run: &Path, format: &str, out: &Path, step: Option<u64>) {
+    dreambooth::train::export::export(run, format, out, step).unwrap();
+}
+
+fn sorted(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    let mut v = v;
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn lora_trains_only_adapters_saves_kohya_files_and_resumes_exactly() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let training = "  steps_per_image: 3\n  learning_rate: 5.0e-3\n  use_lora: true\n  lora_rank: 2\n  lora_alpha: 2\n  text_encoder_train_ratio: 1.0\n";
+    let cfg = write_config(root.path(), "lora-steps", &data, training);
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    let snap = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.detach().copy())).collect::<Vec<_>>();
+    let (unet0, text0, adapters0) = (snap(&t.params.unet), snap(&t.params.text_encoder), snap(t.trainable()));
+    assert!(adapters0.iter().any(|(k, _)| k.starts_with("lora_unet_")) && adapters0.iter().any(|(k, _)| k.starts_with("lora_te_")));
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    assert_bit_identical(&unet0, &snap(&t.params.unet));
+    assert_bit_identical(&text0, &snap(&t.params.text_encoder));
+    let moved = adapters0.iter().zip(t.trainable()).filter(|((_, a), (_, b))| !a.equal(b)).count();
+    assert!(moved > adapters0.len() / 2, "only {moved} of {} adapter tensors trained", adapters0.len());
+    let dir = t.checkpoint().unwrap();
+    assert!(dir.join("lora.safetensors").is_file());
+    assert!(!dir.join("unet.safetensors").exists() && !dir.join("text_encoder.safetensors").exists());
+    let file = Tensor::read_safetensors(dir.join("lora.safetensors")).unwrap();
+    assert!(file.iter().any(|(k, _)| k == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"));
+    assert!(file.iter().any(|(k, _)| k == "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"));
+    drop(t);
+
+    // Resume: the adapters reload exactly.
+    let (full, cut_dir) = full_and_resumed(root.path(), "lora", &data, training);
+    let lora_of = |run: &Path| {
+        let (_, dir) = dreambooth::train::checkpoint::find_checkpoint(run, None).unwrap();
+        sorted(Tensor::read_safetensors(dir.join("lora.safetensors")).unwrap())
+    };
+    assert_bit_identical(&lora_of(&full.run_dir), &lora_of(&cut_dir));
+
+    // The file is a LoRA generate reads, and it changes the image.
+    let run = full.run_dir.clone();
+    drop(full);
+    let exported = root.path().join("out/sks.safetensors");
+    export(&run, "lora", &exported, None);
+    let base = generate(&demo_model(), &root.path().join("base.png"), &[]);
+    let with_lora = generate(&demo_model(), &root.path().join("lora.png"), &["--lora", exported.to_str().unwrap()]);
+    assert_ne!(base, with_lora, "the LoRA did not change the image");
+    // Merged export = base + LoRA.
+    let merged = root.path().join("merged");
+    export(&run, "diffusers", &merged, None);
+    assert_eq!(generate(&merged, &root.path().join("merged.png"), &[]), with_lora);
+    // generate --model RUN_DIR merges the run's LoRA the same way.
+    assert_eq!(generate(&run, &root.path().join("run.png"), &[]), with_lora);
+}
+
+#[test]
+fn lora_with_ema_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let cfg = write_config(root.path(), "lora-ema", &data, "  use_lora: true\n  use_ema: true\n");
+    let err = Trainer::start(load(&cfg), quiet()).err().expect("refused").to_string();
+    assert!(err.contains("use_ema") && err.contains("use_lora"), "{err}");
+}
+
+/// Largest absolute difference between two weight lists.
+fn max_difference(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    a.iter().zip(b).map(|((_, x), (_, y))| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max)
+}
+
+/// Gradients of the trainable tensors for one fixed denoising loss (the same
+/// noise and timestep for every call), through the trainer's model as set up.
+fn first_gradients(t: &Trainer, data: &Path) -> Vec<(String, Tensor)> {
+    use dreambooth::train::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
+    let example = &dreambooth::data::dataset::load_folder(data, "eval", "a photo of sks thing", 0, 64, None).unwrap()[0];
+    let schedule = dreambooth::scheduler::NoiseSchedule::new(&t.sd.scheduler_config).unwrap();
+    let prediction = PredictionType::from_config(&t.sd.scheduler_config).unwrap();
+    let latents = tch::no_grad(|| t.sd.vae.encode(&example.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor);
+    let ehs = t.sd.encode_prompt("a photo of sks thing", 1);
+    let noise = draw_noise(&mut dreambooth::rng::CpuRng::new(5), &latents.size(), 1000, 0.0);
+    let weights = ExampleWeights::all_instance(1);
+    let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, encoder_hidden_states: &ehs, weights: &weights };
+    denoising_loss(&t.sd.unet, &schedule, prediction, 0.0, &inputs, &|f| f()).loss.backward();
+    let out = t.trainable().iter().map(|(k, p)| (k.clone(), p.grad().copy())).collect();
+    for (_, p) in t.trainable() {
+        dreambooth::rng::set_grad_to_none(p);
+    }
+    out
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_and_weights() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let lr = 1.0e-4;
+    for (name, extra) in [("full", "  text_encoder_train_ratio: 1.0\n"), ("lora", "  use_lora: true\n  text_encoder_train_ratio: 1.0\n")] {
+        let mut grads = Vec::new();
+        let mut weights = Vec::new();
+        for gc in ["false", "true"] {
+            let training = format!("{extra}  learning_rate: {lr:e}\n  gradient_checkpointing: {gc}\n");
+            let cfg = write_config(root.path(), &format!("{name}-gc-{gc}"), &data, &training);
+            let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+            grads.push(first_gradients(&t, &data));
+            for _ in 0..2 {
+                t.train_step().unwrap();
+            }
+            let mut w: Vec<(String, Tensor)> = t.trainable().iter().map(|(k, t)| (k.clone(), t.detach().copy())).collect();
+            w.extend(t.params.unet.iter().chain(&t.params.text_encoder).map(|(k, t)| (k.clone(), t.detach().copy())));
+            weights.push(w);
+        }
+        assert!(grads[0].iter().all(|(_, g)| g.defined()), "{name}: a trainable tensor got no gradient");
+        let dg = max_difference(&grads[0], &grads[1]);
+        let dw = max_difference(&weights[0], &weights[1]);
+        eprintln!("{name}: with gradient checkpointing, gradients differ by at most {dg:e}, weights after 2 AdamW steps by {dw:e}");
+        assert!(dg <= 1e-6, "{name}: gradients differ by {dg} with gradient checkpointing");
+        // AdamW divides by √v + ε, so a last-bit difference in a gradient that is
+        // itself near zero can move that element by up to lr: compare with lr.
+        assert!(dw <= 0.5 * lr, "{name}: weights differ by {dw} with gradient checkpointing");
+    }
+}
+
+#[test]
+fn generate_from_a_run_directory_equals_export_then_generate() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let training = "  steps_per_image: 2\n  learning_rate: 1.0e-3\n  use_ema: true\n  ema_decay: 0.5\n  text_encoder_train_ratio: 1.0\n  save_model_every_n_epochs: 1\n";
+    let cfg = write_config(root.path(), "gen", &data, training);
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    t.run().unwrap();
+    drop(t);
+    let run = root.path().join("runs/gen");
+    let base = generate(&demo_model(), &root.path().join("base.png"), &[]);
+    for step in [None, Some(1u64)] {
+        let flag = step.map(|s| s.to_string());
+        let extra: Vec<&str> = flag.as_deref().map(|s| vec!["--step", s]).unwrap_or_default();
+        let exported = root.path().join(format!("export-{step:?}"));
+        export(&run, "diffusers", &exported, step);
+        let from_export = generate(&exported, &root.path().join("a.png"), &[]);
+        // The one trip through the binary: the CLI contract itself.
+        let out = root.path().join("b.png");
+        let mut args = vec!["generate", "--model", run.to_str().unwrap(), "--prompt", "a photo of sks thing", "--seed", "3",
+                            "--steps", "3", "--width", "64", "--height", "64", "--device", "cpu", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(&extra);
+        let (code, err) = dreambooth(&args);
+        assert_eq!(code, 0, "{err}");
+        let from_run = image::open(&out).unwrap().to_rgb8().into_raw();
+        assert_eq!(from_run, from_export, "step {step:?}: generate --model RUN_DIR differs from export + generate");
+        assert_ne!(from_run, base, "step {step:?}: the trained run gives the base model's image");
+    }
+    let (code, err) = dreambooth(&["generate", "--model", run.to_str().unwrap(), "--step", "7", "--prompt", "x", "--out",
+                                   root.path().join("c.png").to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no checkpoint of step 7"), "{err}");
+}
+
+#[test]
+fn step_records_report_the_memory_in_use() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let cfg = write_config(root.path(), "mem", &data, "  steps_per_image: 1\n");
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    t.run().unwrap();
+    let steps: Vec<u64> = dreambooth::run::events::read_events(&t.run_dir)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            dreambooth::run::events::Event::Step(s) => Some(s.vram_bytes),
+            _ => None,
+        })
+        .collect();
+    // On the CPU: the process's resident memory, at least the model's few MB.
+    assert!(!steps.is_empty() && steps.iter().all(|&b| b > 1 << 20), "{steps:?}");
+    let done = &named_events(&t.run_dir, "done")[0];
+    assert!(done["vram_peak_bytes"].as_u64().unwrap() >= steps[0], "{done:?}");
+}
+
+/// Imagic's reconstruction loss: the denoising loss of the image's latents
+/// under `embedding`, over fixed noise and timesteps.
+fn reconstruction_loss(t: &Trainer, latents: &Tensor, embedding: &Tensor) -> f64 {
+    use dreambooth::train::imagic::Denoiser;
+    let _guard = tch::no_grad_guard();
+    let schedule = dreambooth::scheduler::NoiseSchedule::new(&t.sd.scheduler_config).unwrap();
+    let denoiser = Denoiser::new(&t.sd.unet, &schedule, &t.sd.scheduler_config).unwrap();
+    let (noise, timesteps) = denoiser.draw(latents, 16, &mut dreambooth::rng::CpuRng::new(11));
+    denoiser.loss_with(latents, embedding, &noise, &timesteps).double_value(&[])
+}
+
+#[test]
+fn imagic_run_writes_its_files_and_learns_to_reconstruct_the_image() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 2);
+    let training = "  train_imagic_only: true\n  steps_per_image: 6\n  learning_rate: 5.0e-4\n  save_preview_every_n_epochs: 3\n";
+    let cfg = write_config(root.path(), "imagic", &data, training);
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    let example = &t.data.instances[0];
+    let latents = tch::no_grad(|| t.sd.vae.encode(&example.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor);
+    let target = tch::no_grad(|| t.sd.encode_prompt("a photo of sks thing", 1));
+    let before = reconstruction_loss(&t, &latents, &target);
+    assert_eq!(t.run().unwrap(), dreambooth::train::trainer::Outcome::Finished);
+    let run = t.run_dir.clone();
+    let (step, dir) = dreambooth::train::checkpoint::find_checkpoint(&run, None).unwrap();
+    assert_eq!(step, 9, "3 embedding steps + 6 UNet steps");
+    assert!(dir.join("unet.safetensors").is_file());
+    let (file_target, optimized, prompt) =
+        dreambooth::train::imagic::load_embeddings(&dir.join("imagic_embeddings.safetensors")).unwrap();
+    assert_eq!(prompt, "a photo of sks thing");
+    assert!(file_target.equal(&target));
+    assert!(!optimized.equal(&target), "the embedding did not move");
+    let after = reconstruction_loss(&t, &latents, &optimized);
+    eprintln!("Imagic reconstruction loss {before:.4} -> {after:.4}");
+    assert!(after < 0.8 * before, "reconstruction loss went from {before} to {after}");
+    assert_eq!(step_count(&run), 9);
+    let names = event_names(&run);
+    assert_eq!(names.last().map(String::as_str), Some("done"), "{names:?}");
+    assert!(names.iter().any(|n| n == "warning"), "no warning about the second image: {names:?}");
+    let start = &named_events(&run, "start")[0];
+    assert_eq!(start["imagic"]["embedding_steps"], 3);
+    assert_eq!(start["imagic"]["unet_steps"], 6);
+    assert!(run.join("samples/step-000006-0.png").is_file() && run.join("samples/step-000009-0.png").is_file());
+    drop(t);
+    let err = Trainer::resume(&run, quiet()).err().expect("refused").to_string();
+    assert!(err.contains("cannot be resumed"), "{err}");
+}
