@@ -115,6 +115,10 @@ pub fn run(run_dir: &Path) -> anyhow::Result<()> {
     // Asks the terminal which graphics it speaks (sixel, kitty, iTerm2); half-blocks otherwise.
     let picker = Picker::from_query_stdio().unwrap_or_else(|_| Picker::halfblocks());
     let mut state = DashboardState::load(run_dir, crate::run::events::now());
+    // The card's size, when the trainer did not log it: the dashboard runs on the same machine.
+    if state.vram_total.is_none() {
+        state.vram_total = crate::vram::probe().map(|g| g.total_bytes);
+    }
     let mut last_poll = Instant::now();
     loop {
         let screen = guard.terminal.get_frame().area();
