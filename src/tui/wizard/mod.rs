@@ -36,6 +36,7 @@ pub fn action_for_key(state: &WizardState, key: KeyEvent) -> Option<Action> {
         KeyCode::Char('d') if state.step == Step::Concepts => Some(Action::RemoveConcept),
         KeyCode::Delete if state.step == Step::Concepts => Some(Action::RemoveConcept),
         KeyCode::Char('a') if state.step == Step::Vram => Some(Action::ToggleAdvanced),
+        KeyCode::Char('s') if state.step == Step::Review => Some(Action::SaveOnly),
         _ => None,
     }
 }
