@@ -531,6 +531,14 @@ impl WizardState {
         self.presets = self.sources.presets(&config);
         let budget = self.gpu.as_ref().map(|g| g.total_bytes);
         let fits = |p: &PresetChoice| budget.is_none_or(|b| p.estimated_bytes <= b);
+        // No GPU: the CPU preset is the one that can run at all.
+        if self.gpu.is_none() {
+            if let Some(i) = self.presets.iter().position(|p| p.name == "cpu") {
+                self.preset_index = Some(i);
+                self.show_preset_values();
+                return;
+            }
+        }
         // The recommended preset is the most demanding one that fits (it keeps the most quality).
         self.preset_index = self
             .presets
