@@ -4,6 +4,7 @@
 //! so both screens run headless in tests (TestBackend + insta).
 
 pub mod dashboard;
+pub mod graphics;
 pub mod launch;
 pub mod sources;
 pub mod widgets;

@@ -123,7 +123,7 @@ pub fn run(run_dir: &Path) -> anyhow::Result<()> {
 fn watch(run_dir: &Path) -> anyhow::Result<bool> {
     let mut guard = crate::tui::TerminalGuard::new()?;
     // Asks the terminal which graphics it speaks (sixel, kitty, iTerm2); half-blocks otherwise.
-    let picker = Picker::from_query_stdio().unwrap_or_else(|_| Picker::halfblocks());
+    let picker = crate::tui::graphics::detect_picker();
     let mut state = DashboardState::load(run_dir, crate::run::events::now());
     // The card's size, when the trainer did not log it: the dashboard runs on the same machine.
     if state.vram_total.is_none() {
