@@ -142,9 +142,5 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn wizard(runs_dir: &std::path::Path) -> anyhow::Result<()> {
-    let sources = Box::new(crate::tui::sources::DiskSources::default());
-    if let Some(config) = crate::tui::wizard::run_with(runs_dir, sources)? {
-        println!("saved {}; start it with: dreambooth train {}", config.display(), config.display());
-    }
-    Ok(())
+    crate::tui::launch::wizard_then_dashboard(runs_dir)
 }

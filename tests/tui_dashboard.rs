@@ -45,7 +45,13 @@ fn recorded_run(root: &Path) -> std::path::PathBuf {
         map.insert("time".into(), serde_json::json!(time));
         Event::Named { name: name.into(), fields: map }
     };
-    log.write(&named("start", T0, serde_json::json!({"vram_total_bytes": 24u64 << 30}))).unwrap();
+    log.write(&named(
+        "start",
+        T0,
+        serde_json::json!({"step": 0, "total_steps": 50, "epochs": 25, "images": 2, "device": "Cuda(0)",
+                           "precision": "bf16", "resumed_from": null, "vram_total_bytes": 24u64 << 30}),
+    ))
+    .unwrap();
     for step in 1..=40u64 {
         // Slow warm-up steps, then 2 steps a second.
         let time = if step <= 5 { T0 + step as f64 * 3.0 } else { T0 + 15.0 + (step - 5) as f64 * 0.5 };
@@ -193,9 +199,10 @@ fn failed_run_and_unreadable_config_do_not_break_the_screen() {
     let mut state = DashboardState::load(&run, T0 + 40.0);
     assert!(matches!(state.status, RunStatus::Failed(ref m) if m.contains("CUDA out of memory")));
     assert!(state.config_error.is_some());
-    assert_eq!(state.total_steps, None);
+    // The trainer's start event still gives the total when the config cannot be read.
+    assert_eq!(state.total_steps, Some(50));
     let text = screen(&mut state, 80, 24);
-    assert!(text.contains("step 40/?"), "{text}");
+    assert!(text.contains("step 40/50"), "{text}");
     settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_failed", text));
 }
 
@@ -206,4 +213,74 @@ fn empty_run_directory_draws() {
     assert_eq!(state.status, RunStatus::NotRunning);
     let text = screen(&mut state, 80, 24);
     assert!(text.contains("no steps logged yet"), "{text}");
+}
+
+#[test]
+fn total_steps_come_from_the_start_event_and_the_formula_before_it() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    // The trainer's count wins over the config's (here they differ on purpose).
+    let text = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
+    std::fs::write(run.join("events.jsonl"), text.replacen("\"total_steps\":50", "\"total_steps\":60", 1)).unwrap();
+    let state = DashboardState::load(&run, T0 + 40.0);
+    assert_eq!(state.total_steps, Some(60));
+    assert_eq!(state.device.as_deref(), Some("Cuda(0)"));
+    // Before the trainer has logged its start: 25 steps per image × 2 images, the trainer's formula.
+    std::fs::write(run.join("events.jsonl"), "").unwrap();
+    let state = DashboardState::load(&run, T0);
+    assert_eq!(state.total_steps, Some(50));
+    assert!(state.log.is_empty());
+}
+
+#[test]
+fn stopped_run_says_how_to_continue_and_shows_warnings() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    writeln!(file, "{{\"event\":\"checkpoint\",\"step\":40,\"path\":\"checkpoints/step-000040\",\"time\":{}}}", T0 + 33.0).unwrap();
+    writeln!(file, "{{\"event\":\"stopped\",\"step\":40,\"path\":\"{}\",\"time\":{}}}", run.join("checkpoints/step-000040").display(), T0 + 33.5).unwrap();
+    std::fs::create_dir_all(run.join("checkpoints/step-000040")).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 100.0);
+    assert_eq!(state.status, RunStatus::Stopped);
+    assert!(state.log.iter().any(|l| l.kind == "warning" && l.text.contains("loss spiked")));
+    assert!(state.log.iter().any(|l| l.kind == "stopped"));
+    let text = screen(&mut state, 80, 24);
+    assert!(text.contains("dreambooth resume"), "{text}");
+    assert!(text.contains("step-000040"), "{text}");
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_stopped", text));
+    // A resumed trainer (a new start event, the lock held again) is live again.
+    let _lock = RunLock::acquire(&run).unwrap();
+    writeln!(file, "{{\"event\":\"start\",\"step\":40,\"total_steps\":50,\"resumed_from\":40,\"time\":{}}}", T0 + 200.0).unwrap();
+    state.refresh(T0 + 201.0);
+    assert_eq!(state.status, RunStatus::Live);
+    assert!(state.summary.is_none());
+    assert!(state.log.last().unwrap().text.contains("resumed from step 40"));
+}
+
+#[test]
+fn cpu_run_and_a_killed_trainer() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    let text = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
+    let cpu: String = text
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if v.get("vram_bytes").is_some() {
+                v["vram_bytes"] = 0.into();
+            }
+            if v.get("event").and_then(|e| e.as_str()) == Some("start") {
+                v["device"] = "Cpu".into();
+            }
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(run.join("events.jsonl"), cpu).unwrap();
+    // No end event and no lock: the trainer was killed; the summary says how to go on.
+    let mut state = DashboardState::load(&run, T0 + 100.0);
+    assert_eq!(state.status, RunStatus::NotRunning);
+    assert!(state.summary.is_some());
+    let text = screen(&mut state, 80, 24);
+    assert!(text.contains("VRAM not used (CPU run)"), "{text}");
+    assert!(text.contains("dreambooth resume"), "{text}");
 }

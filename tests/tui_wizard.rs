@@ -187,14 +187,16 @@ fn every_step_with_validation_then_save() {
     snapshot(r, "wizard_6_review", &state);
     state.apply(Action::Next);
     let saved = state.saved.clone().expect("saved");
-    assert_eq!(saved, r.join("runs/dog/config.yaml"));
+    assert!(state.start, "Enter on the review step saves and starts");
+    assert_eq!(saved, r.join("runs/dog.yaml"));
     let text = std::fs::read_to_string(&saved).unwrap();
-    let config: RunConfig = dreambooth::config::parse_run_config(
-        &text.replace("preset: 12gb\n", ""),
-        "saved",
-        r,
-    )
-    .unwrap();
+    saved_yaml_snapshot(r, "wizard_saved_yaml", &text);
+    // Only what the user set is written; the preset the file names supplies the rest.
+    for absent in ["mixed_precision", "optimizer", "gradient_checkpointing", "attention", "device", "resolution"] {
+        assert!(!text.contains(absent), "{absent} would override the preset:\n{text}");
+    }
+    let config = dreambooth::config::load_run_config(&saved).unwrap();
+    assert_eq!(config.preset.as_deref(), Some("12gb"));
     assert_eq!(config.name, "dog");
     assert_eq!(config.training.steps_per_image, 150);
     assert_eq!(config.training.learning_rate, 2e-6);
@@ -202,7 +204,77 @@ fn every_step_with_validation_then_save() {
     assert_eq!(config.training.text_encoder_train_ratio, 0.7);
     assert_eq!(config.sampling.scheduler, "pndm");
     assert_eq!(config.concepts[0].class_prompt, "a photo of a dog");
-    assert!(text.contains("preset: 12gb"), "{text}");
+    // The 12gb preset's own settings apply.
+    let preset = dreambooth::config::parse_run_config(
+        "name: x\nsource_checkpoint: m\nconcepts: []\npreset: 12gb\n",
+        "preset",
+        r,
+    )
+    .unwrap();
+    assert_eq!(config.training.optimizer, preset.training.optimizer);
+    assert_eq!(config.training.gradient_checkpointing, preset.training.gradient_checkpointing);
+    assert_eq!(config.training.attention, preset.training.attention);
+    assert_eq!(config.training.mixed_precision, preset.training.mixed_precision);
+    assert!(config.training.gradient_checkpointing, "12gb checkpoints activations");
+}
+
+fn saved_yaml_snapshot(root: &Path, name: &str, text: &str) {
+    let mut s = insta::Settings::clone_current();
+    let escaped: String =
+        root.display().to_string().chars().map(|c| if c.is_alphanumeric() || c == '/' { c.to_string() } else { format!("\\{c}") }).collect();
+    s.add_filter(&escaped, "[TMP]");
+    s.bind(|| insta::assert_snapshot!(name, text));
+}
+
+/// A setting the user leaves alone shows, and trains with, the chosen
+/// preset's value; one the user sets wins over every preset.
+#[test]
+fn untouched_settings_follow_the_preset() {
+    let Setup { root, mut state } = setup();
+    let r = root.path();
+    type_text(&mut state, "cat");
+    state.apply(Action::Next);
+    state.apply(Action::FocusNext);
+    state.apply(Action::Next);
+    state.apply(Action::AddConcept);
+    type_text(&mut state, &r.join("dog").display().to_string());
+    state.apply(Action::FocusNext);
+    type_text(&mut state, "a photo of sks cat");
+    state.apply(Action::Next);
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Training, "{:?}", state.error);
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Vram, "{:?}", state.error);
+    // 24gb preselected (full fine-tuning, the default 1e-6); 8gb is LoRA at 1e-4.
+    assert_eq!(state.learning_rate, "1e-6");
+    state.apply(Action::FocusPrev);
+    state.apply(Action::FocusPrev);
+    assert_eq!(state.preset_index, Some(0));
+    assert_eq!(state.learning_rate, "1e-4", "the 8gb preset's learning rate is shown");
+    state.apply(Action::Next);
+    state.apply(Action::SaveOnly);
+    let saved = state.saved.clone().expect("saved");
+    assert!(!state.start, "s saves without starting");
+    let text = std::fs::read_to_string(&saved).unwrap();
+    assert!(!text.contains("learning_rate"), "{text}");
+    let config = dreambooth::config::load_run_config(&saved).unwrap();
+    assert_eq!(config.training.learning_rate, 1e-4);
+    assert!(config.training.use_lora);
+    // The concept kind (person) is the user's choice: it is written and wins.
+    assert_eq!(config.training.steps_per_image, 150);
+    assert_eq!(config.training.text_encoder_train_ratio, 0.7);
+}
+
+#[test]
+fn an_existing_run_name_is_refused() {
+    let Setup { root, mut state } = setup();
+    let old = root.path().join("runs/old");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("events.jsonl"), "").unwrap();
+    type_text(&mut state, "old");
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Name);
+    assert!(state.error.as_deref().unwrap().contains("already holds a run"), "{:?}", state.error);
 }
 
 #[test]

@@ -4,6 +4,8 @@
 //! so both screens run headless in tests (TestBackend + insta).
 
 pub mod dashboard;
+pub mod graphics;
+pub mod launch;
 pub mod sources;
 pub mod widgets;
 pub mod wizard;

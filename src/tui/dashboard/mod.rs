@@ -111,10 +111,24 @@ pub fn run(run_dir: &Path) -> anyhow::Result<()> {
     if !run_dir.is_dir() {
         return Err(crate::error::usage(format!("{} is not a run directory", run_dir.display())));
     }
+    let live = watch(run_dir)?;
+    // Printed after the terminal is restored, so it stays on screen.
+    if live {
+        println!("detached; training goes on. Reattach with: dreambooth attach {}", run_dir.display());
+    }
+    Ok(())
+}
+
+/// The dashboard's loop; returns whether the run was still live when the user left.
+fn watch(run_dir: &Path) -> anyhow::Result<bool> {
     let mut guard = crate::tui::TerminalGuard::new()?;
     // Asks the terminal which graphics it speaks (sixel, kitty, iTerm2); half-blocks otherwise.
-    let picker = Picker::from_query_stdio().unwrap_or_else(|_| Picker::halfblocks());
+    let picker = crate::tui::graphics::detect_picker();
     let mut state = DashboardState::load(run_dir, crate::run::events::now());
+    // The card's size, when the trainer did not log it: the dashboard runs on the same machine.
+    if state.vram_total.is_none() {
+        state.vram_total = crate::vram::probe().map(|g| g.total_bytes);
+    }
     let mut last_poll = Instant::now();
     loop {
         let screen = guard.terminal.get_frame().area();
@@ -126,7 +140,7 @@ pub fn run(run_dir: &Path) -> anyhow::Result<()> {
                 TermEvent::Key(key) => {
                     if let Some(action) = action_for_key(&state, key) {
                         if !apply(&mut state, action) {
-                            return Ok(());
+                            return Ok(state.is_live());
                         }
                     }
                 }

@@ -29,6 +29,8 @@ pub enum RunStatus {
     Finished,
     /// An `error` event was logged; its message.
     Failed(String),
+    /// A `stopped` event was logged (stop request or signal): checkpointed, resumable.
+    Stopped,
     /// Nobody holds the lock and the log has no end: stopped, crashed or not started.
     NotRunning,
 }
@@ -58,6 +60,7 @@ pub struct Summary {
     pub steps: u64,
     pub checkpoint: Option<PathBuf>,
     pub samples_dir: PathBuf,
+    pub log_file: PathBuf,
 }
 
 pub struct DashboardState {
@@ -66,8 +69,14 @@ pub struct DashboardState {
     pub config: Option<RunConfig>,
     /// Why the config could not be read, when it could not.
     pub config_error: Option<String>,
-    /// steps_per_image × images ÷ batch; None when the images cannot be counted.
+    /// The trainer's own count from its `start` event; before that event, the
+    /// same formula (`train::trainer::total_steps`) over the config; None when
+    /// neither is known.
     pub total_steps: Option<u64>,
+    /// The count the config gives, used until a `start` event says otherwise.
+    config_total_steps: Option<u64>,
+    /// Where the trainer runs (`start` event's `device`).
+    pub device: Option<String>,
     pub steps: Vec<StepRecord>,
     pub log: Vec<LogLine>,
     pub status: RunStatus,
@@ -94,6 +103,8 @@ impl DashboardState {
             config: None,
             config_error: None,
             total_steps: None,
+            config_total_steps: None,
+            device: None,
             steps: Vec::new(),
             log: Vec::new(),
             status: RunStatus::NotRunning,
@@ -115,7 +126,7 @@ impl DashboardState {
         match crate::config::load_run_config(&path) {
             Ok(config) => {
                 self.name = config.name.clone();
-                self.total_steps = total_steps(&config);
+                self.config_total_steps = total_steps(&config);
                 self.config = Some(config);
             }
             Err(e) => self.config_error = Some(crate::error::one_line(&e)),
@@ -138,13 +149,16 @@ impl DashboardState {
         self.apply_events(&events);
         let live = RunLock::is_held(&self.run_dir);
         self.status = match (&self.status, live) {
-            (RunStatus::Finished | RunStatus::Failed(_), _) => self.status.clone(),
+            // The end event is written just before the trainer lets go of the lock.
+            (RunStatus::Finished | RunStatus::Failed(_) | RunStatus::Stopped, _) => self.status.clone(),
             (RunStatus::Paused, true) => RunStatus::Paused,
             (_, true) => RunStatus::Live,
             (_, false) => RunStatus::NotRunning,
         };
+        // A run that is over, or that ended without saying so (killed), shows where its outputs are.
         self.summary = match self.status {
-            RunStatus::Finished | RunStatus::Failed(_) => Some(self.summarize()),
+            RunStatus::Finished | RunStatus::Failed(_) | RunStatus::Stopped => Some(self.summarize()),
+            RunStatus::NotRunning if !self.steps.is_empty() => Some(self.summarize()),
             _ => None,
         };
         self.refresh_previews();
@@ -154,6 +168,7 @@ impl DashboardState {
         self.steps.clear();
         self.log.clear();
         self.started = None;
+        self.total_steps = self.config_total_steps;
         let mut status = RunStatus::NotRunning;
         for event in events {
             match event {
@@ -171,6 +186,17 @@ impl DashboardState {
                     }
                     let text = describe(name, fields);
                     match name.as_str() {
+                        // Each (re)start of the trainer states its plan; whether it still runs is the lock's to say.
+                        "start" => {
+                            status = RunStatus::NotRunning;
+                            if let Some(total) = fields.get("total_steps").and_then(|v| v.as_u64()) {
+                                self.total_steps = Some(total);
+                            }
+                            if let Some(device) = fields.get("device").and_then(|v| v.as_str()) {
+                                self.device = Some(device.to_string());
+                            }
+                        }
+                        "stopped" => status = RunStatus::Stopped,
                         "pause" => status = RunStatus::Paused,
                         "resume" => status = RunStatus::Live,
                         "done" => status = RunStatus::Finished,
@@ -197,6 +223,7 @@ impl DashboardState {
             steps: self.steps.last().map(|s| s.step).unwrap_or(0),
             checkpoint: newest,
             samples_dir: self.run_dir.join("samples"),
+            log_file: self.run_dir.join("train.log"),
         }
     }
 
@@ -268,28 +295,41 @@ impl DashboardState {
         Some((total - last) as f64 / self.measured_speed()?)
     }
 
-    /// Peak of the logged VRAM use.
+    /// Peak of the logged VRAM use; None when no step reported any (CPU runs log 0).
     pub fn vram_peak(&self) -> Option<u64> {
-        self.steps.iter().map(|s| s.vram_bytes).max()
+        self.steps.iter().map(|s| s.vram_bytes).max().filter(|&b| b > 0)
     }
 
 }
 
-/// steps_per_image × images ÷ batch over all concepts; None when a folder cannot be listed.
+/// The trainer's formula over the config's instance images, for the moments
+/// before its `start` event; None when a folder cannot be listed.
 pub fn total_steps(config: &RunConfig) -> Option<u64> {
     let mut images = 0u64;
     for (i, concept) in config.concepts.iter().enumerate() {
         let what = format!("concepts[{i}].instance_data_dir");
         images += crate::data::images::list_images(&concept.instance_data_dir, &what).ok()?.len() as u64;
     }
-    let batch = u64::from(config.training.batch_size.max(1));
-    Some(u64::from(config.training.steps_per_image) * images / batch)
+    let t = &config.training;
+    Some(crate::train::trainer::total_steps(t.steps_per_image, images, t.batch_size, t.gradient_accumulation_steps))
 }
 
 /// One log line for a named event, from the fields it usually carries.
 fn describe(name: &str, fields: &serde_json::Map<String, serde_json::Value>) -> String {
     let text = |key: &str| fields.get(key).and_then(|v| v.as_str()).map(str::to_string);
-    let step = fields.get("step").and_then(|v| v.as_u64()).map(|s| format!("step {s}"));
+    let number = |key: &str| fields.get(key).and_then(|v| v.as_u64());
+    if name == "start" {
+        let mut parts = vec![match fields.get("resumed_from").and_then(|v| v.as_u64()) {
+            Some(step) => format!("resumed from step {step}"),
+            None => "started".to_string(),
+        }];
+        parts.extend(number("total_steps").map(|t| format!("{t} steps")));
+        parts.extend(number("images").map(|i| format!("{i} images")));
+        parts.extend(text("device"));
+        parts.extend(text("precision"));
+        return parts.join(" · ");
+    }
+    let step = number("step").map(|s| format!("step {s}"));
     let detail = text("message").or_else(|| text("path")).or_else(|| {
         fields.get("paths").and_then(|v| v.as_array()).map(|a| {
             a.iter().filter_map(|p| p.as_str()).collect::<Vec<_>>().join(", ")

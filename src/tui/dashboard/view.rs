@@ -27,8 +27,11 @@ pub struct Areas {
 }
 
 pub fn areas(area: Rect, state: &DashboardState) -> Areas {
-    // A finished run trades two event lines for its summary, so the charts keep their room at 80×24.
-    let (summary_height, log_height) = if state.summary.is_some() { (5, 4) } else { (0, 6) };
+    // A finished run trades event lines for its summary, so the charts keep their room at 80×24.
+    let (summary_height, log_height) = match state.summary {
+        Some(_) => (summary_lines(state).len() as u16 + 2, 4),
+        None => (0, 6),
+    };
     let [header, middle, summary, log, footer] = Layout::vertical([
         Constraint::Length(3),
         Constraint::Min(8),
@@ -93,6 +96,7 @@ fn status_span(status: &RunStatus) -> Span<'static> {
         RunStatus::Paused => Span::styled("paused", Style::new().fg(Color::Yellow)),
         RunStatus::Finished => Span::styled("finished", Style::new().fg(Color::Green).add_modifier(Modifier::BOLD)),
         RunStatus::Failed(_) => Span::styled("failed", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+        RunStatus::Stopped => Span::styled("stopped", Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)),
         RunStatus::NotRunning => Span::styled("not running", Style::new().fg(Color::DarkGray)),
     }
 }
@@ -179,9 +183,17 @@ fn draw_stats(frame: &mut Frame, area: Rect, state: &DashboardState) {
     let loss = last.map(|s| format!("   loss {:.4}", s.loss)).unwrap_or_default();
     frame.render_widget(Paragraph::new(format!("{lr}{loss}")), lr_row);
     let used = last.map(|s| s.vram_bytes).unwrap_or(0);
-    let peak = state.vram_peak().unwrap_or(0);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let card = state.vram_total.map(|t| format!(" of {:.1}", gib(t))).unwrap_or_default();
+    let Some(peak) = state.vram_peak() else {
+        // No step reported GPU memory: a CPU run, or no step yet.
+        let text = match &state.device {
+            Some(d) if d.to_ascii_lowercase().starts_with("cpu") => "VRAM not used (CPU run)".to_string(),
+            _ => format!("VRAM no reading yet{}", state.vram_total.map(|t| format!(" · card {:.1} GiB", gib(t))).unwrap_or_default()),
+        };
+        frame.render_widget(Paragraph::new(text), vram_label);
+        return;
+    };
     frame.render_widget(
         Paragraph::new(format!("VRAM {:.1} · peak {:.1}{card} GiB", gib(used), gib(peak))),
         vram_label,
@@ -210,24 +222,43 @@ fn draw_previews(frame: &mut Frame, area: Rect, state: &DashboardState) {
     }
 }
 
-fn draw_summary(frame: &mut Frame, area: Rect, state: &DashboardState) {
-    let Some(summary) = &state.summary else { return };
+/// What the summary says: how the run ended, then where its outputs are.
+fn summary_lines(state: &DashboardState) -> Vec<Line<'static>> {
+    let Some(summary) = &state.summary else { return Vec::new() };
     let mut lines = Vec::new();
-    if let RunStatus::Failed(message) = &state.status {
-        lines.push(Line::from(Span::styled(message.clone(), Style::new().fg(Color::Red))));
+    let loss = summary.final_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
+    let total = state.total_steps.map(|t| format!("/{t}")).unwrap_or_default();
+    let outcome = format!("{}{total} steps · final loss {loss}", summary.steps);
+    let resume = format!("continue with: dreambooth resume {}", state.run_dir.display());
+    match &state.status {
+        RunStatus::Failed(message) => {
+            lines.push(Line::from(Span::styled(message.clone(), Style::new().fg(Color::Red))));
+            lines.push(Line::from(format!("{outcome} · log: {}", summary.log_file.display())));
+        }
+        RunStatus::Stopped => {
+            lines.push(Line::from(format!("stopped at {outcome}")));
+            lines.push(Line::from(Span::styled(resume, Style::new().fg(Color::Yellow))));
+        }
+        RunStatus::NotRunning => {
+            lines.push(Line::from(Span::styled(
+                format!("the trainer ended without a final event at {outcome}"),
+                Style::new().fg(Color::Yellow),
+            )));
+            lines.push(Line::from(Span::styled(resume, Style::new().fg(Color::Yellow))));
+        }
+        _ => lines.push(Line::from(format!("finished {outcome}"))),
     }
-    lines.push(Line::from(format!(
-        "{} steps · final loss {}",
-        summary.steps,
-        summary.final_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())
-    )));
     lines.push(Line::from(format!(
         "checkpoint: {}",
         summary.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
     )));
     lines.push(Line::from(format!("samples:    {}", summary.samples_dir.display())));
+    lines
+}
+
+fn draw_summary(frame: &mut Frame, area: Rect, state: &DashboardState) {
     frame.render_widget(
-        Paragraph::new(lines).wrap(Wrap { trim: false }).block(Block::bordered().title(" summary ")),
+        Paragraph::new(summary_lines(state)).wrap(Wrap { trim: false }).block(Block::bordered().title(" summary ")),
         area,
     );
 }

@@ -36,18 +36,30 @@ pub fn action_for_key(state: &WizardState, key: KeyEvent) -> Option<Action> {
         KeyCode::Char('d') if state.step == Step::Concepts => Some(Action::RemoveConcept),
         KeyCode::Delete if state.step == Step::Concepts => Some(Action::RemoveConcept),
         KeyCode::Char('a') if state.step == Step::Vram => Some(Action::ToggleAdvanced),
+        KeyCode::Char('s') if state.step == Step::Review => Some(Action::SaveOnly),
         _ => None,
     }
 }
 
+/// What the wizard ended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    /// The config file written.
+    pub config: PathBuf,
+    /// The run directory the trainer will make.
+    pub run_dir: PathBuf,
+    /// "save and start" (not "save only").
+    pub start: bool,
+}
+
 /// Runs the wizard with nothing found (no checkpoint discovery, presets or GPU).
-pub fn run(runs_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+pub fn run(runs_dir: &Path) -> anyhow::Result<Option<Saved>> {
     run_with(runs_dir, Box::new(NoSources))
 }
 
 /// Runs the wizard on the terminal. Returns the config written, or None when
 /// the user quit. The terminal is restored on every way out.
-pub fn run_with(runs_dir: &Path, sources: Box<dyn Sources>) -> anyhow::Result<Option<PathBuf>> {
+pub fn run_with(runs_dir: &Path, sources: Box<dyn Sources>) -> anyhow::Result<Option<Saved>> {
     let mut state = WizardState::new(runs_dir, sources);
     let mut guard = crate::tui::TerminalGuard::new()?;
     while !state.is_done() {
@@ -62,5 +74,5 @@ pub fn run_with(runs_dir: &Path, sources: Box<dyn Sources>) -> anyhow::Result<Op
             _ => {}
         }
     }
-    Ok(state.saved)
+    Ok(state.saved.clone().map(|config| Saved { config, run_dir: state.run_dir(), start: state.start }))
 }

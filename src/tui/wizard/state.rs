@@ -6,7 +6,18 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use serde_yaml::{Mapping, Value};
+
 use crate::config::schema::{Concept, LrScheduler, RunConfig, Sampling, Training};
+
+fn absolute(p: &str) -> PathBuf {
+    let p = PathBuf::from(p.trim());
+    std::path::absolute(&p).unwrap_or(p)
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, String> {
+    serde_yaml::to_value(v).map_err(|e| format!("cannot write the config as YAML: {e}"))
+}
 
 /// A source checkpoint found on disk, as the checkpoint module describes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -195,6 +206,8 @@ pub enum Action {
     EditConcept,
     RemoveConcept,
     ToggleAdvanced,
+    /// On the review step: save the config without starting the run (Enter saves and starts).
+    SaveOnly,
 }
 
 pub struct WizardState {
@@ -224,8 +237,13 @@ pub struct WizardState {
     pub preset_index: Option<usize>,
     pub advanced: bool,
     pub review_scroll: u16,
+    /// Config keys the user set (typed, cycled, or chose through the concept
+    /// kind). Only these override the preset; the others show the preset's value.
+    pub touched: std::collections::BTreeSet<&'static str>,
     /// Set when the user saved: the config file written.
     pub saved: Option<PathBuf>,
+    /// The user chose "save and start" (not only "save").
+    pub start: bool,
     pub cancelled: bool,
     sources: Box<dyn Sources>,
 }
@@ -256,7 +274,9 @@ impl WizardState {
             preset_index: None,
             advanced: false,
             review_scroll: 0,
+            touched: Default::default(),
             saved: None,
+            start: false,
             cancelled: false,
             sources,
         }
@@ -295,6 +315,28 @@ impl WizardState {
         }
     }
 
+    /// The config key the focused field sets, if it sets one.
+    fn focused_key(&self) -> Option<&'static str> {
+        match (self.step, self.focus) {
+            (Step::Training, 0) => Some("steps_per_image"),
+            (Step::Training, 1) => Some("learning_rate"),
+            (Step::Training, 2) => Some("lr_scheduler"),
+            (Step::Training, 3) => Some("lr_warmup_steps"),
+            (Step::Training, 4) => Some("sampling.scheduler"),
+            _ => None,
+        }
+    }
+
+    fn edit_text(&mut self, edit: impl FnOnce(&mut String)) {
+        let key = self.focused_key();
+        if let Some(text) = self.focused_text() {
+            edit(text);
+            self.touched.extend(key);
+            self.completions.clear();
+            self.error = None;
+        }
+    }
+
     /// True when typed characters go into a text field.
     pub fn typing(&self) -> bool {
         match self.step {
@@ -328,20 +370,11 @@ impl WizardState {
             Action::Back => self.back(),
             Action::FocusNext | Action::FocusPrev => self.move_focus(action == Action::FocusNext),
             Action::Left | Action::Right => self.cycle(action == Action::Right),
-            Action::Input(c) => {
-                if let Some(text) = self.focused_text() {
-                    text.push(c);
-                    self.completions.clear();
-                    self.error = None;
-                }
-            }
-            Action::Backspace => {
-                if let Some(text) = self.focused_text() {
-                    text.pop();
-                    self.completions.clear();
-                    self.error = None;
-                }
-            }
+            Action::Input(c) => self.edit_text(|text| text.push(c)),
+            Action::Backspace => self.edit_text(|text| {
+                text.pop();
+            }),
+            Action::SaveOnly if self.step == Step::Review => self.finish(false),
             Action::Complete => self.complete_path(),
             Action::AddConcept if self.step == Step::Concepts && !self.editing => {
                 self.concepts.push(ConceptDraft::default());
@@ -380,6 +413,7 @@ impl WizardState {
             Step::Vram => {
                 let i = self.preset_index.map(|i| (i + if forward { 1 } else { n - 1 }) % n).unwrap_or(0);
                 self.preset_index = Some(i);
+                self.show_preset_values();
             }
             Step::Source => {
                 // Rows 0..models are the found models (choosing one fills the path); the last row is the path.
@@ -403,11 +437,13 @@ impl WizardState {
                 self.apply_kind(kind);
             }
             (Step::Training, 2) => {
+                self.touched.insert("lr_scheduler");
                 let i = LR_SCHEDULERS.iter().position(|s| *s == self.lr_scheduler).unwrap_or(0);
                 let n = LR_SCHEDULERS.len();
                 self.lr_scheduler = LR_SCHEDULERS[(i + if forward { 1 } else { n - 1 }) % n];
             }
             (Step::Training, 4) => {
+                self.touched.insert("sampling.scheduler");
                 let names = crate::scheduler::SAMPLER_NAMES;
                 let i = names.iter().position(|s| *s == self.sampler).unwrap_or(0);
                 let n = names.len();
@@ -424,6 +460,7 @@ impl WizardState {
         }
         self.steps_per_image = kind.steps_per_image().to_string();
         self.text_encoder_train_ratio = kind.text_encoder_train_ratio();
+        self.touched.extend(["steps_per_image", "text_encoder_train_ratio"]);
     }
 
     fn back(&mut self) {
@@ -460,10 +497,7 @@ impl WizardState {
         }
         self.error = None;
         if self.step == Step::Review {
-            match self.save() {
-                Ok(path) => self.saved = Some(path),
-                Err(e) => self.error = Some(crate::error::one_line(&e)),
-            }
+            self.finish(true);
             return;
         }
         self.step = Step::ALL[self.step.index() + 1];
@@ -476,12 +510,35 @@ impl WizardState {
         }
     }
 
+    /// Saves the config (the review step validated it); `start`: the caller starts the run.
+    fn finish(&mut self, start: bool) {
+        if let Err(e) = self.validate_step() {
+            self.error = Some(e);
+            return;
+        }
+        match self.save() {
+            Ok(path) => {
+                self.saved = Some(path);
+                self.start = start;
+            }
+            Err(e) => self.error = Some(crate::error::one_line(&e)),
+        }
+    }
+
     /// Asks for the presets' estimates and preselects the largest that fits the card.
     fn enter_vram(&mut self) {
         let Ok(config) = self.build_config() else { return };
         self.presets = self.sources.presets(&config);
         let budget = self.gpu.as_ref().map(|g| g.total_bytes);
         let fits = |p: &PresetChoice| budget.is_none_or(|b| p.estimated_bytes <= b);
+        // No GPU: the CPU preset is the one that can run at all.
+        if self.gpu.is_none() {
+            if let Some(i) = self.presets.iter().position(|p| p.name == "cpu") {
+                self.preset_index = Some(i);
+                self.show_preset_values();
+                return;
+            }
+        }
         // The recommended preset is the most demanding one that fits (it keeps the most quality).
         self.preset_index = self
             .presets
@@ -491,6 +548,33 @@ impl WizardState {
             .max_by_key(|(_, p)| p.estimated_bytes)
             .map(|(i, _)| i)
             .or(if self.presets.is_empty() { None } else { Some(0) });
+        self.show_preset_values();
+    }
+
+    /// Fields the user has not set show what the chosen preset (over the
+    /// defaults) will train with, so the training step never shows a value
+    /// that is not used.
+    fn show_preset_values(&mut self) {
+        let Ok(base) = self.baseline() else { return };
+        let t = &base.training;
+        if !self.touched.contains("steps_per_image") {
+            self.steps_per_image = t.steps_per_image.to_string();
+        }
+        if !self.touched.contains("learning_rate") {
+            self.learning_rate = format!("{:e}", t.learning_rate);
+        }
+        if !self.touched.contains("lr_scheduler") {
+            self.lr_scheduler = t.lr_scheduler;
+        }
+        if !self.touched.contains("lr_warmup_steps") {
+            self.lr_warmup_steps = t.lr_warmup_steps.to_string();
+        }
+        if !self.touched.contains("text_encoder_train_ratio") {
+            self.text_encoder_train_ratio = t.text_encoder_train_ratio;
+        }
+        if !self.touched.contains("sampling.scheduler") {
+            self.sampler = base.sampling.scheduler.clone();
+        }
     }
 
     pub fn run_dir(&self) -> PathBuf {
@@ -536,6 +620,10 @@ impl WizardState {
         let dir = self.run_dir();
         if crate::run::lock::RunLock::is_held(&dir) {
             return Err(format!("{} is a live run; choose another name or attach to it", dir.display()));
+        }
+        // The trainer starts only in a new (or empty) folder; an old run is continued with `resume`.
+        if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(format!("{} already holds a run; choose another name (or `dreambooth resume` it)", dir.display()));
         }
         Ok(())
     }
@@ -593,20 +681,15 @@ impl WizardState {
         self.concepts.iter().filter_map(|c| count_images(&c.instance_dir).ok()).sum()
     }
 
-    /// steps per image × images ÷ batch, when the steps parse.
+    /// The trainer's count (`train::trainer::total_steps`) for these images, when the steps parse.
     pub fn total_steps(&self) -> Option<u64> {
-        let per: u64 = self.steps_per_image.trim().parse().ok()?;
-        Some(per * self.image_count() as u64 / u64::from(Training::default().batch_size.max(1)))
+        let per: u32 = self.steps_per_image.trim().parse().ok()?;
+        let t = self.baseline().map(|c| c.training).unwrap_or_default();
+        Some(crate::train::trainer::total_steps(per, self.image_count() as u64, t.batch_size, t.gradient_accumulation_steps))
     }
 
-    /// The config as it will be saved.
-    pub fn build_config(&self) -> Result<RunConfig, String> {
-        let absolute = |p: &str| -> PathBuf {
-            let p = PathBuf::from(p.trim());
-            std::path::absolute(&p).unwrap_or(p)
-        };
-        let concepts = self
-            .concepts
+    fn concepts(&self) -> Vec<Concept> {
+        self.concepts
             .iter()
             .map(|c| Concept {
                 instance_data_dir: absolute(&c.instance_dir),
@@ -617,34 +700,107 @@ impl WizardState {
                 prior_loss_weight: 1.0,
                 sample_prompts: vec![c.instance_prompt.trim().to_string()],
             })
-            .collect();
-        Ok(RunConfig {
-            name: self.name.trim().to_string(),
-            source_checkpoint: absolute(&self.source),
-            output_dir: std::path::absolute(&self.runs_dir).unwrap_or_else(|_| self.runs_dir.clone()),
-            device: "auto".into(),
-            seed: 1234,
-            resolution: 512,
-            preset: self.preset_index.and_then(|i| self.presets.get(i)).map(|p| p.name.clone()),
-            concepts,
-            training: self.training()?,
-            sampling: Sampling { scheduler: self.sampler.clone(), ..Sampling::default() },
-        })
+            .collect()
     }
 
-    /// The YAML the review step shows and `save` writes.
+    fn preset_name(&self) -> Option<String> {
+        self.preset_index.and_then(|i| self.presets.get(i)).map(|p| p.name.clone())
+    }
+
+    /// What the config would train with if the user had set nothing: the
+    /// defaults under the chosen preset, read exactly as `config::load` reads a file.
+    pub fn baseline(&self) -> Result<RunConfig, String> {
+        let mut top = Mapping::new();
+        let put = |m: &mut Mapping, k: &str, v: Value| {
+            m.insert(Value::String(k.into()), v);
+        };
+        put(&mut top, "name", Value::String(self.name.trim().to_string()));
+        put(&mut top, "source_checkpoint", to_value(&absolute(&self.source))?);
+        put(&mut top, "output_dir", to_value(&self.output_dir())?);
+        if let Some(preset) = self.preset_name() {
+            put(&mut top, "preset", Value::String(preset));
+        }
+        put(&mut top, "concepts", to_value(&self.concepts())?);
+        let text = serde_yaml::to_string(&Value::Mapping(top)).map_err(|e| e.to_string())?;
+        crate::config::parse_run_config(&text, "the wizard's config", &self.runs_dir)
+            .map_err(|e| crate::error::one_line(&e))
+    }
+
+    fn output_dir(&self) -> PathBuf {
+        std::path::absolute(&self.runs_dir).unwrap_or_else(|_| self.runs_dir.clone())
+    }
+
+    /// The config the run will train with: the baseline with the keys the user set.
+    pub fn build_config(&self) -> Result<RunConfig, String> {
+        let mut config = self.baseline()?;
+        let typed = self.training()?;
+        let t = &mut config.training;
+        let set = |key: &str| self.touched.contains(key);
+        if set("steps_per_image") {
+            t.steps_per_image = typed.steps_per_image;
+        }
+        if set("learning_rate") {
+            t.learning_rate = typed.learning_rate;
+        }
+        if set("lr_scheduler") {
+            t.lr_scheduler = typed.lr_scheduler;
+        }
+        if set("lr_warmup_steps") {
+            t.lr_warmup_steps = typed.lr_warmup_steps;
+        }
+        if set("text_encoder_train_ratio") {
+            t.text_encoder_train_ratio = typed.text_encoder_train_ratio;
+        }
+        if set("sampling.scheduler") {
+            config.sampling.scheduler = self.sampler.clone();
+        }
+        Ok(config)
+    }
+
+    /// The YAML the review step shows and `save` writes: the run's own keys
+    /// (name, model, output folder, preset, concepts) and, of the settings, only
+    /// those that differ from the preset's, so the preset the file names is the
+    /// one that applies.
     pub fn yaml(&self) -> Result<String, String> {
-        let config = self.build_config()?;
-        serde_yaml::to_string(&config).map_err(|e| format!("cannot write the config as YAML: {e}"))
+        let config = to_value(&self.build_config()?)?;
+        let base = to_value(&self.baseline()?)?;
+        let (Value::Mapping(config), Value::Mapping(base)) = (config, base) else {
+            return Err("cannot write the config as YAML".into());
+        };
+        const OWN: [&str; 5] = ["name", "source_checkpoint", "output_dir", "preset", "concepts"];
+        let mut out = Mapping::new();
+        for (key, value) in config {
+            let own = key.as_str().is_some_and(|k| OWN.contains(&k));
+            let value = match (value, base.get(&key)) {
+                (value, _) if own => Some(value),
+                (Value::Mapping(section), Some(Value::Mapping(base_section))) => {
+                    let changed: Mapping =
+                        section.into_iter().filter(|(k, v)| base_section.get(k) != Some(v)).collect();
+                    (!changed.is_empty()).then_some(Value::Mapping(changed))
+                }
+                (value, Some(b)) if *b == value => None,
+                (value, _) => Some(value),
+            };
+            if let Some(value) = value {
+                out.insert(key, value);
+            }
+        }
+        serde_yaml::to_string(&Value::Mapping(out)).map_err(|e| format!("cannot write the config as YAML: {e}"))
     }
 
-    /// Writes `<runs_dir>/<name>/config.yaml` (whole or not at all).
+    /// Where the config is saved: `<runs_dir>/<name>.yaml`, beside the run
+    /// directory the trainer creates (it starts only in a new folder).
+    pub fn config_path(&self) -> PathBuf {
+        self.runs_dir.join(format!("{}.yaml", self.name.trim()))
+    }
+
+    /// Writes the config file (whole or not at all).
     fn save(&self) -> anyhow::Result<PathBuf> {
         let yaml = self.yaml().map_err(anyhow::Error::msg)?;
-        let dir = self.run_dir();
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let path = dir.join("config.yaml");
-        let tmp = dir.join(".config.yaml.tmp");
+        let dir = &self.runs_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = self.config_path();
+        let tmp = dir.join(format!(".{}.yaml.tmp", self.name.trim()));
         std::fs::write(&tmp, yaml).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(path)

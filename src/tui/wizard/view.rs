@@ -44,7 +44,7 @@ fn title(state: &WizardState) -> &'static str {
         Step::Concepts => "Concepts",
         Step::Training => "Training",
         Step::Vram => "VRAM preset",
-        Step::Review => "Review and save",
+        Step::Review => "Review, save and start",
     }
 }
 
@@ -77,7 +77,7 @@ fn footer_line(state: &WizardState) -> Line<'static> {
         Step::Source => key_hints(&[("↑↓", "choose"), ("Tab", "complete"), ("Enter", "next"), ("Esc", "back")]),
         Step::Training => key_hints(&[("↑↓", "field"), ("←→", "change"), ("Enter", "next"), ("Esc", "back")]),
         Step::Vram => key_hints(&[("↑↓", "preset"), ("a", "advanced"), ("Enter", "next"), ("Esc", "back")]),
-        Step::Review => key_hints(&[("↑↓", "scroll"), ("Enter", "save"), ("Esc", "back"), ("Ctrl-C", "quit")]),
+        Step::Review => key_hints(&[("↑↓", "scroll"), ("Enter", "save and start"), ("s", "save only"), ("Esc", "back"), ("Ctrl-C", "quit")]),
         Step::Name => key_hints(&[("Enter", "next"), ("Esc", "quit")]),
     }
 }
@@ -226,7 +226,10 @@ fn draw_review(frame: &mut Frame, area: Rect, state: &WizardState) {
         Ok(yaml) => yaml,
         Err(e) => e,
     };
-    let mut lines = vec![hint(format!("Will be saved as {}", state.run_dir().join("config.yaml").display()))];
+    let mut lines = vec![
+        hint(format!("Will be saved as {}", state.config_path().display())),
+        hint(format!("The run's folder: {}", state.run_dir().display())),
+    ];
     lines.extend(text.lines().map(|l| Line::from(l.to_string())));
     frame.render_widget(Paragraph::new(lines).scroll((state.review_scroll, 0)), area);
 }
