@@ -19,7 +19,8 @@ use crate::train::trainer::{TrainOptions, Trainer};
 /// Untimed steps first: kernel selection, allocator growth, lazy initialisation.
 const WARMUP_STEPS: u64 = 2;
 const DEFAULT_STEPS: u64 = 5;
-/// Images in the throw-away instance folder (one epoch = images ÷ batch steps).
+/// Images in the throw-away instance folder at least (one epoch = images ÷ batch
+/// steps); more when a batch is bigger, so every step trains a full batch.
 const BENCH_IMAGES: usize = 4;
 
 pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, device: Option<&str>) -> anyhow::Result<()> {
@@ -37,7 +38,9 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
         run.device = d.to_string();
     }
     let images = scratch.path().join("images");
-    write_images(&images, run.resolution as u32)?;
+    let per_step = (run.training.batch_size.max(1) * run.training.gradient_accumulation_steps.max(1)) as usize;
+    let image_count = BENCH_IMAGES.max(per_step);
+    write_images(&images, run.resolution as u32, image_count)?;
     run.name = "bench".into();
     run.output_dir = scratch.path().join("runs");
     run.concepts = vec![Concept {
@@ -51,7 +54,7 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
     }];
     let t = &mut run.training;
     // Enough epochs for warm-up + timed steps; nothing saved or sampled meanwhile.
-    let per_epoch = (BENCH_IMAGES as u64).div_ceil(u64::from(t.batch_size.max(1))) / u64::from(t.gradient_accumulation_steps.max(1));
+    let per_epoch = (image_count as u64).div_ceil(u64::from(t.batch_size.max(1))) / u64::from(t.gradient_accumulation_steps.max(1));
     t.steps_per_image = ((WARMUP_STEPS + steps).div_ceil(per_epoch.max(1)) + 1) as u32;
     t.save_model_every_n_epochs = 0;
     t.save_preview_every_n_epochs = 0;
@@ -109,9 +112,9 @@ fn default_config(model: &Path) -> anyhow::Result<RunConfig> {
 }
 
 /// Smooth random-looking pictures (a seeded pattern, so every bench sees the same data).
-fn write_images(dir: &Path, size: u32) -> anyhow::Result<()> {
+fn write_images(dir: &Path, size: u32, count: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for k in 0..BENCH_IMAGES {
+    for k in 0..count {
         let f = (k + 1) as f64;
         let img = image::RgbImage::from_fn(size, size, |x, y| {
             let (u, v) = (x as f64 / size as f64, y as f64 / size as f64);
