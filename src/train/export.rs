@@ -22,10 +22,12 @@ use crate::model::attention::AttentionBackend;
 use crate::pipeline::StableDiffusion;
 use crate::tokenizer::ClipTokenizer;
 
+type TensorMap = HashMap<String, Tensor>;
+
 /// The trained UNet (EMA when present) and text encoder (when it trained) of a
 /// checkpoint, by diffusers key. A LoRA run's adapters are merged (strength 1)
 /// into the source model's UNet and text encoder, which are returned whole.
-fn trained_weights(config: &RunConfig, dir: &Path) -> anyhow::Result<(HashMap<String, Tensor>, Option<HashMap<String, Tensor>>)> {
+fn trained_weights(config: &RunConfig, dir: &Path) -> anyhow::Result<(TensorMap, Option<TensorMap>)> {
     let lora = dir.join(LORA_FILE);
     if config.training.use_lora {
         let loaded = load_model(&config.source_checkpoint, None)?;

@@ -157,11 +157,9 @@ mod tests {
 
     #[test]
     fn stage_a_keeps_the_papers_proportion() {
-        let mut t = Training::default();
-        t.steps_per_image = 1000;
-        assert_eq!(ImagicPlan::from_training(&t), ImagicPlan { embedding_steps: 500, unet_steps: 1000 });
-        t.steps_per_image = 3;
-        assert_eq!(ImagicPlan::from_training(&t), ImagicPlan { embedding_steps: 2, unet_steps: 3 });
+        let plan = |steps_per_image| ImagicPlan::from_training(&Training { steps_per_image, ..Training::default() });
+        assert_eq!(plan(1000), ImagicPlan { embedding_steps: 500, unet_steps: 1000 });
+        assert_eq!(plan(3), ImagicPlan { embedding_steps: 2, unet_steps: 3 });
     }
 }
 
