@@ -72,7 +72,7 @@ for k in range(2):
     png(f"{sys.argv[1]}/img-{k}.png", 2 * k)
 EOF
 # A presets/cpu.yaml in the working directory wins over the built-in one: the tiny
-# model at resolution 32 with two sampling steps, so the run takes seconds.
+# model at resolution 64 (the smallest allowed) with two sampling steps, so the run takes seconds.
 cat > "$work/presets/cpu.yaml" <<'EOF'
 device: cpu
 resolution: 64
@@ -142,4 +142,22 @@ screen | grep -q "Traceback\|panicked" && fail "a panic on screen"
 keys q
 wait_for 10 "^e2e\\$ *$" "the shell prompt (terminal restored)"
 grep -q '"event":"done"' "$work/runs/e2e/events.jsonl" || fail "no done event"
+
+# Resize and a signal: the dashboard redraws at the new size, and SIGTERM leaves
+# the terminal as it found it (cooked mode, echo on).
+keys "bash -c 'echo \$\$ > attach.pid; exec \"$bin\" attach runs/e2e'" Enter
+wait_for 20 "finished" "the dashboard again"
+tm resize-window -t e2e -x 100 -y 30
+deadline=$((SECONDS + 10))
+until [ "$(screen | head -1 | python3 -c 'import sys; print(len(sys.stdin.read().rstrip()))')" = 100 ]; do
+    [ $SECONDS -lt $deadline ] || fail "the dashboard did not redraw at 100 columns"
+    sleep 0.3
+done
+echo "redrawn at 100x30"
+kill -TERM "$(cat "$work/attach.pid")"
+wait_for 10 "^e2e\\$ *$" "the shell prompt after SIGTERM"
+keys "stty -a | grep -qw -- -icanon && echo TERMINAL-LEFT-RAW || echo TERMINAL-RESTORED" Enter
+wait_for 10 "^TERMINAL-(RESTORED|LEFT-RAW)" "the terminal mode"
+screen | grep -q "^TERMINAL-RESTORED" || fail "SIGTERM left the terminal in raw mode"
+echo "terminal restored after SIGTERM"
 echo "PASS: wizard -> detached run -> dashboard -> detach -> tmux killed -> attach -> finished"

@@ -284,3 +284,17 @@ fn cpu_run_and_a_killed_trainer() {
     assert!(text.contains("VRAM not used (CPU run)"), "{text}");
     assert!(text.contains("dreambooth resume"), "{text}");
 }
+
+#[test]
+fn any_terminal_size_draws_without_panicking() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    writeln!(file, "{{\"event\":\"error\",\"message\":\"CUDA out of memory\",\"time\":{}}}", T0 + 34.0).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 40.0);
+    // Resizes down to a sliver and back: every size draws (content is cut, never a panic).
+    for (w, h) in [(80, 24), (60, 16), (40, 12), (20, 6), (1, 1), (200, 60), (80, 24)] {
+        let text = screen(&mut state, w, h);
+        assert_eq!(text.lines().count(), h as usize);
+    }
+}

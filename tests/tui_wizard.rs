@@ -59,7 +59,10 @@ fn type_text(state: &mut WizardState, text: &str) {
 }
 
 fn screen(state: &WizardState) -> String {
-    let (width, height) = (80, 24);
+    screen_sized(state, 80, 24)
+}
+
+fn screen_sized(state: &WizardState, width: u16, height: u16) -> String {
     let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
     terminal.draw(|f| draw(f, state)).unwrap();
     let buffer = terminal.backend().buffer();
@@ -322,4 +325,36 @@ fn keys_drive_the_wizard() {
     assert_eq!(action_for_key(&state, ctrl_c), Some(Action::Cancel));
     state.apply(Action::Cancel);
     assert!(state.is_done() && state.saved.is_none());
+}
+
+#[test]
+fn every_step_draws_at_any_size() {
+    let Setup { root, mut state } = setup();
+    let r = root.path();
+    let sizes = [(80, 24), (40, 12), (20, 5), (1, 1), (160, 50)];
+    let mut check = |state: &WizardState| {
+        for (w, h) in sizes {
+            assert_eq!(screen_sized(state, w, h).lines().count(), h as usize);
+        }
+    };
+    check(&state);
+    type_text(&mut state, "dog");
+    state.apply(Action::Next);
+    check(&state);
+    state.apply(Action::FocusNext);
+    state.apply(Action::Next);
+    state.apply(Action::AddConcept);
+    type_text(&mut state, &r.join("dog").display().to_string());
+    check(&state);
+    state.apply(Action::FocusNext);
+    type_text(&mut state, "a photo of sks dog");
+    state.apply(Action::Next);
+    state.apply(Action::Next);
+    check(&state);
+    state.apply(Action::Next);
+    state.apply(Action::ToggleAdvanced);
+    check(&state);
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Review);
+    check(&state);
 }

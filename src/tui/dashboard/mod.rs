@@ -134,7 +134,10 @@ fn watch(run_dir: &Path) -> anyhow::Result<bool> {
         let screen = guard.terminal.get_frame().area();
         prepare_previews(&mut state, &picker, screen);
         guard.terminal.draw(|frame| draw(frame, &state))?;
-        let wait = POLL_INTERVAL.saturating_sub(last_poll.elapsed());
+        if guard.interrupted() {
+            return Ok(state.is_live());
+        }
+        let wait = POLL_INTERVAL.saturating_sub(last_poll.elapsed()).min(crate::tui::INPUT_POLL);
         if event::poll(wait)? {
             match event::read()? {
                 TermEvent::Key(key) => {

@@ -63,7 +63,13 @@ pub fn run_with(runs_dir: &Path, sources: Box<dyn Sources>) -> anyhow::Result<Op
     let mut state = WizardState::new(runs_dir, sources);
     let mut guard = crate::tui::TerminalGuard::new()?;
     while !state.is_done() {
+        if guard.interrupted() {
+            return Ok(None);
+        }
         guard.terminal.draw(|frame| draw(frame, &state))?;
+        if !event::poll(crate::tui::INPUT_POLL)? {
+            continue;
+        }
         match event::read()? {
             TermEvent::Key(key) => {
                 if let Some(action) = action_for_key(&state, key) {
