@@ -619,7 +619,8 @@ impl Trainer {
             record.step, self.total_steps, record.epoch, record.loss, record.lr, record.it_s
         );
         let _ = writeln!(self.log.file, "{line}");
-        if self.options.plain {
+        // Quiet (detached) runs have stdout on train.log already: one line, not two.
+        if self.options.plain && !self.options.quiet {
             println!("{line}");
         } else if let Some(bar) = &self.progress {
             bar.set_position(self.step);
