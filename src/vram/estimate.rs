@@ -3,11 +3,10 @@
 //! of the transient phases (the training step's forward and backward, the
 //! optimizer step, the per-step VAE encode, preview sampling).
 //!
-//! Assumptions, as diffusers' DreamBooth scripts train (the reference we are
-//! measured against): trained weights are float32 masters; under mixed
+//! Assumptions, as our trainer trains: trained weights are float32 masters; under mixed
 //! precision autocast keeps one half-precision copy of each for the step;
-//! frozen parts (VAE, a frozen text encoder, LoRA's base UNet) are stored in the
-//! half dtype; gradients are float32; prior preservation doubles the batch.
+//! every network is stored in float32 as the trainer does (frozen parts too);
+//! gradients are float32; prior preservation doubles the batch.
 //! The backward pass is simulated layer by layer in reverse: each layer's saved
 //! activations are freed as its parameters' gradients appear.
 
@@ -170,13 +169,12 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         if plan.train_unet { trained_by_layer(&m.unet, plan) } else { vec![Vec::new(); m.unet.len()] };
     let text_trained: Vec<Vec<Param>> =
         if plan.train_text_encoder { trained_by_layer(&m.text, plan) } else { vec![Vec::new(); m.text.len()] };
-    // A part whose own weights train is kept in float32; a frozen part (or LoRA's base) in the half dtype.
-    let unet_full = plan.train_unet && !plan.use_lora;
-    let text_full = plan.train_text_encoder && !plan.use_lora;
-    let unet_weight_bytes = if unet_full { 4 } else { wb };
-    let text_weight_bytes = if text_full { 4 } else { wb };
-    let unet_dtype = if unet_full { "fp32" } else { dt };
-    let text_dtype = if text_full { "fp32" } else { dt };
+    // Our trainer keeps every network in float32 (master weights; mixed precision is
+    // autocast), frozen ones too: measured on an H200, LoRA presets peaked 1.4 GiB
+    // above an estimate that stored the frozen base in the half dtype as diffusers does.
+    let _ = wb;
+    let (unet_weight_bytes, text_weight_bytes) = (4, 4);
+    let (unet_dtype, text_dtype) = ("fp32", "fp32");
 
     let mut resident = 0u64;
     for (group, n) in grouped(&m.unet) {
@@ -189,12 +187,12 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
     resident += b;
     push(&mut rows, "resident", "text encoder".into(), format!("{:.1} M params, {text_dtype}", text_n as f64 / 1e6), b);
     let vae_n: u64 = m.vae_encoder.iter().chain(&m.vae_decoder).map(|l| numel(&l.params)).sum();
-    let vae_bytes = vae_n * wb;
+    let vae_bytes = vae_n * 4;
     if plan.cache_latents {
         push(&mut rows, "resident", "VAE".into(), "off the device (cache_latents)".into(), 0);
     } else {
         resident += vae_bytes;
-        push(&mut rows, "resident", "VAE".into(), format!("{:.1} M params, {dt}", vae_n as f64 / 1e6), vae_bytes);
+        push(&mut rows, "resident", "VAE".into(), format!("{:.1} M params, fp32", vae_n as f64 / 1e6), vae_bytes);
     }
 
     let trained: Vec<&Param> = unet_trained.iter().chain(&text_trained).flatten().collect();
