@@ -141,3 +141,37 @@ fn kill_9_then_resume_is_bit_identical_and_sigterm_checkpoints() {
     let (code, _, err) = cli(&["export", r.join("runs/full").to_str().unwrap(), "--format", "lora", "--out", r.join("l").to_str().unwrap()]);
     assert_one_line_error(code, &err, "use_lora");
 }
+
+#[test]
+fn stop_checkpoints_a_detached_run_and_resume_finishes_it() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 2);
+    // Enough steps that the run is still going when `stop` arrives.
+    let cfg = write_config(r, "bg", &data, "  steps_per_image: 12\n");
+    let run = r.join("runs/bg");
+    let (code, out, err) = cli(&["train", cfg.to_str().unwrap(), "--detach"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), run.display().to_string());
+    wait_for("the first step record", Duration::from_secs(120), || run.join("events.jsonl").is_file() && step_count(&run) >= 1);
+    assert!(dreambooth::run::lock::RunLock::is_held(&run), "the detached trainer does not hold the run");
+
+    let (code, out, err) = cli(&["stop", run.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("stopped at step "), "{out}");
+    let checkpoints = dreambooth::train::checkpoint::list_checkpoints(&run);
+    let (stopped_at, _) = checkpoints.last().expect("stop wrote no checkpoint").clone();
+    assert!(stopped_at >= 1 && stopped_at < 24, "stopped at step {stopped_at}");
+    assert!(event_names(&run).contains(&"stopped".to_string()), "{:?}", event_names(&run));
+    assert!(!dreambooth::run::lock::RunLock::is_held(&run), "the lock was not released");
+    // Stopping a run that no longer trains is a usage error.
+    let (code, _, err) = cli(&["stop", run.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "no trainer is running");
+    assert_eq!(code, 2);
+
+    let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(event_names(&run).last().map(String::as_str), Some("done"));
+    assert_eq!(dreambooth::train::checkpoint::list_checkpoints(&run).last().map(|c| c.0), Some(24));
+}
