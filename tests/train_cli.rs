@@ -6,6 +6,8 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+
+use tch::Tensor;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -174,4 +176,52 @@ fn stop_checkpoints_a_detached_run_and_resume_finishes_it() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(event_names(&run).last().map(String::as_str), Some("done"));
     assert_eq!(dreambooth::train::checkpoint::list_checkpoints(&run).last().map(|c| c.0), Some(24));
+}
+
+fn rgb_pixels(path: &Path) -> Vec<u8> {
+    image::open(path).unwrap().to_rgb8().into_raw()
+}
+
+#[test]
+fn ldm_export_of_a_single_file_run_generates_the_same_image() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 2);
+    let source = fixture_model("tiny-sd1.safetensors");
+    // The text encoder trains too, so both halves of the LDM mapping are exercised.
+    let yaml = config_yaml(r, "ldm", &data, "  steps_per_image: 2\n  learning_rate: 1.0e-3\n  text_encoder_train_ratio: 1.0\n")
+        .replace(&demo_model().display().to_string(), &source.display().to_string());
+    let cfg = r.join("ldm.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    let run = r.join("runs/ldm");
+    let exported = r.join("exported.safetensors");
+    let (code, _, err) = cli(&["export", run.to_str().unwrap(), "--format", "ldm", "--out", exported.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+
+    // The same key set as the source file, and the trained weights are in it.
+    let keys = |p: &Path| {
+        let mut v: Vec<(String, Tensor)> = Tensor::read_safetensors(p).unwrap();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let (src, out) = (keys(&source), keys(&exported));
+    assert_eq!(src.iter().map(|(k, _)| k).collect::<Vec<_>>(), out.iter().map(|(k, _)| k).collect::<Vec<_>>());
+    let changed: Vec<&String> = src.iter().zip(&out).filter(|((_, a), (_, b))| !a.equal(b)).map(|((k, _), _)| k).collect();
+    assert!(changed.iter().any(|k| k.starts_with("model.diffusion_model.")), "no UNet weight changed");
+    assert!(changed.iter().any(|k| k.starts_with("cond_stage_model.")), "no text encoder weight changed");
+    assert!(!changed.iter().any(|k| k.starts_with("first_stage_model.")), "the VAE does not train");
+
+    let image_of = |model: &Path, name: &str| {
+        let png = r.join(name);
+        let (code, _, err) = cli(&["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing",
+            "--seed", "5", "--steps", "4", "--device", "cpu", "--out", png.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        rgb_pixels(&png)
+    };
+    let from_export = image_of(&exported, "export.png");
+    assert_eq!(from_export, image_of(&run, "run.png"), "the exported file and the run directory give different images");
+    assert_ne!(from_export, image_of(&source, "source.png"), "training changed nothing visible");
 }
