@@ -103,14 +103,18 @@ fn training_learns_the_subject() {
     other_images(&other, 3);
     let cfg = write_config(root.path(), "learn", &data, "  steps_per_image: 10\n  learning_rate: 3.0e-4\n");
     let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
-    let before = eval_loss(&t, &data);
+    let (before, before_unrelated) = (eval_loss(&t, &data), eval_loss(&t, &other));
     t.run().unwrap();
-    let after = eval_loss(&t, &data);
-    let unrelated = eval_loss(&t, &other);
-    eprintln!("subject loss {before:.4} -> {after:.4}; unrelated images {unrelated:.4}");
+    let (after, after_unrelated) = (eval_loss(&t, &data), eval_loss(&t, &other));
+    eprintln!("subject loss {before:.4} -> {after:.4}; unrelated images {before_unrelated:.4} -> {after_unrelated:.4}");
     assert!(after < 0.8 * before, "loss on the subject went from {before} to {after}");
-    // Not yet shown: on this random tiny model, 30 steps lower the loss on the
-    // unrelated images as much as on the subject (0.583 vs 0.582 measured), so the
-    // "lower than on unrelated images" half of the learning test is still open.
-    let _ = unrelated;
+    // Not shown, and not asserted: that the drop is larger on the subject than on
+    // unrelated images. The demo model's VAE is random, so every image encodes to
+    // latents of std ~0.11 (against unit noise) that differ little between picture
+    // sets, and the UNet mostly learns image-agnostic denoising. Measured with the
+    // same fixed noise/timesteps and prompt: here (30 steps, lr 3e-4) the
+    // checkerboard set drops as much (1.352 -> 0.582) as the subject (1.355 ->
+    // 0.583); against a drawn yellow-square-on-green set, after 150 steps at lr 1e-3
+    // the subject ends 2-6% lower at every timestep range (t<1000..t<3), a gap that
+    // does not grow with more steps (300) - too thin to call learning the subject.
 }
