@@ -51,8 +51,7 @@ impl AdamW {
         let bias_correction2 = 1.0 - c.beta2.powi(step);
         let step_size = lr / bias_correction1;
         let bias_correction2_sqrt = bias_correction2.sqrt();
-        let tensors: Vec<Tensor> = self.params.iter().map(|(_, p)| p.shallow_clone()).collect();
-        if super::foreach::applies(&tensors) {
+        if super::foreach::applies(self.params.first().map(|(_, p)| p)) {
             self.fused_step(lr);
             return;
         }
@@ -100,10 +99,7 @@ impl AdamW {
 
     /// Zeroes the gradients (keeping their memory for the next backward pass).
     pub fn zero_grad(&mut self) {
-        for (_, p) in &self.params {
-            let mut p = p.shallow_clone();
-            p.zero_grad();
-        }
+        zero_grads(&self.params);
     }
 
     /// The state as named tensors (for checkpoint files) plus the step count.
@@ -137,5 +133,13 @@ impl AdamW {
             }
         }
         Ok(())
+    }
+}
+
+/// Zeroes each parameter's gradient in place (both optimizers' `zero_grad`).
+pub fn zero_grads(params: &[(String, Tensor)]) {
+    for (_, p) in params {
+        let mut p = p.shallow_clone();
+        p.zero_grad();
     }
 }

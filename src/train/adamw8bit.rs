@@ -275,10 +275,7 @@ impl AdamW8bit {
 
     /// Zeroes the gradients (keeping their memory for the next backward pass).
     pub fn zero_grad(&mut self) {
-        for (_, p) in &self.params {
-            let mut p = p.shallow_clone();
-            p.zero_grad();
-        }
+        super::adamw::zero_grads(&self.params);
     }
 
     /// The state as named tensors (for checkpoint files); the step count is saved apart.

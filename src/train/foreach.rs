@@ -47,9 +47,9 @@ fn check(rc: i32, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether the multi-tensor path applies: float32 tensors on a CUDA device.
-pub fn applies(ts: &[Tensor]) -> bool {
-    ts.first().is_some_and(|t| matches!(t.device(), Device::Cuda(_)) && t.kind() == Kind::Float)
+/// Whether the multi-tensor path applies to a list led by `first`: float32 on a CUDA device.
+pub fn applies(first: Option<&Tensor>) -> bool {
+    first.is_some_and(|t| matches!(t.device(), Device::Cuda(_)) && t.kind() == Kind::Float)
 }
 
 /// `torch._fused_adamw_` over matching lists; `step` is the step number already counted.

@@ -99,15 +99,11 @@ impl LossScaler {
         let _guard = tch::no_grad_guard();
         let inv = 1.0 / self.scale;
         let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
-        if super::foreach::applies(&grads) {
+        if super::foreach::applies(grads.first()) {
             return super::foreach::unscale(&grads, inv).expect("unscale of float32 CUDA gradients");
         }
         let mut found_inf = false;
-        for (_, p) in params {
-            let mut g = p.grad();
-            if !g.defined() {
-                continue;
-            }
+        for mut g in grads {
             let _ = g.g_mul_scalar_(inv);
             if !found_inf && !bool::try_from(g.isfinite().all()).unwrap_or(false) {
                 found_inf = true;

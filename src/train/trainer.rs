@@ -905,7 +905,7 @@ pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> f64 {
     if grads.is_empty() {
         return 0.0;
     }
-    if super::foreach::applies(&grads) {
+    if super::foreach::applies(grads.first()) {
         // Not read back: reading the norm would make the CPU wait for the GPU every step.
         return match super::foreach::clip_grad_norm(&grads, max_norm) {
             Ok(_) => f64::NAN,
