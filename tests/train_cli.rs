@@ -226,3 +226,36 @@ fn ldm_export_of_a_single_file_run_generates_the_same_image() {
     assert_eq!(from_export, image_of(&run, "run.png"), "the exported file and the run directory give different images");
     assert_ne!(from_export, image_of(&source, "source.png"), "training changed nothing visible");
 }
+
+#[test]
+fn a_libtorch_allocation_failure_is_one_sentence_and_the_run_resumes() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 3);
+    // 3 steps an epoch, a checkpoint after each; step 5 asks libtorch for 16 PiB.
+    let cfg = write_config(r, "oom", &data, "  steps_per_image: 2\n  save_model_every_n_epochs: 1\n");
+    let run = r.join("runs/oom");
+    let out = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+        .args(["train", cfg.to_str().unwrap(), "--plain"])
+        .env("OMP_NUM_THREADS", "2")
+        .env("DREAMBOOTH_FAIL_AT_STEP", "5")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("Exception raised from"), "{err}");
+    let last = err.lines().filter(|l| !l.trim().is_empty()).last().unwrap();
+    assert!(last.starts_with("error: out of memory while training step 5 of "), "{last}");
+    assert!(last.contains("can't allocate memory") && last.contains("its checkpoint of step 3 is intact"), "{last}");
+    let errors = named_events(&run, "error");
+    assert_eq!(errors.len(), 1, "{:?}", event_names(&run));
+    assert_eq!(errors[0]["step"], 4);
+    assert!(!dreambooth::run::lock::RunLock::is_held(&run), "the failed trainer kept the lock");
+    assert_eq!(dreambooth::train::checkpoint::list_checkpoints(&run).last().map(|c| c.0), Some(3));
+
+    let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(event_names(&run).last().map(String::as_str), Some("done"));
+    assert_eq!(dreambooth::train::checkpoint::list_checkpoints(&run).last().map(|c| c.0), Some(6));
+}
