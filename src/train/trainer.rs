@@ -132,6 +132,11 @@ pub struct Trainer {
     imagic_plan: Option<imagic_run::ImagicPlan>,
     /// Imagic's (target, optimised) embeddings once stage (a) has begun.
     imagic: Option<(Tensor, Tensor)>,
+    /// Imagic's encoded image and stage (a) optimiser, for checkpoints.
+    imagic_progress: Option<imagic_run::ImagicProgress>,
+    /// Stop (with a checkpoint) once this many steps are done: how a script or a
+    /// test cuts a run at a chosen step.
+    pub stop_at_step: Option<u64>,
 }
 
 /// Checks a fresh run's inputs and makes its directory: nothing is written
@@ -189,12 +194,6 @@ impl Trainer {
         }
         let config = crate::config::load_run_config(&config_path)?;
         check_supported(&config)?;
-        if config.training.train_imagic_only {
-            return Err(usage(format!(
-                "{} is an Imagic run, which cannot be resumed (its checkpoints hold the UNet and embeddings as they were); start a new run",
-                run_dir.display()
-            )));
-        }
         let lock = RunLock::acquire(run_dir)?;
         let (step, dir) = ckpt::find_checkpoint(run_dir, None)?;
         let instances = dataset::load_instances(&config)?;
@@ -222,7 +221,9 @@ impl Trainer {
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let mut log = RunLog { file, echo: !options.quiet };
         let mut events = EventLog::open(&run_dir)?;
-        let result = Trainer::build_inner(config, &run_dir, device, instances, &mut log);
+        let result = crate::error::catch_panics(&format!("loading the model for {}", run_dir.display()), || {
+            Trainer::build_inner(config, &run_dir, device, instances, &mut log)
+        });
         let parts = match result {
             Ok(p) => p,
             Err(e) => {
@@ -296,6 +297,8 @@ impl Trainer {
             progress: None,
             imagic_plan,
             imagic: None,
+            imagic_progress: None,
+            stop_at_step: None,
             config,
         };
         trainer.describe_plan();
@@ -454,6 +457,7 @@ impl Trainer {
 
     /// One optimizer step (gradient_accumulation_steps micro-batches); returns the mean loss.
     pub fn train_step(&mut self) -> anyhow::Result<f64> {
+        fail_if_injected(self.step + 1);
         self.apply_text_encoder_phase();
         let t = self.config.training.clone();
         let accum = t.gradient_accumulation_steps.max(1);
@@ -530,9 +534,29 @@ impl Trainer {
     /// Trains to the end (or until stopped); writes the events; a failure is also
     /// an `error` event.
     pub fn run(&mut self) -> anyhow::Result<Outcome> {
-        match self.run_inner() {
+        // A libtorch failure (CUDA out of memory above all) is a panic of tch: it
+        // becomes an error event and one sentence, and the checkpoints already
+        // written stay as they are, so the run can be resumed with other settings.
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inner())) {
+            Ok(result) => result,
+            Err(payload) => {
+                let doing = format!("training step {} of {}", self.step + 1, self.run_dir.display());
+                let mut msg = crate::error::panic_sentence(payload.as_ref(), &doing);
+                if let Some(step) = self.last_checkpoint_step {
+                    msg.push_str(&format!(
+                        "; its checkpoint of step {step} is intact: `dreambooth resume {}` continues from it",
+                        self.run_dir.display()
+                    ));
+                }
+                Err(anyhow::anyhow!(msg))
+            }
+        };
+        match result {
             Ok(o) => Ok(o),
             Err(e) => {
+                if let Some(bar) = self.progress.take() {
+                    bar.abandon();
+                }
                 let msg = crate::error::one_line(&e);
                 let _ = self.events.write(&Event::named("error", serde_json::json!({ "message": msg, "step": self.step })));
                 self.log.line(&format!("error: {msg}"));
@@ -688,6 +712,9 @@ impl Trainer {
 
     /// Handles requests and signals; true when training must stop.
     fn poll_controls(&mut self) -> anyhow::Result<bool> {
+        if self.stop_at_step.is_some_and(|s| self.step >= s) {
+            return Ok(true);
+        }
         if self.stop_flag.load(Ordering::Relaxed) {
             self.log.line("signal received: saving a checkpoint, then stopping");
             return Ok(true);
@@ -728,6 +755,9 @@ impl Trainer {
             self.optimizer.state_tensors().into_iter().map(|(k, t)| (format!("optimizer.{k}"), t)).collect();
         out.push(("rng.noise".into(), self.noise_rng.state()));
         out.push(("rng.data".into(), self.data_rng.state()));
+        if let Some(progress) = &self.imagic_progress {
+            out.extend(progress.state_tensors());
+        }
         out
     }
 
@@ -815,6 +845,7 @@ impl Trainer {
             s.scale = scale;
             s.growth_tracker = tracker;
         }
+        self.load_imagic_checkpoint(dir, &tensors)?;
         self.last_checkpoint_step = Some(self.step);
         Ok(())
     }
@@ -895,6 +926,17 @@ impl Trainer {
 }
 
 mod imagic_run;
+
+/// `DREAMBOOTH_FAIL_AT_STEP=N`: step N asks libtorch for an impossible
+/// allocation, so tests can drive the real out-of-memory path (a panic of tch
+/// from a C++ exception) without a GPU.
+fn fail_if_injected(step: u64) {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var("DREAMBOOTH_FAIL_AT_STEP").ok().and_then(|v| v.parse().ok()));
+    if *at == Some(step) {
+        let _ = Tensor::empty([1i64 << 52], (Kind::Float, Device::Cpu));
+    }
+}
 
 /// `torch.nn.utils.clip_grad_norm_` (norm 2): scales every gradient by
 /// min(1, max_norm / (total_norm + 1e-6)); returns the total norm (NaN on CUDA,
