@@ -16,7 +16,9 @@ use dreambooth::model::config::{ClipConfig, PerBlock, UNetConfig};
 use dreambooth::model::lora::{self, LoraSpec, LoraTargets};
 use dreambooth::model::unet::UNet2DConditionModel;
 use dreambooth::model::weights::Weights;
+use dreambooth::config::schema::MixedPrecision;
 use dreambooth::rng::CpuRng;
+use dreambooth::train::precision::Precision;
 use tch::{Device, Kind, Tensor};
 
 struct Models {
@@ -55,15 +57,23 @@ fn tiny(lora: bool) -> Models {
 
 /// One training-like step: text encoder → UNet → MSE against a target; gradients by name.
 fn grads(checkpointing: bool, lora: bool) -> (HashMap<String, Tensor>, usize) {
+    grads_with(checkpointing, lora, MixedPrecision::No)
+}
+
+/// `grads` with the forward pass under the trainer's autocast for `precision`.
+fn grads_with(checkpointing: bool, lora: bool, precision: MixedPrecision) -> (HashMap<String, Tensor>, usize) {
     let mut m = tiny(lora);
     m.unet.set_gradient_checkpointing(checkpointing);
     m.clip.set_gradient_checkpointing(checkpointing);
     let r = reference("tiny-sd1");
     let before = block_runs();
-    let context = m.clip.forward(&r["text.ids"], 1);
-    let out = m.unet.forward(&r["unet.sample"], &r["unet.timestep"], &context);
+    let autocast = Precision::new(precision, Device::Cpu);
+    let out = autocast.autocast(|| {
+        let context = m.clip.forward(&r["text.ids"], 1);
+        m.unet.forward(&r["unet.sample"], &r["unet.timestep"], &context)
+    });
     let target = r["unet.sample"].shallow_clone();
-    (out - target).square().mean(Kind::Float).backward();
+    (out.to_kind(Kind::Float) - target).square().mean(Kind::Float).backward();
     let runs = block_runs() - before;
     (m.params.iter().map(|(k, t)| (k.clone(), t.grad().copy())).collect(), runs)
 }
@@ -98,6 +108,34 @@ fn checkpointed_gradients_equal_plain_ones() {
 #[test]
 fn checkpointed_lora_gradients_equal_plain_ones_on_a_frozen_base() {
     compare(true);
+}
+
+/// ‖a − b‖ / ‖b‖ over every tensor together.
+fn relative_l2(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
+    let (mut diff, mut norm) = (0.0, 0.0);
+    for (k, g) in b {
+        diff += (&a[k] - g).square().sum(Kind::Double).double_value(&[]);
+        norm += g.square().sum(Kind::Double).double_value(&[]);
+    }
+    (diff / norm).sqrt()
+}
+
+/// Under bf16 autocast the recomputation casts the weights again (autocast's
+/// cache is off there, so the copies do not pile up for the whole backward
+/// pass). The gradients are not bit-equal to the plain bf16 ones (the forward
+/// pass runs its blocks without autograd, where libtorch may take other bf16
+/// kernels, and bf16 rounds the difference up), but checkpointing must add far
+/// less error than bf16 itself does against float32.
+#[test]
+fn checkpointed_bf16_autocast_gradients_stay_within_bf16_noise() {
+    let (fp32, _) = grads_with(false, false, MixedPrecision::No);
+    let (plain, _) = grads_with(false, false, MixedPrecision::Bf16);
+    let (ckpt, runs) = grads_with(true, false, MixedPrecision::Bf16);
+    assert_eq!(runs, 2 * (12 + 6 + 3));
+    let bf16_error = relative_l2(&plain, &fp32);
+    let checkpointing_error = relative_l2(&ckpt, &plain);
+    eprintln!("bf16 autocast: gradients {bf16_error:.2e} from float32; checkpointed {checkpointing_error:.2e} from plain bf16");
+    assert!(checkpointing_error < 0.5 * bf16_error, "checkpointing adds {checkpointing_error:.2e}, bf16 itself {bf16_error:.2e}");
 }
 
 #[test]

@@ -109,15 +109,24 @@ struct Checkpoint : public torch::autograd::Function<Checkpoint> {
     std::vector<at::Tensor> outputs;
     {
       auto outer = AutocastState::now();
+      // Autocast's cache of low-precision weight copies lives until the outermost
+      // autocast region ends, and the backward pass is inside none: with the cache
+      // on, every block's recomputation would leave its bf16/fp16 weight copies in
+      // it for the rest of the backward pass (the whole trained model, again, at
+      // the peak). Off, each copy lives only as long as its block's graph.
+      bool outer_cache = at::autocast::is_autocast_cache_enabled();
+      at::autocast::set_autocast_cache_enabled(false);
       AutocastState{ac[0] != 0, ac[1] != 0, (at::ScalarType)ac[2], (at::ScalarType)ac[3]}.apply();
       at::AutoGradMode grad(true);
       try {
         outputs = cb->run(inputs);
       } catch (...) {
         outer.apply();
+        at::autocast::set_autocast_cache_enabled(outer_cache);
         throw;
       }
       outer.apply();
+      at::autocast::set_autocast_cache_enabled(outer_cache);
     }
 
     // Differentiate the outputs that carry a gradient w.r.t. what requires one.
