@@ -183,7 +183,8 @@ impl StableDiffusion {
         let max_len = self.text_config.max_position_embeddings as usize;
         let ids = self.tokenizer.encode_padded(prompt, max_len);
         let ids = Tensor::from_slice(&ids).view([1, -1]).to_device(self.device);
-        self.text_encoder.forward(&ids, clip_skip)
+        // In the UNet's dtype: a trainer may keep a frozen text encoder in half precision.
+        self.text_encoder.forward(&ids, clip_skip).to_kind(self.kind)
     }
 
     /// Runs the sampler; returns the image as float32 `[H, W, 3]` in [0, 1] on the CPU.

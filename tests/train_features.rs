@@ -164,6 +164,63 @@ fn lora_trains_only_adapters_saves_kohya_files_and_resumes_exactly() {
     assert_eq!(generate(&run, &root.path().join("run.png"), &[]), with_lora);
 }
 
+/// Under mixed precision the networks that never train are stored in the half
+/// dtype (diffusers' `weight_dtype`); what trains stays float32.
+#[test]
+fn frozen_networks_are_stored_in_bf16_under_mixed_precision() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    // The distinct dtypes of a list of tensors.
+    let kinds = |v: &[(String, Tensor)]| {
+        let mut k: Vec<String> = v.iter().map(|(_, t)| format!("{:?}", t.kind())).collect();
+        k.sort();
+        k.dedup();
+        k
+    };
+    let (bf16, fp32) = (vec!["BFloat16".to_string()], vec!["Float".to_string()]);
+
+    // LoRA: base UNet and text encoder in bf16, adapters float32; training and
+    // previews run on them.
+    let lora = "  steps_per_image: 2\n  learning_rate: 5.0e-3\n  use_lora: true\n  lora_rank: 2\n  mixed_precision: bf16\n  save_preview_every_n_epochs: 2\n";
+    let with_previews = |name: &str, training: &str| {
+        let mut c = load(&write_config(root.path(), name, &data, training));
+        c.concepts[0].sample_prompts = vec!["a photo of sks thing".into()];
+        c
+    };
+    let mut t = Trainer::start(with_previews("lora-bf16", lora), quiet()).unwrap();
+    assert_eq!(kinds(&t.params.unet), bf16);
+    assert_eq!(kinds(&t.params.text_encoder), bf16);
+    assert_eq!(kinds(&t.params.vae), fp32);
+    assert_eq!(kinds(t.trainable()), fp32);
+    let adapters0: Vec<Tensor> = t.trainable().iter().map(|(_, p)| p.detach().copy()).collect();
+    assert_eq!(t.run().unwrap(), dreambooth::train::trainer::Outcome::Finished);
+    let moved = adapters0.iter().zip(t.trainable()).filter(|(a, (_, b))| !a.equal(b)).count();
+    assert!(moved > adapters0.len() / 2, "only {moved} of {} adapter tensors trained", adapters0.len());
+    assert!(t.run_dir.join("samples/step-000002-0.png").is_file());
+    let log = std::fs::read_to_string(t.run_dir.join("train.log")).unwrap();
+    assert!(log.contains("the frozen base UNet and text encoder are stored in BFloat16"), "{log}");
+    drop(t);
+
+    // Full fine-tune with the text encoder frozen: only the text encoder is bf16.
+    let full = "  steps_per_image: 1\n  mixed_precision: bf16\n  save_preview_every_n_epochs: 1\n";
+    let mut t = Trainer::start(with_previews("full-bf16", full), quiet()).unwrap();
+    assert_eq!(kinds(&t.params.unet), fp32);
+    assert_eq!(kinds(&t.params.text_encoder), bf16);
+    t.run().unwrap();
+    assert!(t.run_dir.join("samples/step-000001-0.png").is_file());
+    drop(t);
+
+    // A text encoder that trains stays float32; so does everything without mixed precision.
+    let te = "  steps_per_image: 1\n  mixed_precision: bf16\n  text_encoder_train_ratio: 0.5\n";
+    let t = Trainer::start(load(&write_config(root.path(), "te-bf16", &data, te)), quiet()).unwrap();
+    assert_eq!(kinds(&t.params.text_encoder), fp32);
+    drop(t);
+    let t = Trainer::start(load(&write_config(root.path(), "lora-fp32", &data, "  use_lora: true\n")), quiet()).unwrap();
+    assert_eq!(kinds(&t.params.unet), fp32);
+    assert_eq!(kinds(&t.params.text_encoder), fp32);
+}
+
 #[test]
 fn lora_with_ema_is_refused() {
     let root = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::config::schema::Training;
+use crate::config::schema::{MixedPrecision, Training};
 use crate::model::lora::{self, LoraNetwork, LoraSpec, LoraTargets};
 use crate::pipeline::{ModelParameters, StableDiffusion};
 use crate::rng::CpuRng;
@@ -26,6 +26,28 @@ pub fn text_encoder_steps(training: &Training, total_steps: u64) -> u64 {
         return 0;
     }
     (training.text_encoder_train_ratio * total_steps as f64).ceil() as u64
+}
+
+/// Which networks are stored in the autocast dtype (bf16/fp16) rather than
+/// float32: under mixed precision, those whose own weights never train and are
+/// never saved, as diffusers stores them (`weight_dtype`): a LoRA run's base
+/// UNet, and a text encoder that never trains (or trains only through
+/// adapters). Trained weights stay float32 masters; the VAE stays float32 (its
+/// latents are cached and it decodes previews); Imagic trains in float32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HalfStorage {
+    pub unet: bool,
+    pub text_encoder: bool,
+}
+
+pub fn half_storage(training: &Training) -> HalfStorage {
+    if training.mixed_precision == MixedPrecision::No || training.train_imagic_only {
+        return HalfStorage::default();
+    }
+    HalfStorage {
+        unet: training.use_lora,
+        text_encoder: training.use_lora || training.text_encoder_train_ratio <= 0.0,
+    }
 }
 
 /// Whether an optimizer key belongs to the text encoder (full weights or adapters).

@@ -353,6 +353,24 @@ impl Trainer {
         // The adapters' own generator: their initial values do not depend on the data.
         let trainable = modules::choose_trainable_parameters(t, &mut sd, &params, config.seed.wrapping_add(2))?;
         modules::set_trainable(&params, &trainable.params);
+        // After class images and latents, which the source weights made in float32.
+        let half = modules::half_storage(t);
+        if let Some(kind) = precision.autocast.filter(|_| half.unet || half.text_encoder) {
+            if half.unet {
+                cast_parameters(&params.unet, kind);
+                // Previews feed the UNet its own dtype.
+                sd.kind = kind;
+            }
+            if half.text_encoder {
+                cast_parameters(&params.text_encoder, kind);
+            }
+            let which = match (half.unet, half.text_encoder) {
+                (true, true) => "the frozen base UNet and text encoder are",
+                (true, false) => "the frozen base UNet is",
+                _ => "the frozen text encoder is",
+            };
+            log.line(&format!("{which} stored in {kind:?} (never trained, never saved)"));
+        }
         if t.gradient_checkpointing {
             // Recompute each block's activations in backward instead of keeping them.
             sd.unet.set_gradient_checkpointing(true);
@@ -961,6 +979,15 @@ pub fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> f64 {
         let _ = g.shallow_clone().g_mul_(&coef);
     }
     total.double_value(&[])
+}
+
+/// Converts tensors to `kind` in place (modules keep seeing the same tensors).
+fn cast_parameters(params: &[(String, Tensor)], kind: Kind) {
+    let _guard = tch::no_grad_guard();
+    for (_, p) in params {
+        let cast = p.to_kind(kind);
+        p.shallow_clone().set_data(&cast);
+    }
 }
 
 /// Moves tensors to `device` in place (modules keep seeing the same tensors).

@@ -5,7 +5,8 @@
 //!
 //! Assumptions, as our trainer trains: trained weights are float32 masters; under mixed
 //! precision autocast keeps one half-precision copy of each for the step;
-//! every network is stored in float32 as the trainer does (frozen parts too);
+//! networks that never train are stored in the half dtype under mixed
+//! precision (a LoRA run's base UNet, a frozen text encoder), float32 otherwise;
 //! gradients are float32; prior preservation doubles the batch.
 //! The backward pass is simulated layer by layer in reverse: each layer's saved
 //! activations are freed as its parameters' gradients appear.
@@ -43,7 +44,8 @@ impl Plan {
         Plan {
             resolution: c.resolution,
             batch: i64::from(t.batch_size) * if prior { 2 } else { 1 },
-            mixed: t.mixed_precision,
+            // Imagic trains in float32 whatever the setting says.
+            mixed: if t.train_imagic_only { MixedPrecision::No } else { t.mixed_precision },
             attention: t.attention,
             gradient_checkpointing: t.gradient_checkpointing,
             optimizer: t.optimizer,
@@ -169,12 +171,13 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         if plan.train_unet { trained_by_layer(&m.unet, plan) } else { vec![Vec::new(); m.unet.len()] };
     let text_trained: Vec<Vec<Param>> =
         if plan.train_text_encoder { trained_by_layer(&m.text, plan) } else { vec![Vec::new(); m.text.len()] };
-    // Our trainer keeps every network in float32 (master weights; mixed precision is
-    // autocast), frozen ones too: measured on an H200, LoRA presets peaked 1.4 GiB
-    // above an estimate that stored the frozen base in the half dtype as diffusers does.
-    let _ = wb;
-    let (unet_weight_bytes, text_weight_bytes) = (4, 4);
-    let (unet_dtype, text_dtype) = ("fp32", "fp32");
+    // Trained weights are float32 masters; under mixed precision the trainer stores
+    // the networks that never train in the half dtype (train::modules::half_storage):
+    // a LoRA run's base UNet, a text encoder that never trains or only through adapters.
+    let unet_half = plan.half() && plan.use_lora;
+    let text_half = plan.half() && (plan.use_lora || !plan.train_text_encoder);
+    let (unet_weight_bytes, text_weight_bytes) = (if unet_half { wb } else { 4 }, if text_half { wb } else { 4 });
+    let (unet_dtype, text_dtype) = (if unet_half { dt } else { "fp32" }, if text_half { dt } else { "fp32" });
 
     let mut resident = 0u64;
     for (group, n) in grouped(&m.unet) {
