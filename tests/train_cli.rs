@@ -245,7 +245,7 @@ fn a_libtorch_allocation_failure_is_one_sentence_and_the_run_resumes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked") && !err.contains("Exception raised from"), "{err}");
-    let last = err.lines().filter(|l| !l.trim().is_empty()).last().unwrap();
+    let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap();
     assert!(last.starts_with("error: out of memory while training step 5 of "), "{last}");
     assert!(last.contains("can't allocate memory") && last.contains("its checkpoint of step 3 is intact"), "{last}");
     let errors = named_events(&run, "error");
