@@ -20,6 +20,31 @@ pub fn demo_model() -> PathBuf {
     .clone()
 }
 
+/// The demo model with its VAE swapped for `tests/fixtures/models/trained-vae` (trained
+/// for reconstruction on drawn pictures, see `tests/fixtures/make_trained_vae.py`: its
+/// latents carry the picture, where the demo's random VAE gives nearly the same latents
+/// for any picture), copied to `dir/model-trained-vae`.
+pub fn demo_model_with_trained_vae(dir: &Path) -> PathBuf {
+    let model = dir.join("model-trained-vae");
+    copy_dir(&demo_model(), &model);
+    std::fs::remove_dir_all(model.join("vae")).unwrap();
+    copy_dir(&fixture_model("trained-vae"), &model.join("vae"));
+    model
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
 /// `n` images of a subject: a red disc on a blue background, shifted a little per image.
 pub fn subject_images(dir: &Path, n: usize) {
     std::fs::create_dir_all(dir).unwrap();
@@ -47,6 +72,11 @@ pub fn other_images(dir: &Path, n: usize) {
 /// YAML of a small CPU run on the demo model; `training` holds `  key: value` lines that
 /// override the small defaults here.
 pub fn config_yaml(root: &Path, name: &str, instance_dir: &Path, training: &str) -> String {
+    config_yaml_over(&demo_model(), root, name, instance_dir, training)
+}
+
+/// [`config_yaml`] over the model at `model`.
+pub fn config_yaml_over(model: &Path, root: &Path, name: &str, instance_dir: &Path, training: &str) -> String {
     let mut keys: Vec<(String, String)> = [
         ("steps_per_image", "3"),
         ("learning_rate", "1.0e-4"),
@@ -72,15 +102,20 @@ pub fn config_yaml(root: &Path, name: &str, instance_dir: &Path, training: &str)
         "name: {name}\nsource_checkpoint: {}\noutput_dir: {}\ndevice: cpu\nseed: 7\nresolution: 64\n\
          concepts:\n  - instance_data_dir: {}\n    instance_prompt: a photo of sks thing\n\
          training:\n{training}sampling:\n  steps: 2\n  scheduler: ddim\n",
-        demo_model().display(),
+        model.display(),
         root.join("runs").display(),
         instance_dir.display(),
     )
 }
 
 pub fn write_config(root: &Path, name: &str, instance_dir: &Path, training: &str) -> PathBuf {
+    write_config_over(&demo_model(), root, name, instance_dir, training)
+}
+
+/// [`write_config`] over the model at `model`.
+pub fn write_config_over(model: &Path, root: &Path, name: &str, instance_dir: &Path, training: &str) -> PathBuf {
     let path = root.join(format!("{name}.yaml"));
-    std::fs::write(&path, config_yaml(root, name, instance_dir, training)).unwrap();
+    std::fs::write(&path, config_yaml_over(model, root, name, instance_dir, training)).unwrap();
     path
 }
 
