@@ -2,10 +2,13 @@
 //! non-zero exit status, never a panic.
 
 mod common;
+#[path = "train_support/mod.rs"]
+mod support;
 
 use std::path::Path;
 
 use common::{model, run_cli};
+use support::copy_dir;
 
 fn generate(model: &Path, extra: &[&str], out: &Path) -> (i32, String) {
     let mut args = vec![
@@ -59,18 +62,6 @@ fn evil_ckpt_is_refused_and_runs_nothing() {
     assert!(!marker.exists(), "the pickle's command ran");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 #[test]
 fn folder_without_unet() {

@@ -97,11 +97,7 @@ unsafe extern "C" fn run_block(
             return 0;
         }
         Ok(outs) => format!("it returned {} tensors, more than {max_outputs}", outs.len()),
-        Err(panic) => panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "it panicked".into()),
+        Err(panic) => crate::error::panic_text(panic.as_ref()),
     };
     let bytes = message.as_bytes();
     let n = bytes.len().min(error_len.saturating_sub(1));

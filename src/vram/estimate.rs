@@ -16,6 +16,7 @@ use super::model::ModelShapes;
 use super::shapes::{lora_params, Layer, LayerKind, Param};
 use crate::config::schema::{MixedPrecision, Optimizer, RunConfig};
 use crate::model::attention::AttentionBackend;
+use crate::train::modules::{half_storage, HalfStorage};
 
 /// The settings the estimate depends on (from a run config).
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +36,8 @@ pub struct Plan {
     pub cache_latents: bool,
     pub set_grads_to_none: bool,
     pub previews: bool,
+    /// Networks the trainer stores in the half dtype (the trainer's own rule).
+    pub half_storage: HalfStorage,
 }
 
 impl Plan {
@@ -57,6 +60,7 @@ impl Plan {
             cache_latents: t.cache_latents,
             set_grads_to_none: t.set_grads_to_none,
             previews: t.save_preview_every_n_epochs > 0,
+            half_storage: half_storage(t),
         }
     }
 
@@ -171,11 +175,9 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         if plan.train_unet { trained_by_layer(&m.unet, plan) } else { vec![Vec::new(); m.unet.len()] };
     let text_trained: Vec<Vec<Param>> =
         if plan.train_text_encoder { trained_by_layer(&m.text, plan) } else { vec![Vec::new(); m.text.len()] };
-    // Trained weights are float32 masters; under mixed precision the trainer stores
-    // the networks that never train in the half dtype (train::modules::half_storage):
-    // a LoRA run's base UNet, a text encoder that never trains or only through adapters.
-    let unet_half = plan.half() && plan.use_lora;
-    let text_half = plan.half() && (plan.use_lora || !plan.train_text_encoder);
+    // Trained weights are float32 masters; the networks that never train are stored
+    // in the half dtype under mixed precision (train::modules::half_storage).
+    let (unet_half, text_half) = (plan.half_storage.unet, plan.half_storage.text_encoder);
     let (unet_weight_bytes, text_weight_bytes) = (if unet_half { wb } else { 4 }, if text_half { wb } else { 4 });
     let (unet_dtype, text_dtype) = (if unet_half { dt } else { "fp32" }, if text_half { dt } else { "fp32" });
 

@@ -82,8 +82,8 @@ impl ImagicProgress {
         out
     }
 
-    /// The progress a checkpoint saved at `step`, on `device`; `embeddings` are
-    /// the checkpoint's (target, optimised) pair.
+    /// The progress a checkpoint's state tensors saved at `step`, on `device`
+    /// (`what`: the state file, for errors).
     pub fn from_state(
         tensors: &HashMap<String, Tensor>,
         plan: ImagicPlan,
