@@ -33,7 +33,7 @@ import json, numpy as np
 from PIL import Image
 a = np.asarray(Image.open('$OUT/tiny-cuda.png'), dtype=int); b = np.asarray(Image.open('$OUT/tiny-cpu.png'), dtype=int)
 print(json.dumps({'max_abs_diff_of_255': int(abs(a - b).max()), 'mean_abs_diff': float(abs(a - b).mean())}))" 2>&1 || echo '"failed"')"
-  for cfg in sd15-bf16-sdpa-b1 sd15-bf16-default-b1 sd15-fp16-sdpa-b1 sd15-bf16-sdpa-b8; do
+  for cfg in sd15-bf16-sdpa-b1 sd15-bf16-sdpa-b1-adam8 sd15-bf16-default-b1 sd15-fp16-sdpa-b1 sd15-bf16-sdpa-b8; do
     note "ours_$cfg" "$(json_or_error "$BIN" bench --model "$SD15" --config benches/configs/$cfg.yaml --steps 10 --device cuda)"
   done
   note diffusers_sd15-bf16-sdpa-b1 "$(json_or_error $PY benches/diffusers_train_step.py --model "$SD15" --precision bf16 --attention sdpa --batch 1 --steps 10 --device cuda)"

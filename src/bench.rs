@@ -69,13 +69,26 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
     }
     synchronize(device);
     crate::device::reset_cuda_peak(device);
+    let busy = if device.is_cuda() { crate::vram::probe::BusySampler::start() } else { None };
     let start = Instant::now();
+    // As the trainer does (`defer_loss_readback`): a step's loss is read once
+    // the next step is queued.
+    let mut pending: Option<tch::Tensor> = None;
     let mut loss = 0.0;
     for _ in 0..steps {
-        loss = trainer.train_step()?;
+        let queued = trainer.queue_train_step()?;
+        if !trainer.defer_loss_readback {
+            loss = queued.double_value(&[]);
+        } else if let Some(previous) = pending.replace(queued) {
+            loss = previous.double_value(&[]);
+        }
+    }
+    if let Some(last) = pending {
+        loss = last.double_value(&[]);
     }
     synchronize(device);
     let elapsed = start.elapsed().as_secs_f64();
+    let gpu_busy_percent = busy.and_then(crate::vram::probe::BusySampler::finish);
     let (peak, peak_kind) = match crate::device::cuda_memory(device) {
         Some(m) => (m.allocated_peak, "cuda_max_memory_allocated"),
         None => (peak_rss_bytes(), "cpu_peak_rss"),
@@ -91,6 +104,7 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
         "resolution": resolution,
         "device": format!("{device:?}"),
         "steps": steps,
+        "gpu_busy_percent": gpu_busy_percent,
         "threads": tch::get_num_threads(),
         "precision": trainer.precision.describe(),
         "training": settings,

@@ -69,7 +69,11 @@ fn unmerged_adapters_match_diffusers_peft() {
     let du = rel_diff(&unet_out(&sd, &r), &r["unet.out"]);
     let dt = rel_diff(&text_out(&sd, &r), &r["text.hidden"]);
     eprintln!("unmerged: UNet rel diff {du:.2e}, text encoder rel diff {dt:.2e}");
-    assert!(du < 1e-5 && dt < 1e-5, "UNet {du}, text encoder {dt}");
+    // The text encoder's bound allows for the CPU: MKL takes other kernels on
+    // other processors. Against the committed reference (made on an AMD EPYC) an
+    // Intel Xeon gave 2.0e-5; against one made on that Xeon, 4.1e-6. A wrong
+    // scale or a missed module is off by 1e-2 or more.
+    assert!(du < 1e-5 && dt < 5e-5, "UNet {du}, text encoder {dt}");
 }
 
 #[test]

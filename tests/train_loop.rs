@@ -147,3 +147,50 @@ fn training_learns_the_subject() {
     let (gap_before, gap_after) = (before_unrelated - before, after_unrelated - after);
     assert!(gap_after > gap_before + 0.01, "the unrelated-minus-subject loss gap went from {gap_before} to {gap_after}");
 }
+
+/// A run with the loss read one step late (the CUDA default, forced here on the
+/// CPU) writes the same records, in the same order among checkpoints, previews
+/// and stops, as one that reads each loss at once.
+#[test]
+fn deferred_loss_readback_keeps_the_event_log() {
+    use dreambooth::run::events::{read_events, Event};
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 2);
+    let training = "  steps_per_image: 4\n  save_model_every_n_epochs: 2\n  save_preview_every_n_epochs: 3\n  gradient_accumulation_steps: 2\n";
+    // What each event says, without its time and speed.
+    let summary = |run: &std::path::Path| -> Vec<String> {
+        read_events(run)
+            .unwrap()
+            .into_iter()
+            .map(|e| match e {
+                Event::Step(r) => format!("step {} epoch {} loss {} lr {}", r.step, r.epoch, r.loss, r.lr),
+                Event::Named { name, fields } => format!("{name} {:?}", fields.get("step")),
+            })
+            .collect()
+    };
+    let mut runs = Vec::new();
+    for (name, defer) in [("now", false), ("later", true)] {
+        let cfg = write_config(root.path(), name, &data, training);
+        let mut config = load(&cfg);
+        config.concepts[0].sample_prompts = vec!["a photo of sks thing".into()];
+        let mut t = Trainer::start(config, quiet()).unwrap();
+        t.defer_loss_readback = defer;
+        // Cut at step 3: the stop comes while a record is pending.
+        t.stop_at_step = Some(3);
+        assert_eq!(t.run().unwrap(), Outcome::Stopped);
+        drop(t);
+        let run = root.path().join("runs").join(name);
+        let mut t = Trainer::resume(&run, quiet()).unwrap();
+        t.defer_loss_readback = defer;
+        assert_eq!(t.run().unwrap(), Outcome::Finished);
+        runs.push(summary(&run));
+    }
+    let (now, later) = (&runs[0], &runs[1]);
+    assert!(now.iter().filter(|l| l.starts_with("step ")).count() == 4, "{now:#?}");
+    assert!(now.iter().any(|l| l.starts_with("sample ")), "{now:#?}");
+    assert_eq!(now.len(), later.len(), "{now:#?}\n{later:#?}");
+    for (a, b) in now.iter().zip(later) {
+        assert_eq!(a, b, "the event logs differ");
+    }
+}

@@ -71,4 +71,31 @@ int dbt_foreach_mul_(at::Tensor** ts, size_t n, at::Tensor* factor) {
   }
 }
 
+// dst[i].copy_(src[i]) in a few multi-tensor launches.
+int dbt_foreach_copy_(at::Tensor** dst, at::Tensor** src, size_t n) {
+  try {
+    at::NoGradGuard no_grad;
+    at::_foreach_copy_(gather(dst, n), gather(src, n));
+    return 0;
+  } catch (const std::exception& e) {
+    foreach_error = e.what();
+    return -1;
+  }
+}
+
+// EMA: shadow[i] -= (shadow[i] - params[i]) * one_minus, as the per-tensor loop.
+int dbt_foreach_ema_(at::Tensor** shadow, at::Tensor** params, size_t n, double one_minus) {
+  try {
+    at::NoGradGuard no_grad;
+    auto s = gather(shadow, n);
+    auto deltas = at::_foreach_sub(s, gather(params, n));
+    at::_foreach_mul_(deltas, one_minus);
+    at::_foreach_sub_(s, deltas);
+    return 0;
+  } catch (const std::exception& e) {
+    foreach_error = e.what();
+    return -1;
+  }
+}
+
 }  // extern "C"

@@ -7,8 +7,10 @@
 //! value = map[code] × absmax of its block. Smaller tensors keep fp32 moments,
 //! as bitsandbytes does, since the scales would cost more than they save.
 //!
-//! One step per parameter: dequantise → AdamW update in fp32 → new per-block
-//! absmax → requantise to the nearest code. The update follows the
+//! One step per group of parameters (see `GROUP_NUMEL`): dequantise → AdamW
+//! update in fp32 → new per-block absmax → requantise to the nearest code, on
+//! flat buffers where each parameter starts at a block boundary, so the numbers
+//! are those of a per-parameter update, bit for bit. The update follows the
 //! bitsandbytes kernel: `p += -lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m / (√v + ε·√(1−β₂ᵗ))`,
 //! then the decoupled weight decay `p *= 1 − lr·wd` (after the update, where
 //! PyTorch's AdamW decays before it; the two differ by O(lr²·wd)).
@@ -77,7 +79,8 @@ impl QuantMap {
 
     /// Codes of the nearest map values to `normalized` (values in [−1, 1]).
     pub fn nearest_codes(&self, normalized: &Tensor) -> Tensor {
-        normalized.bucketize(&self.midpoints, false, false)
+        // int32 codes: half the transient memory of int64 on a whole group.
+        normalized.bucketize(&self.midpoints, true, false)
     }
 }
 
@@ -95,7 +98,7 @@ pub fn quantize_blockwise(x: &Tensor, map: &QuantMap) -> (Tensor, Tensor) {
 /// Inverse of `quantize_blockwise`: flat fp32 values (reshape to the parameter's shape).
 pub fn dequantize_blockwise(codes: &Tensor, absmax: &Tensor, map: &QuantMap) -> Tensor {
     let numel = codes.size()[0];
-    let values = map.values.take(&codes.to_kind(Kind::Int64));
+    let values = map.values.index_select(0, &codes.to_kind(Kind::Int));
     (as_blocks(&values) * absmax.unsqueeze(1)).reshape([-1]).narrow(0, 0, numel)
 }
 
@@ -108,7 +111,8 @@ pub fn block_count(numel: i64) -> i64 {
 fn as_blocks(flat: &Tensor) -> Tensor {
     let numel = flat.size()[0];
     let padded = block_count(numel) * BLOCK_SIZE;
-    flat.constant_pad_nd([0, padded - numel]).reshape([-1, BLOCK_SIZE])
+    let flat = if padded == numel { flat.shallow_clone() } else { flat.constant_pad_nd([0, padded - numel]) };
+    flat.reshape([-1, BLOCK_SIZE])
 }
 
 /// Nearest codes of `blocks / absmax` (an all-zero block quantises to zero).
@@ -121,12 +125,22 @@ fn codes_for(blocks: &Tensor, absmax: &Tensor, map: &QuantMap) -> Tensor {
         // With this map only a negative value (or -0.0) rounding to the zero
         // code can: it takes the next code down, the smallest negative value.
         let flipped = codes.eq(zero).logical_and(&normalized.signbit());
-        codes -= flipped.to_kind(Kind::Int64);
+        codes -= flipped.to_kind(Kind::Int);
     }
     codes
 }
 
-/// One parameter's moments.
+/// Elements per group: the flat buffers one update runs on. On CUDA a
+/// per-parameter update launches ~30 kernels for each of an SD UNet's ~700
+/// tensors, and the step is launch-bound; grouped, it is ~30 per group. A larger
+/// group launches fewer kernels and needs more transient memory (~6 fp32 copies
+/// of a group during its update: 400 MB at this size, about what the largest
+/// SD 1.5 tensor alone needed per parameter). On the CPU launches cost little
+/// and a flat buffer larger than the caches makes every one of those passes go
+/// to memory (measured 1.8× slower): there each parameter is its own group.
+pub const GROUP_NUMEL: i64 = 1 << 24;
+
+/// A group's moments (or views of one member's part of them).
 enum Moments {
     /// Full-precision moments, for small tensors.
     Fp32 { exp_avg: Tensor, exp_avg_sq: Tensor },
@@ -145,6 +159,76 @@ impl Moments {
     }
 }
 
+/// One parameter's place in its group's flat buffers.
+struct Member {
+    /// Index into `AdamW8bit::params`.
+    param: usize,
+    /// First element in the flat buffers (a whole block for quantised groups, so
+    /// every parameter's blocks are its own, as bitsandbytes quantises per tensor).
+    offset: i64,
+    numel: i64,
+}
+
+/// Parameters updated together: same device, dtype and state kind.
+struct Group {
+    quantized: bool,
+    device: Device,
+    kind: Kind,
+    members: Vec<Member>,
+    /// Elements of the flat buffers (whole blocks when quantised).
+    len: i64,
+    /// Allocated at the first step (or when a saved state is loaded).
+    moments: Option<Moments>,
+}
+
+impl Group {
+    fn zeros(&self, maps: &DeviceMaps) -> Moments {
+        let zeros = |n: i64| Tensor::zeros([n], (Kind::Float, self.device));
+        if self.quantized {
+            let codes = |map: &QuantMap| map.nearest_codes(&zeros(self.len)).to_kind(Kind::Uint8);
+            let blocks = self.len / BLOCK_SIZE;
+            Moments::Quantized {
+                exp_avg: codes(&maps.signed),
+                exp_avg_absmax: zeros(blocks),
+                exp_avg_sq: codes(&maps.unsigned),
+                exp_avg_sq_absmax: zeros(blocks),
+            }
+        } else {
+            Moments::Fp32 { exp_avg: zeros(self.len), exp_avg_sq: zeros(self.len) }
+        }
+    }
+
+    /// Views of `member`'s part of the moments.
+    fn member_moments(&self, member: &Member) -> Moments {
+        let moments = self.moments.as_ref().expect("moments are allocated before use");
+        let span = |t: &Tensor| t.narrow(0, member.offset, member.numel);
+        let blocks = |t: &Tensor| t.narrow(0, member.offset / BLOCK_SIZE, block_count(member.numel));
+        match moments {
+            Moments::Fp32 { exp_avg, exp_avg_sq } => Moments::Fp32 { exp_avg: span(exp_avg), exp_avg_sq: span(exp_avg_sq) },
+            Moments::Quantized { exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax } => Moments::Quantized {
+                exp_avg: span(exp_avg),
+                exp_avg_absmax: blocks(exp_avg_absmax),
+                exp_avg_sq: span(exp_avg_sq),
+                exp_avg_sq_absmax: blocks(exp_avg_sq_absmax),
+            },
+        }
+    }
+
+    fn whole_moments(&self) -> Moments {
+        let moments = self.moments.as_ref().expect("moments are allocated before use");
+        let t: Vec<Tensor> = moments.tensors().into_iter().map(Tensor::shallow_clone).collect();
+        match moments {
+            Moments::Fp32 { .. } => Moments::Fp32 { exp_avg: t[0].shallow_clone(), exp_avg_sq: t[1].shallow_clone() },
+            Moments::Quantized { .. } => Moments::Quantized {
+                exp_avg: t[0].shallow_clone(),
+                exp_avg_absmax: t[1].shallow_clone(),
+                exp_avg_sq: t[2].shallow_clone(),
+                exp_avg_sq_absmax: t[3].shallow_clone(),
+            },
+        }
+    }
+}
+
 /// The maps for one device (parameters may live on more than one).
 struct DeviceMaps {
     device: Device,
@@ -152,11 +236,26 @@ struct DeviceMaps {
     unsigned: QuantMap,
 }
 
+/// The step's scalars.
+#[derive(Clone, Copy)]
+struct StepScalars {
+    config: AdamWConfig,
+    lr: f64,
+    correction2: f64,
+    step_size: f64,
+}
+
 pub struct AdamW8bit {
     pub config: AdamWConfig,
     /// Parameters by checkpoint key, in a fixed order.
     params: Vec<(String, Tensor)>,
-    moments: HashMap<String, Moments>,
+    /// Formed at the first use, when the parameters are on their final device.
+    groups: Vec<Group>,
+    /// Set by `with_group_numel`; else by device (see `GROUP_NUMEL`).
+    group_numel: Option<i64>,
+    /// Whether each parameter has moments of its own yet (it had a gradient at a
+    /// step, or its state was loaded): only those are saved.
+    has_state: Vec<bool>,
     maps: Vec<DeviceMaps>,
     /// Optimizer steps taken.
     pub step: u64,
@@ -169,7 +268,16 @@ const QUANTIZED_KEYS: [&str; 4] = ["exp_avg_q8", "exp_avg_absmax", "exp_avg_sq_q
 
 impl AdamW8bit {
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> AdamW8bit {
-        AdamW8bit { config, params, moments: HashMap::new(), maps: Vec::new(), step: 0 }
+        let has_state = vec![false; params.len()];
+        AdamW8bit { config, params, groups: Vec::new(), group_numel: None, has_state, maps: Vec::new(), step: 0 }
+    }
+
+    /// The same optimizer with groups of at most `numel` elements (1: one group
+    /// per parameter). The update does not depend on it: the tests compare.
+    pub fn with_group_numel(mut self, numel: i64) -> AdamW8bit {
+        assert!(self.groups.is_empty(), "groups are fixed at the first step");
+        self.group_numel = Some(numel.max(1));
+        self
     }
 
     pub fn params(&self) -> &[(String, Tensor)] {
@@ -181,20 +289,22 @@ impl AdamW8bit {
         numel >= MIN_8BIT_NUMEL
     }
 
-    /// Bytes of optimizer state a parameter of `numel` elements will hold.
+    /// Bytes of optimizer state a parameter of `numel` elements will hold (its
+    /// codes fill whole blocks).
     pub fn state_bytes_for(numel: i64) -> u64 {
-        let numel = numel as u64;
-        if Self::is_quantized(numel as i64) {
-            2 * numel + 2 * 4 * block_count(numel as i64) as u64
+        if Self::is_quantized(numel) {
+            let blocks = block_count(numel) as u64;
+            2 * BLOCK_SIZE as u64 * blocks + 2 * 4 * blocks
         } else {
-            2 * 4 * numel
+            2 * 4 * numel as u64
         }
     }
 
     /// Bytes of the state tensors held now (none before the first step).
     pub fn state_bytes(&self) -> u64 {
-        self.moments
-            .values()
+        self.groups
+            .iter()
+            .filter_map(|g| g.moments.as_ref())
             .flat_map(|m| m.tensors())
             .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
             .sum()
@@ -208,68 +318,120 @@ impl AdamW8bit {
         self.maps.len() - 1
     }
 
+    fn maps_for(&self, device: Device) -> &DeviceMaps {
+        self.maps.iter().find(|m| m.device == device).expect("maps are made with the groups")
+    }
+
+    /// Packs the parameters, in order, into groups of one device, dtype and
+    /// state kind, each at most `group_numel` elements (a larger tensor alone).
+    fn ensure_groups(&mut self) {
+        if !self.groups.is_empty() || self.params.is_empty() {
+            return;
+        }
+        let mut open: HashMap<(Device, Kind, bool), usize> = HashMap::new();
+        let mut groups: Vec<Group> = Vec::new();
+        for (index, (_, p)) in self.params.iter().enumerate() {
+            let numel = p.numel() as i64;
+            let quantized = Self::is_quantized(numel);
+            let key = (p.device(), p.kind(), quantized);
+            let span = if quantized { block_count(numel) * BLOCK_SIZE } else { numel };
+            let limit = self.group_numel.unwrap_or(if key.0.is_cuda() { GROUP_NUMEL } else { 1 });
+            let fits = open.get(&key).is_some_and(|&g| groups[g].len + span <= limit);
+            if !fits {
+                open.insert(key, groups.len());
+                groups.push(Group { quantized, device: key.0, kind: key.1, members: Vec::new(), len: 0, moments: None });
+            }
+            let group = &mut groups[open[&key]];
+            group.members.push(Member { param: index, offset: group.len, numel });
+            group.len += span;
+        }
+        for g in &groups {
+            self.maps_index(g.device);
+        }
+        self.groups = groups;
+    }
+
+    fn ensure_moments(&mut self, group: usize) {
+        if self.groups[group].moments.is_none() {
+            let zeros = self.groups[group].zeros(self.maps_for(self.groups[group].device));
+            self.groups[group].moments = Some(zeros);
+        }
+    }
+
     /// One update with learning rate `lr` from the parameters' current `.grad()`.
     /// Parameters without a gradient are left alone.
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();
+        self.ensure_groups();
         self.step += 1;
         let c = self.config;
         let step = self.step as i32;
         let correction1 = 1.0 - c.beta1.powi(step);
         let correction2 = (1.0 - c.beta2.powi(step)).sqrt();
-        let step_size = -lr * correction2 / correction1;
-        let params: Vec<(String, Tensor)> = self.params.iter().map(|(k, p)| (k.clone(), p.shallow_clone())).collect();
-        for (key, param) in params {
-            let grad = param.grad();
+        let scalars = StepScalars { config: c, lr, correction2, step_size: -lr * correction2 / correction1 };
+        for g in 0..self.groups.len() {
+            let grads: Vec<Tensor> = self.groups[g].members.iter().map(|m| self.params[m.param].1.grad()).collect();
+            let with_grad = grads.iter().filter(|t| t.defined()).count();
+            if with_grad == 0 {
+                continue;
+            }
+            self.ensure_moments(g);
+            for (m, grad) in self.groups[g].members.iter().zip(&grads) {
+                if grad.defined() {
+                    self.has_state[m.param] = true;
+                }
+            }
+            if with_grad == grads.len() {
+                self.step_group(g, &grads, scalars);
+            } else {
+                self.step_members(g, &grads, scalars);
+            }
+        }
+    }
+
+    /// The whole group at once: gradients and parameters gathered into flat
+    /// buffers (one `cat` each), one update, one multi-tensor copy back.
+    fn step_group(&self, g: usize, grads: &[Tensor], s: StepScalars) {
+        let group = &self.groups[g];
+        let pad = Tensor::zeros([BLOCK_SIZE], (group.kind, group.device));
+        // Each member's values, then zeros to its next block boundary.
+        let flat = |values: Vec<Tensor>| -> Tensor {
+            let mut parts = Vec::with_capacity(2 * values.len());
+            for (m, t) in group.members.iter().zip(values) {
+                parts.push(t.reshape([-1]));
+                let rest = if group.quantized { block_count(m.numel) * BLOCK_SIZE - m.numel } else { 0 };
+                if rest > 0 {
+                    parts.push(pad.narrow(0, 0, rest));
+                }
+            }
+            Tensor::cat(&parts, 0).to_kind(Kind::Float)
+        };
+        let grad = flat(grads.iter().map(|t| t.to_kind(group.kind)).collect());
+        let targets: Vec<Tensor> = group.members.iter().map(|m| self.params[m.param].1.shallow_clone()).collect();
+        let param = flat(targets.iter().map(Tensor::shallow_clone).collect());
+        let mut moments = group.whole_moments();
+        let updated = update_span(&mut moments, &grad, &param, self.maps_for(group.device), s).to_kind(group.kind);
+        let sources: Vec<Tensor> = group
+            .members
+            .iter()
+            .map(|m| updated.narrow(0, m.offset, m.numel).view(self.params[m.param].1.size().as_slice()))
+            .collect();
+        super::foreach::copy(&targets, &sources).expect("copying the updated parameters back");
+    }
+
+    /// Member by member, for a group where only some parameters have gradients.
+    fn step_members(&self, g: usize, grads: &[Tensor], s: StepScalars) {
+        let group = &self.groups[g];
+        for (m, grad) in group.members.iter().zip(grads) {
             if !grad.defined() {
                 continue;
             }
+            let mut param = self.params[m.param].1.shallow_clone();
+            let mut moments = group.member_moments(m);
             let grad = grad.to_kind(Kind::Float).reshape([-1]);
-            let numel = grad.size()[0];
-            let maps = self.maps_index(param.device());
-            let moments = self.moments.entry(key).or_insert_with(|| {
-                let zeros = || Tensor::zeros([numel], (Kind::Float, param.device()));
-                if Self::is_quantized(numel) {
-                    let codes = |map: &QuantMap| map.nearest_codes(&zeros()).to_kind(Kind::Uint8);
-                    let absmax = || Tensor::zeros([block_count(numel)], (Kind::Float, param.device()));
-                    let m = &self.maps[maps];
-                    Moments::Quantized {
-                        exp_avg: codes(&m.signed),
-                        exp_avg_absmax: absmax(),
-                        exp_avg_sq: codes(&m.unsigned),
-                        exp_avg_sq_absmax: absmax(),
-                    }
-                } else {
-                    Moments::Fp32 { exp_avg: zeros(), exp_avg_sq: zeros() }
-                }
-            });
-            let maps = &self.maps[maps];
-            let (exp_avg, exp_avg_sq) = match moments {
-                Moments::Fp32 { exp_avg, exp_avg_sq } => {
-                    update_moments(exp_avg, exp_avg_sq, &grad, c);
-                    (exp_avg.shallow_clone(), exp_avg_sq.shallow_clone())
-                }
-                Moments::Quantized { exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax } => {
-                    let mut m = dequantize_blockwise(exp_avg, exp_avg_absmax, &maps.signed);
-                    let mut v = dequantize_blockwise(exp_avg_sq, exp_avg_sq_absmax, &maps.unsigned);
-                    update_moments(&mut m, &mut v, &grad, c);
-                    let (codes, absmax) = quantize_blockwise(&m, &maps.signed);
-                    *exp_avg = codes;
-                    *exp_avg_absmax = absmax;
-                    let (codes, absmax) = quantize_blockwise(&v, &maps.unsigned);
-                    *exp_avg_sq = codes;
-                    *exp_avg_sq_absmax = absmax;
-                    // The update uses the unquantised new moments, as the kernel does.
-                    (m, v)
-                }
-            };
-            let update = (&exp_avg / (exp_avg_sq.sqrt() + c.eps * correction2)) * step_size;
-            let mut new_param = param.to_kind(Kind::Float).reshape([-1]) + update;
-            if c.weight_decay > 0.0 {
-                new_param *= 1.0 - lr * c.weight_decay;
-            }
-            let mut param = param;
-            param.copy_(&new_param.reshape(param.size()).to_kind(param.kind()));
+            let flat = param.to_kind(Kind::Float).reshape([-1]);
+            let updated = update_span(&mut moments, &grad, &flat, self.maps_for(group.device), s);
+            param.copy_(&updated.reshape(param.size()).to_kind(param.kind()));
         }
     }
 
@@ -278,22 +440,23 @@ impl AdamW8bit {
         super::adamw::zero_grads(&self.params);
     }
 
-    /// The state as named tensors (for checkpoint files); the step count is saved apart.
+    /// The state as named tensors (for checkpoint files), per parameter; the step
+    /// count is saved apart.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut by_param: Vec<Option<Moments>> = (0..self.params.len()).map(|_| None).collect();
+        for g in self.groups.iter().filter(|g| g.moments.is_some()) {
+            for m in &g.members {
+                if self.has_state[m.param] {
+                    by_param[m.param] = Some(g.member_moments(m));
+                }
+            }
+        }
         let mut out = Vec::new();
-        for (key, _) in &self.params {
-            match self.moments.get(key) {
-                Some(m @ Moments::Fp32 { .. }) => {
-                    for (name, t) in FP32_KEYS.iter().zip(m.tensors()) {
-                        out.push((format!("{name}.{key}"), t.shallow_clone()));
-                    }
-                }
-                Some(m @ Moments::Quantized { .. }) => {
-                    for (name, t) in QUANTIZED_KEYS.iter().zip(m.tensors()) {
-                        out.push((format!("{name}.{key}"), t.shallow_clone()));
-                    }
-                }
-                None => {}
+        for ((key, _), moments) in self.params.iter().zip(by_param) {
+            let Some(moments) = moments else { continue };
+            let names: &[&str] = if matches!(moments, Moments::Fp32 { .. }) { &FP32_KEYS } else { &QUANTIZED_KEYS };
+            for (name, t) in names.iter().zip(moments.tensors()) {
+                out.push((format!("{name}.{key}"), t.shallow_clone()));
             }
         }
         out
@@ -301,8 +464,10 @@ impl AdamW8bit {
 
     /// Restores what `state_tensors` saved (moved to each parameter's device).
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> anyhow::Result<()> {
-        self.step = step;
-        self.moments.clear();
+        let _guard = tch::no_grad_guard();
+        self.ensure_groups();
+        // Check everything before changing anything.
+        let mut loaded: Vec<Option<Vec<&Tensor>>> = Vec::with_capacity(self.params.len());
         for (key, p) in &self.params {
             let numel = p.numel() as i64;
             let quantized = Self::is_quantized(numel);
@@ -310,6 +475,7 @@ impl AdamW8bit {
             let found: Vec<Option<&Tensor>> = names.iter().map(|n| tensors.get(&format!("{n}.{key}"))).collect();
             if found.iter().all(Option::is_none) {
                 if step == 0 {
+                    loaded.push(None);
                     continue;
                 }
                 let other = if quantized { FP32_KEYS[0] } else { QUANTIZED_KEYS[0] };
@@ -320,41 +486,78 @@ impl AdamW8bit {
                 }
                 anyhow::bail!("the optimizer state has no moments for `{key}`");
             }
-            let mut loaded = Vec::new();
+            let mut ts = Vec::new();
             for (name, t) in names.iter().zip(found) {
                 let Some(t) = t else {
                     anyhow::bail!("the optimizer state has no `{name}.{key}`");
                 };
-                loaded.push(t.to_device(p.device()));
+                ts.push(t);
             }
             let blocks = block_count(numel);
             let expect = |t: &Tensor, len: i64, kind: Kind| t.size() == [len] && t.kind() == kind;
-            let moments = if quantized {
-                let ok = expect(&loaded[0], numel, Kind::Uint8)
-                    && expect(&loaded[1], blocks, Kind::Float)
-                    && expect(&loaded[2], numel, Kind::Uint8)
-                    && expect(&loaded[3], blocks, Kind::Float);
-                if !ok {
-                    anyhow::bail!("the 8-bit optimizer state of `{key}` does not match the parameter's size");
-                }
-                let mut it = loaded.into_iter();
-                Moments::Quantized {
-                    exp_avg: it.next().unwrap(),
-                    exp_avg_absmax: it.next().unwrap(),
-                    exp_avg_sq: it.next().unwrap(),
-                    exp_avg_sq_absmax: it.next().unwrap(),
-                }
+            let ok = if quantized {
+                expect(ts[0], numel, Kind::Uint8)
+                    && expect(ts[1], blocks, Kind::Float)
+                    && expect(ts[2], numel, Kind::Uint8)
+                    && expect(ts[3], blocks, Kind::Float)
             } else {
-                if !loaded.iter().all(|t| expect(t, numel, Kind::Float)) {
-                    anyhow::bail!("the optimizer state of `{key}` does not match the parameter's size");
-                }
-                let mut it = loaded.into_iter();
-                Moments::Fp32 { exp_avg: it.next().unwrap(), exp_avg_sq: it.next().unwrap() }
+                ts.iter().all(|t| expect(t, numel, Kind::Float))
             };
-            self.moments.insert(key.clone(), moments);
+            if !ok {
+                let what = if quantized { "the 8-bit optimizer state" } else { "the optimizer state" };
+                anyhow::bail!("{what} of `{key}` does not match the parameter's size");
+            }
+            loaded.push(Some(ts));
+        }
+        self.step = step;
+        self.has_state = loaded.iter().map(Option::is_some).collect();
+        for g in 0..self.groups.len() {
+            let zeros = self.groups[g].zeros(self.maps_for(self.groups[g].device));
+            self.groups[g].moments = Some(zeros);
+            for m in &self.groups[g].members {
+                if let Some(ts) = &loaded[m.param] {
+                    let views = self.groups[g].member_moments(m);
+                    for (mut view, t) in views.tensors().into_iter().map(Tensor::shallow_clone).zip(ts) {
+                        view.copy_(t);
+                    }
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// One 8-bit AdamW update of a flat span (a group, or one member of it):
+/// `grad` and `param` are its fp32 values; the moments (views) are updated in
+/// place; returns the new parameter values.
+fn update_span(moments: &mut Moments, grad: &Tensor, param: &Tensor, maps: &DeviceMaps, s: StepScalars) -> Tensor {
+    let c = s.config;
+    let (exp_avg, exp_avg_sq) = match moments {
+        Moments::Fp32 { exp_avg, exp_avg_sq } => {
+            update_moments(exp_avg, exp_avg_sq, grad, c);
+            (exp_avg.shallow_clone(), exp_avg_sq.shallow_clone())
+        }
+        Moments::Quantized { exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax } => {
+            let mut m = dequantize_blockwise(exp_avg, exp_avg_absmax, &maps.signed);
+            let mut v = dequantize_blockwise(exp_avg_sq, exp_avg_sq_absmax, &maps.unsigned);
+            update_moments(&mut m, &mut v, grad, c);
+            for (value, map, codes_view, absmax_view) in
+                [(&m, &maps.signed, exp_avg, exp_avg_absmax), (&v, &maps.unsigned, exp_avg_sq, exp_avg_sq_absmax)]
+            {
+                let (codes, absmax) = quantize_blockwise(value, map);
+                codes_view.copy_(&codes);
+                absmax_view.copy_(&absmax);
+            }
+            // The update uses the unquantised new moments, as the kernel does.
+            (m, v)
+        }
+    };
+    let update = (&exp_avg / (exp_avg_sq.sqrt() + c.eps * s.correction2)) * s.step_size;
+    let mut new_param = param + update;
+    if c.weight_decay > 0.0 {
+        new_param *= 1.0 - s.lr * c.weight_decay;
+    }
+    new_param
 }
 
 /// m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², in place (fp32, flat).

@@ -1,9 +1,11 @@
-//! Multi-tensor kernels for CUDA (src/shim/foreach_shim.cpp): fused AdamW, the
-//! fp16 unscale-and-check, the global gradient norm. A per-parameter loop on
-//! CUDA is launch-bound (an SD 1.5 UNet has ~700 parameter tensors, AdamW needs
-//! ~8 kernels each) and the per-parameter overflow check synchronised ~700
-//! times a step. The CPU keeps the per-parameter code, which matches PyTorch's
-//! single-tensor AdamW operation for operation (the reference parity tests).
+//! Multi-tensor kernels (src/shim/foreach_shim.cpp): fused AdamW, the fp16
+//! unscale-and-check, the global gradient norm, list copies and the EMA update.
+//! A per-parameter loop on CUDA is launch-bound (an SD 1.5 UNet has ~700
+//! parameter tensors, AdamW needs ~8 kernels each) and the per-parameter
+//! overflow check synchronised ~700 times a step. AdamW, the unscale and the
+//! norm keep their per-parameter code on the CPU, which matches PyTorch's
+//! single-tensor operations op for op (the reference parity tests); the copy and
+//! the EMA update give the same numbers either way and run everywhere.
 
 use tch::{Device, Kind, Tensor};
 
@@ -28,6 +30,8 @@ mod ffi {
         pub fn dbt_foreach_unscale(grads: *const *mut C_tensor, n: usize, found_inf: *mut C_tensor, inv_scale: *mut C_tensor) -> i32;
         pub fn dbt_foreach_total_norm(ts: *const *mut C_tensor, n: usize) -> *mut C_tensor;
         pub fn dbt_foreach_mul_(ts: *const *mut C_tensor, n: usize, factor: *mut C_tensor) -> i32;
+        pub fn dbt_foreach_copy_(dst: *const *mut C_tensor, src: *const *mut C_tensor, n: usize) -> i32;
+        pub fn dbt_foreach_ema_(shadow: *const *mut C_tensor, params: *const *mut C_tensor, n: usize, one_minus: f64) -> i32;
     }
 }
 
@@ -110,4 +114,30 @@ pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> anyhow::Result<Tensor>
     let rc = unsafe { ffi::dbt_foreach_mul_(g.as_ptr(), g.len(), coef.as_ptr() as *mut _) };
     check(rc, "the gradient clipping")?;
     Ok(total)
+}
+
+/// `dst[i].copy_(src[i])` for matching lists, as `torch._foreach_copy_` (any device).
+pub fn copy(dst: &[Tensor], src: &[Tensor]) -> anyhow::Result<()> {
+    assert_eq!(dst.len(), src.len(), "foreach copy lists differ in length");
+    if dst.is_empty() {
+        return Ok(());
+    }
+    let (d, s) = (pointers(dst), pointers(src));
+    // SAFETY: live tensors for the duration of the call.
+    let rc = unsafe { ffi::dbt_foreach_copy_(d.as_ptr(), s.as_ptr(), d.len()) };
+    check(rc, "the parameter copy")
+}
+
+/// `shadow[i] -= (shadow[i] - params[i]) × one_minus` in multi-tensor launches
+/// (any device; the same numbers as the per-tensor loop). The caller bounds the
+/// lists: the differences are all allocated at once.
+pub fn ema_update(shadow: &[Tensor], params: &[Tensor], one_minus: f64) -> anyhow::Result<()> {
+    assert_eq!(shadow.len(), params.len(), "EMA lists differ in length");
+    if shadow.is_empty() {
+        return Ok(());
+    }
+    let (s, p) = (pointers(shadow), pointers(params));
+    // SAFETY: live tensors for the duration of the call.
+    let rc = unsafe { ffi::dbt_foreach_ema_(s.as_ptr(), p.as_ptr(), s.len(), one_minus) };
+    check(rc, "the EMA update")
 }

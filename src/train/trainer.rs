@@ -137,6 +137,26 @@ pub struct Trainer {
     /// Stop (with a checkpoint) once this many steps are done: how a script or a
     /// test cuts a run at a chosen step.
     pub stop_at_step: Option<u64>,
+    /// Read a step's loss only once the next step is queued, so that on a GPU
+    /// the device never idles while the CPU launches the optimizer's kernels
+    /// (reading a device value waits for all queued work). On by default on CUDA;
+    /// the CPU gains nothing from it.
+    pub defer_loss_readback: bool,
+    /// The step whose loss is not read yet (with `defer_loss_readback`).
+    pending_step: Option<PendingStep>,
+    /// When the last step record was written (its interval is the step's time
+    /// when records follow one another, deferred).
+    last_record_at: Option<Instant>,
+}
+
+/// A step done on the device whose record waits for its loss.
+struct PendingStep {
+    step: u64,
+    epoch: u64,
+    lr: f64,
+    /// 0-d float32 on the training device.
+    loss: Tensor,
+    started: Instant,
 }
 
 /// Checks a fresh run's inputs and makes its directory: nothing is written
@@ -299,6 +319,9 @@ impl Trainer {
             imagic: None,
             imagic_progress: None,
             stop_at_step: None,
+            defer_loss_readback: device.is_cuda(),
+            pending_step: None,
+            last_record_at: None,
             config,
         };
         trainer.describe_plan();
@@ -475,12 +498,18 @@ impl Trainer {
 
     /// One optimizer step (gradient_accumulation_steps micro-batches); returns the mean loss.
     pub fn train_step(&mut self) -> anyhow::Result<f64> {
+        Ok(self.queue_train_step()?.double_value(&[]))
+    }
+
+    /// `train_step` without reading the loss back: returns it as a 0-d tensor on
+    /// the training device (on a GPU the step may still be running).
+    pub fn queue_train_step(&mut self) -> anyhow::Result<Tensor> {
         fail_if_injected(self.step + 1);
         self.apply_text_encoder_phase();
         let t = self.config.training.clone();
         let accum = t.gradient_accumulation_steps.max(1);
         let te_training = self.text_encoder_training() && t.text_encoder_train_ratio > 0.0;
-        let mut loss_sum = 0.0;
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         for _ in 0..accum {
             let plan = next_batch(&self.data, &mut self.data_state, &mut self.data_rng, t.batch_size as usize, t.random_flip);
             let latents = self.latents(&plan);
@@ -514,7 +543,7 @@ impl Trainer {
                 };
                 scaled.backward();
             }
-            loss_sum += loss.double_value(&[]);
+            loss_sum += loss.detach();
             self.micro_batches += 1;
         }
         let found_inf = match &self.scaler {
@@ -572,6 +601,11 @@ impl Trainer {
         match result {
             Ok(o) => Ok(o),
             Err(e) => {
+                // The last good step's record, if its loss can still be read.
+                let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.flush_step_record()));
+                if !matches!(flushed, Ok(Ok(()))) {
+                    self.pending_step = None;
+                }
                 if let Some(bar) = self.progress.take() {
                     bar.abandon();
                 }
@@ -608,15 +642,21 @@ impl Trainer {
             }
             let epochs_before = self.epochs_done();
             let started = Instant::now();
-            let loss = self.train_step()?;
-            let seconds = started.elapsed().as_secs_f64();
-            self.record_step(loss, seconds)?;
+            let loss = self.queue_train_step()?;
+            let pending = PendingStep { step: self.step, epoch: self.epochs_done(), lr: self.last_lr, loss, started };
+            // The previous step's loss is ready (or nearly) now that this one is queued.
+            self.flush_step_record()?;
+            self.pending_step = Some(pending);
+            if !self.defer_loss_readback {
+                self.flush_step_record()?;
+            }
             for epoch in epochs_before + 1..=self.epochs_done() {
                 if self.end_of_epoch(epoch)? {
                     return self.stop();
                 }
             }
         }
+        self.flush_step_record()?;
         if let Some(bar) = self.progress.take() {
             bar.finish_and_clear();
         }
@@ -645,12 +685,36 @@ impl Trainer {
         Some(bar)
     }
 
+    /// Writes the record of the step just done (its loss already read).
     fn record_step(&mut self, loss: f64, seconds: f64) -> anyhow::Result<()> {
+        self.flush_step_record()?;
+        self.write_step_record(self.step, self.epochs_done(), loss, self.last_lr, seconds)
+    }
+
+    /// Reads the pending step's loss (waiting for the device) and writes its
+    /// record. Everything else that writes events calls this first, so the
+    /// records stay in order.
+    fn flush_step_record(&mut self) -> anyhow::Result<()> {
+        let Some(p) = self.pending_step.take() else {
+            return Ok(());
+        };
+        let loss = p.loss.double_value(&[]);
+        // Deferred, the previous record was written while this step ran: the
+        // time between the two records is this step's (the CPU ran ahead).
+        let since = match self.last_record_at {
+            Some(t) if t > p.started => t,
+            _ => p.started,
+        };
+        self.write_step_record(p.step, p.epoch, loss, p.lr, since.elapsed().as_secs_f64())
+    }
+
+    fn write_step_record(&mut self, step: u64, epoch: u64, loss: f64, lr: f64, seconds: f64) -> anyhow::Result<()> {
+        self.last_record_at = Some(Instant::now());
         let record = StepRecord {
-            step: self.step,
-            epoch: self.epochs_done(),
+            step,
+            epoch,
             loss,
-            lr: self.last_lr,
+            lr,
             it_s: if seconds > 0.0 { 1.0 / seconds } else { 0.0 },
             vram_bytes: crate::device::memory_in_use(self.device).0,
             time: now(),
@@ -665,7 +729,7 @@ impl Trainer {
         if self.options.plain && !self.options.quiet {
             println!("{line}");
         } else if let Some(bar) = &self.progress {
-            bar.set_position(self.step);
+            bar.set_position(step);
             bar.set_message(format!("loss {loss:.4}"));
         }
         Ok(())
@@ -691,6 +755,7 @@ impl Trainer {
     /// Waits `duration` (or, without one, for a resume request); true when a stop
     /// request or signal came meanwhile.
     fn pause(&mut self, duration: Option<Duration>, reason: &str) -> anyhow::Result<bool> {
+        self.flush_step_record()?;
         self.events.write(&Event::named(
             "pause",
             serde_json::json!({ "step": self.step, "epoch": self.epochs_done(), "reason": reason,
@@ -758,6 +823,7 @@ impl Trainer {
     }
 
     fn stop(&mut self) -> anyhow::Result<Outcome> {
+        self.flush_step_record()?;
         if let Some(bar) = self.progress.take() {
             bar.finish_and_clear();
         }
@@ -781,6 +847,7 @@ impl Trainer {
 
     /// Writes a checkpoint of the current step (once per step); returns its folder.
     pub fn checkpoint(&mut self) -> anyhow::Result<PathBuf> {
+        self.flush_step_record()?;
         let dir = self.run_dir.join("checkpoints").join(ckpt::step_dir_name(self.step));
         if self.last_checkpoint_step == Some(self.step) && dir.is_dir() {
             return Ok(dir);
@@ -871,6 +938,7 @@ impl Trainer {
     /// Renders every concept's sample prompts into samples/step-NNNNNN-K.png (with
     /// the EMA weights when kept); returns the paths.
     pub fn previews(&mut self) -> anyhow::Result<Vec<PathBuf>> {
+        self.flush_step_record()?;
         let prompts: Vec<String> = match &self.imagic {
             // One image from the interpolated embedding (the prompt is its target text).
             Some(_) => vec![self.config.concepts[0].instance_prompt.clone()],

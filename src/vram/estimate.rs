@@ -119,11 +119,7 @@ fn numel(params: &[Param]) -> u64 {
 /// optimizer, two uint8 codes plus one float32 absmax per 256-element block per
 /// moment (tensors under 4096 elements keep float32 moments, as bitsandbytes does).
 pub fn optimizer_bytes(opt: Optimizer, numel: u64) -> u64 {
-    match opt {
-        Optimizer::Adamw => 8 * numel,
-        Optimizer::Adamw8bit if numel < 4096 => 8 * numel,
-        Optimizer::Adamw8bit => 2 * numel + 2 * 4 * numel.div_ceil(256),
-    }
+    crate::train::optimizer::Optimizer::state_bytes_for(opt, numel as i64)
 }
 
 /// Display group of a module path: `down_blocks.0`, `mid_block`, `encoder.layers`...
@@ -314,12 +310,18 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
 
     // --- optimizer step: all gradients plus per-tensor temporaries.
     let largest = trained.iter().map(|p| p.numel()).max().unwrap_or(0);
-    let temps = match plan.optimizer {
-        Optimizer::Adamw => 3 * 4 * largest,
-        Optimizer::Adamw8bit => 5 * 4 * largest,
+    let (temps, unit_name) = match plan.optimizer {
+        Optimizer::Adamw => (3 * 4 * largest, "largest tensor's working copies"),
+        // On CUDA the 8-bit update runs on flat groups of parameters: the
+        // gathered gradients and weights, both dequantised moments and the
+        // update's temporaries, ~7 float32 copies of a group.
+        Optimizer::Adamw8bit => {
+            let group = (crate::train::adamw8bit::GROUP_NUMEL as u64).min(trained_n).max(largest);
+            (7 * 4 * group, "a parameter group's working copies")
+        }
     };
     let opt_step = grads_live + temps;
-    push(&mut rows, "optimizer step", "gradients + update temporaries".into(), "largest tensor's working copies".into(), opt_step);
+    push(&mut rows, "optimizer step", "gradients + update temporaries".into(), unit_name.into(), opt_step);
 
     // --- VAE encode each step (latents not cached): no grad, a few live tensors.
     let pixel = ActSettings { height: plan.resolution, width: plan.resolution, ..act };

@@ -27,3 +27,43 @@ pub fn probe() -> Option<GpuMemory> {
     .ok()
     .flatten()
 }
+
+/// Samples the first GPU's busy share while it lives: NVML's utilisation, the
+/// share of each sample period (1/6 s to 1 s) in which a kernel ran. Well under
+/// 100 % while training means the GPU waits for the CPU to queue work.
+pub struct BusySampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<u32>>,
+}
+
+impl BusySampler {
+    /// `None` without a usable NVIDIA driver.
+    pub fn start() -> Option<BusySampler> {
+        probe()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            let read = std::panic::catch_unwind(|| nvml_wrapper::Nvml::init().ok()).ok().flatten();
+            let Some(nvml) = read else { return samples };
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let busy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    nvml.device_by_index(0).ok()?.utilization_rates().ok().map(|u| u.gpu)
+                }));
+                if let Ok(Some(percent)) = busy {
+                    samples.push(percent);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            samples
+        });
+        Some(BusySampler { stop, thread })
+    }
+
+    /// The mean of the samples taken (`None` when there were none).
+    pub fn finish(self) -> Option<f64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = self.thread.join().ok()?;
+        (!samples.is_empty()).then(|| samples.iter().map(|&s| f64::from(s)).sum::<f64>() / samples.len() as f64)
+    }
+}
