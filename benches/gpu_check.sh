@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU session's checks, run from the repository root on a CUDA machine that has
 # torch 2.11.0 but no Rust: a release binary built elsewhere is given as $BIN.
-#   BIN=path/to/dreambooth PY=python OUT=results-dir benches/gpu_check.sh [speed|presets|all]
+#   BIN=path/to/dreambooth PY=python OUT=results-dir benches/gpu_check.sh [speed|graphs|presets|all]
 # 1. CUDA correctness: `generate` on the fixture model, CUDA against CPU.
 # 2. Speed and peak memory of a training step with SD 1.5 shapes (random weights) at
 #    512: ours (`dreambooth bench`) and diffusers' step (benches/diffusers_train_step.py),
 #    same card, same settings, one after the other; FLOPs of the step for MFU.
+#    graphs: CUDA graph replay against eager steps (same final loss), then its speed.
 # 3. presets: the estimator (`dreambooth vram`) against the measured CUDA peak per preset.
 # Every result is one JSON line in $OUT/results.jsonl.
 set -uo pipefail
@@ -41,6 +42,18 @@ print(json.dumps({'max_abs_diff_of_255': int(abs(a - b).max()), 'mean_abs_diff':
   note diffusers_sd15-fp16-sdpa-b1 "$(json_or_error $PY benches/diffusers_train_step.py --model "$SD15" --precision fp16 --attention sdpa --batch 1 --steps 10 --device cuda)"
   note diffusers_sd15-bf16-sdpa-b8 "$(json_or_error $PY benches/diffusers_train_step.py --model "$SD15" --precision bf16 --attention sdpa --batch 8 --steps 10 --device cuda)"
   note flops_b8 "$(json_or_error $PY benches/count_flops.py --model "$SD15" --batch 8)"
+fi
+
+if [ "$what" = all ] || [ "$what" = speed ] || [ "$what" = graphs ]; then
+  # CUDA graphs (DREAMBOOTH_CUDA_GRAPHS=1, an experiment): the same steps eagerly and
+  # replayed must end at the same loss (same data, same noise); then the speed.
+  for mode in 0 1; do
+    note "graphs${mode}_tiny-bf16-b1" "$(DREAMBOOTH_CUDA_GRAPHS=$mode json_or_error "$BIN" bench --model tests/fixtures/models/tiny-sd1 --config benches/configs/sd15-bf16-sdpa-b1.yaml --steps 10 --device cuda)"
+    note "graphs${mode}_tiny-bf16-b1-accum2-8bit" "$(DREAMBOOTH_CUDA_GRAPHS=$mode json_or_error "$BIN" bench --model tests/fixtures/models/tiny-sd1 --config benches/configs/graphs-accum2-adam8.yaml --steps 10 --device cuda)"
+  done
+  for cfg in sd15-bf16-sdpa-b1 sd15-bf16-sdpa-b8; do
+    note "ours_graphs_$cfg" "$(DREAMBOOTH_CUDA_GRAPHS=1 json_or_error "$BIN" bench --model "$SD15" --config benches/configs/$cfg.yaml --steps 10 --device cuda)"
+  done
 fi
 
 if [ "$what" = all ] || [ "$what" = presets ]; then

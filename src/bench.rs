@@ -105,6 +105,7 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
         "device": format!("{device:?}"),
         "steps": steps,
         "gpu_busy_percent": gpu_busy_percent,
+        "cuda_graphs": trainer.cuda_graph_state(),
         "threads": tch::get_num_threads(),
         "precision": trainer.precision.describe(),
         "training": settings,

@@ -259,3 +259,27 @@ fn a_libtorch_allocation_failure_is_one_sentence_and_the_run_resumes() {
     assert_eq!(event_names(&run).last().map(String::as_str), Some("done"));
     assert_eq!(dreambooth::train::checkpoint::list_checkpoints(&run).last().map(|c| c.0), Some(6));
 }
+
+/// Asking for CUDA graphs where they cannot run says so and trains eagerly.
+#[test]
+fn cuda_graphs_asked_for_on_the_cpu_are_refused_with_a_warning() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 1);
+    let cfg = write_config(r, "graphs", &data, "  steps_per_image: 2\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+        .args(["train", cfg.to_str().unwrap(), "--plain"])
+        .env("OMP_NUM_THREADS", "2")
+        .env("DREAMBOOTH_CUDA_GRAPHS", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let warnings = named_events(&r.join("runs/graphs"), "warning");
+    assert!(
+        warnings.iter().any(|w| w["message"].as_str().unwrap_or("").contains("CUDA graphs stay off: they need a CUDA device")),
+        "{warnings:?}"
+    );
+    assert_eq!(event_names(&r.join("runs/graphs")).last().map(String::as_str), Some("done"));
+}

@@ -247,7 +247,7 @@ fn first_gradients(t: &Trainer, data: &Path) -> Vec<(String, Tensor)> {
     let ehs = t.sd.encode_prompt("a photo of sks thing", 1);
     let noise = draw_noise(&mut dreambooth::rng::CpuRng::new(5), &latents.size(), 1000, 0.0);
     let weights = ExampleWeights::all_instance(1);
-    let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, encoder_hidden_states: &ehs, weights: &weights };
+    let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, encoder_hidden_states: &ehs, coefficients: &weights.coefficients_tensor() };
     denoising_loss(&t.sd.unet, &schedule, prediction, 0.0, &inputs, &|f| f()).loss.backward();
     let out = t.trainable().iter().map(|(k, p)| (k.clone(), p.grad().copy())).collect();
     for (_, p) in t.trainable() {

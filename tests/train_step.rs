@@ -49,7 +49,7 @@ fn one_step_matches(name: &str, reference_grads: bool) {
         noise: &r["train.noise"],
         timesteps: &r["train.timesteps"],
         encoder_hidden_states: &r["train.encoder_hidden_states"],
-        weights: &weights,
+        coefficients: &weights.coefficients_tensor(),
     };
     let out = denoising_loss(&sd.unet, &schedule, prediction, 0.0, &inputs, &no_autocast);
     assert!(max_abs_diff(&out.target, &r["train.target"]) < 1e-6, "{name}: target differs");

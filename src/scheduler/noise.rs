@@ -9,7 +9,7 @@ use super::config::SchedulerConfig;
 use super::schedule::{self, ZeroSnr};
 
 pub struct NoiseSchedule {
-    /// float32, one per training timestep, on the CPU.
+    /// float32, one per training timestep (on the CPU unless moved).
     alphas_cumprod: Tensor,
     num_train_timesteps: i64,
 }
@@ -18,6 +18,13 @@ impl NoiseSchedule {
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         let values = schedule::alphas_cumprod(config, ZeroSnr::Rescale)?;
         Ok(NoiseSchedule { alphas_cumprod: Tensor::from_slice(&values), num_train_timesteps: config.num_train_timesteps })
+    }
+
+    /// The same schedule with its table on `device`: the trainer's steps then
+    /// copy nothing from the host (each such copy waits for the GPU, and a CUDA
+    /// graph capture forbids them).
+    pub fn to_device(&self, device: tch::Device) -> NoiseSchedule {
+        NoiseSchedule { alphas_cumprod: self.alphas_cumprod.to_device(device), num_train_timesteps: self.num_train_timesteps }
     }
 
     pub fn alphas_cumprod(&self) -> &Tensor {

@@ -6,8 +6,12 @@
 #include <cstdint>
 
 #ifdef DBT_HAVE_CUDA
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <string>
+static thread_local std::string graph_error;
 #endif
 
 extern "C" {
@@ -43,6 +47,98 @@ int dbt_cuda_reset_peak(int device) {
     }
 #else
     (void)device;
+    return -1;
+#endif
+}
+
+// CUDA graphs (the training step captured once, then replayed): see
+// src/train/cuda_graph.rs. Every call returns 0 on success, -1 without CUDA,
+// -2 on a libtorch error (dbt_graph_last_error says which).
+
+const char* dbt_graph_last_error() {
+#ifdef DBT_HAVE_CUDA
+    return graph_error.c_str();
+#else
+    return "this build has no CUDA";
+#endif
+}
+
+// Makes a pool stream the calling thread's current stream on `device`: capture
+// cannot run on the default stream, and warm-up, capture and replay must share one.
+int dbt_cuda_use_side_stream(int device) {
+#ifdef DBT_HAVE_CUDA
+    try {
+        c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(device)));
+        return 0;
+    } catch (const std::exception& e) {
+        graph_error = e.what();
+        return -2;
+    }
+#else
+    (void)device;
+    return -1;
+#endif
+}
+
+void* dbt_graph_new() {
+#ifdef DBT_HAVE_CUDA
+    try {
+        return new at::cuda::CUDAGraph();
+    } catch (const std::exception& e) {
+        graph_error = e.what();
+        return nullptr;
+    }
+#else
+    return nullptr;
+#endif
+}
+
+void dbt_graph_free(void* graph) {
+#ifdef DBT_HAVE_CUDA
+    try {
+        delete static_cast<at::cuda::CUDAGraph*>(graph);
+    } catch (...) {
+    }
+#else
+    (void)graph;
+#endif
+}
+
+// op: 0 capture_begin (on the current stream, a private memory pool),
+// 1 capture_end (instantiates), 2 replay.
+int dbt_graph_op(void* graph, int op) {
+#ifdef DBT_HAVE_CUDA
+    try {
+        auto* g = static_cast<at::cuda::CUDAGraph*>(graph);
+        switch (op) {
+            case 0: g->capture_begin(); break;
+            case 1: g->capture_end(); break;
+            case 2: g->replay(); break;
+            default: graph_error = "unknown graph operation"; return -2;
+        }
+        return 0;
+    } catch (const std::exception& e) {
+        graph_error = e.what();
+        return -2;
+    }
+#else
+    (void)graph; (void)op;
+    return -1;
+#endif
+}
+
+// Hands the caching allocator's unused blocks back to the driver (after a
+// capture, the eager warm-up's activations are no longer needed).
+int dbt_cuda_empty_cache() {
+#ifdef DBT_HAVE_CUDA
+    try {
+        c10::cuda::CUDACachingAllocator::emptyCache();
+        return 0;
+    } catch (const std::exception& e) {
+        graph_error = e.what();
+        return -2;
+    }
+#else
     return -1;
 #endif
 }

@@ -37,4 +37,16 @@ int dbt_autocast_set(int cuda, int enabled, int dtype) {
   }
 }
 
+// Turns autocast's weight-cast cache on or off; returns whether it was on
+// (-1 on failure). CUDA graph capture runs with it off, as PyTorch requires.
+int dbt_autocast_cache_set(int enabled) {
+  try {
+    bool was = at::autocast::is_autocast_cache_enabled();
+    at::autocast::set_autocast_cache_enabled(enabled != 0);
+    return was ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 }

@@ -59,7 +59,12 @@ impl ExampleWeights {
         ExampleWeights { prior: vec![None; n] }
     }
 
-    /// Coefficients c so that loss = Σ c_i × loss_i = mean(instance) + mean(w × class).
+    /// Coefficients c so that loss = Σ c_i × loss_i = mean(instance) + mean(w × class),
+    /// as a float32 CPU tensor (the loss moves it to the device).
+    pub fn coefficients_tensor(&self) -> Tensor {
+        Tensor::from_slice(&self.coefficients())
+    }
+
     fn coefficients(&self) -> Vec<f32> {
         let n_inst = self.prior.iter().filter(|p| p.is_none()).count().max(1) as f64;
         let n_class = self.prior.iter().filter(|p| p.is_some()).count().max(1) as f64;
@@ -79,7 +84,8 @@ pub struct LossInputs<'a> {
     pub noise: &'a Tensor,
     pub timesteps: &'a Tensor,
     pub encoder_hidden_states: &'a Tensor,
-    pub weights: &'a ExampleWeights,
+    /// Per-example loss coefficients (`ExampleWeights::coefficients_tensor`).
+    pub coefficients: &'a Tensor,
 }
 
 pub struct LossOutput {
@@ -122,7 +128,7 @@ pub fn denoising_loss(
     } else {
         per_example
     };
-    let coefficients = Tensor::from_slice(&inputs.weights.coefficients()).to_device(device);
+    let coefficients = inputs.coefficients.to_device(device);
     let loss = (per_example * coefficients).sum(Kind::Float);
     LossOutput { loss, model_pred, target }
 }

@@ -16,6 +16,7 @@ use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{self as ckpt, CheckpointContents, TrainState};
+use super::cuda_graph::{GraphInputs, StepGraphs};
 use super::ema::Ema;
 use super::lr_schedule::LrSchedule;
 use super::modules;
@@ -142,6 +143,9 @@ pub struct Trainer {
     /// (reading a device value waits for all queued work). On by default on CUDA;
     /// the CPU gains nothing from it.
     pub defer_loss_readback: bool,
+    /// CUDA graphs for the micro-batches (`DREAMBOOTH_CUDA_GRAPHS=1` on CUDA,
+    /// without fp16 loss scaling; see train::cuda_graph).
+    graphs: Option<StepGraphs>,
     /// The step whose loss is not read yet (with `defer_loss_readback`).
     pending_step: Option<PendingStep>,
     /// When the last step record was written (its interval is the step's time
@@ -274,7 +278,7 @@ impl Trainer {
             lr_end: t.lr_end,
         };
         let scaler = (t.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
-        let schedule = NoiseSchedule::new(&sd.scheduler_config)?;
+        let schedule = NoiseSchedule::new(&sd.scheduler_config)?.to_device(device);
         let prediction = PredictionType::from_config(&sd.scheduler_config)?;
         let stop_flag = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
@@ -322,9 +326,11 @@ impl Trainer {
             defer_loss_readback: device.is_cuda(),
             pending_step: None,
             last_record_at: None,
+            graphs: None,
             config,
         };
         trainer.describe_plan();
+        trainer.start_cuda_graphs();
         Ok(trainer)
     }
 
@@ -406,6 +412,47 @@ impl Trainer {
         Ok((config, precision, sd, params, data, optimizer, trainable.lora, ema))
     }
 
+    /// Turns CUDA graphs on when asked for (`DREAMBOOTH_CUDA_GRAPHS=1`, an
+    /// experiment until its speed is measured) and the run allows them.
+    fn start_cuda_graphs(&mut self) {
+        if std::env::var("DREAMBOOTH_CUDA_GRAPHS").map_or(true, |v| v != "1") {
+            return;
+        }
+        let refusal = if !self.device.is_cuda() {
+            Some("they need a CUDA device")
+        } else if self.scaler.is_some() {
+            Some("fp16 loss scaling changes the scale between steps (use bf16)")
+        } else if self.imagic_plan.is_some() {
+            Some("Imagic runs its own loop")
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            self.warn(&format!("DREAMBOOTH_CUDA_GRAPHS is set, but CUDA graphs stay off: {why}"));
+            return;
+        }
+        match StepGraphs::new(self.device) {
+            Ok(g) => {
+                self.graphs = Some(g);
+                let note = if self.config.training.set_grads_to_none {
+                    "; gradients are zeroed in place instead of set to none (the graph writes into them)"
+                } else {
+                    ""
+                };
+                self.log.line(&format!("CUDA graphs: on, the micro-batch is captured after {} eager ones{note}", super::cuda_graph::WARMUP_MICRO_BATCHES));
+            }
+            Err(e) => self.warn(&format!("CUDA graphs stay off: {e}")),
+        }
+    }
+
+    /// Whether CUDA graphs are in use: "off", "warming up", "captured" or "failed: …".
+    pub fn cuda_graph_state(&self) -> String {
+        match &self.graphs {
+            None => "off".into(),
+            Some(g) => g.state(),
+        }
+    }
+
     fn describe_plan(&mut self) {
         let t = self.config.training.clone();
         let images = self.data.instances.len() as u64;
@@ -467,12 +514,53 @@ impl Trainer {
         if self.text_encoder_training() {
             return;
         }
+        let mut changed = false;
         for (k, p) in self.optimizer.params() {
             if modules::is_text_encoder_key(k) && p.requires_grad() {
                 let _ = p.set_requires_grad(false);
                 set_grad_to_none(p);
+                changed = true;
             }
         }
+        // A captured step would still write the freed text-encoder gradients.
+        if changed {
+            if let Some(g) = &mut self.graphs {
+                g.clear();
+            }
+        }
+    }
+
+    /// One micro-batch's text encoder, UNet, loss (÷ `accum`) and backward, from
+    /// inputs on the device or the CPU; returns the detached loss. The same code
+    /// runs eagerly and under CUDA graph capture, so it queues only device work.
+    fn forward_backward(&self, b: &GraphInputs, te_training: bool, accum: u32) -> Tensor {
+        let t = &self.config.training;
+        let precision = self.precision;
+        let ids = b.ids.to_device(self.device);
+        let ehs = if te_training {
+            precision.autocast(|| self.sd.text_encoder.forward(&ids, t.clip_skip)).to_kind(Kind::Float)
+        } else {
+            tch::no_grad(|| self.sd.text_encoder.forward(&ids, t.clip_skip))
+        };
+        let inputs = LossInputs {
+            latents: &b.latents,
+            noise: &b.noise,
+            timesteps: &b.timesteps,
+            encoder_hidden_states: &ehs,
+            coefficients: &b.coefficients,
+        };
+        let out = denoising_loss(&self.sd.unet, &self.schedule, self.prediction, t.min_snr_gamma, &inputs, &|f| {
+            precision.autocast(f)
+        });
+        let loss = &out.loss / f64::from(accum);
+        if loss.requires_grad() {
+            let scaled = match &self.scaler {
+                Some(s) => s.scale_loss(&loss),
+                None => loss.shallow_clone(),
+            };
+            scaled.backward();
+        }
+        loss.detach()
     }
 
     /// Latents `[B, 4, h, w]` × scaling_factor for a micro-batch (sampled from the
@@ -514,36 +602,33 @@ impl Trainer {
             let plan = next_batch(&self.data, &mut self.data_state, &mut self.data_rng, t.batch_size as usize, t.random_flip);
             let latents = self.latents(&plan);
             let ids: Vec<i64> = plan.items.iter().flat_map(|&(c, k, i, _)| self.data.example(c, k, i).ids.clone()).collect();
-            let ids = Tensor::from_slice(&ids).view([plan.items.len() as i64, -1]).to_device(self.device);
-            let precision = self.precision;
-            let ehs = if te_training {
-                precision.autocast(|| self.sd.text_encoder.forward(&ids, t.clip_skip)).to_kind(Kind::Float)
-            } else {
-                tch::no_grad(|| self.sd.text_encoder.forward(&ids, t.clip_skip))
-            };
+            let ids = Tensor::from_slice(&ids).view([plan.items.len() as i64, -1]);
             let noise = draw_noise(&mut self.noise_rng, &latents.size(), self.schedule.num_train_timesteps(), t.offset_noise);
             let weights = ExampleWeights {
                 prior: plan.items.iter().map(|&(c, k, _, _)| c.then(|| self.data.prior_weights[k])).collect(),
             };
-            let inputs = LossInputs {
-                latents: &latents,
-                noise: &noise.noise,
-                timesteps: &noise.timesteps,
-                encoder_hidden_states: &ehs,
-                weights: &weights,
+            let batch = GraphInputs {
+                latents,
+                noise: noise.noise,
+                timesteps: noise.timesteps,
+                ids,
+                coefficients: weights.coefficients_tensor(),
             };
-            let out = denoising_loss(&self.sd.unet, &self.schedule, self.prediction, t.min_snr_gamma, &inputs, &|f| {
-                precision.autocast(f)
-            });
-            let loss = &out.loss / f64::from(accum);
-            if loss.requires_grad() {
-                let scaled = match &self.scaler {
-                    Some(s) => s.scale_loss(&loss),
-                    None => loss.shallow_clone(),
-                };
-                scaled.backward();
+            let mut graphs = self.graphs.take();
+            let grads_ready = graphs.is_some()
+                && self.optimizer.params().iter().all(|(_, p)| !p.requires_grad() || p.grad().defined());
+            let loss = {
+                let compute = |b: &GraphInputs| self.forward_backward(b, te_training, accum);
+                match graphs.as_mut() {
+                    Some(g) => g.run(&batch, te_training, grads_ready, &compute),
+                    None => compute(&batch),
+                }
+            };
+            if let Some(why) = graphs.as_mut().and_then(StepGraphs::take_failure) {
+                self.warn(&format!("CUDA graphs are off for the rest of the run: {why}"));
             }
-            loss_sum += loss.detach();
+            self.graphs = graphs;
+            loss_sum += loss;
             self.micro_batches += 1;
         }
         let found_inf = match &self.scaler {
@@ -566,7 +651,8 @@ impl Trainer {
         if let Some(s) = &mut self.scaler {
             s.update(found_inf);
         }
-        if t.set_grads_to_none {
+        // A CUDA graph accumulates into the gradient tensors it captured: they stay.
+        if t.set_grads_to_none && self.graphs.is_none() {
             for (_, p) in self.optimizer.params() {
                 set_grad_to_none(p);
             }

@@ -175,7 +175,7 @@ pub fn eval_loss(t: &dreambooth::train::trainer::Trainer, dir: &std::path::Path)
         for _ in 0..8 {
             let noise = draw_noise(&mut rng, &latents.size(), 1000, 0.0);
             let weights = ExampleWeights::all_instance(1);
-            let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, encoder_hidden_states: &ehs, weights: &weights };
+            let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, encoder_hidden_states: &ehs, coefficients: &weights.coefficients_tensor() };
             total += denoising_loss(&t.sd.unet, &schedule, prediction, 0.0, &inputs, &|f| f()).loss.double_value(&[]);
             n += 1.0;
         }
