@@ -45,6 +45,9 @@ fn check(rc: i32, what: &str) -> anyhow::Result<()> {
 /// cannot use the default stream; everything after runs on the side stream).
 pub fn use_side_stream(device: Device) -> anyhow::Result<()> {
     let Device::Cuda(index) = device else { anyhow::bail!("CUDA graphs need a CUDA device") };
+    // Pool streams do not wait for the default stream: let its work (model
+    // casts, cached latents) finish first.
+    tch::Cuda::synchronize(index as i64);
     // SAFETY: a plain call into the CUDA stream registry.
     check(unsafe { ffi::dbt_cuda_use_side_stream(index as i32) }, "choosing a CUDA stream")
 }
@@ -73,13 +76,17 @@ impl CudaGraph {
     /// are rewritten by each replay. The capture only records: nothing has run
     /// until the first `replay`. A failure inside `body` (a libtorch panic: an
     /// operation that cannot be captured) ends the capture and is returned.
-    pub fn capture<T>(body: impl FnOnce() -> T) -> anyhow::Result<(CudaGraph, T)> {
+    pub fn capture<T>(device: Device, body: impl FnOnce() -> T) -> anyhow::Result<(CudaGraph, T)> {
         // SAFETY: allocates a graph object; null on failure.
         let raw = unsafe { ffi::dbt_graph_new() };
         if raw.is_null() {
             anyhow::bail!("creating a CUDA graph: {}", last_error());
         }
         let graph = CudaGraph { raw };
+        // As torch.cuda.graph: start from an idle device.
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
         // SAFETY: a live graph; op 0 begins the capture.
         check(unsafe { ffi::dbt_graph_op(graph.raw, 0) }, "beginning a CUDA graph capture")?;
         // Autocast's cast cache would keep casts made during capture beyond it.
@@ -167,13 +174,17 @@ pub struct StepGraphs {
     /// Set when a capture failed: the run goes on eagerly and says why.
     failed: Option<String>,
     failure_reported: bool,
+    /// Whether this thread runs on the side stream yet (switched at the first
+    /// micro-batch, on the thread that trains: the current stream is per thread).
+    on_side_stream: bool,
 }
 
 impl StepGraphs {
-    /// Switches this thread to a side stream of `device`.
     pub fn new(device: Device) -> anyhow::Result<StepGraphs> {
-        use_side_stream(device)?;
-        Ok(StepGraphs { device, entries: Vec::new(), failed: None, failure_reported: false })
+        if !device.is_cuda() {
+            anyhow::bail!("they need a CUDA device");
+        }
+        Ok(StepGraphs { device, entries: Vec::new(), failed: None, failure_reported: false, on_side_stream: false })
     }
 
     /// Forgets every graph (the trained tensors changed: the text encoder stopped
@@ -215,6 +226,12 @@ impl StepGraphs {
         grads_ready: bool,
         compute: &dyn Fn(&GraphInputs) -> Tensor,
     ) -> Tensor {
+        if !self.on_side_stream && self.failed.is_none() {
+            match use_side_stream(self.device) {
+                Ok(()) => self.on_side_stream = true,
+                Err(e) => self.failed = Some(e.to_string()),
+            }
+        }
         if self.failed.is_some() {
             return compute(&GraphInputs::copy_of(batch, self.device));
         }
@@ -251,7 +268,7 @@ impl StepGraphs {
             entry.warmed_up += 1;
             return compute(&entry.inputs);
         }
-        let captured = CudaGraph::capture(|| compute(&entry.inputs)).and_then(|(graph, loss)| {
+        let captured = CudaGraph::capture(self.device, || compute(&entry.inputs)).and_then(|(graph, loss)| {
             graph.replay()?;
             Ok((graph, loss))
         });
