@@ -16,8 +16,9 @@ use tch::Device;
 use crate::config::schema::{Concept, RunConfig};
 use crate::train::trainer::{TrainOptions, Trainer};
 
-/// Untimed steps first: kernel selection, allocator growth, lazy initialisation.
-const WARMUP_STEPS: u64 = 2;
+/// Untimed steps first: kernel selection, allocator growth, lazy initialisation,
+/// and with CUDA graphs the eager warm-up and the capture (the third micro-batch).
+const WARMUP_STEPS: u64 = 3;
 const DEFAULT_STEPS: u64 = 5;
 /// Images in the throw-away instance folder at least (one epoch = images ÷ batch
 /// steps); more when a batch is bigger, so every step trains a full batch.
