@@ -137,7 +137,7 @@ fn codes_for(blocks: &Tensor, absmax: &Tensor, map: &QuantMap) -> Tensor {
 /// of a group during its update: 400 MB at this size, about what the largest
 /// SD 1.5 tensor alone needed per parameter). On the CPU launches cost little
 /// and a flat buffer larger than the caches makes every one of those passes go
-/// to memory (measured 1.8× slower): there each parameter is its own group.
+/// to memory (measured 2× slower): there each parameter is its own group.
 pub const GROUP_NUMEL: i64 = 1 << 24;
 
 /// A group's moments (or views of one member's part of them).
