@@ -96,3 +96,15 @@ pub fn memory_in_use(device: Device) -> (u64, u64) {
     };
     (kib("VmRSS:") * 1024, kib("VmHWM:") * 1024)
 }
+
+/// `t` on `device`. A CPU tensor bound for a CUDA device goes through pinned
+/// memory as an asynchronous copy: a copy from ordinary memory makes the CPU
+/// wait until the GPU has finished all the work queued before it, so the CPU
+/// could never queue a step ahead. (libtorch's pinned-memory cache keeps each
+/// buffer until its copy has run.)
+pub fn upload(t: &tch::Tensor, device: Device) -> tch::Tensor {
+    if !device.is_cuda() || t.device() == device {
+        return t.to_device(device);
+    }
+    t.pin_memory(device).to_device_(device, t.kind(), true, false)
+}

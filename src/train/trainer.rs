@@ -573,7 +573,7 @@ impl Trainer {
             let mut parts = Vec::new();
             for &(c, k, i, flip) in &plan.items {
                 let (mean, std) = &self.data.example(c, k, i).cached.as_ref().expect("cached")[usize::from(flip)];
-                let eps = self.noise_rng.randn(&mean.size()).to_device(mean.device());
+                let eps = crate::device::upload(&self.noise_rng.randn(&mean.size()), mean.device());
                 parts.push(mean + std * eps);
             }
             Tensor::cat(&parts, 0)
@@ -607,12 +607,13 @@ impl Trainer {
             let weights = ExampleWeights {
                 prior: plan.items.iter().map(|&(c, k, _, _)| c.then(|| self.data.prior_weights[k])).collect(),
             };
+            let up = |t: &Tensor| crate::device::upload(t, self.device);
             let batch = GraphInputs {
                 latents,
-                noise: noise.noise,
-                timesteps: noise.timesteps,
-                ids,
-                coefficients: weights.coefficients_tensor(),
+                noise: up(&noise.noise),
+                timesteps: up(&noise.timesteps),
+                ids: up(&ids),
+                coefficients: up(&weights.coefficients_tensor()),
             };
             let mut graphs = self.graphs.take();
             let grads_ready = graphs.is_some()
