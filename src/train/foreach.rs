@@ -75,7 +75,7 @@ pub fn fused_adamw(
     if n == 0 {
         return Ok(());
     }
-    let step = Tensor::from(step as f32).to_device(params[0].device());
+    let step = crate::device::upload(&Tensor::from(step as f32), params[0].device());
     let (p, g, m, v) = (pointers(params), pointers(grads), pointers(exp_avgs), pointers(exp_avg_sqs));
     // SAFETY: every pointer is a live tensor held by the slices above for the call.
     let rc = unsafe {
@@ -91,7 +91,7 @@ pub fn unscale(grads: &[Tensor], inv_scale: f64) -> anyhow::Result<bool> {
     }
     let device = grads[0].device();
     let found_inf = Tensor::zeros([1], (Kind::Float, device));
-    let inv = Tensor::from_slice(&[inv_scale as f32]).to_device(device);
+    let inv = crate::device::upload(&Tensor::from_slice(&[inv_scale as f32]), device);
     let g = pointers(grads);
     // SAFETY: live tensors for the duration of the call.
     let rc = unsafe { ffi::dbt_foreach_unscale(g.as_ptr(), g.len(), found_inf.as_ptr() as *mut _, inv.as_ptr() as *mut _) };
