@@ -158,7 +158,14 @@ struct Entry {
     text_encoder_training: bool,
     inputs: GraphInputs,
     warmed_up: u32,
-    captured: Option<(CudaGraph, Tensor)>,
+    captured: Option<Captured>,
+}
+
+enum Captured {
+    /// The graph and its loss tensor (rewritten by each replay).
+    Graph(CudaGraph, Tensor),
+    /// `StepGraphs::simulated`: "replay" runs the step eagerly on the fixed inputs.
+    Simulated,
 }
 
 /// Eager micro-batches of a shape before it is captured: lazy initialisation
@@ -177,6 +184,7 @@ pub struct StepGraphs {
     /// Whether this thread runs on the side stream yet (switched at the first
     /// micro-batch, on the thread that trains: the current stream is per thread).
     on_side_stream: bool,
+    simulated: bool,
 }
 
 impl StepGraphs {
@@ -184,7 +192,15 @@ impl StepGraphs {
         if !device.is_cuda() {
             anyhow::bail!("they need a CUDA device");
         }
-        Ok(StepGraphs { device, entries: Vec::new(), failed: None, failure_reported: false, on_side_stream: false })
+        Ok(StepGraphs { device, entries: Vec::new(), failed: None, failure_reported: false, on_side_stream: false, simulated: false })
+    }
+
+    /// The same bookkeeping on any device with capture and replay simulated by
+    /// eager runs on the fixed inputs: lets a CPU test check that a graph run
+    /// trains exactly as a plain one (inputs copied in, gradients kept and zeroed
+    /// in place, the text-encoder phase, other shapes eager). A test hook.
+    pub fn simulated(device: Device) -> StepGraphs {
+        StepGraphs { device, entries: Vec::new(), failed: None, failure_reported: false, on_side_stream: true, simulated: true }
     }
 
     /// Forgets every graph (the trained tensors changed: the text encoder stopped
@@ -254,18 +270,24 @@ impl StepGraphs {
         };
         let entry = &mut self.entries[index];
         entry.inputs.fill_from(batch);
-        if let Some((graph, loss)) = &entry.captured {
-            match graph.replay() {
+        match &entry.captured {
+            Some(Captured::Graph(graph, loss)) => match graph.replay() {
                 Ok(()) => return loss.shallow_clone(),
                 Err(e) => {
                     self.failed = Some(e.to_string());
                     self.entries.clear();
                     return compute(&GraphInputs::copy_of(batch, self.device));
                 }
-            }
+            },
+            Some(Captured::Simulated) => return compute(&entry.inputs),
+            None => {}
         }
         if entry.warmed_up < WARMUP_MICRO_BATCHES || !grads_ready {
             entry.warmed_up += 1;
+            return compute(&entry.inputs);
+        }
+        if self.simulated {
+            entry.captured = Some(Captured::Simulated);
             return compute(&entry.inputs);
         }
         let captured = CudaGraph::capture(self.device, || compute(&entry.inputs)).and_then(|(graph, loss)| {
@@ -274,7 +296,7 @@ impl StepGraphs {
         });
         match captured {
             Ok((graph, loss)) => {
-                entry.captured = Some((graph, loss.shallow_clone()));
+                entry.captured = Some(Captured::Graph(graph, loss.shallow_clone()));
                 // The warm-up's eager activations are cached blocks no one needs now.
                 empty_cache();
                 loss

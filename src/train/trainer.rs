@@ -445,6 +445,12 @@ impl Trainer {
         }
     }
 
+    /// CUDA graph bookkeeping with capture and replay simulated by eager runs
+    /// (`StepGraphs::simulated`), on any device: a test hook.
+    pub fn simulate_cuda_graphs(&mut self) {
+        self.graphs = Some(StepGraphs::simulated(self.device));
+    }
+
     /// Whether CUDA graphs are in use: "off", "warming up", "captured" or "failed: …".
     pub fn cuda_graph_state(&self) -> String {
         match &self.graphs {
