@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks, run from the repository root on a CUDA machine that has
 # torch 2.11.0 but no Rust: a release binary built elsewhere is given as $BIN.
-#   BIN=path/to/dreambooth PY=python OUT=results-dir benches/gpu_check.sh [speed|graphs|presets|all]
+#   BIN=path/to/dreambooth PY=python OUT=results-dir benches/gpu_check.sh [speed] [graphs] [presets] [all]
 # 1. CUDA correctness: `generate` on the fixture model, CUDA against CPU.
 # 2. Speed and peak memory of a training step with SD 1.5 shapes (random weights) at
 #    512: ours (`dreambooth bench`) and diffusers' step (benches/diffusers_train_step.py),
@@ -10,7 +10,9 @@
 # 3. presets: the estimator (`dreambooth vram`) against the measured CUDA peak per preset.
 # Every result is one JSON line in $OUT/results.jsonl.
 set -uo pipefail
-what="${1:-all}"
+what=" ${*:-all} "
+# want NAME: NAME was asked for (or all was).
+want() { [[ "$what" == *" all "* || "$what" == *" $1 "* ]]; }
 BIN="${BIN:?the dreambooth binary}"
 PY="${PY:-python}"
 OUT="${OUT:?a results folder}"
@@ -23,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 SD15=/tmp/sd15-shapes
 [ -d "$SD15" ] || $PY benches/make_sd15_shapes.py --out "$SD15" >>"$OUT/log.txt" 2>&1
 
-if [ "$what" = all ] || [ "$what" = speed ]; then
+if want speed; then
   M=tests/fixtures/models/tiny-sd1
   for dev in cuda cpu; do
     "$BIN" generate --model $M --prompt "a photo of sks dog" --negative blurry --seed 0 --steps 20 \
@@ -44,7 +46,7 @@ print(json.dumps({'max_abs_diff_of_255': int(abs(a - b).max()), 'mean_abs_diff':
   note flops_b8 "$(json_or_error $PY benches/count_flops.py --model "$SD15" --batch 8)"
 fi
 
-if [ "$what" = all ] || [ "$what" = speed ] || [ "$what" = graphs ]; then
+if want speed || want graphs; then
   # CUDA graphs (DREAMBOOTH_CUDA_GRAPHS=1, an experiment): the same steps eagerly and
   # replayed must end at the same loss (same data, same noise); then the speed.
   for mode in 0 1; do
@@ -56,7 +58,7 @@ if [ "$what" = all ] || [ "$what" = speed ] || [ "$what" = graphs ]; then
   done
 fi
 
-if [ "$what" = all ] || [ "$what" = presets ]; then
+if want presets; then
   for preset in 6gb 8gb 12gb 16gb 24gb 48gb; do
     cfg="$OUT/preset-$preset.yaml"
     printf 'name: p\nsource_checkpoint: %s\nresolution: 512\npreset: %s\nconcepts:\n  - instance_data_dir: %s\n    instance_prompt: a photo of sks dog\n' \
