@@ -31,7 +31,7 @@ use crate::error::usage;
 use crate::pipeline::{save_png, ModelParameters, SampleRequest, StableDiffusion};
 use crate::rng::{set_grad_to_none, CpuRng};
 use crate::run::control::{self, Request};
-use crate::run::events::{now, Event, EventLog, StepRecord};
+use crate::run::events::{Event, EventLog};
 use crate::run::lock::RunLock;
 use crate::scheduler::NoiseSchedule;
 
@@ -153,15 +153,6 @@ pub struct Trainer {
     last_record_at: Option<Instant>,
 }
 
-/// A step done on the device whose record waits for its loss.
-struct PendingStep {
-    step: u64,
-    epoch: u64,
-    lr: f64,
-    /// 0-d float32 on the training device.
-    loss: Tensor,
-    started: Instant,
-}
 
 /// Checks a fresh run's inputs and makes its directory: nothing is written
 /// until the config and every image have been read.
@@ -778,56 +769,6 @@ impl Trainer {
         Some(bar)
     }
 
-    /// Writes the record of the step just done (its loss already read).
-    fn record_step(&mut self, loss: f64, seconds: f64) -> anyhow::Result<()> {
-        self.flush_step_record()?;
-        self.write_step_record(self.step, self.epochs_done(), loss, self.last_lr, seconds)
-    }
-
-    /// Reads the pending step's loss (waiting for the device) and writes its
-    /// record. Everything else that writes events calls this first, so the
-    /// records stay in order.
-    fn flush_step_record(&mut self) -> anyhow::Result<()> {
-        let Some(p) = self.pending_step.take() else {
-            return Ok(());
-        };
-        let loss = p.loss.double_value(&[]);
-        // Deferred, the previous record was written while this step ran: the
-        // time between the two records is this step's (the CPU ran ahead).
-        let since = match self.last_record_at {
-            Some(t) if t > p.started => t,
-            _ => p.started,
-        };
-        self.write_step_record(p.step, p.epoch, loss, p.lr, since.elapsed().as_secs_f64())
-    }
-
-    fn write_step_record(&mut self, step: u64, epoch: u64, loss: f64, lr: f64, seconds: f64) -> anyhow::Result<()> {
-        self.last_record_at = Some(Instant::now());
-        let record = StepRecord {
-            step,
-            epoch,
-            loss,
-            lr,
-            it_s: if seconds > 0.0 { 1.0 / seconds } else { 0.0 },
-            vram_bytes: crate::device::memory_in_use(self.device).0,
-            time: now(),
-        };
-        self.events.write(&Event::Step(record.clone()))?;
-        let line = format!(
-            "step {}/{} epoch {} loss {:.6} lr {:.3e} {:.2} it/s",
-            record.step, self.total_steps, record.epoch, record.loss, record.lr, record.it_s
-        );
-        let _ = writeln!(self.log.file, "{line}");
-        // Quiet (detached) runs have stdout on train.log already: one line, not two.
-        if self.options.plain && !self.options.quiet {
-            println!("{line}");
-        } else if let Some(bar) = &self.progress {
-            bar.set_position(step);
-            bar.set_message(format!("loss {loss:.4}"));
-        }
-        Ok(())
-    }
-
     /// Epoch-based work after epoch `epoch` completed; true when a stop came during a pause.
     fn end_of_epoch(&mut self, epoch: u64) -> anyhow::Result<bool> {
         let t = self.config.training.clone();
@@ -1105,6 +1046,8 @@ impl Trainer {
 }
 
 mod imagic_run;
+mod step_records;
+use step_records::PendingStep;
 
 /// `DREAMBOOTH_FAIL_AT_STEP=N`: step N asks libtorch for an impossible
 /// allocation, so tests can drive the real out-of-memory path (a panic of tch
