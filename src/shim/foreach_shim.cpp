@@ -83,6 +83,18 @@ int dbt_foreach_copy_(at::Tensor** dst, at::Tensor** src, size_t n) {
   }
 }
 
+// ts[i].zero_() in a few launches.
+int dbt_foreach_zero_(at::Tensor** ts, size_t n) {
+  try {
+    at::NoGradGuard no_grad;
+    at::_foreach_zero_(gather(ts, n));
+    return 0;
+  } catch (const std::exception& e) {
+    foreach_error = e.what();
+    return -1;
+  }
+}
+
 // EMA: shadow[i] -= (shadow[i] - params[i]) * one_minus, as the per-tensor loop.
 int dbt_foreach_ema_(at::Tensor** shadow, at::Tensor** params, size_t n, double one_minus) {
   try {

@@ -136,8 +136,15 @@ impl AdamW {
     }
 }
 
-/// Zeroes each parameter's gradient in place (both optimizers' `zero_grad`).
+/// Zeroes each parameter's gradient in place (both optimizers' `zero_grad`):
+/// one multi-tensor call on CUDA (where a CUDA graph keeps the gradients and
+/// they are zeroed every step), per tensor elsewhere.
 pub fn zero_grads(params: &[(String, Tensor)]) {
+    let grads: Vec<Tensor> = params.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
+    if grads.first().is_some_and(|g| g.device().is_cuda()) {
+        super::foreach::zero(&grads).expect("zeroing CUDA gradients");
+        return;
+    }
     for (_, p) in params {
         let mut p = p.shallow_clone();
         p.zero_grad();

@@ -30,6 +30,7 @@ mod ffi {
         pub fn dbt_foreach_unscale(grads: *const *mut C_tensor, n: usize, found_inf: *mut C_tensor, inv_scale: *mut C_tensor) -> i32;
         pub fn dbt_foreach_total_norm(ts: *const *mut C_tensor, n: usize) -> *mut C_tensor;
         pub fn dbt_foreach_mul_(ts: *const *mut C_tensor, n: usize, factor: *mut C_tensor) -> i32;
+        pub fn dbt_foreach_zero_(ts: *const *mut C_tensor, n: usize) -> i32;
         pub fn dbt_foreach_copy_(dst: *const *mut C_tensor, src: *const *mut C_tensor, n: usize) -> i32;
         pub fn dbt_foreach_ema_(shadow: *const *mut C_tensor, params: *const *mut C_tensor, n: usize, one_minus: f64) -> i32;
     }
@@ -114,6 +115,17 @@ pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> anyhow::Result<Tensor>
     let rc = unsafe { ffi::dbt_foreach_mul_(g.as_ptr(), g.len(), coef.as_ptr() as *mut _) };
     check(rc, "the gradient clipping")?;
     Ok(total)
+}
+
+/// `ts[i].zero_()` for a list, as `torch._foreach_zero_` (any device).
+pub fn zero(ts: &[Tensor]) -> anyhow::Result<()> {
+    if ts.is_empty() {
+        return Ok(());
+    }
+    let t = pointers(ts);
+    // SAFETY: live tensors for the duration of the call.
+    let rc = unsafe { ffi::dbt_foreach_zero_(t.as_ptr(), t.len()) };
+    check(rc, "zeroing the gradients")
 }
 
 /// `dst[i].copy_(src[i])` for matching lists, as `torch._foreach_copy_` (any device).
