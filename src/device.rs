@@ -59,6 +59,7 @@ mod ffi {
     extern "C" {
         pub fn dbt_cuda_memory(device: i32, allocated: *mut i64, allocated_peak: *mut i64, reserved: *mut i64, reserved_peak: *mut i64) -> i32;
         pub fn dbt_cuda_reset_peak(device: i32) -> i32;
+        pub fn dbt_pin_memory(t: *const torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
     }
 }
 
@@ -106,5 +107,12 @@ pub fn upload(t: &tch::Tensor, device: Device) -> tch::Tensor {
     if !device.is_cuda() || t.device() == device {
         return t.to_device(device);
     }
-    t.pin_memory(device).to_device_(device, t.kind(), true, false)
+    // SAFETY: a live tensor in; a new tensor we own out (null on failure).
+    let pinned = unsafe { ffi::dbt_pin_memory(t.as_ptr()) };
+    if pinned.is_null() {
+        return t.to_device(device);
+    }
+    // SAFETY: the shim returned a fresh tensor.
+    let pinned = unsafe { tch::Tensor::from_ptr(pinned) };
+    pinned.to_device_(device, t.kind(), true, false)
 }

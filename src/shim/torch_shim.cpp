@@ -106,4 +106,15 @@ void dbt_grad_reset(at::Tensor* t) {
   }
 }
 
+// A pinned (page-locked) copy of a CPU tensor, or null. tch's binding always
+// passes pin_memory's deprecated `device` argument, which warns on every call.
+at::Tensor* dbt_pin_memory(const at::Tensor* t) {
+  try {
+    return new at::Tensor(t->pin_memory());
+  } catch (const std::exception& e) {
+    set_error(e.what());
+    return nullptr;
+  }
+}
+
 }  // extern "C"
