@@ -28,9 +28,11 @@ mod ffi {
     }
 }
 
+/// The shim's last libtorch message, first line only (no C++ backtrace).
 fn last_error() -> String {
     // SAFETY: a NUL-terminated thread-local string owned by the shim.
-    unsafe { std::ffi::CStr::from_ptr(ffi::dbt_graph_last_error()) }.to_string_lossy().into_owned()
+    let text = unsafe { std::ffi::CStr::from_ptr(ffi::dbt_graph_last_error()) }.to_string_lossy().into_owned();
+    text.lines().next().unwrap_or("").trim().to_string()
 }
 
 fn check(rc: i32, what: &str) -> anyhow::Result<()> {
@@ -102,7 +104,11 @@ impl CudaGraph {
         let ended = check(unsafe { ffi::dbt_graph_op(graph.raw, 1) }, "ending the CUDA graph capture");
         let value = match result {
             Ok(value) => value,
-            Err(payload) => anyhow::bail!("capturing the training step: {}", crate::error::panic_text(payload.as_ref())),
+            Err(payload) => {
+                let text = crate::error::panic_text(payload.as_ref());
+                let message = crate::error::torch_failure(&text).unwrap_or(text);
+                anyhow::bail!("capturing the training step: {message}")
+            }
         };
         ended?;
         Ok((graph, value))
