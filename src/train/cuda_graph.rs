@@ -224,6 +224,11 @@ impl StepGraphs {
         }
     }
 
+    /// Whether a failure turned graphs off for the rest of the run.
+    pub fn is_failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
     /// Why graphs stopped, once (for the run's warning).
     pub fn take_failure(&mut self) -> Option<String> {
         if self.failure_reported {

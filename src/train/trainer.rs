@@ -153,7 +153,6 @@ pub struct Trainer {
     last_record_at: Option<Instant>,
 }
 
-
 /// Checks a fresh run's inputs and makes its directory: nothing is written
 /// until the config and every image have been read.
 fn prepare_new_run_dir(config: &RunConfig) -> anyhow::Result<PathBuf> {
@@ -604,7 +603,7 @@ impl Trainer {
             let weights = ExampleWeights {
                 prior: plan.items.iter().map(|&(c, k, _, _)| c.then(|| self.data.prior_weights[k])).collect(),
             };
-            let up = |t: &Tensor| crate::device::upload(t, self.device);
+            let up = |x: &Tensor| crate::device::upload(x, self.device);
             let batch = GraphInputs {
                 latents,
                 noise: up(&noise.noise),
@@ -649,8 +648,9 @@ impl Trainer {
         if let Some(s) = &mut self.scaler {
             s.update(found_inf);
         }
-        // A CUDA graph accumulates into the gradient tensors it captured: they stay.
-        if t.set_grads_to_none && self.graphs.is_none() {
+        // A CUDA graph accumulates into the gradient tensors it captured: they stay
+        // while graphs are in use.
+        if t.set_grads_to_none && self.graphs.as_ref().is_none_or(StepGraphs::is_failed) {
             for (_, p) in self.optimizer.params() {
                 set_grad_to_none(p);
             }
