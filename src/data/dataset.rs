@@ -174,6 +174,6 @@ impl Dataset {
                 if flip { p.flip([2]) } else { p.shallow_clone() }
             })
             .collect();
-        Tensor::stack(&images, 0).to_device(device).to_kind(Kind::Float)
+        crate::device::upload(&Tensor::stack(&images, 0), device).to_kind(Kind::Float)
     }
 }

@@ -262,7 +262,7 @@ impl DiagonalGaussian {
     /// `mean + std * eps`, with `eps` drawn from `rng` on the CPU and moved to the
     /// mean's device and dtype, as diffusers' sample does with a CPU generator.
     pub fn sample(&self, rng: &mut crate::rng::CpuRng) -> Tensor {
-        let eps = rng.randn(&self.mean.size()).to_kind(self.mean.kind()).to_device(self.mean.device());
+        let eps = crate::device::upload(&rng.randn(&self.mean.size()).to_kind(self.mean.kind()), self.mean.device());
         &self.mean + &self.std * eps
     }
 
