@@ -42,14 +42,15 @@ impl Ema {
         // handful of launches per chunk instead of three per tensor (SD 1.5: ~700
         // tensors), and at most one chunk of differences allocated at a time.
         let (mut shadow, mut current, mut numel) = (Vec::new(), Vec::new(), 0i64);
-        for (i, ((_, s), (_, p))) in self.shadow.iter().zip(params).enumerate() {
+        for ((_, s), (_, p)) in self.shadow.iter().zip(params) {
             shadow.push(s.shallow_clone());
             current.push(p.shallow_clone());
             numel += s.numel() as i64;
-            if numel >= CHUNK_NUMEL || i + 1 == self.shadow.len() {
+            if numel >= CHUNK_NUMEL {
                 super::foreach::ema_update(&shadow, &current, one_minus).expect("the EMA update");
                 (shadow, current, numel) = (Vec::new(), Vec::new(), 0);
             }
         }
+        super::foreach::ema_update(&shadow, &current, one_minus).expect("the EMA update");
     }
 }
