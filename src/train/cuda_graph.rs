@@ -240,7 +240,7 @@ impl StepGraphs {
     }
 
     /// One micro-batch: `compute` runs forward, loss and backward on the inputs
-    /// it is given and returns the (detached) loss. Eager while warming up,
+    /// it is given (on the device or the CPU) and returns the (detached) loss. Eager while warming up,
     /// captured once, replayed after. Returns the loss as a device tensor, valid
     /// until the next call.
     /// `grads_ready`: every trained parameter has a gradient tensor, so that the
@@ -260,7 +260,7 @@ impl StepGraphs {
             }
         }
         if self.failed.is_some() {
-            return compute(&GraphInputs::copy_of(batch, self.device));
+            return compute(batch);
         }
         let shapes = batch.shape_key();
         // One graph at a time: each holds its own memory pool, as large as a
@@ -269,7 +269,7 @@ impl StepGraphs {
             e.captured.is_some() && (e.shapes != shapes || e.text_encoder_training != text_encoder_training)
         });
         if captured_other {
-            return compute(&GraphInputs::copy_of(batch, self.device));
+            return compute(batch);
         }
         let index = match self.entries.iter().position(|e| e.shapes == shapes && e.text_encoder_training == text_encoder_training) {
             Some(i) => i,
@@ -287,7 +287,7 @@ impl StepGraphs {
                 Err(e) => {
                     self.failed = Some(e.to_string());
                     self.entries.clear();
-                    return compute(&GraphInputs::copy_of(batch, self.device));
+                    return compute(batch);
                 }
             },
             Some(Captured::Simulated) => return compute(&entry.inputs),
@@ -315,7 +315,7 @@ impl StepGraphs {
             Err(e) => {
                 self.failed = Some(e.to_string());
                 self.entries.clear();
-                compute(&GraphInputs::copy_of(batch, self.device))
+                compute(batch)
             }
         }
     }
