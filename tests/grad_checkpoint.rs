@@ -219,6 +219,10 @@ fn measure(on: bool) -> (u64, u64, String) {
         .args(["memory_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env("DBT_CKPT", if on { "on" } else { "off" })
         .env("OMP_NUM_THREADS", "2")
+        // Every block of 64 KiB or more gets its own mmap, returned on free: the
+        // resident-set peak then follows the live tensors instead of whatever glibc's
+        // heap happened to keep (which made the figure vary with CPU load).
+        .env("MALLOC_MMAP_THRESHOLD_", "65536")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
