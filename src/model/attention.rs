@@ -71,16 +71,35 @@ fn run(q: &Tensor, k: &Tensor, v: &Tensor, backend: AttentionBackend, upcast: bo
 /// softmax(q k^T * scale) v, the scores in float32 when `upcast`.
 fn explicit(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, upcast: bool, causal: bool) -> Tensor {
     let (q, k) = if upcast { (q.to_kind(Kind::Float), k.to_kind(Kind::Float)) } else { (q.shallow_clone(), k.shallow_clone()) };
-    let mut scores = q.matmul(&k.transpose(-1, -2)) * scale;
-    if causal {
+    let scores = if causal {
+        // transformers' CLIP: matmul, then the scale.
         let (lq, lk) = (q.size()[q.dim() - 2], k.size()[k.dim() - 2]);
         let future = Tensor::ones([lq, lk], (Kind::Bool, q.device())).triu(1);
-        scores = scores.masked_fill(&future, f64::NEG_INFINITY);
-    }
+        (q.matmul(&k.transpose(-1, -2)) * scale).masked_fill(&future, f64::NEG_INFINITY)
+    } else {
+        scaled_scores(&q, &k, scale)
+    };
     // The softmax dtype of each reference: transformers' CLIP (the causal caller)
     // and `upcast` attention take it in float32; diffusers' UNet attention in the
     // scores' own dtype (bf16/fp16 under autocast, which also halves its traffic).
     let softmax_kind = if upcast || causal { Kind::Float } else { scores.kind() };
     let probs = scores.softmax(-1, softmax_kind).to_kind(v.kind());
     probs.matmul(v)
+}
+
+/// q k^T * scale as diffusers' AttnProcessor computes it: one batched GEMM with the
+/// scale as its alpha (`baddbmm`, beta 0), so neither the forward nor the backward
+/// pass makes an extra pass over the `[seq, seq]` scores to scale them.
+fn scaled_scores(q: &Tensor, k: &Tensor, scale: f64) -> Tensor {
+    let size = q.size();
+    let (lead, lq, d) = (&size[..size.len() - 2], size[size.len() - 2], size[size.len() - 1]);
+    let lk = k.size()[k.dim() - 2];
+    let q3 = q.reshape([-1, lq, d]);
+    let k3 = k.reshape([-1, lk, d]);
+    // beta 0: the uninitialised input is ignored (its NaNs included), as in diffusers.
+    let unused = Tensor::empty([q3.size()[0], lq, lk], (q3.kind(), q3.device()));
+    let scores = unused.baddbmm(&q3, &k3.transpose(1, 2), 0.0, scale);
+    let mut shape = lead.to_vec();
+    shape.extend([lq, lk]);
+    scores.view(shape.as_slice())
 }
