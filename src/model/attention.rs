@@ -96,9 +96,10 @@ fn scaled_scores(q: &Tensor, k: &Tensor, scale: f64) -> Tensor {
     let lk = k.size()[k.dim() - 2];
     let q3 = q.reshape([-1, lq, d]);
     let k3 = k.reshape([-1, lk, d]);
-    // beta 0: the input is ignored (diffusers passes an uninitialised scores-sized
-    // tensor); one element broadcast to the output's shape spares that allocation.
-    let unused = Tensor::zeros([1, 1, 1], (q3.kind(), q3.device()));
+    // beta 0: the input is ignored, NaNs included (diffusers passes an uninitialised
+    // scores-sized tensor); one uninitialised element broadcast to the output's shape
+    // spares that allocation, and `empty` spares a fill kernel per attention call.
+    let unused = Tensor::empty([1, 1, 1], (q3.kind(), q3.device()));
     let scores = unused.baddbmm(&q3, &k3.transpose(1, 2), 0.0, scale);
     let mut shape = lead.to_vec();
     shape.extend([lq, lk]);
