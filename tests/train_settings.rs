@@ -54,6 +54,7 @@ fn text_encoder_stops_after_its_ratio_and_layer_norms_can_stay_frozen() {
     t.train_step().unwrap();
     t.train_step().unwrap();
     let mid = snapshot(&t.params.text_encoder);
+    assert!(t.cached_text_states().is_empty(), "a training text encoder's output was cached");
     let (n, total) = changed(&start, &mid, &|k| !k.contains("layer_norm"));
     assert!(n > total / 2, "text encoder trained only {n} of {total} tensors");
     let (n, _) = changed(&start, &mid, &|k| k.contains("layer_norm"));
@@ -62,6 +63,14 @@ fn text_encoder_stops_after_its_ratio_and_layer_norms_can_stay_frozen() {
     t.train_step().unwrap();
     let (n, _) = changed(&mid, &snapshot(&t.params.text_encoder), &|_| true);
     assert_eq!(n, 0, "the text encoder kept training after its ratio");
+    // Frozen from step 3: its output for the one prompt is computed once, from
+    // the trained weights.
+    let cached = t.cached_text_states();
+    assert_eq!(cached.len(), 1);
+    let (ids, states) = cached.iter().next().unwrap();
+    assert_eq!(ids, &t.data.instances[0].ids);
+    let fresh = tch::no_grad(|| t.sd.text_encoder.forward(&Tensor::from_slice(ids).view([1, -1]), 1));
+    assert!(states.equal(&fresh), "cached text states differ from the trained text encoder's output");
 }
 
 #[test]

@@ -146,6 +146,12 @@ pub struct Trainer {
     /// CUDA graphs for the micro-batches (`DREAMBOOTH_CUDA_GRAPHS=1` on CUDA,
     /// without fp16 loss scaling; see train::cuda_graph).
     graphs: Option<StepGraphs>,
+    /// A frozen text encoder's output for each prompt (token ids) it has encoded.
+    /// While the text encoder does not train, a prompt's hidden states are the
+    /// same every step (no dropout, fixed weights), so each is computed once, as
+    /// diffusers' `--pre_compute_text_embeddings` does; emptied whenever the text
+    /// encoder's weights change (end of its training phase, checkpoint load).
+    frozen_text_states: HashMap<Vec<i64>, Tensor>,
     /// The step whose loss is not read yet (with `defer_loss_readback`).
     pending_step: Option<PendingStep>,
     /// When the last step record was written (its interval is the step's time
@@ -317,6 +323,7 @@ impl Trainer {
             pending_step: None,
             last_record_at: None,
             graphs: None,
+            frozen_text_states: HashMap::new(),
             config,
         };
         trainer.describe_plan();
@@ -520,6 +527,7 @@ impl Trainer {
         }
         // A captured step would still write the freed text-encoder gradients.
         if changed {
+            self.frozen_text_states.clear();
             if let Some(g) = &mut self.graphs {
                 g.clear();
             }
@@ -529,13 +537,17 @@ impl Trainer {
     /// One micro-batch's text encoder, UNet, loss (÷ `accum`) and backward, from
     /// inputs on the device or the CPU; returns the detached loss. The same code
     /// runs eagerly and under CUDA graph capture, so it queues only device work.
-    fn forward_backward(&self, b: &GraphInputs, te_training: bool, accum: u32) -> Tensor {
+    /// `text_states`: the frozen text encoder's output for the batch, when cached.
+    fn forward_backward(&self, b: &GraphInputs, text_states: Option<&Tensor>, te_training: bool, accum: u32) -> Tensor {
         let t = &self.config.training;
         let precision = self.precision;
-        let ids = b.ids.to_device(self.device);
-        let ehs = if te_training {
+        let ehs = if let Some(states) = text_states {
+            states.shallow_clone()
+        } else if te_training {
+            let ids = b.ids.to_device(self.device);
             precision.autocast(|| self.sd.text_encoder.forward(&ids, t.clip_skip)).to_kind(Kind::Float)
         } else {
+            let ids = b.ids.to_device(self.device);
             tch::no_grad(|| self.sd.text_encoder.forward(&ids, t.clip_skip))
         };
         let inputs = LossInputs {
@@ -557,6 +569,36 @@ impl Trainer {
             scaled.backward();
         }
         loss.detach()
+    }
+
+    /// The frozen text encoder's hidden states for a micro-batch's prompts, one
+    /// row per example, each encoded once and then taken from the cache.
+    fn frozen_text_states(&mut self, plan: &BatchPlan) -> Tensor {
+        // Thousands of distinct captions would hold hundreds of MB on the card:
+        // past this many prompts, new ones are encoded each time they come.
+        const MAX_CACHED_PROMPTS: usize = 512;
+        let _guard = tch::no_grad_guard();
+        let clip_skip = self.config.training.clip_skip;
+        let mut rows = Vec::with_capacity(plan.items.len());
+        for &(c, k, i, _) in &plan.items {
+            let ids = &self.data.example(c, k, i).ids;
+            if let Some(states) = self.frozen_text_states.get(ids) {
+                rows.push(states.shallow_clone());
+                continue;
+            }
+            let input = crate::device::upload(&Tensor::from_slice(ids).view([1, -1]), self.device);
+            let states = self.sd.text_encoder.forward(&input, clip_skip);
+            if self.frozen_text_states.len() < MAX_CACHED_PROMPTS {
+                self.frozen_text_states.insert(ids.clone(), states.shallow_clone());
+            }
+            rows.push(states);
+        }
+        Tensor::cat(&rows, 0)
+    }
+
+    /// The frozen text encoder's cached hidden states, by token ids.
+    pub fn cached_text_states(&self) -> &HashMap<Vec<i64>, Tensor> {
+        &self.frozen_text_states
     }
 
     /// Latents `[B, 4, h, w]` × scaling_factor for a micro-batch (sampled from the
@@ -611,11 +653,14 @@ impl Trainer {
                 ids: up(&ids),
                 coefficients: up(&weights.coefficients_tensor()),
             };
+            // A captured graph runs the text encoder inside it, reading the ids it
+            // was captured with: the cache is for eager steps.
+            let text_states = (!te_training && self.graphs.is_none()).then(|| self.frozen_text_states(&plan));
             let mut graphs = self.graphs.take();
             let grads_ready = graphs.is_some()
                 && self.optimizer.params().iter().all(|(_, p)| !p.requires_grad() || p.grad().defined());
             let loss = {
-                let compute = |b: &GraphInputs| self.forward_backward(b, te_training, accum);
+                let compute = |b: &GraphInputs| self.forward_backward(b, text_states.as_ref(), te_training, accum);
                 match graphs.as_mut() {
                     Some(g) => g.run(&batch, te_training, grads_ready, &compute),
                     None => compute(&batch),
@@ -930,6 +975,7 @@ impl Trainer {
         let te_path = dir.join("text_encoder.safetensors");
         if te_path.is_file() {
             ckpt::load_into(&self.params.text_encoder, &ckpt::read_tensors(&te_path)?, &te_path)?;
+            self.frozen_text_states.clear();
         }
         if let Some(ema) = &mut self.ema {
             let path = dir.join("ema_unet.safetensors");
