@@ -19,6 +19,7 @@ RSS on the CPU (ru_maxrss; it includes the Python runtime and the weights).
         [--precision no|fp16|bf16] [--device cpu|cuda] [--steps 5] [--warmup 2]
         [--attention default|sdpa] [--gradient-checkpointing] [--optimizer adamw|adamw_8bit]
         [--lora-rank N] [--train-text-encoder] [--no-cache-latents] [--threads N]
+        [--pre-compute-text-embeddings]
 """
 import argparse
 import json
@@ -45,6 +46,9 @@ def parse():
     ap.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters (peft) instead of the UNet")
     ap.add_argument("--train-text-encoder", action="store_true")
     ap.add_argument("--no-cache-latents", action="store_true", help="encode with the VAE every step")
+    ap.add_argument("--pre-compute-text-embeddings", action="store_true",
+                    help="encode the prompt once before training, as train_dreambooth.py's flag of that name "
+                         "(our trainer does this whenever the text encoder is frozen)")
     ap.add_argument("--learning-rate", type=float, default=1e-6)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--seed", type=int, default=0)
@@ -116,6 +120,12 @@ def main():
             torch.cuda.empty_cache()
 
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=a.precision != "no")
+    precomputed = None
+    if a.pre_compute_text_embeddings:
+        if a.train_text_encoder:
+            raise SystemExit("--pre-compute-text-embeddings needs a frozen text encoder")
+        with torch.no_grad():
+            precomputed = text_encoder(ids, return_dict=False)[0]
 
     def step():
         with autocast:
@@ -127,7 +137,7 @@ def main():
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            states = text_encoder(ids, return_dict=False)[0]
+            states = precomputed if precomputed is not None else text_encoder(ids, return_dict=False)[0]
             pred = unet(noisy, timesteps, states, return_dict=False)[0]
             if noise_scheduler.config.prediction_type == "v_prediction":
                 target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -170,7 +180,8 @@ def main():
         "model": a.model, "resolution": a.resolution, "batch": a.batch, "precision": a.precision,
         "device": str(device), "attention": a.attention, "gradient_checkpointing": a.gradient_checkpointing,
         "optimizer": a.optimizer, "lora_rank": a.lora_rank, "train_text_encoder": a.train_text_encoder,
-        "cache_latents": not a.no_cache_latents, "steps": a.steps, "threads": torch.get_num_threads(),
+        "cache_latents": not a.no_cache_latents, "pre_compute_text_embeddings": a.pre_compute_text_embeddings,
+        "steps": a.steps, "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }))
 
