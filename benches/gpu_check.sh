@@ -40,6 +40,8 @@ print(json.dumps({'max_abs_diff_of_255': int(abs(a - b).max()), 'mean_abs_diff':
     note "ours_$cfg" "$(json_or_error "$BIN" bench --model "$SD15" --config benches/configs/$cfg.yaml --steps 10 --device cuda)"
   done
   note diffusers_sd15-bf16-sdpa-b1 "$(json_or_error $PY benches/diffusers_train_step.py --model "$SD15" --precision bf16 --attention sdpa --batch 1 --steps 10 --device cuda)"
+  # Like for like: our trainer encodes a frozen text encoder's prompts once.
+  note diffusers_sd15-bf16-sdpa-b1-precomputed "$(json_or_error $PY benches/diffusers_train_step.py --model "$SD15" --precision bf16 --attention sdpa --batch 1 --steps 10 --device cuda --pre-compute-text-embeddings)"
   note diffusers_sd15-bf16-default-b1 "$(json_or_error $PY benches/diffusers_train_step.py --model "$SD15" --precision bf16 --attention default --batch 1 --steps 10 --device cuda)"
   note diffusers_sd15-fp16-sdpa-b1 "$(json_or_error $PY benches/diffusers_train_step.py --model "$SD15" --precision fp16 --attention sdpa --batch 1 --steps 10 --device cuda)"
   note diffusers_sd15-bf16-sdpa-b8 "$(json_or_error $PY benches/diffusers_train_step.py --model "$SD15" --precision bf16 --attention sdpa --batch 8 --steps 10 --device cuda)"
