@@ -283,3 +283,60 @@ fn cuda_graphs_asked_for_on_the_cpu_are_refused_with_a_warning() {
     );
     assert_eq!(event_names(&r.join("runs/graphs")).last().map(String::as_str), Some("done"));
 }
+
+/// A write that the file system refuses (here a file-size limit, `ulimit -f`, which
+/// fails writes as a full disk does) ends the run with one sentence naming the
+/// file; the checkpoint before it stays intact, no half checkpoint is left, and the
+/// run resumes once there is room.
+#[test]
+fn a_refused_checkpoint_write_is_one_sentence_and_leaves_the_last_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 3);
+    let cfg = write_config(r, "full", &data, "  steps_per_image: 2\n  save_model_every_n_epochs: 1\n");
+    let run = r.join("runs/full");
+    // A checkpoint at step 3, then a (simulated) failure at step 5.
+    let out = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+        .args(["train", cfg.to_str().unwrap(), "--plain"])
+        .env("OMP_NUM_THREADS", "2")
+        .env("DREAMBOOTH_FAIL_AT_STEP", "5")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let (_, kept) = dreambooth::train::checkpoint::find_checkpoint(&run, None).unwrap();
+    let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let before = snapshot(&kept);
+    // Resumed under a 1 MiB file-size limit: the step-6 UNet file cannot be written.
+    let out = Command::new("bash")
+        .args(["-c", "ulimit -f 1024; exec \"$0\" resume \"$1\" --plain", env!("CARGO_BIN_EXE_dreambooth"), run.to_str().unwrap()])
+        .env("OMP_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+    assert!(last.starts_with("error: cannot write the checkpoint ") && last.contains("File too large"), "{last}");
+    assert!(last.contains("unet.safetensors"), "the sentence names the file: {last}");
+    assert!(last.contains("its checkpoint of step 3 is intact: `dreambooth resume "), "{last}");
+    let entries: Vec<String> =
+        std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(entries, vec!["step-000003".to_string()], "a half checkpoint was left");
+    assert_eq!(snapshot(&kept), before, "the last good checkpoint changed");
+    assert_eq!(named_events(&run, "error").len(), 2);
+    assert!(!dreambooth::run::lock::RunLock::is_held(&run), "the failed trainer kept the lock");
+
+    let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(event_names(&run).last().map(String::as_str), Some("done"));
+    assert_eq!(dreambooth::train::checkpoint::list_checkpoints(&run).last().map(|c| c.0), Some(6));
+}

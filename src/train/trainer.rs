@@ -713,17 +713,28 @@ impl Trainer {
         // A libtorch failure (CUDA out of memory above all) is a panic of tch: it
         // becomes an error event and one sentence, and the checkpoints already
         // written stay as they are, so the run can be resumed with other settings.
-        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inner())) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_inner()));
+        let resume_hint = |msg: &mut String| {
+            if let Some(step) = self.last_checkpoint_step {
+                msg.push_str(&format!(
+                    "; its checkpoint of step {step} is intact: `dreambooth resume {}` continues from it",
+                    self.run_dir.display()
+                ));
+            }
+        };
+        let result = match result {
+            Ok(Err(e)) if crate::error::exit_code(&e) == 1 => {
+                // A failure of the machine, not of the config (a full disk, an
+                // unreadable file): the same pointer to what is left.
+                let mut msg = crate::error::one_line(&e).trim_end_matches('.').to_string();
+                resume_hint(&mut msg);
+                Err(anyhow::anyhow!(msg))
+            }
             Ok(result) => result,
             Err(payload) => {
                 let doing = format!("training step {} of {}", self.step + 1, self.run_dir.display());
                 let mut msg = crate::error::panic_sentence(payload.as_ref(), &doing);
-                if let Some(step) = self.last_checkpoint_step {
-                    msg.push_str(&format!(
-                        "; its checkpoint of step {step} is intact: `dreambooth resume {}` continues from it",
-                        self.run_dir.display()
-                    ));
-                }
+                resume_hint(&mut msg);
                 Err(anyhow::anyhow!(msg))
             }
         };
