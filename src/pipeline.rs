@@ -273,10 +273,15 @@ pub fn save_png(image: &Tensor, path: &Path) -> anyhow::Result<()> {
         return Err(usage(format!("cannot write {}: the folder {} does not exist", path.display(), dir.display())));
     }
     let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-    rgb.save_with_format(&tmp, image::ImageFormat::Png)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let written = rgb
+        .save_with_format(&tmp, image::ImageFormat::Png)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(anyhow::Error::from));
+    if written.is_err() {
+        // A full disk leaves no half image behind, not even under the temporary name.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `dreambooth generate`.
