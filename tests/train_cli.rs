@@ -287,9 +287,10 @@ fn cuda_graphs_asked_for_on_the_cpu_are_refused_with_a_warning() {
 /// A write that the file system refuses (here a file-size limit, `ulimit -f`, which
 /// fails writes as a full disk does) ends the run with one sentence naming the
 /// file; the checkpoint before it stays intact, no half checkpoint is left, and the
-/// run resumes once there is room.
+/// run resumes once there is room. A damaged newest checkpoint is named, with the
+/// earlier one that is left.
 #[test]
-fn a_refused_checkpoint_write_is_one_sentence_and_leaves_the_last_checkpoint() {
+fn full_disk_and_damaged_checkpoints_are_one_sentence_and_lose_nothing() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let data = r.join("data");
@@ -339,4 +340,15 @@ fn a_refused_checkpoint_write_is_one_sentence_and_leaves_the_last_checkpoint() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(event_names(&run).last().map(String::as_str), Some("done"));
     assert_eq!(dreambooth::train::checkpoint::list_checkpoints(&run).last().map(|c| c.0), Some(6));
+
+    // The newest checkpoint damaged afterwards (a copy cut short): resume says what
+    // is wrong and which checkpoint is left, and goes back to none by itself.
+    let unet = run.join("checkpoints/step-000006/unet.safetensors");
+    let bytes = std::fs::read(&unet).unwrap();
+    std::fs::write(&unet, &bytes[..bytes.len() / 3]).unwrap();
+    let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain"]);
+    let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(last.contains("step-000006/unet.safetensors is not a valid safetensors file"), "{last}");
+    assert!(last.contains("to resume from the checkpoint of step 3 instead, move "), "{last}");
 }

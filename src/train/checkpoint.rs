@@ -168,10 +168,10 @@ pub fn read_state(dir: &Path) -> anyhow::Result<TrainState> {
 }
 
 pub fn read_tensors(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
-    Ok(Tensor::read_safetensors(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .into_iter()
-        .collect())
+    // Our reader checks the header against the file and says what is wrong
+    // (truncated, not safetensors) in words.
+    let file = crate::checkpoint::safetensors_file::SafetensorsFile::open(path)?;
+    Ok(file.load_all().with_context(|| format!("cannot read {}", path.display()))?.into_iter().collect())
 }
 
 /// Copies saved values into live tensors of the same keys (shapes must agree).

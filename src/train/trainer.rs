@@ -219,7 +219,18 @@ impl Trainer {
         let instances = dataset::load_instances(&config)?;
         let device = crate::device::parse_device(&config.device)?;
         let mut t = Trainer::build(config, run_dir.to_path_buf(), lock, device, instances, options, Some((step, dir.clone())))?;
-        t.load_checkpoint(&dir)?;
+        if let Err(e) = t.load_checkpoint(&dir) {
+            // A damaged newest checkpoint (disk fault, a copy cut short): say
+            // which earlier one is left rather than silently going back to it.
+            let mut msg = crate::error::one_line(&e).trim_end_matches('.').to_string();
+            if let Some((earlier, _)) = ckpt::list_checkpoints(run_dir).into_iter().rev().find(|(s, _)| *s < step) {
+                msg.push_str(&format!(
+                    "; to resume from the checkpoint of step {earlier} instead, move {} out of the checkpoints folder",
+                    dir.display()
+                ));
+            }
+            return Err(anyhow::anyhow!(msg));
+        }
         t.log.line(&format!("resumed from {} (step {step})", dir.display()));
         Ok(t)
     }
