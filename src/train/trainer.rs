@@ -3,7 +3,9 @@
 //! between steps honours the epoch-based settings (checkpoints, previews,
 //! pauses), control requests (stop, pause, resume, save, sample) and signals.
 //! It only reports through the run directory (events.jsonl, train.log,
-//! samples/, checkpoints/), so any process can follow it.
+//! samples/, checkpoints/), so any process can follow it. Its checkpoints are
+//! in trainer/persist.rs, previews and class images in trainer/samples.rs,
+//! Imagic's two stages in trainer/imagic_run.rs.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use super::checkpoint::{self as ckpt, CheckpointContents, TrainState};
+use super::checkpoint as ckpt;
 use super::cuda_graph::{GraphInputs, StepGraphs};
 use super::ema::Ema;
 use super::lr_schedule::LrSchedule;
@@ -28,7 +30,7 @@ use crate::config::schema::{MixedPrecision, RunConfig};
 use crate::model::lora::LoraNetwork;
 use crate::data::dataset::{self, next_batch, BatchPlan, DataState, Dataset};
 use crate::error::usage;
-use crate::pipeline::{save_png, ModelParameters, SampleRequest, StableDiffusion};
+use crate::pipeline::{ModelParameters, StableDiffusion};
 use crate::rng::{set_grad_to_none, CpuRng};
 use crate::run::control::{self, Request};
 use crate::run::events::{Event, EventLog};
@@ -934,187 +936,13 @@ impl Trainer {
         self.log.line(&format!("stopped at step {}; continue with `dreambooth resume {}`", self.step, self.run_dir.display()));
         Ok(Outcome::Stopped)
     }
-
-    fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out: Vec<(String, Tensor)> =
-            self.optimizer.state_tensors().into_iter().map(|(k, t)| (format!("optimizer.{k}"), t)).collect();
-        out.push(("rng.noise".into(), self.noise_rng.state()));
-        out.push(("rng.data".into(), self.data_rng.state()));
-        if let Some(progress) = &self.imagic_progress {
-            out.extend(progress.state_tensors());
-        }
-        out
-    }
-
-    /// Writes a checkpoint of the current step (once per step); returns its folder.
-    pub fn checkpoint(&mut self) -> anyhow::Result<PathBuf> {
-        self.flush_step_record()?;
-        let dir = self.run_dir.join("checkpoints").join(ckpt::step_dir_name(self.step));
-        if self.last_checkpoint_step == Some(self.step) && dir.is_dir() {
-            return Ok(dir);
-        }
-        let state = TrainState {
-            step: self.step,
-            total_steps: self.total_steps,
-            optimizer_step: self.optimizer.step_count(),
-            micro_batches: self.micro_batches,
-            data: self.data_state.clone(),
-            loss_scaler: self.scaler.as_ref().map(|s| (s.scale, s.growth_tracker)),
-            ema_step: self.ema.as_ref().map(|e| e.optimization_step),
-            lr: self.last_lr,
-        };
-        let copy = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
-        let full = self.lora.is_none();
-        let contents = CheckpointContents {
-            unet: full.then(|| copy(&self.params.unet)),
-            text_encoder: (full && self.text_encoder_steps > 0).then(|| copy(&self.params.text_encoder)),
-            lora: self.lora.as_ref(),
-            ema_unet: self.ema.as_ref().map(|e| copy(&e.shadow)),
-            imagic: self.imagic.as_ref().map(|(target, optimized)| (target, optimized, self.config.concepts[0].instance_prompt.as_str())),
-            state_tensors: self.state_tensors(),
-            state: &state,
-        };
-        let path = ckpt::write_checkpoint(&self.run_dir, &contents)?;
-        ckpt::prune_checkpoints(&self.run_dir, self.config.training.keep_last_checkpoints);
-        self.last_checkpoint_step = Some(self.step);
-        let rel = path.strip_prefix(&self.run_dir).unwrap_or(&path).display().to_string();
-        self.events.write(&Event::named("checkpoint", serde_json::json!({ "step": self.step, "path": rel })))?;
-        self.events.sync()?;
-        self.log.line(&format!("checkpoint {}", path.display()));
-        Ok(path)
-    }
-
-    fn load_checkpoint(&mut self, dir: &Path) -> anyhow::Result<()> {
-        let state = ckpt::read_state(dir)?;
-        if let Some(lora) = &self.lora {
-            // The adapters attached at start are overwritten in place: the optimizer holds them.
-            let path = dir.join(ckpt::LORA_FILE);
-            ckpt::load_into(&lora.trainable(), &ckpt::read_tensors(&path)?, &path)?;
-        } else {
-            let unet_path = dir.join("unet.safetensors");
-            ckpt::load_into(&self.params.unet, &ckpt::read_tensors(&unet_path)?, &unet_path)?;
-        }
-        let te_path = dir.join("text_encoder.safetensors");
-        if te_path.is_file() {
-            ckpt::load_into(&self.params.text_encoder, &ckpt::read_tensors(&te_path)?, &te_path)?;
-            self.frozen_text_states.clear();
-        }
-        if let Some(ema) = &mut self.ema {
-            let path = dir.join("ema_unet.safetensors");
-            ckpt::load_into(&ema.shadow, &ckpt::read_tensors(&path)?, &path)?;
-            ema.optimization_step = state.ema_step.unwrap_or(0);
-        }
-        let state_path = dir.join("state.safetensors");
-        let tensors = ckpt::read_tensors(&state_path)?;
-        let optimizer: HashMap<String, Tensor> = tensors
-            .iter()
-            .filter_map(|(k, t)| k.strip_prefix("optimizer.").map(|k| (k.to_string(), t.shallow_clone())))
-            .collect();
-        self.optimizer.load_state(&optimizer, state.optimizer_step).with_context(|| format!("{}", state_path.display()))?;
-        let rng = |name: &str| {
-            tensors.get(name).ok_or_else(|| anyhow::anyhow!("{} has no `{name}`", state_path.display()))
-        };
-        self.noise_rng.set_state(rng("rng.noise")?)?;
-        self.data_rng.set_state(rng("rng.data")?)?;
-        if state.total_steps != self.total_steps {
-            anyhow::bail!(
-                "{}: the checkpoint was made for {} steps but the run now has {} (did the images or config change?)",
-                dir.display(),
-                state.total_steps,
-                self.total_steps
-            );
-        }
-        self.step = state.step;
-        self.micro_batches = state.micro_batches;
-        self.data_state = state.data;
-        self.last_lr = state.lr;
-        if let (Some(s), Some((scale, tracker))) = (&mut self.scaler, state.loss_scaler) {
-            s.scale = scale;
-            s.growth_tracker = tracker;
-        }
-        self.load_imagic_checkpoint(dir, &tensors)?;
-        self.last_checkpoint_step = Some(self.step);
-        Ok(())
-    }
-
-    /// Renders every concept's sample prompts into samples/step-NNNNNN-K.png (with
-    /// the EMA weights when kept); returns the paths.
-    pub fn previews(&mut self) -> anyhow::Result<Vec<PathBuf>> {
-        self.flush_step_record()?;
-        let prompts: Vec<String> = match &self.imagic {
-            // One image from the interpolated embedding (the prompt is its target text).
-            Some(_) => vec![self.config.concepts[0].instance_prompt.clone()],
-            None => self.config.concepts.iter().flat_map(|c| c.sample_prompts.clone()).collect(),
-        };
-        self.last_sample_step = Some(self.step);
-        if prompts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let dir = self.run_dir.join("samples");
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let raw = self.ema.as_ref().map(|ema| {
-            let _guard = tch::no_grad_guard();
-            let backup: Vec<Tensor> = self.params.unet.iter().map(|(_, p)| p.detach().copy()).collect();
-            for ((_, p), (_, s)) in self.params.unet.iter().zip(&ema.shadow) {
-                p.shallow_clone().copy_(s);
-            }
-            backup
-        });
-        let vae_moved = self.config.training.cache_latents && self.device.is_cuda();
-        if vae_moved {
-            move_parameters(&self.params.vae, self.device);
-        }
-        let s = &self.config.sampling;
-        let mut paths = Vec::new();
-        let mut result = Ok(());
-        for (k, prompt) in prompts.iter().enumerate() {
-            let req = SampleRequest {
-                prompt: prompt.clone(),
-                negative: s.negative_prompt.clone(),
-                seed: s.seed,
-                steps: s.steps,
-                sampler: s.scheduler.clone(),
-                guidance: s.guidance,
-                width: self.config.resolution,
-                height: self.config.resolution,
-                clip_skip: self.config.training.clip_skip,
-            };
-            let path = dir.join(format!("{}-{k}.png", ckpt::step_dir_name(self.step)));
-            let image = match &self.imagic {
-                Some((target, optimized)) => {
-                    let cond = super::imagic::interpolate(target, optimized, imagic_run::PREVIEW_ETA);
-                    self.sd.text_to_image_with_embeddings(&req, &cond, |_, _| {})
-                }
-                None => self.sd.text_to_image(&req, |_, _| {}),
-            };
-            match image.and_then(|img| save_png(&img, &path)) {
-                Ok(()) => paths.push(path),
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        if vae_moved {
-            move_parameters(&self.params.vae, Device::Cpu);
-        }
-        if let Some(backup) = raw {
-            let _guard = tch::no_grad_guard();
-            for ((_, p), b) in self.params.unet.iter().zip(&backup) {
-                p.shallow_clone().copy_(b);
-            }
-        }
-        result?;
-        let rel: Vec<String> =
-            paths.iter().map(|p| p.strip_prefix(&self.run_dir).unwrap_or(p).display().to_string()).collect();
-        self.events.write(&Event::named("sample", serde_json::json!({ "step": self.step, "paths": rel })))?;
-        self.log.line(&format!("previews: {}", rel.join(", ")));
-        Ok(paths)
-    }
 }
 
 mod imagic_run;
+mod persist;
+mod samples;
 mod step_records;
+use samples::prepare_class_images;
 use step_records::PendingStep;
 
 /// `DREAMBOOTH_FAIL_AT_STEP=N`: step N asks libtorch for an impossible
@@ -1168,61 +996,5 @@ fn move_parameters(params: &[(String, Tensor)], device: Device) {
     for (_, p) in params {
         let moved = p.to_device(device);
         p.shallow_clone().set_data(&moved);
-    }
-}
-
-/// Class images of every concept with a class prompt: the first
-/// `num_class_images` of its class_data_dir (default: `class_images/concept-N` in
-/// the run directory), generating the missing ones with the source model.
-fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &StableDiffusion, log: &mut RunLog) -> anyhow::Result<Vec<Vec<dataset::Example>>> {
-    let mut all = Vec::new();
-    for (i, c) in config.concepts.iter().enumerate() {
-        if c.class_prompt.trim().is_empty() {
-            all.push(Vec::new());
-            continue;
-        }
-        let dir = c.class_data_dir.clone().unwrap_or_else(|| run_dir.join("class_images").join(format!("concept-{i}")));
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the class_data_dir {}", dir.display()))?;
-        let what = format!("concepts[{i}].class_data_dir");
-        let have = crate::data::images::list_images(&dir, &what)?.len();
-        let want = c.num_class_images as usize;
-        if have < want {
-            log.line(&format!("generating {} class images for {:?} into {}", want - have, c.class_prompt, dir.display()));
-            let bar = crate::pipeline::progress_bar((want - have) as u64);
-            let s = &config.sampling;
-            for n in have..want {
-                let req = SampleRequest {
-                    prompt: c.class_prompt.clone(),
-                    negative: s.negative_prompt.clone(),
-                    seed: config.seed.wrapping_add(n as u64),
-                    steps: s.steps,
-                    sampler: s.scheduler.clone(),
-                    guidance: s.guidance,
-                    width: config.resolution,
-                    height: config.resolution,
-                    clip_skip: config.training.clip_skip,
-                };
-                let image = sd.text_to_image(&req, |_, _| {})?;
-                let path = next_free_name(&dir, n);
-                save_png(&image, &path)?;
-                bar.inc(1);
-                log.line(&format!("class image {}/{want}: {}", n + 1, path.display()));
-            }
-            bar.finish_and_clear();
-        }
-        let examples = dataset::load_folder(&dir, &what, &c.class_prompt, i, config.resolution, Some(want))?;
-        all.push(examples);
-    }
-    Ok(all)
-}
-
-fn next_free_name(dir: &Path, n: usize) -> PathBuf {
-    let mut k = n;
-    loop {
-        let p = dir.join(format!("class-{k:05}.png"));
-        if !p.exists() {
-            return p;
-        }
-        k += 1;
     }
 }

@@ -1,0 +1,117 @@
+//! The trainer's checkpoints: everything a bit-identical resume needs (weights,
+//! optimizer, LR schedule, loss scaler, RNGs, data order, Imagic's stage),
+//! written atomically into checkpoints/step-NNNNNN/ and read back.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tch::Tensor;
+
+use super::Trainer;
+use crate::run::events::Event;
+use crate::train::checkpoint::{self as ckpt, CheckpointContents, TrainState};
+
+impl Trainer {
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> =
+            self.optimizer.state_tensors().into_iter().map(|(k, t)| (format!("optimizer.{k}"), t)).collect();
+        out.push(("rng.noise".into(), self.noise_rng.state()));
+        out.push(("rng.data".into(), self.data_rng.state()));
+        if let Some(progress) = &self.imagic_progress {
+            out.extend(progress.state_tensors());
+        }
+        out
+    }
+
+    /// Writes a checkpoint of the current step (once per step); returns its folder.
+    pub fn checkpoint(&mut self) -> anyhow::Result<PathBuf> {
+        self.flush_step_record()?;
+        let dir = self.run_dir.join("checkpoints").join(ckpt::step_dir_name(self.step));
+        if self.last_checkpoint_step == Some(self.step) && dir.is_dir() {
+            return Ok(dir);
+        }
+        let state = TrainState {
+            step: self.step,
+            total_steps: self.total_steps,
+            optimizer_step: self.optimizer.step_count(),
+            micro_batches: self.micro_batches,
+            data: self.data_state.clone(),
+            loss_scaler: self.scaler.as_ref().map(|s| (s.scale, s.growth_tracker)),
+            ema_step: self.ema.as_ref().map(|e| e.optimization_step),
+            lr: self.last_lr,
+        };
+        let copy = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
+        let full = self.lora.is_none();
+        let contents = CheckpointContents {
+            unet: full.then(|| copy(&self.params.unet)),
+            text_encoder: (full && self.text_encoder_steps > 0).then(|| copy(&self.params.text_encoder)),
+            lora: self.lora.as_ref(),
+            ema_unet: self.ema.as_ref().map(|e| copy(&e.shadow)),
+            imagic: self.imagic.as_ref().map(|(target, optimized)| (target, optimized, self.config.concepts[0].instance_prompt.as_str())),
+            state_tensors: self.state_tensors(),
+            state: &state,
+        };
+        let path = ckpt::write_checkpoint(&self.run_dir, &contents)?;
+        ckpt::prune_checkpoints(&self.run_dir, self.config.training.keep_last_checkpoints);
+        self.last_checkpoint_step = Some(self.step);
+        let rel = path.strip_prefix(&self.run_dir).unwrap_or(&path).display().to_string();
+        self.events.write(&Event::named("checkpoint", serde_json::json!({ "step": self.step, "path": rel })))?;
+        self.events.sync()?;
+        self.log.line(&format!("checkpoint {}", path.display()));
+        Ok(path)
+    }
+
+    pub(super) fn load_checkpoint(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let state = ckpt::read_state(dir)?;
+        if let Some(lora) = &self.lora {
+            // The adapters attached at start are overwritten in place: the optimizer holds them.
+            let path = dir.join(ckpt::LORA_FILE);
+            ckpt::load_into(&lora.trainable(), &ckpt::read_tensors(&path)?, &path)?;
+        } else {
+            let unet_path = dir.join("unet.safetensors");
+            ckpt::load_into(&self.params.unet, &ckpt::read_tensors(&unet_path)?, &unet_path)?;
+        }
+        let te_path = dir.join("text_encoder.safetensors");
+        if te_path.is_file() {
+            ckpt::load_into(&self.params.text_encoder, &ckpt::read_tensors(&te_path)?, &te_path)?;
+            self.frozen_text_states.clear();
+        }
+        if let Some(ema) = &mut self.ema {
+            let path = dir.join("ema_unet.safetensors");
+            ckpt::load_into(&ema.shadow, &ckpt::read_tensors(&path)?, &path)?;
+            ema.optimization_step = state.ema_step.unwrap_or(0);
+        }
+        let state_path = dir.join("state.safetensors");
+        let tensors = ckpt::read_tensors(&state_path)?;
+        let optimizer: HashMap<String, Tensor> = tensors
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix("optimizer.").map(|k| (k.to_string(), t.shallow_clone())))
+            .collect();
+        self.optimizer.load_state(&optimizer, state.optimizer_step).with_context(|| format!("{}", state_path.display()))?;
+        let rng = |name: &str| {
+            tensors.get(name).ok_or_else(|| anyhow::anyhow!("{} has no `{name}`", state_path.display()))
+        };
+        self.noise_rng.set_state(rng("rng.noise")?)?;
+        self.data_rng.set_state(rng("rng.data")?)?;
+        if state.total_steps != self.total_steps {
+            anyhow::bail!(
+                "{}: the checkpoint was made for {} steps but the run now has {} (did the images or config change?)",
+                dir.display(),
+                state.total_steps,
+                self.total_steps
+            );
+        }
+        self.step = state.step;
+        self.micro_batches = state.micro_batches;
+        self.data_state = state.data;
+        self.last_lr = state.lr;
+        if let (Some(s), Some((scale, tracker))) = (&mut self.scaler, state.loss_scaler) {
+            s.scale = scale;
+            s.growth_tracker = tracker;
+        }
+        self.load_imagic_checkpoint(dir, &tensors)?;
+        self.last_checkpoint_step = Some(self.step);
+        Ok(())
+    }
+}

@@ -1,0 +1,147 @@
+//! Images the trainer makes with the model: previews during the run
+//! (samples/step-NNNNNN-K.png) and the class images prior preservation needs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tch::{Device, Tensor};
+
+use super::{move_parameters, RunLog, Trainer};
+use crate::config::schema::RunConfig;
+use crate::data::dataset;
+use crate::pipeline::{save_png, SampleRequest, StableDiffusion};
+use crate::run::events::Event;
+use crate::train::checkpoint as ckpt;
+
+impl Trainer {
+    /// Renders every concept's sample prompts into samples/step-NNNNNN-K.png (with
+    /// the EMA weights when kept); returns the paths.
+    pub fn previews(&mut self) -> anyhow::Result<Vec<PathBuf>> {
+        self.flush_step_record()?;
+        let prompts: Vec<String> = match &self.imagic {
+            // One image from the interpolated embedding (the prompt is its target text).
+            Some(_) => vec![self.config.concepts[0].instance_prompt.clone()],
+            None => self.config.concepts.iter().flat_map(|c| c.sample_prompts.clone()).collect(),
+        };
+        self.last_sample_step = Some(self.step);
+        if prompts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self.run_dir.join("samples");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let raw = self.ema.as_ref().map(|ema| {
+            let _guard = tch::no_grad_guard();
+            let backup: Vec<Tensor> = self.params.unet.iter().map(|(_, p)| p.detach().copy()).collect();
+            for ((_, p), (_, s)) in self.params.unet.iter().zip(&ema.shadow) {
+                p.shallow_clone().copy_(s);
+            }
+            backup
+        });
+        let vae_moved = self.config.training.cache_latents && self.device.is_cuda();
+        if vae_moved {
+            move_parameters(&self.params.vae, self.device);
+        }
+        let s = &self.config.sampling;
+        let mut paths = Vec::new();
+        let mut result = Ok(());
+        for (k, prompt) in prompts.iter().enumerate() {
+            let req = SampleRequest {
+                prompt: prompt.clone(),
+                negative: s.negative_prompt.clone(),
+                seed: s.seed,
+                steps: s.steps,
+                sampler: s.scheduler.clone(),
+                guidance: s.guidance,
+                width: self.config.resolution,
+                height: self.config.resolution,
+                clip_skip: self.config.training.clip_skip,
+            };
+            let path = dir.join(format!("{}-{k}.png", ckpt::step_dir_name(self.step)));
+            let image = match &self.imagic {
+                Some((target, optimized)) => {
+                    let cond = crate::train::imagic::interpolate(target, optimized, super::imagic_run::PREVIEW_ETA);
+                    self.sd.text_to_image_with_embeddings(&req, &cond, |_, _| {})
+                }
+                None => self.sd.text_to_image(&req, |_, _| {}),
+            };
+            match image.and_then(|img| save_png(&img, &path)) {
+                Ok(()) => paths.push(path),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if vae_moved {
+            move_parameters(&self.params.vae, Device::Cpu);
+        }
+        if let Some(backup) = raw {
+            let _guard = tch::no_grad_guard();
+            for ((_, p), b) in self.params.unet.iter().zip(&backup) {
+                p.shallow_clone().copy_(b);
+            }
+        }
+        result?;
+        let rel: Vec<String> =
+            paths.iter().map(|p| p.strip_prefix(&self.run_dir).unwrap_or(p).display().to_string()).collect();
+        self.events.write(&Event::named("sample", serde_json::json!({ "step": self.step, "paths": rel })))?;
+        self.log.line(&format!("previews: {}", rel.join(", ")));
+        Ok(paths)
+    }
+}
+
+/// Class images of every concept with a class prompt: the first
+/// `num_class_images` of its class_data_dir (default: `class_images/concept-N` in
+/// the run directory), generating the missing ones with the source model.
+pub(super) fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &StableDiffusion, log: &mut RunLog) -> anyhow::Result<Vec<Vec<dataset::Example>>> {
+    let mut all = Vec::new();
+    for (i, c) in config.concepts.iter().enumerate() {
+        if c.class_prompt.trim().is_empty() {
+            all.push(Vec::new());
+            continue;
+        }
+        let dir = c.class_data_dir.clone().unwrap_or_else(|| run_dir.join("class_images").join(format!("concept-{i}")));
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the class_data_dir {}", dir.display()))?;
+        let what = format!("concepts[{i}].class_data_dir");
+        let have = crate::data::images::list_images(&dir, &what)?.len();
+        let want = c.num_class_images as usize;
+        if have < want {
+            log.line(&format!("generating {} class images for {:?} into {}", want - have, c.class_prompt, dir.display()));
+            let bar = crate::pipeline::progress_bar((want - have) as u64);
+            let s = &config.sampling;
+            for n in have..want {
+                let req = SampleRequest {
+                    prompt: c.class_prompt.clone(),
+                    negative: s.negative_prompt.clone(),
+                    seed: config.seed.wrapping_add(n as u64),
+                    steps: s.steps,
+                    sampler: s.scheduler.clone(),
+                    guidance: s.guidance,
+                    width: config.resolution,
+                    height: config.resolution,
+                    clip_skip: config.training.clip_skip,
+                };
+                let image = sd.text_to_image(&req, |_, _| {})?;
+                let path = next_free_name(&dir, n);
+                save_png(&image, &path)?;
+                bar.inc(1);
+                log.line(&format!("class image {}/{want}: {}", n + 1, path.display()));
+            }
+            bar.finish_and_clear();
+        }
+        let examples = dataset::load_folder(&dir, &what, &c.class_prompt, i, config.resolution, Some(want))?;
+        all.push(examples);
+    }
+    Ok(all)
+}
+
+fn next_free_name(dir: &Path, n: usize) -> PathBuf {
+    let mut k = n;
+    loop {
+        let p = dir.join(format!("class-{k:05}.png"));
+        if !p.exists() {
+            return p;
+        }
+        k += 1;
+    }
+}
