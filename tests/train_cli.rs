@@ -227,25 +227,34 @@ fn ldm_export_of_a_single_file_run_generates_the_same_image() {
     assert_ne!(from_export, image_of(&source, "source.png"), "training changed nothing visible");
 }
 
-#[test]
-fn a_libtorch_allocation_failure_is_one_sentence_and_the_run_resumes() {
-    let root = tempfile::tempdir().unwrap();
-    let r = root.path();
+/// A run of 3 images, 2 epochs, a checkpoint after each epoch (steps 3 and 6),
+/// whose step 5 asks libtorch for 16 PiB; returns the run directory and its stderr.
+fn run_failing_at_step_5(r: &Path, name: &str) -> (std::path::PathBuf, String) {
     let data = r.join("data");
     subject_images(&data, 3);
-    // 3 steps an epoch, a checkpoint after each; step 5 asks libtorch for 16 PiB.
-    let cfg = write_config(r, "oom", &data, "  steps_per_image: 2\n  save_model_every_n_epochs: 1\n");
-    let run = r.join("runs/oom");
+    let cfg = write_config(r, name, &data, "  steps_per_image: 2\n  save_model_every_n_epochs: 1\n");
     let out = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
         .args(["train", cfg.to_str().unwrap(), "--plain"])
         .env("OMP_NUM_THREADS", "2")
         .env("DREAMBOOTH_FAIL_AT_STEP", "5")
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{err}");
+    (r.join("runs").join(name), err)
+}
+
+/// The last non-empty line of a command's stderr (its error sentence).
+fn last_line(err: &str) -> &str {
+    err.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("")
+}
+
+#[test]
+fn a_libtorch_allocation_failure_is_one_sentence_and_the_run_resumes() {
+    let root = tempfile::tempdir().unwrap();
+    let (run, err) = run_failing_at_step_5(root.path(), "oom");
     assert!(!err.contains("panicked") && !err.contains("Exception raised from"), "{err}");
-    let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+    let last = last_line(&err);
     assert!(last.starts_with("error: out of memory while training step 5 of "), "{last}");
     assert!(last.contains("can't allocate memory") && last.contains("its checkpoint of step 3 is intact"), "{last}");
     let errors = named_events(&run, "error");
@@ -292,19 +301,8 @@ fn cuda_graphs_asked_for_on_the_cpu_are_refused_with_a_warning() {
 #[test]
 fn full_disk_and_damaged_checkpoints_are_one_sentence_and_lose_nothing() {
     let root = tempfile::tempdir().unwrap();
-    let r = root.path();
-    let data = r.join("data");
-    subject_images(&data, 3);
-    let cfg = write_config(r, "full", &data, "  steps_per_image: 2\n  save_model_every_n_epochs: 1\n");
-    let run = r.join("runs/full");
     // A checkpoint at step 3, then a (simulated) failure at step 5.
-    let out = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
-        .args(["train", cfg.to_str().unwrap(), "--plain"])
-        .env("OMP_NUM_THREADS", "2")
-        .env("DREAMBOOTH_FAIL_AT_STEP", "5")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    let (run, _) = run_failing_at_step_5(root.path(), "full");
     let (_, kept) = dreambooth::train::checkpoint::find_checkpoint(&run, None).unwrap();
     let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>)> {
         let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -325,7 +323,7 @@ fn full_disk_and_damaged_checkpoints_are_one_sentence_and_lose_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+    let last = last_line(&err);
     assert!(last.starts_with("error: cannot write the checkpoint ") && last.contains("File too large"), "{last}");
     assert!(last.contains("unet.safetensors"), "the sentence names the file: {last}");
     assert!(last.contains("its checkpoint of step 3 is intact: `dreambooth resume "), "{last}");
@@ -347,7 +345,7 @@ fn full_disk_and_damaged_checkpoints_are_one_sentence_and_lose_nothing() {
     let bytes = std::fs::read(&unet).unwrap();
     std::fs::write(&unet, &bytes[..bytes.len() / 3]).unwrap();
     let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain"]);
-    let last = err.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+    let last = last_line(&err);
     assert_eq!(code, 1, "{err}");
     assert!(last.contains("step-000006/unet.safetensors is not a valid safetensors file"), "{last}");
     assert!(last.contains("to resume from the checkpoint of step 3 instead, move "), "{last}");
