@@ -23,10 +23,12 @@ impl Sources for Fixture {
             ModelChoice { path: "/models/v2-1".into(), architecture: "SD 2.x".into(), size: "5.2 GB".into(), format: "diffusers".into() },
         ]
     }
-    fn presets(&self, _: &RunConfig) -> Vec<PresetChoice> {
+    fn presets(&self, config: &RunConfig) -> Vec<PresetChoice> {
+        // LoRA halves the (made-up) estimates: the wizard must ask again when it changes.
+        let scale = if config.training.use_lora { 0.5 } else { 1.0 };
         [("8gb", 7.2), ("12gb", 10.9), ("24gb", 21.5), ("48gb", 38.0)]
             .iter()
-            .map(|(n, gb)| PresetChoice { name: n.to_string(), estimated_bytes: (gb * (1u64 << 30) as f64) as u64 })
+            .map(|(n, gb)| PresetChoice { name: n.to_string(), estimated_bytes: (gb * scale * (1u64 << 30) as f64) as u64 })
             .collect()
     }
     fn gpu(&self) -> Option<GpuInfo> {
@@ -87,6 +89,17 @@ fn snapshot(root: &Path, name: &str, state: &WizardState) {
 }
 
 /// Walks the whole wizard, snapshotting each step and its validation errors.
+/// Moves the advanced panel's focus to `key`.
+fn focus_setting(state: &mut WizardState, key: &str) {
+    for _ in 0..200 {
+        if state.advanced_rows().get(state.advanced_focus).is_some_and(|r| r.key == key) {
+            return;
+        }
+        state.apply(Action::FocusNext);
+    }
+    panic!("no setting {key}");
+}
+
 #[test]
 fn every_step_with_validation_then_save() {
     let Setup { root, mut state } = setup();
@@ -179,8 +192,38 @@ fn every_step_with_validation_then_save() {
     // 5. VRAM: the biggest preset that fits 24 GiB is preselected.
     assert_eq!(state.preset_index, Some(2));
     snapshot(r, "wizard_5_vram", &state);
+    let estimate_before = state.presets[2].estimated_bytes;
+    // "All settings": every other key, edited in place and read as the file would be.
     state.apply(Action::ToggleAdvanced);
+    let keys: Vec<String> = state.advanced_rows().into_iter().map(|r| r.key).collect();
+    for key in ["device", "resolution", "training.use_lora", "training.mixed_precision", "training.attention", "sampling.negative_prompt"] {
+        assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
+    }
+    assert!(!keys.iter().any(|k| k == "training.learning_rate"), "the training step's fields are not repeated");
+    focus_setting(&mut state, "training.use_lora");
+    assert!(!state.typing(), "a switch takes no text");
+    state.apply(Action::Right);
+    focus_setting(&mut state, "sampling.steps");
+    assert!(state.typing());
+    type_text(&mut state, "x");
+    let error = state.error.clone().expect("a bad number is an error at once");
+    assert!(error.contains("`sampling.steps`"), "{error}");
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Vram, "a bad value keeps the step");
+    for _ in 0..3 {
+        state.apply(Action::Backspace);
+    }
+    type_text(&mut state, "20");
+    assert_eq!(state.error, None);
     snapshot(r, "wizard_5_vram_advanced", &state);
+    let config = state.build_config().unwrap();
+    assert!(config.training.use_lora);
+    assert_eq!(config.sampling.steps, 20);
+    // The presets were rated again (LoRA needs less); Esc closes the panel.
+    assert!(state.presets[2].estimated_bytes < estimate_before);
+    state.apply(Action::Back);
+    assert!(!state.advanced);
+    assert_eq!(state.step, Step::Vram);
     state.apply(Action::FocusPrev);
     assert_eq!(state.preset_index, Some(1));
     state.apply(Action::Next);
@@ -194,6 +237,7 @@ fn every_step_with_validation_then_save() {
     assert_eq!(saved, r.join("runs/dog.yaml"));
     let text = std::fs::read_to_string(&saved).unwrap();
     saved_yaml_snapshot(r, "wizard_saved_yaml", &text);
+    assert!(text.contains("use_lora: true") && text.contains("steps: 20"), "{text}");
     // Only what the user set is written; the preset the file names supplies the rest.
     for absent in ["mixed_precision", "optimizer", "gradient_checkpointing", "attention", "device", "resolution"] {
         assert!(!text.contains(absent), "{absent} would override the preset:\n{text}");

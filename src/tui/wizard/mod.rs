@@ -1,6 +1,7 @@
 //! The setup wizard (`dreambooth`, `dreambooth wizard`): six steps that end in a
 //! run config written to `<runs_dir>/<name>/config.yaml`.
 
+pub mod settings;
 pub mod state;
 pub mod view;
 

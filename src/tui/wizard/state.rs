@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use serde_yaml::{Mapping, Value};
 
+use super::settings::{self, SettingKind, SettingRow};
 use crate::config::schema::{Concept, LrScheduler, RunConfig, Sampling, Training};
 
 fn absolute(p: &str) -> PathBuf {
@@ -236,6 +237,11 @@ pub struct WizardState {
     pub presets: Vec<PresetChoice>,
     pub preset_index: Option<usize>,
     pub advanced: bool,
+    /// The advanced panel's focused row.
+    pub advanced_focus: usize,
+    /// Settings set in the advanced panel, by key (`training.use_lora`), as
+    /// text the config file would hold; they override the preset.
+    pub advanced_values: std::collections::BTreeMap<String, String>,
     pub review_scroll: u16,
     /// Config keys the user set (typed, cycled, or chose through the concept
     /// kind). Only these override the preset; the others show the preset's value.
@@ -273,6 +279,8 @@ impl WizardState {
             presets: Vec::new(),
             preset_index: None,
             advanced: false,
+            advanced_focus: 0,
+            advanced_values: std::collections::BTreeMap::new(),
             review_scroll: 0,
             touched: Default::default(),
             saved: None,
@@ -343,6 +351,9 @@ impl WizardState {
             Step::Name | Step::Source => true,
             Step::Concepts => self.editing && self.focus < 4,
             Step::Training => matches!(self.focus, 0 | 1 | 3),
+            Step::Vram if self.advanced => self
+                .advanced_row()
+                .is_some_and(|r| matches!(r.kind, SettingKind::Number | SettingKind::Text)),
             _ => false,
         }
     }
@@ -370,6 +381,10 @@ impl WizardState {
             Action::Back => self.back(),
             Action::FocusNext | Action::FocusPrev => self.move_focus(action == Action::FocusNext),
             Action::Left | Action::Right => self.cycle(action == Action::Right),
+            Action::Input(c) if self.step == Step::Vram && self.advanced => self.edit_setting(|text| text.push(c)),
+            Action::Backspace if self.step == Step::Vram && self.advanced => self.edit_setting(|text| {
+                text.pop();
+            }),
             Action::Input(c) => self.edit_text(|text| text.push(c)),
             Action::Backspace => self.edit_text(|text| {
                 text.pop();
@@ -392,7 +407,7 @@ impl WizardState {
                 self.concepts.remove(self.concept_index);
                 self.concept_index = self.concept_index.min(self.concepts.len().saturating_sub(1));
             }
-            Action::ToggleAdvanced if self.step == Step::Vram => self.advanced = !self.advanced,
+            Action::ToggleAdvanced if self.step == Step::Vram => self.toggle_advanced(),
             _ => {}
         }
     }
@@ -409,6 +424,10 @@ impl WizardState {
         match self.step {
             Step::Concepts if !self.editing => {
                 self.concept_index = (self.concept_index + if forward { 1 } else { n - 1 }) % n;
+            }
+            Step::Vram if self.advanced => {
+                let n = self.advanced_rows().len().max(1);
+                self.advanced_focus = (self.advanced_focus + if forward { 1 } else { n - 1 }) % n;
             }
             Step::Vram => {
                 let i = self.preset_index.map(|i| (i + if forward { 1 } else { n - 1 }) % n).unwrap_or(0);
@@ -442,6 +461,11 @@ impl WizardState {
                 let n = LR_SCHEDULERS.len();
                 self.lr_scheduler = LR_SCHEDULERS[(i + if forward { 1 } else { n - 1 }) % n];
             }
+            (Step::Vram, _) if self.advanced => {
+                if let Some(value) = self.advanced_row().and_then(|r| settings::cycled(&r, forward)) {
+                    self.set_setting(value);
+                }
+            }
             (Step::Training, 4) => {
                 self.touched.insert("sampling.scheduler");
                 let names = crate::scheduler::SAMPLER_NAMES;
@@ -461,6 +485,8 @@ impl WizardState {
         self.steps_per_image = kind.steps_per_image().to_string();
         self.text_encoder_train_ratio = kind.text_encoder_train_ratio();
         self.touched.extend(["steps_per_image", "text_encoder_train_ratio"]);
+        // The kind chosen last wins over a ratio typed in the advanced panel.
+        self.advanced_values.remove("training.text_encoder_train_ratio");
     }
 
     fn back(&mut self) {
@@ -468,6 +494,10 @@ impl WizardState {
         self.completions.clear();
         if self.step == Step::Concepts && self.editing {
             self.editing = false;
+            return;
+        }
+        if self.step == Step::Vram && self.advanced {
+            self.toggle_advanced();
             return;
         }
         match Step::ALL.get(self.step.index().wrapping_sub(1)) {
@@ -577,6 +607,54 @@ impl WizardState {
         }
     }
 
+    /// The advanced panel's rows: every other setting with the value it will train with.
+    pub fn advanced_rows(&self) -> Vec<SettingRow> {
+        match self.baseline() {
+            Ok(base) => settings::rows(&base, &self.advanced_values),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn advanced_row(&self) -> Option<SettingRow> {
+        self.advanced_rows().into_iter().nth(self.advanced_focus)
+    }
+
+    /// Opens or closes the advanced panel.
+    fn toggle_advanced(&mut self) {
+        self.advanced = !self.advanced;
+        self.error = None;
+    }
+
+    /// Sets the focused setting; the error line says at once if it does not read.
+    fn set_setting(&mut self, value: String) {
+        let Some(row) = self.advanced_row() else { return };
+        if row.key == "training.text_encoder_train_ratio" {
+            // The training step shows this ratio: keep it in step.
+            if let Ok(r) = value.trim().parse::<f64>() {
+                self.text_encoder_train_ratio = r;
+                self.touched.insert("text_encoder_train_ratio");
+            }
+        }
+        self.advanced_values.insert(row.key, value);
+        match self.build_config() {
+            Ok(config) => {
+                self.error = None;
+                // Batch size, LoRA, precision... change what each preset needs.
+                self.presets = self.sources.presets(&config);
+            }
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    fn edit_setting(&mut self, edit: impl FnOnce(&mut String)) {
+        let Some(row) = self.advanced_row() else { return };
+        if matches!(row.kind, SettingKind::Number | SettingKind::Text) {
+            let mut text = row.value;
+            edit(&mut text);
+            self.set_setting(text);
+        }
+    }
+
     pub fn run_dir(&self) -> PathBuf {
         self.runs_dir.join(self.name.trim())
     }
@@ -601,7 +679,8 @@ impl WizardState {
                 (0..self.concepts.len()).try_for_each(|i| self.validate_concept(i))
             }
             Step::Training => self.training().map(|_| ()),
-            Step::Vram => Ok(()),
+            // The advanced panel's values, read as the config file would be.
+            Step::Vram => self.build_config().and_then(|c| crate::config::validate::validate(&c)),
             Step::Review => {
                 let config = self.build_config()?;
                 crate::config::validate::validate(&config)
@@ -754,7 +833,7 @@ impl WizardState {
         if set("sampling.scheduler") {
             config.sampling.scheduler = self.sampler.clone();
         }
-        Ok(config)
+        settings::apply(config, &self.advanced_values)
     }
 
     /// The YAML the review step shows and `save` writes: the run's own keys

@@ -6,6 +6,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph, Wrap};
 use ratatui::Frame;
 
+use super::settings::SettingKind;
 use super::state::{count_images, scheduler_name, Step, WizardState};
 use crate::tui::widgets::{error_line, field_line, format_gib, key_hints};
 
@@ -76,7 +77,10 @@ fn footer_line(state: &WizardState) -> Line<'static> {
         Step::Concepts => key_hints(&[("a", "add"), ("e", "edit"), ("d", "remove"), ("Enter", "next"), ("Esc", "back")]),
         Step::Source => key_hints(&[("↑↓", "choose"), ("Tab", "complete"), ("Enter", "next"), ("Esc", "back")]),
         Step::Training => key_hints(&[("↑↓", "field"), ("←→", "change"), ("Enter", "next"), ("Esc", "back")]),
-        Step::Vram => key_hints(&[("↑↓", "preset"), ("a", "advanced"), ("Enter", "next"), ("Esc", "back")]),
+        Step::Vram if state.advanced => {
+            key_hints(&[("↑↓", "setting"), ("←→ Space", "change"), ("type", "edit"), ("a Esc", "presets"), ("Enter", "next")])
+        }
+        Step::Vram => key_hints(&[("↑↓", "preset"), ("a", "all settings"), ("Enter", "next"), ("Esc", "back")]),
         Step::Review => key_hints(&[("↑↓", "scroll"), ("Enter", "save and start"), ("s", "save only"), ("Esc", "back"), ("Ctrl-C", "quit")]),
         Step::Name => key_hints(&[("Enter", "next"), ("Esc", "quit")]),
     }
@@ -210,13 +214,40 @@ fn draw_vram(frame: &mut Frame, area: Rect, state: &WizardState) {
         ]));
     }
     if state.advanced {
-        lines.push(Line::from(""));
-        lines.push(hint("Every other setting (edit them in the saved YAML):".into()));
-        if let Ok(config) = state.build_config() {
-            if let Ok(text) = serde_yaml::to_string(&config.training) {
-                lines.extend(text.lines().map(|l| Line::from(format!("  {l}"))));
-            }
-        }
+        return draw_advanced(frame, area, state);
+    }
+    frame.render_widget(Paragraph::new(lines), area);
+}
+
+/// The advanced panel: every other setting, a window of rows around the focus.
+fn draw_advanced(frame: &mut Frame, area: Rect, state: &WizardState) {
+    let preset = state.preset_index.and_then(|i| state.presets.get(i));
+    let mut lines = vec![
+        hint(match preset {
+            Some(p) => format!("Over preset {} ({}); values you set are marked *", p.name, format_gib(p.estimated_bytes)),
+            None => "Over the defaults; values you set are marked *".into(),
+        }),
+        Line::from(""),
+    ];
+    let rows = state.advanced_rows();
+    let key_width = rows.iter().map(|r| r.key.chars().count()).max().unwrap_or(0) + 2;
+    let room = (area.height as usize).saturating_sub(lines.len()).max(1);
+    let first = state.advanced_focus.saturating_sub(room / 2).min(rows.len().saturating_sub(room));
+    for (i, row) in rows.iter().enumerate().skip(first).take(room) {
+        let selected = i == state.advanced_focus;
+        let style = if selected { Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD) } else { Style::new() };
+        let value_style = if row.set { Style::new().fg(Color::Yellow) } else { Style::new() };
+        let shown = match row.kind {
+            SettingKind::Switch | SettingKind::Choice if selected => format!("◀ {} ▶", row.value),
+            SettingKind::Number | SettingKind::Text if selected => format!("{}▏", row.value),
+            _ => row.value.clone(),
+        };
+        lines.push(Line::from(vec![
+            Span::raw(if selected { "▶ " } else { "  " }),
+            Span::styled(format!("{:<key_width$}", row.key), style),
+            Span::styled(shown, value_style),
+            Span::raw(if row.set { " *" } else { "" }),
+        ]));
     }
     frame.render_widget(Paragraph::new(lines), area);
 }

@@ -1,0 +1,180 @@
+//! The VRAM step's advanced panel: every run setting the other steps do not ask
+//! for, listed with the value the run would use (the preset's, or the default),
+//! and edited in place: switches toggle, choices cycle, numbers and text are
+//! typed. What the user sets is kept as text, as it would stand in a config
+//! file, and read back through the config's own types, so a bad value is the
+//! same error the file would give, naming the key.
+
+use std::collections::BTreeMap;
+
+use serde_yaml::{Mapping, Value};
+
+use crate::config::schema::RunConfig;
+
+/// Keys other wizard steps set (name, model, concepts, the training step's
+/// fields): not repeated in the panel.
+const ASKED_ELSEWHERE: [&str; 10] = [
+    "name",
+    "source_checkpoint",
+    "output_dir",
+    "preset",
+    "concepts",
+    "training.steps_per_image",
+    "training.learning_rate",
+    "training.lr_scheduler",
+    "training.lr_warmup_steps",
+    "sampling.scheduler",
+];
+
+/// The values a choice setting cycles through (each parses as the key's type).
+pub fn choices(key: &str) -> Option<&'static [&'static str]> {
+    Some(match key {
+        "device" => &["auto", "cpu", "cuda"],
+        "training.optimizer" => &["adamw", "adamw_8bit"],
+        "training.mixed_precision" => &["no", "fp16", "bf16"],
+        "training.attention" => &["default", "xformers", "flash_attention"],
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingKind {
+    /// true / false; ←→ or Space flips it.
+    Switch,
+    /// One of `choices(key)`; ←→ cycles.
+    Choice,
+    /// A number, typed.
+    Number,
+    /// Free text (a negative prompt), typed.
+    Text,
+}
+
+/// One row of the panel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SettingRow {
+    /// `device`, `training.use_lora`, `sampling.steps`, ...
+    pub key: String,
+    pub kind: SettingKind,
+    /// What the run uses now (typed text while it is being edited).
+    pub value: String,
+    /// The user set it (it overrides the preset).
+    pub set: bool,
+}
+
+/// A scalar as it would be written in YAML (`1e-6`, `true`, `bf16`); strings as they are.
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => serde_yaml::to_string(other).map(|s| s.trim().to_string()).unwrap_or_default(),
+    }
+}
+
+fn kind_of(key: &str, v: &Value) -> Option<SettingKind> {
+    if choices(key).is_some() {
+        return Some(SettingKind::Choice);
+    }
+    match v {
+        Value::Bool(_) => Some(SettingKind::Switch),
+        Value::Number(_) => Some(SettingKind::Number),
+        Value::String(_) => Some(SettingKind::Text),
+        _ => None,
+    }
+}
+
+/// Every scalar setting of `config` (top level, then `training`, then `sampling`)
+/// that no other step asks for, in the config's own order.
+fn scalar_settings(config: &RunConfig) -> Vec<(String, Value)> {
+    let Ok(Value::Mapping(top)) = serde_yaml::to_value(config) else { return Vec::new() };
+    let mut out = Vec::new();
+    let mut push = |key: String, v: &Value| {
+        if !ASKED_ELSEWHERE.contains(&key.as_str()) && kind_of(&key, v).is_some() {
+            out.push((key, v.clone()));
+        }
+    };
+    for (k, v) in &top {
+        if let (Some(k), false) = (k.as_str(), v.is_mapping()) {
+            push(k.to_string(), v);
+        }
+    }
+    for section in ["training", "sampling"] {
+        if let Some(Value::Mapping(m)) = top.get(section) {
+            for (k, v) in m {
+                if let Some(k) = k.as_str() {
+                    push(format!("{section}.{k}"), v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The panel's rows for a baseline config (preset over defaults) and the values
+/// the user set.
+pub fn rows(baseline: &RunConfig, set: &BTreeMap<String, String>) -> Vec<SettingRow> {
+    scalar_settings(baseline)
+        .into_iter()
+        .filter_map(|(key, v)| {
+            let kind = kind_of(&key, &v)?;
+            let (value, is_set) = match set.get(&key) {
+                Some(text) => (text.clone(), true),
+                None => (scalar_text(&v), false),
+            };
+            Some(SettingRow { key, kind, value, set: is_set })
+        })
+        .collect()
+}
+
+/// `config` with the user's values put in, read back through the config's types.
+/// Errors name the key: "`training.batch_size`: invalid type: ...".
+pub fn apply(config: RunConfig, set: &BTreeMap<String, String>) -> Result<RunConfig, String> {
+    if set.is_empty() {
+        return Ok(config);
+    }
+    let Ok(Value::Mapping(mut top)) = serde_yaml::to_value(&config) else {
+        return Err("cannot read the config's settings".into());
+    };
+    for (key, text) in set {
+        let (section, name) = match key.split_once('.') {
+            Some((s, n)) => (Some(s), n),
+            None => (None, key.as_str()),
+        };
+        let map: &mut Mapping = match section {
+            Some(s) => match top.get_mut(s) {
+                Some(Value::Mapping(m)) => m,
+                _ => return Err(format!("`{key}` is not a setting")),
+            },
+            None => &mut top,
+        };
+        let current = map.get(name).ok_or_else(|| format!("`{key}` is not a setting"))?;
+        let value = match kind_of(key, current) {
+            Some(SettingKind::Text | SettingKind::Choice) => Value::String(text.clone()),
+            _ if text.trim().is_empty() => return Err(format!("`{key}` is empty; type a value")),
+            _ => serde_yaml::from_str::<Value>(text.trim()).unwrap_or_else(|_| Value::String(text.clone())),
+        };
+        map.insert(Value::String(name.to_string()), value);
+    }
+    serde_path_to_error::deserialize(Value::Mapping(top)).map_err(|e| {
+        let inner = e.inner().to_string();
+        let why = inner.split(" at line ").next().unwrap_or(&inner).to_string();
+        format!("`{}`: {why}", e.path())
+    })
+}
+
+/// The next (or previous) value of a switch or choice row.
+pub fn cycled(row: &SettingRow, forward: bool) -> Option<String> {
+    match row.kind {
+        SettingKind::Switch => Some(if row.value == "true" { "false" } else { "true" }.to_string()),
+        SettingKind::Choice => {
+            let options = choices(&row.key)?;
+            let n = options.len();
+            let i = options.iter().position(|o| *o == row.value);
+            let next = match i {
+                Some(i) => (i + if forward { 1 } else { n - 1 }) % n,
+                None => 0,
+            };
+            Some(options[next].to_string())
+        }
+        SettingKind::Number | SettingKind::Text => None,
+    }
+}
