@@ -178,3 +178,62 @@ pub fn cycled(row: &SettingRow, forward: bool) -> Option<String> {
         SettingKind::Number | SettingKind::Text => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> RunConfig {
+        let text = "name: x\nsource_checkpoint: x\nconcepts:\n  - instance_data_dir: x\n    instance_prompt: a photo of sks dog\n";
+        crate::config::parse_run_config(text, "a test config", std::path::Path::new(".")).unwrap()
+    }
+
+    fn set(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn every_setting_is_in_the_panel_or_asked_by_another_step() {
+        let c = config();
+        let keys: Vec<String> = rows(&c, &BTreeMap::new()).into_iter().map(|r| r.key).collect();
+        let Ok(Value::Mapping(top)) = serde_yaml::to_value(&c) else { panic!("a mapping") };
+        let mut all = Vec::new();
+        for (k, v) in &top {
+            let k = k.as_str().unwrap();
+            match v {
+                Value::Mapping(m) if k != "concepts" => {
+                    all.extend(m.keys().map(|n| format!("{k}.{}", n.as_str().unwrap())));
+                }
+                _ => all.push(k.to_string()),
+            }
+        }
+        for key in all {
+            assert!(keys.contains(&key) || ASKED_ELSEWHERE.contains(&key.as_str()), "{key} has no wizard field");
+        }
+    }
+
+    #[test]
+    fn every_choice_reads_as_its_key() {
+        for key in ["device", "training.optimizer", "training.mixed_precision", "training.attention"] {
+            for option in choices(key).unwrap() {
+                apply(config(), &set(&[(key, option)])).unwrap_or_else(|e| panic!("{key}: {option}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn values_read_back_and_bad_ones_name_the_key() {
+        let c = apply(config(), &set(&[("training.batch_size", "4"), ("training.use_ema", "true"), ("sampling.negative_prompt", "123")]))
+            .unwrap();
+        assert_eq!(c.training.batch_size, 4);
+        assert!(c.training.use_ema);
+        assert_eq!(c.sampling.negative_prompt, "123", "text stays text");
+        let e = apply(config(), &set(&[("training.batch_size", "four")])).unwrap_err();
+        assert!(e.starts_with("`training.batch_size`: "), "{e}");
+        let e = apply(config(), &set(&[("resolution", "")])).unwrap_err();
+        assert!(e.contains("`resolution` is empty"), "{e}");
+        let row = rows(&config(), &BTreeMap::new()).into_iter().find(|r| r.key == "training.attention").unwrap();
+        assert_eq!(cycled(&row, true).as_deref(), Some("xformers"));
+        assert_eq!(cycled(&row, false).as_deref(), Some("flash_attention"));
+    }
+}
