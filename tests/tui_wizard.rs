@@ -157,6 +157,23 @@ fn every_step_with_validation_then_save() {
     state.apply(Action::Right); // back to person
     assert_eq!(state.steps_per_image, "150");
     assert_eq!(state.text_encoder_train_ratio, 0.7);
+    state.apply(Action::FocusNext); // class folder
+    assert!(state.on_path_field());
+    type_text(&mut state, &r.join("class-dog").display().to_string());
+    state.apply(Action::FocusNext); // prior loss weight
+    state.apply(Action::Backspace);
+    state.apply(Action::Backspace);
+    state.apply(Action::Backspace);
+    type_text(&mut state, "heavy");
+    state.apply(Action::Next);
+    assert!(state.error.as_deref().unwrap().contains("prior loss weight \"heavy\""), "{:?}", state.error);
+    for _ in 0..5 {
+        state.apply(Action::Backspace);
+    }
+    type_text(&mut state, "1.5");
+    state.apply(Action::FocusNext); // sample prompts
+    type_text(&mut state, "a photo of sks dog on the beach | a painting of sks dog");
+    state.error = None;
     snapshot(r, "wizard_3_concept_form", &state);
     state.apply(Action::Next);
     assert!(!state.editing, "{:?}", state.error);
@@ -217,6 +234,10 @@ fn every_step_with_validation_then_save() {
     assert_eq!(state.error, None);
     snapshot(r, "wizard_5_vram_advanced", &state);
     let config = state.build_config().unwrap();
+    let concept = &config.concepts[0];
+    assert_eq!(concept.class_data_dir.as_deref(), Some(r.join("class-dog").as_path()));
+    assert_eq!(concept.prior_loss_weight, 1.5);
+    assert_eq!(concept.sample_prompts, ["a photo of sks dog on the beach", "a painting of sks dog"]);
     assert!(config.training.use_lora);
     assert_eq!(config.sampling.steps, 20);
     // The presets were rated again (LoRA needs less); Esc closes the panel.

@@ -139,6 +139,12 @@ pub struct ConceptDraft {
     pub class_prompt: String,
     pub class_images: String,
     pub kind: ConceptKind,
+    /// Where class images are read and generated; empty: the run's
+    /// `class_images/concept-N`.
+    pub class_dir: String,
+    pub prior_loss_weight: String,
+    /// Preview prompts separated by `|`; empty: the instance prompt.
+    pub sample_prompts: String,
 }
 
 impl Default for ConceptDraft {
@@ -149,6 +155,9 @@ impl Default for ConceptDraft {
             class_prompt: String::new(),
             class_images: "200".into(),
             kind: ConceptKind::Person,
+            class_dir: String::new(),
+            prior_loss_weight: "1.0".into(),
+            sample_prompts: String::new(),
         }
     }
 }
@@ -164,7 +173,7 @@ pub fn count_images(dir: &str) -> Result<usize, String> {
 }
 
 /// Fields of the concept form, in focus order.
-pub const CONCEPT_FIELDS: usize = 5;
+pub const CONCEPT_FIELDS: usize = 8;
 /// Fields of the training step, in focus order.
 pub const TRAINING_FIELDS: usize = 5;
 
@@ -310,6 +319,9 @@ impl WizardState {
                     1 => Some(&mut c.instance_prompt),
                     2 => Some(&mut c.class_prompt),
                     3 => Some(&mut c.class_images),
+                    5 => Some(&mut c.class_dir),
+                    6 => Some(&mut c.prior_loss_weight),
+                    7 => Some(&mut c.sample_prompts),
                     _ => None,
                 }
             }
@@ -349,7 +361,8 @@ impl WizardState {
     pub fn typing(&self) -> bool {
         match self.step {
             Step::Name | Step::Source => true,
-            Step::Concepts => self.editing && self.focus < 4,
+            // Every field but the subject kind (4) takes text.
+            Step::Concepts => self.editing && self.focus != 4,
             Step::Training => matches!(self.focus, 0 | 1 | 3),
             Step::Vram if self.advanced => self
                 .advanced_row()
@@ -360,7 +373,7 @@ impl WizardState {
 
     /// True when the focused field holds a path (Tab completes).
     pub fn on_path_field(&self) -> bool {
-        self.step == Step::Source || (self.step == Step::Concepts && self.editing && self.focus == 0)
+        self.step == Step::Source || (self.step == Step::Concepts && self.editing && matches!(self.focus, 0 | 5))
     }
 
     fn field_count(&self) -> usize {
@@ -726,6 +739,19 @@ impl WizardState {
         if !c.class_prompt.trim().is_empty() && count == 0 {
             return Err(format!("concept {n}: a class prompt needs class images (200 is typical)"));
         }
+        match c.prior_loss_weight.trim().parse::<f64>() {
+            Ok(w) if w.is_finite() && w >= 0.0 => {}
+            _ => {
+                return Err(format!(
+                    "concept {n}: prior loss weight {:?} must be a number, 0 or more (1.0 is usual)",
+                    c.prior_loss_weight
+                ))
+            }
+        }
+        let class_dir = Path::new(c.class_dir.trim());
+        if !c.class_dir.trim().is_empty() && class_dir.exists() && !class_dir.is_dir() {
+            return Err(format!("concept {n}: the class folder {} is a file", class_dir.display()));
+        }
         Ok(())
     }
 
@@ -774,10 +800,14 @@ impl WizardState {
                 instance_data_dir: absolute(&c.instance_dir),
                 instance_prompt: c.instance_prompt.trim().to_string(),
                 class_prompt: c.class_prompt.trim().to_string(),
-                class_data_dir: None,
+                class_data_dir: (!c.class_dir.trim().is_empty()).then(|| absolute(c.class_dir.trim())),
                 num_class_images: c.class_images.trim().parse().unwrap_or(0),
-                prior_loss_weight: 1.0,
-                sample_prompts: vec![c.instance_prompt.trim().to_string()],
+                prior_loss_weight: c.prior_loss_weight.trim().parse().unwrap_or(1.0),
+                sample_prompts: {
+                    let typed: Vec<String> =
+                        c.sample_prompts.split('|').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
+                    if typed.is_empty() { vec![c.instance_prompt.trim().to_string()] } else { typed }
+                },
             })
             .collect()
     }

@@ -163,6 +163,9 @@ fn draw_concept_form(frame: &mut Frame, area: Rect, state: &WizardState) {
         field_line("Class prompt", &c.class_prompt, state.focus == 2, "empty: no prior preservation"),
         field_line("Class images", &c.class_images, state.focus == 3, ""),
         field_line("Subject", &kind, state.focus == 4, &recommended),
+        field_line("Class folder", &c.class_dir, state.focus == 5, "empty: class_images/ in the run"),
+        field_line("Prior loss weight", &c.prior_loss_weight, state.focus == 6, ""),
+        field_line("Sample prompts", &c.sample_prompts, state.focus == 7, "| between prompts; empty: the instance prompt"),
     ];
     if !state.completions.is_empty() {
         lines.push(hint(format!("  {}", state.completions.join("  "))));
