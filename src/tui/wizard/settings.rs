@@ -37,6 +37,54 @@ pub fn choices(key: &str) -> Option<&'static [&'static str]> {
     })
 }
 
+/// One line on what a setting does, shown under the panel for the focused row
+/// (after the method guide, shared/000_08e16969a22e2253.txt, where it has one).
+pub fn help(key: &str) -> &'static str {
+    match key {
+        "device" => "where to train: auto picks CUDA when a GPU is there",
+        "seed" => "seed of the training noise, timesteps and data order",
+        "resolution" => "training size in pixels (512 for SD 1.x); images are resized and cropped to it",
+        "training.batch_size" => "images per step: faster, more VRAM; images should divide by batch × accumulation",
+        "training.gradient_accumulation_steps" => "micro-batches summed before one optimizer step",
+        "training.lr_power" => "polynomial scheduler: the degree of the decay",
+        "training.lr_end" => "polynomial scheduler: the learning rate it ends at",
+        "training.train_unet" => "train the UNet (off: only the text encoder trains)",
+        "training.text_encoder_train_ratio" => "share of the steps that also train the text encoder: 0.7 faces, 0.2 styles, 0 to save VRAM",
+        "training.use_lora" => "train small LoRA adapters instead of the whole UNet: for 8–12 GB cards",
+        "training.lora_rank" => "LoRA: rank of the adapters (size and capacity)",
+        "training.lora_alpha" => "LoRA: scale of the adapters (alpha / rank)",
+        "training.train_imagic_only" => "Imagic: edit one image (first of concept 1) to its prompt",
+        "training.use_ema" => "keep an exponential moving average of the UNet (more VRAM; smoother result)",
+        "training.ema_decay" => "EMA: how slowly the average follows the weights",
+        "training.optimizer" => "adamw_8bit keeps both moments in 8 bits: less memory",
+        "training.adam_beta1" => "AdamW: first-moment decay",
+        "training.adam_beta2" => "AdamW: second-moment decay",
+        "training.adam_epsilon" => "AdamW: the denominator's epsilon",
+        "training.weight_decay" => "AdamW: decoupled weight decay",
+        "training.max_grad_norm" => "clip gradients to this global norm; 0 = off",
+        "training.mixed_precision" => "bf16 (recommended) or fp16 halves activation memory; no = full float32",
+        "training.attention" => "default: fastest, most VRAM; xformers: between; flash_attention: least VRAM",
+        "training.gradient_checkpointing" => "recompute activations in the backward pass: much less VRAM, slower",
+        "training.set_grads_to_none" => "free the gradients between steps instead of zeroing them",
+        "training.cache_latents" => "encode the images once and take the VAE off the GPU",
+        "training.offset_noise" => "noise offset per channel: lets the model learn brightness and contrast; 0 = off",
+        "training.min_snr_gamma" => "Min-SNR loss weighting (5 is usual); 0 = off",
+        "training.freeze_clip_normalization" => "keep the text encoder's layer norms fixed: may curb overfitting",
+        "training.clip_skip" => "condition on the text encoder's n-th last layer (1 = last; 2 for anime models)",
+        "training.random_flip" => "flip images left-right at random (not for asymmetric subjects)",
+        "training.pause_after_n_epochs" => "pause every n epochs (0 = never) for pause_seconds",
+        "training.pause_seconds" => "length of each pause, in seconds",
+        "training.save_model_every_n_epochs" => "checkpoint every n epochs (each the size of the model on disk); the end is always saved",
+        "training.save_preview_every_n_epochs" => "preview images every n epochs and at the end (5 is usual); 0 = no previews",
+        "training.keep_last_checkpoints" => "checkpoints kept on disk, older ones deleted; 0 = keep all",
+        "sampling.steps" => "sampler steps for previews and class images",
+        "sampling.guidance" => "classifier-free guidance scale for previews and class images",
+        "sampling.seed" => "seed of the previews (the same every time, to compare steps)",
+        "sampling.negative_prompt" => "negative prompt for previews and class images",
+        _ => "",
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettingKind {
     /// true / false; ←→ or Space flips it.
@@ -209,6 +257,13 @@ mod tests {
         }
         for key in all {
             assert!(keys.contains(&key) || ASKED_ELSEWHERE.contains(&key.as_str()), "{key} has no wizard field");
+        }
+    }
+
+    #[test]
+    fn every_row_says_what_it_does() {
+        for row in rows(&config(), &BTreeMap::new()) {
+            assert!(!help(&row.key).is_empty(), "{} has no help line", row.key);
         }
     }
 

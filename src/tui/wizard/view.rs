@@ -6,7 +6,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph, Wrap};
 use ratatui::Frame;
 
-use super::settings::SettingKind;
+use super::settings::{self, SettingKind};
 use super::state::{count_images, scheduler_name, Step, WizardState};
 use crate::tui::widgets::{error_line, field_line, format_gib, key_hints};
 
@@ -234,7 +234,8 @@ fn draw_advanced(frame: &mut Frame, area: Rect, state: &WizardState) {
     ];
     let rows = state.advanced_rows();
     let key_width = rows.iter().map(|r| r.key.chars().count()).max().unwrap_or(0) + 2;
-    let room = (area.height as usize).saturating_sub(lines.len()).max(1);
+    // The last two lines say what the focused setting does.
+    let room = (area.height as usize).saturating_sub(lines.len() + 2).max(1);
     let first = state.advanced_focus.saturating_sub(room / 2).min(rows.len().saturating_sub(room));
     for (i, row) in rows.iter().enumerate().skip(first).take(room) {
         let selected = i == state.advanced_focus;
@@ -252,7 +253,10 @@ fn draw_advanced(frame: &mut Frame, area: Rect, state: &WizardState) {
             Span::raw(if row.set { " *" } else { "" }),
         ]));
     }
-    frame.render_widget(Paragraph::new(lines), area);
+    if let Some(row) = rows.get(state.advanced_focus) {
+        lines.push(hint(settings::help(&row.key).to_string()));
+    }
+    frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), area);
 }
 
 fn draw_review(frame: &mut Frame, area: Rect, state: &WizardState) {
