@@ -217,6 +217,8 @@ fn every_step_with_validation_then_save() {
         assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
     }
     assert!(!keys.iter().any(|k| k == "training.learning_rate"), "the training step's fields are not repeated");
+    let ratio = state.advanced_rows().into_iter().find(|r| r.key == "training.text_encoder_train_ratio").unwrap();
+    assert_eq!(ratio.value, "0.7", "the panel shows what the concept kind set, not the preset's value");
     focus_setting(&mut state, "training.use_lora");
     assert!(!state.typing(), "a switch takes no text");
     state.apply(Action::Right);

@@ -622,7 +622,7 @@ impl WizardState {
 
     /// The advanced panel's rows: every other setting with the value it will train with.
     pub fn advanced_rows(&self) -> Vec<SettingRow> {
-        match self.baseline() {
+        match self.stepped_config() {
             Ok(base) => settings::rows(&base, &self.advanced_values),
             Err(_) => Vec::new(),
         }
@@ -841,6 +841,11 @@ impl WizardState {
 
     /// The config the run will train with: the baseline with the keys the user set.
     pub fn build_config(&self) -> Result<RunConfig, String> {
+        settings::apply(self.stepped_config()?, &self.advanced_values)
+    }
+
+    /// The baseline with what the steps before the advanced panel set.
+    fn stepped_config(&self) -> Result<RunConfig, String> {
         let mut config = self.baseline()?;
         let typed = self.training()?;
         let t = &mut config.training;
@@ -863,7 +868,7 @@ impl WizardState {
         if set("sampling.scheduler") {
             config.sampling.scheduler = self.sampler.clone();
         }
-        settings::apply(config, &self.advanced_values)
+        Ok(config)
     }
 
     /// The YAML the review step shows and `save` writes: the run's own keys
