@@ -222,6 +222,13 @@ fn every_step_with_validation_then_save() {
     focus_setting(&mut state, "training.use_lora");
     assert!(!state.typing(), "a switch takes no text");
     state.apply(Action::Right);
+    // A combination the trainer refuses is refused here, not at start.
+    focus_setting(&mut state, "training.use_ema");
+    state.apply(Action::Right);
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Vram);
+    assert!(state.error.as_deref().unwrap().contains("`training.use_ema` cannot be combined with `use_lora`"), "{:?}", state.error);
+    state.apply(Action::Right);
     focus_setting(&mut state, "sampling.steps");
     assert!(state.typing());
     type_text(&mut state, "x");

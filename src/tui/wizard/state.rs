@@ -11,6 +11,13 @@ use serde_yaml::{Mapping, Value};
 use super::settings::{self, SettingKind, SettingRow};
 use crate::config::schema::{Concept, LrScheduler, RunConfig, Sampling, Training};
 
+/// The config checks `train` makes before it starts (values, then combinations
+/// this build refuses), so the wizard never saves a run that cannot start.
+fn check_like_the_trainer(config: &RunConfig) -> Result<(), String> {
+    crate::config::validate::validate(config)?;
+    crate::train::trainer::check_supported(config).map_err(|e| crate::error::one_line(&e))
+}
+
 fn absolute(p: &str) -> PathBuf {
     let p = PathBuf::from(p.trim());
     std::path::absolute(&p).unwrap_or(p)
@@ -692,12 +699,9 @@ impl WizardState {
                 (0..self.concepts.len()).try_for_each(|i| self.validate_concept(i))
             }
             Step::Training => self.training().map(|_| ()),
-            // The advanced panel's values, read as the config file would be.
-            Step::Vram => self.build_config().and_then(|c| crate::config::validate::validate(&c)),
-            Step::Review => {
-                let config = self.build_config()?;
-                crate::config::validate::validate(&config)
-            }
+            // The advanced panel's values, read and checked as the trainer will.
+            Step::Vram => self.build_config().and_then(|c| check_like_the_trainer(&c)),
+            Step::Review => check_like_the_trainer(&self.build_config()?),
         }
     }
 
