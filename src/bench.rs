@@ -36,6 +36,8 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
     };
     run.source_checkpoint = std::fs::canonicalize(model).with_context(|| format!("{} does not exist", model.display()))?;
     if let Some(d) = device {
+        // Checked here so that the error names the flag, not the config key.
+        crate::device::parse_device(d, false)?;
         run.device = d.to_string();
     }
     let images = scratch.path().join("images");

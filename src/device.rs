@@ -4,7 +4,9 @@ use tch::Device;
 
 use crate::error::usage;
 
-pub fn parse_device(name: &str) -> anyhow::Result<Device> {
+pub fn parse_device(name: &str, from_config: bool) -> anyhow::Result<Device> {
+    // Errors name where the choice came from: the flag or the config key.
+    let asked = if from_config { format!("`device: {name}`") } else { format!("--device {name}") };
     match name {
         "cpu" => Ok(Device::Cpu),
         "auto" => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
@@ -12,19 +14,19 @@ pub fn parse_device(name: &str) -> anyhow::Result<Device> {
             if tch::Cuda::is_available() {
                 Ok(Device::Cuda(0))
             } else {
-                Err(usage("--device cuda was asked for but no CUDA device is available"))
+                Err(usage(format!("{asked} was asked for but no CUDA device is available (auto or cpu trains on the CPU)")))
             }
         }
         other => {
             if let Some(n) = other.strip_prefix("cuda:") {
-                let n: usize = n.parse().map_err(|_| usage(format!("--device {other}: the CUDA index is not a number")))?;
+                let n: usize = n.parse().map_err(|_| usage(format!("{asked}: the CUDA index is not a number")))?;
                 let count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
                 if n >= count {
-                    return Err(usage(format!("--device {other}: there are only {count} CUDA devices")));
+                    return Err(usage(format!("{asked}: there are only {count} CUDA devices")));
                 }
                 Ok(Device::Cuda(n))
             } else {
-                Err(usage(format!("--device {other} is not one of cpu, cuda, cuda:N, auto")))
+                Err(usage(format!("{asked} is not one of cpu, cuda, cuda:N, auto")))
             }
         }
     }

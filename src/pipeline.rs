@@ -309,7 +309,7 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     if run_dir && args.model_config.is_some() {
         return Err(usage("--model-config does not apply to a run directory (its source model is read as it was for training)"));
     }
-    let device = crate::device::parse_device(&args.device)?;
+    let device = crate::device::parse_device(&args.device, false)?;
     let mut sd = if run_dir {
         // The run's checkpoint over its source model, as `export` would write it.
         let loaded = crate::train::export::load_run_model(&args.model, args.step)?;

@@ -14,6 +14,8 @@ use ratatui::Terminal;
 
 struct Fixture {
     model: String,
+    /// An RTX 4090 is found (else no GPU).
+    gpu: bool,
 }
 
 impl Sources for Fixture {
@@ -32,7 +34,7 @@ impl Sources for Fixture {
             .collect()
     }
     fn gpu(&self) -> Option<GpuInfo> {
-        Some(GpuInfo { name: "NVIDIA GeForce RTX 4090".into(), total_bytes: 24 << 30 })
+        self.gpu.then(|| GpuInfo { name: "NVIDIA GeForce RTX 4090".into(), total_bytes: 24 << 30 })
     }
 }
 
@@ -50,8 +52,46 @@ fn setup() -> Setup {
     for name in ["1.png", "2.png", "3.png"] {
         image::RgbImage::new(8, 8).save(data.join(name)).unwrap();
     }
-    let state = WizardState::new(&root.path().join("runs"), Box::new(Fixture { model: model.display().to_string() }));
+    let state = WizardState::new(&root.path().join("runs"), Box::new(Fixture { model: model.display().to_string(), gpu: true }));
     Setup { root, state }
+}
+
+/// The wizard on a machine without a GPU, at the VRAM step of a valid run.
+fn at_vram_without_gpu(root: &Path) -> WizardState {
+    let model = root.join("v1-5.safetensors");
+    let mut state = WizardState::new(&root.join("runs"), Box::new(Fixture { model: model.display().to_string(), gpu: false }));
+    type_text(&mut state, "cpu-run");
+    state.apply(Action::Next);
+    state.apply(Action::FocusNext);
+    state.apply(Action::Next);
+    state.apply(Action::AddConcept);
+    type_text(&mut state, &root.join("dog").display().to_string());
+    state.apply(Action::FocusNext);
+    type_text(&mut state, "a photo of sks dog");
+    state.apply(Action::Next);
+    state.apply(Action::Next);
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Vram, "{:?}", state.error);
+    state
+}
+
+/// Asking for CUDA where there is none is refused before the run is saved.
+#[test]
+fn a_cuda_device_without_a_gpu_is_refused() {
+    let Setup { root, .. } = setup();
+    let mut state = at_vram_without_gpu(root.path());
+    state.apply(Action::ToggleAdvanced);
+    focus_setting(&mut state, "device");
+    while state.advanced_rows()[state.advanced_focus].value != "cuda" {
+        state.apply(Action::Right);
+    }
+    state.apply(Action::Next);
+    if tch::Cuda::is_available() {
+        return; // this machine has CUDA that NVML did not report: nothing to refuse
+    }
+    assert_eq!(state.step, Step::Vram);
+    let error = state.error.clone().unwrap_or_default();
+    assert!(error.contains("`device: cuda` needs a CUDA GPU and this machine has none"), "{error}");
 }
 
 fn type_text(state: &mut WizardState, text: &str) {

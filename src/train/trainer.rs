@@ -198,7 +198,7 @@ impl Trainer {
     pub fn start(config: RunConfig, options: TrainOptions) -> anyhow::Result<Trainer> {
         check_supported(&config)?;
         let instances = dataset::load_instances(&config)?;
-        let device = crate::device::parse_device(&config.device)?;
+        let device = crate::device::parse_device(&config.device, true)?;
         let run_dir = prepare_new_run_dir(&config)?;
         let lock = RunLock::acquire(&run_dir)?;
         let yaml = serde_yaml::to_string(&config)?;
@@ -219,7 +219,7 @@ impl Trainer {
         let lock = RunLock::acquire(run_dir)?;
         let (step, dir) = ckpt::find_checkpoint(run_dir, None)?;
         let instances = dataset::load_instances(&config)?;
-        let device = crate::device::parse_device(&config.device)?;
+        let device = crate::device::parse_device(&config.device, true)?;
         let mut t = Trainer::build(config, run_dir.to_path_buf(), lock, device, instances, options, Some((step, dir.clone())))?;
         if let Err(e) = t.load_checkpoint(&dir) {
             // A damaged newest checkpoint (disk fault, a copy cut short): say

@@ -700,9 +700,19 @@ impl WizardState {
             }
             Step::Training => self.training().map(|_| ()),
             // The advanced panel's values, read and checked as the trainer will.
-            Step::Vram => self.build_config().and_then(|c| check_like_the_trainer(&c)),
-            Step::Review => check_like_the_trainer(&self.build_config()?),
+            Step::Vram => self.build_config().and_then(|c| self.check_config(&c)),
+            Step::Review => self.check_config(&self.build_config()?),
         }
+    }
+
+    /// What `train` will check before it starts, and a CUDA device this machine lacks.
+    fn check_config(&self, config: &RunConfig) -> Result<(), String> {
+        check_like_the_trainer(config)?;
+        // NVML found no GPU; libtorch is asked only then (it may see one NVML cannot).
+        if config.device.starts_with("cuda") && self.gpu.is_none() && !tch::Cuda::is_available() {
+            return Err(format!("`device: {}` needs a CUDA GPU and this machine has none; choose auto or cpu", config.device));
+        }
+        Ok(())
     }
 
     fn validate_name(&self) -> Result<(), String> {
