@@ -161,4 +161,17 @@ keys "stty -a | grep -qw -- -icanon && echo TERMINAL-LEFT-RAW || echo TERMINAL-R
 wait_for 10 "^TERMINAL-(RESTORED|LEFT-RAW)" "the terminal mode"
 screen | grep -q "^TERMINAL-RESTORED" || fail "SIGTERM left the terminal in raw mode"
 echo "terminal restored after SIGTERM"
-echo "PASS: wizard -> detached run -> dashboard -> detach -> tmux killed -> attach -> finished"
+
+# The connection drops while a dashboard is attached: the dashboard must end with
+# its terminal, not spin on it (crossterm retries a hung-up terminal's reads).
+keys "bash -c 'echo \$\$ > attach2.pid; exec \"$bin\" attach runs/e2e'" Enter
+wait_for 20 "finished" "the dashboard before the hang-up"
+attach_pid="$(cat "$work/attach2.pid")"
+tm kill-server
+deadline=$((SECONDS + 10))
+while kill -0 "$attach_pid" 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { kill -9 "$attach_pid"; fail "the dashboard outlived its terminal by 10 s"; }
+    sleep 0.3
+done
+echo "dashboard ended with its terminal"
+echo "PASS: wizard -> detached run -> dashboard -> detach -> tmux killed -> attach -> finished -> hang-up ends the dashboard"

@@ -56,22 +56,29 @@ fn setup() -> Setup {
     Setup { root, state }
 }
 
-/// The wizard on a machine without a GPU, at the VRAM step of a valid run.
-fn at_vram_without_gpu(root: &Path) -> WizardState {
-    let model = root.join("v1-5.safetensors");
-    let mut state = WizardState::new(&root.join("runs"), Box::new(Fixture { model: model.display().to_string(), gpu: false }));
-    type_text(&mut state, "cpu-run");
+/// Drives the wizard from its first step to the VRAM step: run `name`, the first
+/// found model, one concept on `root/dog` with `prompt`, the training defaults.
+fn to_vram_step(state: &mut WizardState, root: &Path, name: &str, prompt: &str) {
+    type_text(state, name);
     state.apply(Action::Next);
     state.apply(Action::FocusNext);
     state.apply(Action::Next);
     state.apply(Action::AddConcept);
-    type_text(&mut state, &root.join("dog").display().to_string());
+    type_text(state, &root.join("dog").display().to_string());
     state.apply(Action::FocusNext);
-    type_text(&mut state, "a photo of sks dog");
+    type_text(state, prompt);
     state.apply(Action::Next);
     state.apply(Action::Next);
+    assert_eq!(state.step, Step::Training, "{:?}", state.error);
     state.apply(Action::Next);
     assert_eq!(state.step, Step::Vram, "{:?}", state.error);
+}
+
+/// The wizard on a machine without a GPU, at the VRAM step of a valid run.
+fn at_vram_without_gpu(root: &Path) -> WizardState {
+    let model = root.join("v1-5.safetensors");
+    let mut state = WizardState::new(&root.join("runs"), Box::new(Fixture { model: model.display().to_string(), gpu: false }));
+    to_vram_step(&mut state, root, "cpu-run", "a photo of sks dog");
     state
 }
 
@@ -349,19 +356,7 @@ fn saved_yaml_snapshot(root: &Path, name: &str, text: &str) {
 fn untouched_settings_follow_the_preset() {
     let Setup { root, mut state } = setup();
     let r = root.path();
-    type_text(&mut state, "cat");
-    state.apply(Action::Next);
-    state.apply(Action::FocusNext);
-    state.apply(Action::Next);
-    state.apply(Action::AddConcept);
-    type_text(&mut state, &r.join("dog").display().to_string());
-    state.apply(Action::FocusNext);
-    type_text(&mut state, "a photo of sks cat");
-    state.apply(Action::Next);
-    state.apply(Action::Next);
-    assert_eq!(state.step, Step::Training, "{:?}", state.error);
-    state.apply(Action::Next);
-    assert_eq!(state.step, Step::Vram, "{:?}", state.error);
+    to_vram_step(&mut state, r, "cat", "a photo of sks cat");
     // 24gb preselected (full fine-tuning, the default 1e-6); 8gb is LoRA at 1e-4.
     assert_eq!(state.learning_rate, "1e-6");
     state.apply(Action::FocusPrev);

@@ -26,6 +26,9 @@ pub struct TerminalGuard {
     pub terminal: DefaultTerminal,
     interrupted: Arc<AtomicBool>,
     signals: Vec<signal_hook::SigId>,
+    /// Set on drop: the hang-up watchdog's cue to stop.
+    done: Arc<AtomicBool>,
+    stdin_is_terminal: bool,
 }
 
 impl TerminalGuard {
@@ -48,23 +51,61 @@ impl TerminalGuard {
                 return Err(e).context("cannot set up the terminal");
             }
         };
-        Ok(TerminalGuard { terminal, interrupted, signals })
+        let done = Arc::new(AtomicBool::new(false));
+        let stdin_is_terminal = std::io::stdin().is_terminal();
+        if stdin_is_terminal {
+            watch_for_hang_up(done.clone());
+        }
+        Ok(TerminalGuard { terminal, interrupted, signals, done, stdin_is_terminal })
     }
 
-    /// A signal asked this program to end: the screen should return.
+    /// A signal asked this program to end, or the terminal is gone: the screen
+    /// should return.
     pub fn interrupted(&self) -> bool {
-        self.interrupted.load(Ordering::Relaxed)
+        self.interrupted.load(Ordering::Relaxed) || (self.stdin_is_terminal && terminal_hung_up())
     }
 }
 
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
         ratatui::restore();
         // The default actions again, for whatever runs after this screen.
         for id in self.signals.drain(..) {
             signal_hook::low_level::unregister(id);
         }
     }
+}
+
+/// The terminal on stdin has hung up (the SSH connection or the tmux server
+/// went away). No SIGHUP need arrive: a shell killed first does not pass it on.
+/// (Asked only when stdin was a terminal at the start: a hung-up one no longer
+/// says it is one.)
+fn terminal_hung_up() -> bool {
+    let mut fd = libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, timeout 0 (returns at once).
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// crossterm's event reader retries a read of 0 bytes for ever (0.29,
+/// event/source/unix/mio.rs), so on a hung-up terminal a screen inside
+/// `event::poll` never returns to look at `interrupted` and spins a core. This
+/// thread ends the process once the terminal has been gone a second: nobody
+/// can see the screen any more, and the trainer is a process of its own.
+fn watch_for_hang_up(done: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        while !done.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            if terminal_hung_up() {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                if !done.load(Ordering::Relaxed) {
+                    // 128 + SIGHUP: the status a hang-up would have left.
+                    std::process::exit(129);
+                }
+            }
+        }
+    });
 }
 
 /// How long a screen waits for a key before looking at signals and the run again.
