@@ -441,7 +441,7 @@ fn every_step_draws_at_any_size() {
     let Setup { root, mut state } = setup();
     let r = root.path();
     let sizes = [(80, 24), (40, 12), (20, 5), (1, 1), (160, 50)];
-    let mut check = |state: &WizardState| {
+    let check = |state: &WizardState| {
         for (w, h) in sizes {
             assert_eq!(screen_sized(state, w, h).lines().count(), h as usize);
         }
