@@ -554,14 +554,16 @@ impl Trainer {
     fn forward_backward(&self, b: &GraphInputs, text_states: Option<&Tensor>, te_training: bool, accum: u32) -> Tensor {
         let t = &self.config.training;
         let precision = self.precision;
-        let ehs = if let Some(states) = text_states {
-            states.shallow_clone()
-        } else if te_training {
-            let ids = b.ids.to_device(self.device);
-            precision.autocast(|| self.sd.text_encoder.forward(&ids, t.clip_skip)).to_kind(Kind::Float)
-        } else {
-            let ids = b.ids.to_device(self.device);
-            tch::no_grad(|| self.sd.text_encoder.forward(&ids, t.clip_skip))
+        let ehs = match text_states {
+            Some(states) => states.shallow_clone(),
+            None => {
+                let ids = b.ids.to_device(self.device);
+                if te_training {
+                    precision.autocast(|| self.sd.text_encoder.forward(&ids, t.clip_skip)).to_kind(Kind::Float)
+                } else {
+                    tch::no_grad(|| self.sd.text_encoder.forward(&ids, t.clip_skip))
+                }
+            }
         };
         let inputs = LossInputs {
             latents: &b.latents,

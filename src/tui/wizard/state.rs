@@ -482,8 +482,10 @@ impl WizardState {
                 self.lr_scheduler = LR_SCHEDULERS[(i + if forward { 1 } else { n - 1 }) % n];
             }
             (Step::Vram, _) if self.advanced => {
-                if let Some(value) = self.advanced_row().and_then(|r| settings::cycled(&r, forward)) {
-                    self.set_setting(value);
+                if let Some(row) = self.advanced_row() {
+                    if let Some(value) = settings::cycled(&row, forward) {
+                        self.set_setting(row.key, value);
+                    }
                 }
             }
             (Step::Training, 4) => {
@@ -645,17 +647,16 @@ impl WizardState {
         self.error = None;
     }
 
-    /// Sets the focused setting; the error line says at once if it does not read.
-    fn set_setting(&mut self, value: String) {
-        let Some(row) = self.advanced_row() else { return };
-        if row.key == "training.text_encoder_train_ratio" {
+    /// Sets a setting of the panel; the error line says at once if it does not read.
+    fn set_setting(&mut self, key: String, value: String) {
+        if key == "training.text_encoder_train_ratio" {
             // The training step shows this ratio: keep it in step.
             if let Ok(r) = value.trim().parse::<f64>() {
                 self.text_encoder_train_ratio = r;
                 self.touched.insert("text_encoder_train_ratio");
             }
         }
-        self.advanced_values.insert(row.key, value);
+        self.advanced_values.insert(key, value);
         match self.build_config() {
             Ok(config) => {
                 self.error = None;
@@ -671,7 +672,7 @@ impl WizardState {
         if matches!(row.kind, SettingKind::Number | SettingKind::Text) {
             let mut text = row.value;
             edit(&mut text);
-            self.set_setting(text);
+            self.set_setting(row.key, text);
         }
     }
 
