@@ -49,6 +49,8 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
     run.concepts = vec![Concept {
         instance_data_dir: images,
         instance_prompt: "a photo of sks dog".into(),
+        instance_token: String::new(),
+        class_token: String::new(),
         class_prompt: String::new(),
         class_data_dir: None,
         num_class_images: 0,

@@ -97,7 +97,7 @@ fn resume_after_an_interruption_is_bit_identical() {
 /// Std of the scaled VAE latents (posterior means) of `dir`'s images under the trainer's model.
 fn scaled_latent_std(t: &Trainer, dir: &std::path::Path) -> f64 {
     let _guard = tch::no_grad_guard();
-    let examples = dreambooth::data::dataset::load_folder(dir, "eval", "a photo of sks thing", 0, 64, None).unwrap();
+    let examples = dreambooth::data::dataset::load_folder(dir, "eval", |_| "a photo of sks thing".into(), 0, 64, None).unwrap();
     let pixels = Tensor::stack(&examples.iter().map(|e| e.pixels.shallow_clone()).collect::<Vec<_>>(), 0);
     (t.sd.vae.encode(&pixels).mean * t.sd.vae_config.scaling_factor).std(true).double_value(&[])
 }

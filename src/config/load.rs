@@ -86,6 +86,9 @@ fn concept_keys() -> Vec<String> {
     let mut keys = keys_of(&Concept {
         instance_data_dir: PathBuf::new(),
         instance_prompt: String::new(),
+        // Non-empty: empty tokens are not written, and every key must be listed.
+        instance_token: "x".into(),
+        class_token: "x".into(),
         class_prompt: String::new(),
         class_data_dir: Some(PathBuf::new()),
         num_class_images: 0,

@@ -37,8 +37,17 @@ pub struct RunConfig {
 #[serde(deny_unknown_fields)]
 pub struct Concept {
     pub instance_data_dir: PathBuf,
+    /// May hold `[filewords]`: each image's own words (see `data/prompts.rs`).
     pub instance_prompt: String,
-    /// Empty: no prior preservation.
+    /// The subject's rare token ("sks"): put into instance prompts that lack it
+    /// and taken out of class prompts (AUTOMATIC1111's "Instance Token").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance_token: String,
+    /// The subject's class word ("dog"): kept in class prompts, after the
+    /// instance token in instance prompts (AUTOMATIC1111's "Class Token").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub class_token: String,
+    /// Empty: no prior preservation. May hold `[filewords]`.
     #[serde(default)]
     pub class_prompt: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -9,8 +9,9 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::images::{list_images, load_rgb, resize_center_crop, to_tensor};
-use crate::config::schema::RunConfig;
+use super::images::{list_images, load_rgb, resize_center_crop, to_tensor, ImageFile};
+use super::prompts::{self, Role};
+use crate::config::schema::{Concept, RunConfig};
 use crate::error::usage;
 use crate::rng::CpuRng;
 
@@ -35,9 +36,17 @@ pub struct Dataset {
     pub prior_weights: Vec<f64>,
 }
 
-/// Loads the images of a folder as examples; every image is decoded now, so a
-/// bad file stops the run before anything is written.
-pub fn load_folder(dir: &Path, what: &str, prompt: &str, concept: usize, resolution: i64, limit: Option<usize>) -> anyhow::Result<Vec<Example>> {
+/// Loads the images of a folder as examples, each with the prompt `prompt_of`
+/// gives it; every image is decoded now, so a bad file stops the run before
+/// anything is written.
+pub fn load_folder(
+    dir: &Path,
+    what: &str,
+    prompt_of: impl Fn(&ImageFile) -> String,
+    concept: usize,
+    resolution: i64,
+    limit: Option<usize>,
+) -> anyhow::Result<Vec<Example>> {
     let mut files = list_images(dir, what)?;
     if let Some(n) = limit {
         files.truncate(n);
@@ -47,15 +56,25 @@ pub fn load_folder(dir: &Path, what: &str, prompt: &str, concept: usize, resolut
         .map(|f| {
             let img = load_rgb(&f.path)?;
             let img = resize_center_crop(&img, resolution as u32);
-            Ok(Example {
-                pixels: to_tensor(&img),
-                prompt: f.caption.filter(|c| !c.is_empty()).unwrap_or_else(|| prompt.to_string()),
-                concept,
-                ids: Vec::new(),
-                cached: None,
-            })
+            Ok(Example { pixels: to_tensor(&img), prompt: prompt_of(&f), concept, ids: Vec::new(), cached: None })
         })
         .collect()
+}
+
+/// An instance image's prompt: the concept's instance prompt with its
+/// `[filewords]` and tokens filled in.
+pub fn instance_prompt(concept: &Concept, image: &ImageFile) -> String {
+    prompts::build(&concept.instance_prompt, &prompts::file_words(image), concept, Role::Instance)
+}
+
+/// A class image's prompt. With `[filewords]` in the class prompt, a class
+/// image's caption file is its whole prompt (the trainer writes the prompt it
+/// generated the image with there, as the AUTOMATIC1111 extension does).
+pub fn class_prompt(concept: &Concept, image: &ImageFile) -> String {
+    match &image.caption {
+        Some(caption) if prompts::uses_filewords(&concept.class_prompt) && !caption.is_empty() => caption.clone(),
+        _ => prompts::build(&concept.class_prompt, &prompts::file_words(image), concept, Role::Class),
+    }
 }
 
 /// Every concept's instance images; an empty folder is a usage error.
@@ -63,7 +82,7 @@ pub fn load_instances(config: &RunConfig) -> anyhow::Result<Vec<Example>> {
     let mut all = Vec::new();
     for (i, c) in config.concepts.iter().enumerate() {
         let what = format!("concepts[{i}].instance_data_dir");
-        let examples = load_folder(&c.instance_data_dir, &what, &c.instance_prompt, i, config.resolution, None)?;
+        let examples = load_folder(&c.instance_data_dir, &what, |f| instance_prompt(c, f), i, config.resolution, None)?;
         if examples.is_empty() {
             return Err(usage(format!(
                 "{what} {} holds no images (png, jpg, jpeg, webp, bmp)",
@@ -73,6 +92,20 @@ pub fn load_instances(config: &RunConfig) -> anyhow::Result<Vec<Example>> {
         all.extend(examples);
     }
     Ok(all)
+}
+
+/// A note for the log when a folder has caption files its prompt does not use
+/// (no `[filewords]`): the captions are read only where the prompt asks.
+pub fn unused_captions_note(dir: &Path, what: &str, prompt: &str) -> Option<String> {
+    if prompts::uses_filewords(prompt) {
+        return None;
+    }
+    let captioned = list_images(dir, what).ok()?.iter().filter(|f| f.caption.is_some()).count();
+    (captioned > 0).then(|| {
+        format!(
+            "{what}: {captioned} images have a caption (.txt) that is not used; put [filewords] in the prompt to train on them"
+        )
+    })
 }
 
 impl Dataset {

@@ -366,6 +366,12 @@ impl Trainer {
         }
         let precision = Precision::new(t.mixed_precision, device);
         log.line(&precision.describe());
+        for (i, c) in config.concepts.iter().enumerate() {
+            let what = format!("concepts[{i}].instance_data_dir");
+            if let Some(note) = dataset::unused_captions_note(&c.instance_data_dir, &what, &c.instance_prompt) {
+                log.line(&note);
+            }
+        }
         let classes = prepare_class_images(&config, run_dir, &sd, log)?;
         let mut data = Dataset {
             instances,

@@ -7,8 +7,10 @@ use anyhow::Context;
 use tch::{Device, Tensor};
 
 use super::{move_parameters, RunLog, Trainer};
-use crate::config::schema::RunConfig;
+use crate::config::schema::{Concept, RunConfig};
 use crate::data::dataset;
+use crate::data::images::list_images;
+use crate::data::prompts::{file_words, uses_filewords, Role};
 use crate::pipeline::{save_png, SampleRequest, StableDiffusion};
 use crate::run::events::Event;
 use crate::train::checkpoint as ckpt;
@@ -92,7 +94,10 @@ impl Trainer {
 
 /// Class images of every concept with a class prompt: the first
 /// `num_class_images` of its class_data_dir (default: `class_images/concept-N` in
-/// the run directory), generating the missing ones with the source model.
+/// the run directory), generating the missing ones with the source model. With
+/// `[filewords]` in the class prompt, the images are generated from the instance
+/// images' words in turn (the class version of each caption) and each one's
+/// prompt is written beside it in `<image>.txt`.
 pub(super) fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &StableDiffusion, log: &mut RunLog) -> anyhow::Result<Vec<Vec<dataset::Example>>> {
     let mut all = Vec::new();
     for (i, c) in config.concepts.iter().enumerate() {
@@ -103,15 +108,17 @@ pub(super) fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &Stab
         let dir = c.class_data_dir.clone().unwrap_or_else(|| run_dir.join("class_images").join(format!("concept-{i}")));
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the class_data_dir {}", dir.display()))?;
         let what = format!("concepts[{i}].class_data_dir");
-        let have = crate::data::images::list_images(&dir, &what)?.len();
+        let have = list_images(&dir, &what)?.len();
         let want = c.num_class_images as usize;
         if have < want {
+            let prompts = generation_prompts(c, i)?;
             log.line(&format!("generating {} class images for {:?} into {}", want - have, c.class_prompt, dir.display()));
             let bar = crate::pipeline::progress_bar((want - have) as u64);
             let s = &config.sampling;
             for n in have..want {
+                let prompt = prompts[n % prompts.len()].clone();
                 let req = SampleRequest {
-                    prompt: c.class_prompt.clone(),
+                    prompt: prompt.clone(),
                     negative: s.negative_prompt.clone(),
                     seed: config.seed.wrapping_add(n as u64),
                     steps: s.steps,
@@ -123,16 +130,36 @@ pub(super) fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &Stab
                 };
                 let image = sd.text_to_image(&req, |_, _| {})?;
                 let path = next_free_name(&dir, n);
+                if uses_filewords(&c.class_prompt) {
+                    // The caption first: an image without it would be read with the template's words.
+                    let caption = path.with_extension("txt");
+                    std::fs::write(&caption, &prompt).with_context(|| format!("cannot write {}", caption.display()))?;
+                }
                 save_png(&image, &path)?;
                 bar.inc(1);
-                log.line(&format!("class image {}/{want}: {}", n + 1, path.display()));
+                log.line(&format!("class image {}/{want}: {} ({prompt:?})", n + 1, path.display()));
             }
             bar.finish_and_clear();
         }
-        let examples = dataset::load_folder(&dir, &what, &c.class_prompt, i, config.resolution, Some(want))?;
+        if let Some(note) = dataset::unused_captions_note(&dir, &what, &c.class_prompt) {
+            log.line(&note);
+        }
+        let examples = dataset::load_folder(&dir, &what, |f| dataset::class_prompt(c, f), i, config.resolution, Some(want))?;
         all.push(examples);
     }
     Ok(all)
+}
+
+/// The prompts class images are generated with: the class prompt, or with
+/// `[filewords]` one per instance image (its words made a class caption).
+fn generation_prompts(c: &Concept, index: usize) -> anyhow::Result<Vec<String>> {
+    let template = |words: &str| crate::data::prompts::build(&c.class_prompt, words, c, Role::Class);
+    if !uses_filewords(&c.class_prompt) {
+        return Ok(vec![template("")]);
+    }
+    let images = list_images(&c.instance_data_dir, &format!("concepts[{index}].instance_data_dir"))?;
+    let prompts: Vec<String> = images.iter().map(|f| template(&file_words(f))).collect();
+    Ok(if prompts.is_empty() { vec![template("")] } else { prompts })
 }
 
 fn next_free_name(dir: &Path, n: usize) -> PathBuf {

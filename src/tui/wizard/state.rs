@@ -152,6 +152,8 @@ pub struct ConceptDraft {
     pub prior_loss_weight: String,
     /// Preview prompts separated by `|`; empty: the instance prompt.
     pub sample_prompts: String,
+    pub instance_token: String,
+    pub class_token: String,
 }
 
 impl Default for ConceptDraft {
@@ -165,6 +167,8 @@ impl Default for ConceptDraft {
             class_dir: String::new(),
             prior_loss_weight: "1.0".into(),
             sample_prompts: String::new(),
+            instance_token: String::new(),
+            class_token: String::new(),
         }
     }
 }
@@ -180,7 +184,7 @@ pub fn count_images(dir: &str) -> Result<usize, String> {
 }
 
 /// Fields of the concept form, in focus order.
-pub const CONCEPT_FIELDS: usize = 8;
+pub const CONCEPT_FIELDS: usize = 10;
 /// Fields of the training step, in focus order.
 pub const TRAINING_FIELDS: usize = 5;
 
@@ -329,6 +333,8 @@ impl WizardState {
                     5 => Some(&mut c.class_dir),
                     6 => Some(&mut c.prior_loss_weight),
                     7 => Some(&mut c.sample_prompts),
+                    8 => Some(&mut c.instance_token),
+                    9 => Some(&mut c.class_token),
                     _ => None,
                 }
             }
@@ -814,6 +820,8 @@ impl WizardState {
             .map(|c| Concept {
                 instance_data_dir: absolute(&c.instance_dir),
                 instance_prompt: c.instance_prompt.trim().to_string(),
+                instance_token: c.instance_token.trim().to_string(),
+                class_token: c.class_token.trim().to_string(),
                 class_prompt: c.class_prompt.trim().to_string(),
                 class_data_dir: (!c.class_dir.trim().is_empty()).then(|| absolute(c.class_dir.trim())),
                 num_class_images: c.class_images.trim().parse().unwrap_or(0),

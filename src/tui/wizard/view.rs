@@ -166,6 +166,8 @@ fn draw_concept_form(frame: &mut Frame, area: Rect, state: &WizardState) {
         field_line("Class folder", &c.class_dir, state.focus == 5, "empty: class_images/ in the run"),
         field_line("Prior loss weight", &c.prior_loss_weight, state.focus == 6, ""),
         field_line("Sample prompts", &c.sample_prompts, state.focus == 7, "| between prompts; empty: the instance prompt"),
+        field_line("Instance token", &c.instance_token, state.focus == 8, "e.g. sks: put into instance prompts that lack it"),
+        field_line("Class token", &c.class_token, state.focus == 9, "e.g. dog: what class prompts keep"),
     ];
     if !state.completions.is_empty() {
         lines.push(hint(format!("  {}", state.completions.join("  "))));
