@@ -176,6 +176,45 @@ fn prior_preservation_generates_the_missing_class_images() {
     t.train_step().unwrap();
 }
 
+/// `[filewords]` and the concept's tokens give each image its own prompt, and
+/// class images are generated from the class version of each caption.
+#[test]
+fn filewords_and_tokens_give_each_image_its_own_prompt() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, class_dir) = (root.path().join("data"), root.path().join("class"));
+    subject_images(&data, 2);
+    std::fs::write(data.join("img-0.txt"), "a thing on grass\n").unwrap();
+    std::fs::write(data.join("img-1.txt"), "sks thing, close-up").unwrap();
+    let cfg = write_config(root.path(), "filewords", &data, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "    instance_prompt: a photo of sks thing\n",
+        &format!(
+            "    instance_prompt: a photo of [filewords]\n    instance_token: sks\n    class_token: thing\n    \
+             class_prompt: a photo of [filewords]\n    class_data_dir: {}\n    num_class_images: 2\n",
+            class_dir.display()
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    let prompts: Vec<&str> = t.data.instances.iter().map(|e| e.prompt.as_str()).collect();
+    assert_eq!(prompts, ["a photo of sks thing on grass", "a photo of sks thing, close-up"]);
+    assert_ne!(t.data.instances[0].ids, t.data.instances[1].ids);
+    // One class image per instance caption, its prompt (no subject token) beside it.
+    let class_prompts: Vec<&str> = t.data.classes[0].iter().map(|e| e.prompt.as_str()).collect();
+    assert_eq!(class_prompts, ["a photo of a thing on grass", "a photo of thing, close-up"]);
+    for (k, prompt) in class_prompts.iter().enumerate() {
+        assert_eq!(std::fs::read_to_string(class_dir.join(format!("class-{k:05}.txt"))).unwrap(), *prompt);
+    }
+    t.train_step().unwrap();
+
+    // Captions a prompt does not ask for are not used, and the log says so.
+    let cfg = write_config(root.path(), "plain", &data, "");
+    let t = Trainer::start(load(&cfg), quiet()).unwrap();
+    assert!(t.data.instances.iter().all(|e| e.prompt == "a photo of sks thing"));
+    let log = std::fs::read_to_string(t.run_dir.join("train.log")).unwrap();
+    assert!(log.contains("2 images have a caption (.txt) that is not used"), "{log}");
+}
+
 #[test]
 fn a_second_trainer_on_a_live_run_is_refused() {
     let root = tempfile::tempdir().unwrap();

@@ -220,6 +220,10 @@ fn every_step_with_validation_then_save() {
     type_text(&mut state, "1.5");
     state.apply(Action::FocusNext); // sample prompts
     type_text(&mut state, "a photo of sks dog on the beach | a painting of sks dog");
+    state.apply(Action::FocusNext); // instance token
+    type_text(&mut state, "sks");
+    state.apply(Action::FocusNext); // class token
+    type_text(&mut state, "dog");
     state.error = None;
     snapshot(r, "wizard_3_concept_form", &state);
     state.apply(Action::Next);
@@ -294,6 +298,7 @@ fn every_step_with_validation_then_save() {
     assert_eq!(concept.class_data_dir.as_deref(), Some(r.join("class-dog").as_path()));
     assert_eq!(concept.prior_loss_weight, 1.5);
     assert_eq!(concept.sample_prompts, ["a photo of sks dog on the beach", "a painting of sks dog"]);
+    assert_eq!((concept.instance_token.as_str(), concept.class_token.as_str()), ("sks", "dog"));
     assert!(config.training.use_lora);
     assert_eq!(config.sampling.steps, 20);
     // The presets were rated again (LoRA needs less); Esc closes the panel.

@@ -159,7 +159,7 @@ fn draw_concept_form(frame: &mut Frame, area: Rect, state: &WizardState) {
     );
     let mut lines = vec![
         field_line("Instance folder", &c.instance_dir, state.focus == 0, &images),
-        field_line("Instance prompt", &c.instance_prompt, state.focus == 1, ""),
+        field_line("Instance prompt", &c.instance_prompt, state.focus == 1, "[filewords]: each image's .txt caption"),
         field_line("Class prompt", &c.class_prompt, state.focus == 2, "empty: no prior preservation"),
         field_line("Class images", &c.class_images, state.focus == 3, ""),
         field_line("Subject", &kind, state.focus == 4, &recommended),
