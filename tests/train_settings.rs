@@ -206,6 +206,11 @@ fn filewords_and_tokens_give_each_image_its_own_prompt() {
         assert_eq!(std::fs::read_to_string(class_dir.join(format!("class-{k:05}.txt"))).unwrap(), *prompt);
     }
     t.train_step().unwrap();
+    // A preview prompt with [filewords] takes the instance images' words in turn.
+    t.config.concepts[0].sample_prompts = vec!["[filewords], at night".into(), "[filewords], at night".into()];
+    t.previews().unwrap();
+    let sample = named_events(&t.run_dir, "sample").pop().unwrap();
+    assert_eq!(sample["prompts"], serde_json::json!(["sks thing on grass, at night", "sks thing, close-up, at night"]));
 
     // Captions a prompt does not ask for are not used, and the log says so.
     let cfg = write_config(root.path(), "plain", &data, "");

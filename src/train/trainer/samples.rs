@@ -23,7 +23,7 @@ impl Trainer {
         let prompts: Vec<String> = match &self.imagic {
             // One image from the interpolated embedding (the prompt is its target text).
             Some(_) => vec![self.config.concepts[0].instance_prompt.clone()],
-            None => self.config.concepts.iter().flat_map(|c| c.sample_prompts.clone()).collect(),
+            None => self.config.concepts.iter().flat_map(sample_prompts).collect(),
         };
         self.last_sample_step = Some(self.step);
         if prompts.is_empty() {
@@ -86,10 +86,28 @@ impl Trainer {
         result?;
         let rel: Vec<String> =
             paths.iter().map(|p| p.strip_prefix(&self.run_dir).unwrap_or(p).display().to_string()).collect();
-        self.events.write(&Event::named("sample", serde_json::json!({ "step": self.step, "paths": rel })))?;
+        self.events.write(&Event::named("sample", serde_json::json!({ "step": self.step, "paths": rel, "prompts": prompts })))?;
         self.log.line(&format!("previews: {}", rel.join(", ")));
         Ok(paths)
     }
+}
+
+/// A concept's preview prompts; one holding `[filewords]` (the wizard's
+/// default when the instance prompt does) takes the words of the instance
+/// images in turn, made an instance prompt as in training.
+fn sample_prompts(c: &Concept) -> Vec<String> {
+    let images = list_images(&c.instance_data_dir, "instance_data_dir").unwrap_or_default();
+    c.sample_prompts
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            if !uses_filewords(p) {
+                return p.clone();
+            }
+            let words = if images.is_empty() { String::new() } else { file_words(&images[k % images.len()]) };
+            crate::data::prompts::build(p, &words, c, Role::Instance)
+        })
+        .collect()
 }
 
 /// Class images of every concept with a class prompt: the first
