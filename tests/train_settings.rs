@@ -185,6 +185,7 @@ fn filewords_and_tokens_give_each_image_its_own_prompt() {
     subject_images(&data, 2);
     std::fs::write(data.join("img-0.txt"), "a thing on grass\n").unwrap();
     std::fs::write(data.join("img-1.txt"), "sks thing, close-up").unwrap();
+    let long = "a thing, ".repeat(40);
     let cfg = write_config(root.path(), "filewords", &data, "");
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "    instance_prompt: a photo of sks thing\n",
@@ -211,6 +212,17 @@ fn filewords_and_tokens_give_each_image_its_own_prompt() {
     t.previews().unwrap();
     let sample = named_events(&t.run_dir, "sample").pop().unwrap();
     assert_eq!(sample["prompts"], serde_json::json!(["sks thing on grass, at night", "sks thing, close-up, at night"]));
+
+    // A caption longer than CLIP reads is cut, and the log says so.
+    std::fs::write(data.join("img-1.txt"), &long).unwrap();
+    let cfg_long = write_config(root.path(), "long", &data, "");
+    let yaml = std::fs::read_to_string(&cfg_long).unwrap().replace("instance_prompt: a photo of sks thing", "instance_prompt: '[filewords]'");
+    std::fs::write(&cfg_long, yaml).unwrap();
+    let t = Trainer::start(load(&cfg_long), quiet()).unwrap();
+    assert_eq!(t.data.instances[1].ids.len(), 77);
+    let log = std::fs::read_to_string(t.run_dir.join("train.log")).unwrap();
+    assert!(log.contains("1 prompts are longer than the text encoder's 77 tokens"), "{log}");
+    std::fs::write(data.join("img-1.txt"), "sks thing, close-up").unwrap();
 
     // Captions a prompt does not ask for are not used, and the log says so.
     let cfg = write_config(root.path(), "plain", &data, "");

@@ -109,10 +109,17 @@ pub fn unused_captions_note(dir: &Path, what: &str, prompt: &str) -> Option<Stri
 }
 
 impl Dataset {
-    pub fn tokenize(&mut self, tokenizer: &crate::tokenizer::ClipTokenizer, max_len: usize) {
+    /// Fills every example's token ids; returns the distinct prompts longer than
+    /// `max_len` tokens, which are cut there (CLIP reads no more).
+    pub fn tokenize(&mut self, tokenizer: &crate::tokenizer::ClipTokenizer, max_len: usize) -> Vec<String> {
+        let mut cut = Vec::new();
         for e in self.instances.iter_mut().chain(self.classes.iter_mut().flatten()) {
             e.ids = tokenizer.encode_padded(&e.prompt, max_len);
+            if tokenizer.encode(&e.prompt).len() > max_len && !cut.contains(&e.prompt) {
+                cut.push(e.prompt.clone());
+            }
         }
+        cut
     }
 
     pub fn has_prior(&self) -> bool {

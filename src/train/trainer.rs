@@ -379,7 +379,13 @@ impl Trainer {
             prior_weights: config.concepts.iter().map(|c| c.prior_loss_weight).collect(),
         };
         let max_len = sd.text_config.max_position_embeddings as usize;
-        data.tokenize(&sd.tokenizer, max_len);
+        let cut = data.tokenize(&sd.tokenizer, max_len);
+        if let Some(first) = cut.first() {
+            log.line(&format!(
+                "{} prompts are longer than the text encoder's {max_len} tokens and are cut there, e.g. {first:?}",
+                cut.len()
+            ));
+        }
         if t.cache_latents {
             let vae = &sd.vae;
             let encode = |x: &Tensor| {
