@@ -54,6 +54,9 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
         class_prompt: String::new(),
         class_data_dir: None,
         num_class_images: 0,
+        class_negative_prompt: String::new(),
+        class_guidance_scale: None,
+        class_infer_steps: None,
         prior_loss_weight: 1.0,
         sample_prompts: Vec::new(),
     }];

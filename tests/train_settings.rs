@@ -176,6 +176,37 @@ fn prior_preservation_generates_the_missing_class_images() {
     t.train_step().unwrap();
 }
 
+/// The class-generation keys reach the sampler: each one changes the class image.
+#[test]
+fn class_generation_settings_change_the_class_images() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    let class_image = |name: &str, extra: &str| -> Vec<u8> {
+        let class_dir = root.path().join(format!("class-{name}"));
+        let cfg = write_config(root.path(), name, &data, "");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "    instance_prompt: a photo of sks thing\n",
+            &format!(
+                "    instance_prompt: a photo of sks thing\n    class_prompt: a photo of a thing\n    class_data_dir: {}\n    num_class_images: 1\n{extra}",
+                class_dir.display()
+            ),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        Trainer::start(load(&cfg), quiet()).unwrap();
+        std::fs::read(class_dir.join("class-00000.png")).unwrap()
+    };
+    let plain = class_image("plain", "");
+    assert_eq!(plain, class_image("same", ""), "class images are reproducible");
+    for (name, extra) in [
+        ("negative", "    class_negative_prompt: blurry\n"),
+        ("guidance", "    class_guidance_scale: 1.0\n"),
+        ("steps", "    class_infer_steps: 1\n"),
+    ] {
+        assert_ne!(plain, class_image(name, extra), "{name}");
+    }
+}
+
 /// `[filewords]` and the concept's tokens give each image its own prompt, and
 /// class images are generated from the class version of each caption.
 #[test]

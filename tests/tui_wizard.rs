@@ -224,6 +224,18 @@ fn every_step_with_validation_then_save() {
     type_text(&mut state, "sks");
     state.apply(Action::FocusNext); // class token
     type_text(&mut state, "dog");
+    state.apply(Action::FocusNext); // class negative prompt
+    type_text(&mut state, "blurry");
+    state.apply(Action::FocusNext); // class CFG scale
+    type_text(&mut state, "strong");
+    state.apply(Action::Next);
+    assert!(state.error.as_deref().unwrap().contains("class CFG scale \"strong\" must be a number"), "{:?}", state.error);
+    for _ in 0.."strong".len() {
+        state.apply(Action::Backspace);
+    }
+    type_text(&mut state, "5");
+    state.apply(Action::FocusNext); // class steps
+    type_text(&mut state, "40");
     state.error = None;
     snapshot(r, "wizard_3_concept_form", &state);
     state.apply(Action::Next);
@@ -299,6 +311,8 @@ fn every_step_with_validation_then_save() {
     assert_eq!(concept.prior_loss_weight, 1.5);
     assert_eq!(concept.sample_prompts, ["a photo of sks dog on the beach", "a painting of sks dog"]);
     assert_eq!((concept.instance_token.as_str(), concept.class_token.as_str()), ("sks", "dog"));
+    assert_eq!(concept.class_negative_prompt, "blurry");
+    assert_eq!((concept.class_guidance_scale, concept.class_infer_steps), (Some(5.0), Some(40)));
     assert!(config.training.use_lora);
     assert_eq!(config.sampling.steps, 20);
     // The presets were rated again (LoRA needs less); Esc closes the panel.

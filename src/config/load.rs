@@ -92,6 +92,9 @@ fn concept_keys() -> Vec<String> {
         class_prompt: String::new(),
         class_data_dir: Some(PathBuf::new()),
         num_class_images: 0,
+        class_negative_prompt: "x".into(),
+        class_guidance_scale: Some(0.0),
+        class_infer_steps: Some(0),
         prior_loss_weight: 0.0,
         sample_prompts: vec![],
     });

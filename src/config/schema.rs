@@ -54,6 +54,16 @@ pub struct Concept {
     pub class_data_dir: Option<PathBuf>,
     #[serde(default = "default_num_class_images")]
     pub num_class_images: u32,
+    /// Negative prompt for generating class images (AUTOMATIC1111's
+    /// "Classification Image Negative Prompt"); empty: `sampling.negative_prompt`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub class_negative_prompt: String,
+    /// CFG scale for generating class images; unset: `sampling.guidance`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_guidance_scale: Option<f64>,
+    /// Sampler steps for generating class images; unset: `sampling.steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_infer_steps: Option<usize>,
     #[serde(default = "one")]
     pub prior_loss_weight: f64,
     #[serde(default)]

@@ -27,6 +27,12 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
         if concept.prior_loss_weight < 0.0 || !concept.prior_loss_weight.is_finite() {
             return Err(format!("`concepts[{i}].prior_loss_weight` must be 0 or more"));
         }
+        if let Some(g) = concept.class_guidance_scale.filter(|g| !g.is_finite() || *g < 0.0) {
+            return Err(format!("`concepts[{i}].class_guidance_scale` {g} must be 0 or more (7.5 is usual)"));
+        }
+        if concept.class_infer_steps == Some(0) {
+            return Err(format!("`concepts[{i}].class_infer_steps` must be at least 1"));
+        }
         if !concept.class_prompt.trim().is_empty() && concept.num_class_images == 0 {
             return Err(format!(
                 "`concepts[{i}].num_class_images` is 0 but a class_prompt is set; prior preservation needs class images"

@@ -101,6 +101,9 @@ mod tests {
             class_prompt: String::new(),
             class_data_dir: None,
             num_class_images: 0,
+            class_negative_prompt: String::new(),
+            class_guidance_scale: None,
+            class_infer_steps: None,
             prior_loss_weight: 1.0,
             sample_prompts: Vec::new(),
         }

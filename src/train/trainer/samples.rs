@@ -137,11 +137,11 @@ pub(super) fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &Stab
                 let prompt = prompts[n % prompts.len()].clone();
                 let req = SampleRequest {
                     prompt: prompt.clone(),
-                    negative: s.negative_prompt.clone(),
+                    negative: if c.class_negative_prompt.is_empty() { s.negative_prompt.clone() } else { c.class_negative_prompt.clone() },
                     seed: config.seed.wrapping_add(n as u64),
-                    steps: s.steps,
+                    steps: c.class_infer_steps.unwrap_or(s.steps),
                     sampler: s.scheduler.clone(),
-                    guidance: s.guidance,
+                    guidance: c.class_guidance_scale.unwrap_or(s.guidance),
                     width: config.resolution,
                     height: config.resolution,
                     clip_skip: config.training.clip_skip,

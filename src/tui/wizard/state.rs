@@ -154,6 +154,10 @@ pub struct ConceptDraft {
     pub sample_prompts: String,
     pub instance_token: String,
     pub class_token: String,
+    /// Class-image generation; empty: the sampling settings.
+    pub class_negative: String,
+    pub class_guidance: String,
+    pub class_steps: String,
 }
 
 impl Default for ConceptDraft {
@@ -169,6 +173,9 @@ impl Default for ConceptDraft {
             sample_prompts: String::new(),
             instance_token: String::new(),
             class_token: String::new(),
+            class_negative: String::new(),
+            class_guidance: String::new(),
+            class_steps: String::new(),
         }
     }
 }
@@ -184,7 +191,7 @@ pub fn count_images(dir: &str) -> Result<usize, String> {
 }
 
 /// Fields of the concept form, in focus order.
-pub const CONCEPT_FIELDS: usize = 10;
+pub const CONCEPT_FIELDS: usize = 13;
 /// Fields of the training step, in focus order.
 pub const TRAINING_FIELDS: usize = 5;
 
@@ -335,6 +342,9 @@ impl WizardState {
                     7 => Some(&mut c.sample_prompts),
                     8 => Some(&mut c.instance_token),
                     9 => Some(&mut c.class_token),
+                    10 => Some(&mut c.class_negative),
+                    11 => Some(&mut c.class_guidance),
+                    12 => Some(&mut c.class_steps),
                     _ => None,
                 }
             }
@@ -769,6 +779,12 @@ impl WizardState {
                 ))
             }
         }
+        if !c.class_guidance.trim().is_empty() && !matches!(c.class_guidance.trim().parse::<f64>(), Ok(g) if g.is_finite() && g >= 0.0) {
+            return Err(format!("concept {n}: class CFG scale {:?} must be a number, 0 or more (7.5 is usual)", c.class_guidance));
+        }
+        if !c.class_steps.trim().is_empty() && !matches!(c.class_steps.trim().parse::<usize>(), Ok(s) if s >= 1) {
+            return Err(format!("concept {n}: class steps {:?} must be a whole number, at least 1", c.class_steps));
+        }
         let class_dir = Path::new(c.class_dir.trim());
         if !c.class_dir.trim().is_empty() && class_dir.exists() && !class_dir.is_dir() {
             return Err(format!("concept {n}: the class folder {} is a file", class_dir.display()));
@@ -822,6 +838,9 @@ impl WizardState {
                 instance_prompt: c.instance_prompt.trim().to_string(),
                 instance_token: c.instance_token.trim().to_string(),
                 class_token: c.class_token.trim().to_string(),
+                class_negative_prompt: c.class_negative.trim().to_string(),
+                class_guidance_scale: c.class_guidance.trim().parse().ok(),
+                class_infer_steps: c.class_steps.trim().parse().ok(),
                 class_prompt: c.class_prompt.trim().to_string(),
                 class_data_dir: (!c.class_dir.trim().is_empty()).then(|| absolute(c.class_dir.trim())),
                 num_class_images: c.class_images.trim().parse().unwrap_or(0),

@@ -168,6 +168,9 @@ fn draw_concept_form(frame: &mut Frame, area: Rect, state: &WizardState) {
         field_line("Sample prompts", &c.sample_prompts, state.focus == 7, "| between prompts; empty: the instance prompt"),
         field_line("Instance token", &c.instance_token, state.focus == 8, "e.g. sks: put into instance prompts that lack it"),
         field_line("Class token", &c.class_token, state.focus == 9, "e.g. dog: what class prompts keep"),
+        field_line("Class negative", &c.class_negative, state.focus == 10, "class images; empty: sampling's"),
+        field_line("Class CFG scale", &c.class_guidance, state.focus == 11, "class images; empty: sampling's"),
+        field_line("Class steps", &c.class_steps, state.focus == 12, "class images; empty: sampling's"),
     ];
     if !state.completions.is_empty() {
         lines.push(hint(format!("  {}", state.completions.join("  "))));
