@@ -498,7 +498,7 @@ impl Trainer {
             }
             self.log.line(&format!(
                 "Imagic: {} embedding steps, then {} UNet steps on one image, target text {:?}",
-                plan.embedding_steps, plan.unet_steps, self.config.concepts[0].instance_prompt
+                plan.embedding_steps, plan.unet_steps, self.data.instances[0].prompt
             ));
             return;
         }

@@ -22,7 +22,7 @@ impl Trainer {
         self.flush_step_record()?;
         let prompts: Vec<String> = match &self.imagic {
             // One image from the interpolated embedding (the prompt is its target text).
-            Some(_) => vec![self.config.concepts[0].instance_prompt.clone()],
+            Some(_) => vec![self.data.instances[0].prompt.clone()],
             None => self.config.concepts.iter().flat_map(sample_prompts).collect(),
         };
         self.last_sample_step = Some(self.step);
