@@ -227,6 +227,47 @@ fn ldm_export_of_a_single_file_run_generates_the_same_image() {
     assert_ne!(from_export, image_of(&source, "source.png"), "training changed nothing visible");
 }
 
+/// A run over a diffusers folder exports to the standard SD layout: the keys of
+/// the reference single file (written from the same folder by the fixture
+/// script, checked by diffusers), and the same images as the run.
+#[test]
+fn ldm_export_of_a_diffusers_folder_run_is_a_standard_single_file() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 2);
+    let source = fixture_model("tiny-sd1");
+    let yaml = config_yaml(r, "folder", &data, "  steps_per_image: 2\n  learning_rate: 1.0e-3\n  text_encoder_train_ratio: 1.0\n")
+        .replace(&demo_model().display().to_string(), &source.display().to_string());
+    let cfg = r.join("folder.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    let run = r.join("runs/folder");
+    let exported = r.join("exported.safetensors");
+    let (code, _, err) = cli(&["export", run.to_str().unwrap(), "--format", "ldm", "--out", exported.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+
+    let keys = |p: &Path| {
+        let mut v: Vec<String> = Tensor::read_safetensors(p).unwrap().into_iter().map(|(k, _)| k).collect();
+        v.sort();
+        v
+    };
+    // The reference also holds LatentDiffusion's schedule buffers (betas, ...), which loaders ignore.
+    let reference: Vec<String> = keys(&fixture_model("tiny-sd1.safetensors")).into_iter().filter(|k| k.contains('.')).collect();
+    assert_eq!(keys(&exported), reference);
+    let image_of = |model: &Path, name: &str| {
+        let png = r.join(name);
+        let (code, _, err) = cli(&["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing",
+            "--seed", "5", "--steps", "4", "--width", "32", "--height", "32", "--device", "cpu", "--out", png.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        rgb_pixels(&png)
+    };
+    let from_export = image_of(&exported, "export.png");
+    assert_eq!(from_export, image_of(&run, "run.png"), "the exported file and the run directory give different images");
+    assert_ne!(from_export, image_of(&source, "source.png"), "training changed nothing visible");
+}
+
 /// A run of 3 images, 2 epochs, a checkpoint after each epoch (steps 3 and 6),
 /// whose step 5 asks libtorch for 16 PiB; returns the run directory and its stderr.
 fn run_failing_at_step_5(r: &Path, name: &str) -> (std::path::PathBuf, String) {

@@ -22,6 +22,7 @@ pub mod models;
 pub mod pickle;
 pub mod safetensors_file;
 pub mod source;
+pub mod to_ldm;
 pub mod write;
 
 pub use models::models_command;

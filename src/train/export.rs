@@ -2,7 +2,8 @@
 //! the run kept one) merged over the source model, written as a diffusers folder
 //! or, for runs whose source is an LDM single file, as an LDM `.safetensors` with
 //! the source file's own key layout (each trained tensor put back under the LDM
-//! key it was read from). A LoRA run exports its kohya file as it is (`lora`)
+//! key it was read from); a run over a diffusers folder exports to the standard
+//! SD layout (`checkpoint/to_ldm.rs`). A LoRA run exports its kohya file as it is (`lora`)
 //! or merged into the source model (`diffusers`, `ldm`).
 
 use std::collections::{BTreeMap, HashMap};
@@ -90,14 +91,18 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>) -> an
     let (_, dir) = find_checkpoint(run_dir, step)?;
     match format {
         "lora" => {
-            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(|e| usage(format!("cannot create {}: {e}", parent.display())))?;
-            }
+            create_parent(out)?;
             let from = dir.join(LORA_FILE);
             std::fs::copy(&from, out)
                 .with_context(|| format!("cannot copy {} to {}", from.display(), out.display()))?;
         }
         "diffusers" => export_diffusers(load_run_model(run_dir, step)?, out)?,
+        _ if format_of(&config.source_checkpoint)? == ModelFormat::Diffusers => {
+            // No LDM file to take the layout from: the standard SD layout, written whole.
+            let list = crate::checkpoint::to_ldm::to_ldm(&load_run_model(run_dir, step)?)?;
+            create_parent(out)?;
+            write_safetensors(out, &list, None)?
+        }
         _ => {
             let (unet, text) = trained_weights(&config, &dir)?;
             export_ldm(&config.source_checkpoint, unet, text, out)?
@@ -140,12 +145,6 @@ fn export_diffusers(m: LoadedModel, out: &Path) -> anyhow::Result<()> {
 
 fn export_ldm(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap<String, Tensor>>, out: &Path) -> anyhow::Result<()> {
     let format = format_of(source)?;
-    if format == ModelFormat::Diffusers {
-        return Err(usage(format!(
-            "--format ldm maps weights back to the source file's LDM layout, but the source {} is a diffusers folder; export with --format diffusers",
-            source.display()
-        )));
-    }
     let src = open_single_file(source, format)?;
     let src = src.as_ref();
     let arch = ldm::detect(src);
@@ -185,8 +184,13 @@ fn export_ldm(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap
         put(ldm::text_plan(src, ldm::text_layout(&arch), layers)?, text)?;
     }
     let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    create_parent(out)?;
+    write_safetensors(out, &list, None)
+}
+
+fn create_parent(out: &Path) -> anyhow::Result<()> {
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| usage(format!("cannot create {}: {e}", dir.display())))?;
     }
-    write_safetensors(out, &list, None)
+    Ok(())
 }
