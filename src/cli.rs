@@ -49,6 +49,9 @@ pub enum Command {
         out: PathBuf,
         #[arg(long)]
         step: Option<u64>,
+        /// Write float tensors as float16 (half the size, as AUTOMATIC1111's "Half model").
+        #[arg(long)]
+        half: bool,
     },
     /// Estimated peak VRAM of a run config, per component.
     Vram { config: PathBuf },
@@ -132,7 +135,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train { config, detach, plain } => crate::train::commands::train_command(&config, detach, plain),
         Command::Resume { run_dir, detach, plain } => crate::train::commands::resume_command(&run_dir, detach, plain),
         Command::Stop { run_dir } => crate::train::commands::stop_command(&run_dir),
-        Command::Export { run_dir, format, out, step } => crate::train::commands::export_command(&run_dir, &format, &out, step),
+        Command::Export { run_dir, format, out, step, half } => {
+            crate::train::commands::export_command(&run_dir, &format, &out, step, half)
+        }
         Command::Vram { config } => crate::vram::vram_command(&config),
         Command::Presets => crate::vram::presets_command(),
         Command::Bench { model, config, steps, device } => {

@@ -266,6 +266,20 @@ fn ldm_export_of_a_diffusers_folder_run_is_a_standard_single_file() {
     let from_export = image_of(&exported, "export.png");
     assert_eq!(from_export, image_of(&run, "run.png"), "the exported file and the run directory give different images");
     assert_ne!(from_export, image_of(&source, "source.png"), "training changed nothing visible");
+
+    // --half: every float tensor in float16, the same keys, about half the bytes, and it loads.
+    let half = r.join("half.safetensors");
+    let (code, _, err) = cli(&["export", run.to_str().unwrap(), "--format", "ldm", "--half", "--out", half.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let tensors = Tensor::read_safetensors(&half).unwrap();
+    assert_eq!(tensors.len(), reference.len());
+    for (k, t) in &tensors {
+        let expected = if k.ends_with("position_ids") { tch::Kind::Int64 } else { tch::Kind::Half };
+        assert_eq!(t.kind(), expected, "{k}");
+    }
+    let (full_size, half_size) = (std::fs::metadata(&exported).unwrap().len(), std::fs::metadata(&half).unwrap().len());
+    assert!(half_size * 10 < full_size * 6, "{half_size} bytes against {full_size}");
+    image_of(&half, "half.png");
 }
 
 /// A run of 3 images, 2 epochs, a checkpoint after each epoch (steps 3 and 6),

@@ -106,7 +106,7 @@ fn generate(model: &Path, out: &Path, extra: &[&str]) -> Vec<u8> {
 
 /// `dreambooth export` in this process.
 fn export(run: &Path, format: &str, out: &Path, step: Option<u64>) {
-    dreambooth::train::export::export(run, format, out, step).unwrap();
+    dreambooth::train::export::export(run, format, out, step, false).unwrap();
 }
 
 fn sorted(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {

@@ -129,8 +129,8 @@ pub fn stop_command(run_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn export_command(run_dir: &Path, format: &str, out: &Path, step: Option<u64>) -> anyhow::Result<()> {
-    super::export::export(run_dir, format, out, step).map(|p: PathBuf| {
+pub fn export_command(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half: bool) -> anyhow::Result<()> {
+    super::export::export(run_dir, format, out, step, half).map(|p: PathBuf| {
         println!("wrote {}", p.display());
     })
 }

@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 use super::checkpoint::{find_checkpoint, read_tensors, LORA_FILE};
 use crate::checkpoint::export_diffusers::{write_diffusers_folder, ModelParts};
 use crate::checkpoint::ldm::{self, Transform};
+use crate::checkpoint::safetensors_file::SafetensorsFile;
 use crate::checkpoint::write::write_safetensors;
 use crate::checkpoint::{format_of, load_model, open_single_file, LoadedModel, ModelFormat, TokenizerSource};
 use crate::config::RunConfig;
@@ -74,7 +75,8 @@ pub fn load_run_model(run_dir: &Path, step: Option<u64>) -> anyhow::Result<Loade
     Ok(m)
 }
 
-pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>) -> anyhow::Result<PathBuf> {
+/// `half`: float tensors are written as float16 (integer buffers stay as they are).
+pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half: bool) -> anyhow::Result<PathBuf> {
     if !matches!(format, "diffusers" | "ldm" | "lora") {
         return Err(usage(format!("--format {format} is not one of ldm, diffusers, lora")));
     }
@@ -93,19 +95,33 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>) -> an
         "lora" => {
             create_parent(out)?;
             let from = dir.join(LORA_FILE);
-            std::fs::copy(&from, out)
-                .with_context(|| format!("cannot copy {} to {}", from.display(), out.display()))?;
+            if half {
+                let file = SafetensorsFile::open(&from)?;
+                let list = to_half(file.load_all()?.into_iter().collect());
+                write_safetensors(out, &list, Some(&file.metadata()))?;
+            } else {
+                std::fs::copy(&from, out)
+                    .with_context(|| format!("cannot copy {} to {}", from.display(), out.display()))?;
+            }
         }
-        "diffusers" => export_diffusers(load_run_model(run_dir, step)?, out)?,
+        "diffusers" => {
+            let mut m = load_run_model(run_dir, step)?;
+            if half {
+                for part in [&mut m.unet, &mut m.vae, &mut m.text_encoder] {
+                    *part = to_half(part.drain().collect()).into_iter().collect();
+                }
+            }
+            export_diffusers(m, out)?
+        }
         _ if format_of(&config.source_checkpoint)? == ModelFormat::Diffusers => {
             // No LDM file to take the layout from: the standard SD layout, written whole.
             let list = crate::checkpoint::to_ldm::to_ldm(&load_run_model(run_dir, step)?)?;
             create_parent(out)?;
-            write_safetensors(out, &list, None)?
+            write_safetensors(out, &if half { to_half(list) } else { list }, None)?
         }
         _ => {
             let (unet, text) = trained_weights(&config, &dir)?;
-            export_ldm(&config.source_checkpoint, unet, text, out)?
+            export_ldm(&config.source_checkpoint, unet, text, out, half)?
         }
     }
     Ok(out.to_path_buf())
@@ -143,7 +159,17 @@ fn export_diffusers(m: LoadedModel, out: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn export_ldm(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap<String, Tensor>>, out: &Path) -> anyhow::Result<()> {
+/// Float tensors as float16; integer buffers (`position_ids`) unchanged.
+fn to_half(list: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    list.into_iter()
+        .map(|(k, t)| {
+            let t = if t.is_floating_point() { t.to_kind(Kind::Half) } else { t };
+            (k, t)
+        })
+        .collect()
+}
+
+fn export_ldm(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap<String, Tensor>>, out: &Path, half: bool) -> anyhow::Result<()> {
     let format = format_of(source)?;
     let src = open_single_file(source, format)?;
     let src = src.as_ref();
@@ -184,6 +210,7 @@ fn export_ldm(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap
         put(ldm::text_plan(src, ldm::text_layout(&arch), layers)?, text)?;
     }
     let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    let list = if half { to_half(list) } else { list };
     create_parent(out)?;
     write_safetensors(out, &list, None)
 }
