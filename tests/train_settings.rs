@@ -142,6 +142,39 @@ fn clip_skip_min_snr_and_cache_latents_change_the_loss() {
     t.train_step().unwrap();
 }
 
+/// `shuffle_tags` reorders a caption's tags after the first on each draw (the
+/// first stays), so the text the UNet is conditioned on changes, and a run
+/// without it draws exactly as before.
+#[test]
+fn shuffle_tags_reorders_the_tags_after_the_first() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    std::fs::write(data.join("img-0.txt"), "sks thing, red, disc, on blue, round, centred").unwrap();
+    let start = |name: &str, training: &str| {
+        let cfg = write_config(root.path(), name, &data, training);
+        let text = std::fs::read_to_string(&cfg).unwrap().replace("instance_prompt: a photo of sks thing", "instance_prompt: '[filewords]'");
+        std::fs::write(&cfg, text).unwrap();
+        Trainer::start(load(&cfg), quiet()).unwrap()
+    };
+    let mut t = start("shuffled", "  shuffle_tags: true\n");
+    let mut rng = CpuRng::new(3);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let plan = dreambooth::data::dataset::next_batch(&t.data, &mut t.data_state.clone(), &mut rng, 1, false, true);
+        let prompt = plan.shuffled[0].clone().unwrap_or_else(|| t.data.instances[0].prompt.clone());
+        assert!(prompt.starts_with("sks thing, "), "{prompt}");
+        let mut tags: Vec<&str> = prompt.split(", ").collect();
+        tags.sort();
+        assert_eq!(tags, ["centred", "disc", "on blue", "red", "round", "sks thing"]);
+        seen.insert(prompt);
+    }
+    assert!(seen.len() > 3, "{seen:?}");
+    let shuffled_loss = t.train_step().unwrap();
+    let plain_loss = start("plain", "").train_step().unwrap();
+    assert_ne!(shuffled_loss, plain_loss);
+}
+
 #[test]
 fn pause_after_epochs_emits_pause_and_resume() {
     let root = tempfile::tempdir().unwrap();

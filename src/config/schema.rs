@@ -139,6 +139,9 @@ pub struct Training {
     pub freeze_clip_normalization: bool,
     pub clip_skip: i64,
     pub random_flip: bool,
+    /// Shuffle a prompt's comma-separated tags after the first, each time an
+    /// image is drawn (AUTOMATIC1111's "Shuffle Tags"; for tag captions).
+    pub shuffle_tags: bool,
     pub pause_after_n_epochs: u32,
     pub pause_seconds: u64,
     pub save_model_every_n_epochs: u32,
@@ -182,6 +185,7 @@ impl Default for Training {
             freeze_clip_normalization: false,
             clip_skip: 1,
             random_flip: false,
+            shuffle_tags: false,
             pause_after_n_epochs: 0,
             pause_seconds: 0,
             save_model_every_n_epochs: 25,

@@ -161,12 +161,22 @@ impl DataState {
 pub struct BatchPlan {
     /// (is_class, concept, index within instances or classes[concept], flipped)
     pub items: Vec<(bool, usize, usize, bool)>,
+    /// With `shuffle_tags`, each item's prompt with its tags reordered (None:
+    /// the example's own prompt, already tokenized).
+    pub shuffled: Vec<Option<String>>,
 }
 
 /// Takes the next micro-batch of up to `batch_size` instance examples (the last
 /// one of an epoch may be smaller), each followed by a class example of its
 /// concept when that concept has class images.
-pub fn next_batch(data: &Dataset, state: &mut DataState, rng: &mut CpuRng, batch_size: usize, random_flip: bool) -> BatchPlan {
+pub fn next_batch(
+    data: &Dataset,
+    state: &mut DataState,
+    rng: &mut CpuRng,
+    batch_size: usize,
+    random_flip: bool,
+    shuffle_tags: bool,
+) -> BatchPlan {
     let n = data.instances.len();
     if state.order.is_empty() {
         let perm = rng.randperm(n as i64);
@@ -196,7 +206,15 @@ pub fn next_batch(data: &Dataset, state: &mut DataState, rng: &mut CpuRng, batch
     }
     // Instance examples first, then class examples, as diffusers' collate_fn.
     items.extend(class_items);
-    BatchPlan { items }
+    let shuffled = items
+        .iter()
+        .map(|&(c, k, i, _)| {
+            let prompt = &data.example(c, k, i).prompt;
+            let out = if shuffle_tags { prompts::shuffle_tags(prompt, rng) } else { prompt.clone() };
+            (out != *prompt).then_some(out)
+        })
+        .collect();
+    BatchPlan { items, shuffled }
 }
 
 impl Dataset {

@@ -76,6 +76,20 @@ fn apply_tokens(text: &str, instance: &str, class: &str, role: Role) -> String {
     }
 }
 
+/// `prompt`'s comma-separated tags after the first in an order drawn from
+/// `rng` (the first, usually the subject's token, stays in front); a prompt of
+/// fewer than three tags comes back as it is, with no draw.
+pub fn shuffle_tags(prompt: &str, rng: &mut crate::rng::CpuRng) -> String {
+    let tags: Vec<&str> = prompt.split(',').map(str::trim).collect();
+    if tags.len() < 3 {
+        return prompt.to_string();
+    }
+    let order = Vec::<i64>::try_from(&rng.randperm(tags.len() as i64 - 1)).expect("randperm gives int64");
+    let mut out = vec![tags[0]];
+    out.extend(order.iter().map(|&i| tags[i as usize + 1]));
+    out.join(", ")
+}
+
 /// Runs of white space become one space; separators left dangling by a removed
 /// token ("sks, man" → ", man") go.
 fn tidy(text: &str) -> String {

@@ -600,22 +600,22 @@ impl Trainer {
 
     /// The frozen text encoder's hidden states for a micro-batch's prompts, one
     /// row per example, each encoded once and then taken from the cache.
-    fn frozen_text_states(&mut self, plan: &BatchPlan) -> Tensor {
+    fn frozen_text_states(&mut self, item_ids: &[Vec<i64>], plan: &BatchPlan) -> Tensor {
         // Thousands of distinct captions would hold hundreds of MB on the card:
         // past this many prompts, new ones are encoded each time they come.
         const MAX_CACHED_PROMPTS: usize = 512;
         let _guard = tch::no_grad_guard();
         let clip_skip = self.config.training.clip_skip;
-        let mut rows = Vec::with_capacity(plan.items.len());
-        for &(c, k, i, _) in &plan.items {
-            let ids = &self.data.example(c, k, i).ids;
+        let mut rows = Vec::with_capacity(item_ids.len());
+        for (ids, shuffled) in item_ids.iter().zip(&plan.shuffled) {
             if let Some(states) = self.frozen_text_states.get(ids) {
                 rows.push(states.shallow_clone());
                 continue;
             }
             let input = crate::device::upload(&Tensor::from_slice(ids).view([1, -1]), self.device);
             let states = self.sd.text_encoder.forward(&input, clip_skip);
-            if self.frozen_text_states.len() < MAX_CACHED_PROMPTS {
+            // A shuffled prompt seldom comes twice: not worth the memory.
+            if shuffled.is_none() && self.frozen_text_states.len() < MAX_CACHED_PROMPTS {
                 self.frozen_text_states.insert(ids.clone(), states.shallow_clone());
             }
             rows.push(states);
@@ -664,10 +664,20 @@ impl Trainer {
         let te_training = self.text_encoder_training() && t.text_encoder_train_ratio > 0.0;
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         for _ in 0..accum {
-            let plan = next_batch(&self.data, &mut self.data_state, &mut self.data_rng, t.batch_size as usize, t.random_flip);
+            let plan =
+                next_batch(&self.data, &mut self.data_state, &mut self.data_rng, t.batch_size as usize, t.random_flip, t.shuffle_tags);
             let latents = self.latents(&plan);
-            let ids: Vec<i64> = plan.items.iter().flat_map(|&(c, k, i, _)| self.data.example(c, k, i).ids.clone()).collect();
-            let ids = Tensor::from_slice(&ids).view([plan.items.len() as i64, -1]);
+            let max_len = self.sd.text_config.max_position_embeddings as usize;
+            let item_ids: Vec<Vec<i64>> = plan
+                .items
+                .iter()
+                .zip(&plan.shuffled)
+                .map(|(&(c, k, i, _), shuffled)| match shuffled {
+                    Some(prompt) => self.sd.tokenizer.encode_padded(prompt, max_len),
+                    None => self.data.example(c, k, i).ids.clone(),
+                })
+                .collect();
+            let ids = Tensor::from_slice(&item_ids.concat()).view([plan.items.len() as i64, -1]);
             let noise = draw_noise(&mut self.noise_rng, &latents.size(), self.schedule.num_train_timesteps(), t.offset_noise);
             let weights = ExampleWeights {
                 prior: plan.items.iter().map(|&(c, k, _, _)| c.then(|| self.data.prior_weights[k])).collect(),
@@ -682,7 +692,7 @@ impl Trainer {
             };
             // A captured graph runs the text encoder inside it, reading the ids it
             // was captured with: the cache is for eager steps.
-            let text_states = (!te_training && self.graphs.is_none()).then(|| self.frozen_text_states(&plan));
+            let text_states = (!te_training && self.graphs.is_none()).then(|| self.frozen_text_states(&item_ids, &plan));
             let mut graphs = self.graphs.take();
             let grads_ready = graphs.is_some()
                 && self.optimizer.params().iter().all(|(_, p)| !p.requires_grad() || p.grad().defined());
