@@ -35,6 +35,9 @@ pub struct StableDiffusion {
     /// Kind of the UNet and text encoder; the VAE stays in float32 (SD's VAE
     /// overflows in fp16, diffusers' `force_upcast`).
     pub kind: Kind,
+    /// Prompt tokens the text encoder reads (`training.max_token_length`; 75 =
+    /// one window, as diffusers).
+    pub max_token_length: usize,
 }
 
 /// The tensors of each network by checkpoint key (diffusers names; the text
@@ -139,6 +142,7 @@ impl StableDiffusion {
             scheduler_config: m.scheduler_config,
             device,
             kind,
+            max_token_length: 75,
         };
         Ok((sd, parameters))
     }
@@ -178,13 +182,14 @@ impl StableDiffusion {
         Ok(())
     }
 
-    /// Prompt embeddings `[1, 77, hidden]` as the pipeline feeds the UNet.
+    /// Prompt embeddings `[1, 77, hidden]` as the pipeline feeds the UNet
+    /// (`[1, 2 + max_token_length, hidden]` past one window).
     pub fn encode_prompt(&self, prompt: &str, clip_skip: i64) -> Tensor {
-        let max_len = self.text_config.max_position_embeddings as usize;
-        let ids = self.tokenizer.encode_padded(prompt, max_len);
+        let positions = self.text_config.max_position_embeddings;
+        let ids = self.tokenizer.encode_chunked(prompt, self.max_token_length, positions as usize);
         let ids = Tensor::from_slice(&ids).view([1, -1]).to_device(self.device);
         // In the UNet's dtype: a trainer may keep a frozen text encoder in half precision.
-        self.text_encoder.forward(&ids, clip_skip).to_kind(self.kind)
+        self.text_encoder.forward_chunks(&ids, clip_skip, positions).to_kind(self.kind)
     }
 
     /// Runs the sampler; returns the image as float32 `[H, W, 3]` in [0, 1] on the CPU.

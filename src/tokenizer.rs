@@ -296,6 +296,41 @@ impl ClipTokenizer {
         ids
     }
 
+    /// Ids for a text encoder of `positions` positions (77) that reads
+    /// `max_token_length` tokens (75, 150, 225) in windows: the text truncated to
+    /// `max_token_length` and padded, then cut into windows of `positions - 2`
+    /// tokens (`max_token_length` a multiple of that), each between the start token and the
+    /// sequence's last token, as kohya's trainers lay them out. Where the pad
+    /// token is not the end token (SD 2.x), a window whose text runs to its end
+    /// gets the end token and an empty window starts with it. One window or less:
+    /// [`encode_padded`](Self::encode_padded) with `positions`.
+    pub fn encode_chunked(&self, text: &str, max_token_length: usize, positions: usize) -> Vec<i64> {
+        let body = positions.saturating_sub(2).max(1);
+        if max_token_length <= body {
+            return self.encode_padded(text, positions);
+        }
+        let ids = self.encode_padded(text, max_token_length + 2);
+        let (bos, last) = (ids[0], ids[ids.len() - 1]);
+        let (eos, pad) = (self.eos_id(), self.pad_id());
+        let mut out = Vec::with_capacity(max_token_length / body * (body + 2));
+        for start in (1..=max_token_length - body + 1).step_by(body) {
+            let mut window = Vec::with_capacity(body + 2);
+            window.push(bos);
+            window.extend_from_slice(&ids[start..start + body]);
+            window.push(last);
+            if pad != eos {
+                if window[body] != eos && window[body] != pad {
+                    window[body + 1] = eos;
+                }
+                if window[1] == pad {
+                    window[1] = eos;
+                }
+            }
+            out.extend(window);
+        }
+        out
+    }
+
     /// Ids with start/end, no padding, no truncation.
     pub fn encode(&self, text: &str) -> Vec<i64> {
         let body = self.encode_body(text);

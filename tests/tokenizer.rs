@@ -181,3 +181,45 @@ fn folder_comparison_from_env() {
     eprintln!("{} prompts, {bad} mismatches", prompts.len());
     assert_eq!(bad, 0);
 }
+
+/// `max_token_length` past one window: kohya's layout (train_util.py
+/// `get_input_ids`): the prompt padded to max_token_length + 2, cut into 75-token
+/// windows, each between the start token and the sequence's last token; with a
+/// pad token that is not the end token (SD 2.x), a full window ends in the end
+/// token and an empty one starts with it.
+#[test]
+fn long_prompts_are_laid_out_in_windows_of_75() {
+    let sd1 = ClipTokenizer::openai().unwrap();
+    let (bos, eos) = (sd1.bos_id(), sd1.eos_id());
+    let words = |n: usize| vec!["cat"; n].join(" ");
+    let cat = sd1.encode("cat")[1];
+    // One window: exactly encode_padded.
+    assert_eq!(sd1.encode_chunked("a cat", 75, 77), sd1.encode_padded("a cat", 77));
+    // 100 tokens in 150: the first window full, the second with the remaining 25.
+    let ids = sd1.encode_chunked(&words(100), 150, 77);
+    assert_eq!(ids.len(), 154);
+    let (w1, w2) = ids.split_at(77);
+    assert_eq!(w1[0], bos);
+    assert!(w1[1..76].iter().all(|&t| t == cat));
+    assert_eq!(w1[76], eos);
+    assert_eq!(w2[0], bos);
+    assert!(w2[1..26].iter().all(|&t| t == cat), "{w2:?}");
+    assert!(w2[26..].iter().all(|&t| t == eos));
+    // Past 225 tokens the text is cut; three windows.
+    let ids = sd1.encode_chunked(&words(300), 225, 77);
+    assert_eq!(ids.len(), 231);
+    assert!(ids.chunks(77).all(|w| w[0] == bos && w[1..76].iter().all(|&t| t == cat) && w[76] == eos));
+
+    let sd2 = ClipTokenizer::openai().unwrap().with_pad_token("!").unwrap();
+    let pad = sd2.pad_id();
+    assert_ne!(pad, eos);
+    let ids = sd2.encode_chunked(&words(100), 150, 77);
+    let (w1, w2) = ids.split_at(77);
+    // The sequence ends in padding, so a full window gets its end token put in.
+    assert_eq!((w1[75], w1[76]), (cat, eos));
+    assert_eq!(&w2[25..28], &[cat, eos, pad]);
+    let ids = sd2.encode_chunked("a cat", 150, 77);
+    // An empty window: start, end, then padding.
+    assert_eq!(&ids[77..80], &[bos, eos, pad]);
+    assert!(ids[80..].iter().all(|&t| t == pad));
+}

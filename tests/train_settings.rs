@@ -175,6 +175,51 @@ fn shuffle_tags_reorders_the_tags_after_the_first() {
     assert_ne!(shuffled_loss, plain_loss);
 }
 
+/// `max_token_length: 150` reads a long caption in two windows joined as
+/// kohya's trainers join them, where 75 cuts it: the UNet sees other text.
+#[test]
+fn max_token_length_reads_long_captions_in_windows() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 1);
+    std::fs::write(data.join("img-0.txt"), format!("sks thing{}", ", a red disc on blue".repeat(20))).unwrap();
+    let start = |name: &str, training: &str| {
+        let cfg = write_config(root.path(), name, &data, training);
+        let text = std::fs::read_to_string(&cfg).unwrap().replace("instance_prompt: a photo of sks thing", "instance_prompt: '[filewords]'");
+        std::fs::write(&cfg, text).unwrap();
+        Trainer::start(load(&cfg), quiet()).unwrap()
+    };
+    let mut long = start("long", "  max_token_length: 150\n  text_encoder_train_ratio: 1.0\n");
+    let ids = Tensor::from_slice(&long.data.instances[0].ids).view([1, -1]);
+    assert_eq!(ids.size(), [1, 154]);
+    let _guard = tch::no_grad_guard();
+    let te = &long.sd.text_encoder;
+    let joined = te.forward_chunks(&ids, 1, 77);
+    assert_eq!(joined.size()[..2], [1, 152]);
+    let window = |j: i64| te.forward(&ids.narrow(1, 77 * j, 77), 1);
+    let (w0, w1) = (window(0), window(1));
+    for (ours, theirs) in [
+        (joined.narrow(1, 0, 1), w0.narrow(1, 0, 1)),
+        (joined.narrow(1, 1, 75), w0.narrow(1, 1, 75)),
+        (joined.narrow(1, 76, 75), w1.narrow(1, 1, 75)),
+        (joined.narrow(1, 151, 1), w1.narrow(1, 76, 1)),
+    ] {
+        assert!(ours.allclose(&theirs, 1e-5, 1e-6, false));
+    }
+    drop(_guard);
+    let log = |t: &Trainer| std::fs::read_to_string(t.run_dir.join("train.log")).unwrap();
+    assert!(!log(&long).contains("are cut there"), "{}", log(&long));
+    let long_loss = long.train_step().unwrap();
+    // Previews encode their prompt and negative prompt the same way.
+    long.config.concepts[0].sample_prompts = vec!["sks thing on grass".into()];
+    assert_eq!(long.previews().unwrap().len(), 1);
+    let mut short = start("short", "  text_encoder_train_ratio: 1.0\n");
+    assert!(log(&short).contains("1 prompts are longer than the 77 tokens"), "{}", log(&short));
+    assert_ne!(long_loss, short.train_step().unwrap());
+    // The frozen encoder's path (its states cached) reads the windows too.
+    start("frozen", "  max_token_length: 150\n").train_step().unwrap();
+}
+
 #[test]
 fn pause_after_epochs_emits_pause_and_resume() {
     let root = tempfile::tempdir().unwrap();

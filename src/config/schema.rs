@@ -142,6 +142,9 @@ pub struct Training {
     /// Shuffle a prompt's comma-separated tags after the first, each time an
     /// image is drawn (AUTOMATIC1111's "Shuffle Tags"; for tag captions).
     pub shuffle_tags: bool,
+    /// Tokens of a prompt the text encoder reads: 75 (one CLIP window), 150 or
+    /// 225 (windows joined as kohya's trainers do; AUTOMATIC1111's "Max Token Length").
+    pub max_token_length: u32,
     pub pause_after_n_epochs: u32,
     pub pause_seconds: u64,
     pub save_model_every_n_epochs: u32,
@@ -186,6 +189,7 @@ impl Default for Training {
             clip_skip: 1,
             random_flip: false,
             shuffle_tags: false,
+            max_token_length: 75,
             pause_after_n_epochs: 0,
             pause_seconds: 0,
             save_model_every_n_epochs: 25,

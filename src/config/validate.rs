@@ -93,6 +93,12 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
     if t.clip_skip < 1 {
         return Err(format!("`training.clip_skip` {} must be at least 1 (1 = the last layer)", t.clip_skip));
     }
+    if ![75, 150, 225].contains(&t.max_token_length) {
+        return Err(format!("`training.max_token_length` {} must be 75, 150 or 225", t.max_token_length));
+    }
+    if t.train_imagic_only && t.max_token_length != 75 {
+        return Err("`training.max_token_length` applies to DreamBooth prompts; Imagic optimises one 77-token embedding".into());
+    }
     if t.pause_after_n_epochs > 0 && t.pause_seconds == 0 {
         return Err("`training.pause_after_n_epochs` is set but `training.pause_seconds` is 0".into());
     }

@@ -109,13 +109,15 @@ pub fn unused_captions_note(dir: &Path, what: &str, prompt: &str) -> Option<Stri
 }
 
 impl Dataset {
-    /// Fills every example's token ids; returns the distinct prompts longer than
-    /// `max_len` tokens, which are cut there (CLIP reads no more).
-    pub fn tokenize(&mut self, tokenizer: &crate::tokenizer::ClipTokenizer, max_len: usize) -> Vec<String> {
+    /// Fills every example's token ids for a text encoder of `positions`
+    /// positions reading `max_token_length` tokens; returns the distinct prompts
+    /// longer than that, which are cut there.
+    pub fn tokenize(&mut self, tokenizer: &crate::tokenizer::ClipTokenizer, positions: usize, max_token_length: usize) -> Vec<String> {
         let mut cut = Vec::new();
+        let readable = max_token_length.max(positions.saturating_sub(2)) + 2;
         for e in self.instances.iter_mut().chain(self.classes.iter_mut().flatten()) {
-            e.ids = tokenizer.encode_padded(&e.prompt, max_len);
-            if tokenizer.encode(&e.prompt).len() > max_len && !cut.contains(&e.prompt) {
+            e.ids = tokenizer.encode_chunked(&e.prompt, max_token_length, positions);
+            if tokenizer.encode(&e.prompt).len() > readable && !cut.contains(&e.prompt) {
                 cut.push(e.prompt.clone());
             }
         }

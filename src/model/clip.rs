@@ -157,4 +157,25 @@ impl ClipTextTransformer {
         }
         self.final_layer_norm.forward(&h)
     }
+
+    /// Hidden states for prompts longer than one window, from ids laid out by
+    /// [`ClipTokenizer::encode_chunked`](crate::tokenizer::ClipTokenizer::encode_chunked)
+    /// (`[batch, k × window]`): each window is encoded on its own and the states are
+    /// joined as kohya's trainers (and the AUTOMATIC1111 extension) join them: the
+    /// first window's start token, every window's 75 inner positions, the last
+    /// window's end position: `[batch, 2 + 75k, hidden]`. One window is [`forward`](Self::forward).
+    pub fn forward_chunks(&self, input_ids: &Tensor, clip_skip: i64, window: i64) -> Tensor {
+        let (batch, len) = input_ids.size2().expect("input ids are [batch, seq]");
+        let k = len / window;
+        if k <= 1 {
+            return self.forward(input_ids, clip_skip);
+        }
+        let h = self.forward(&input_ids.reshape([batch * k, window]), clip_skip);
+        let hidden = h.size()[2];
+        let h = h.reshape([batch, k, window, hidden]);
+        let first = h.select(1, 0).narrow(1, 0, 1);
+        let inner = h.narrow(2, 1, window - 2).reshape([batch, k * (window - 2), hidden]);
+        let last = h.select(1, k - 1).narrow(1, window - 1, 1);
+        Tensor::cat(&[first, inner, last], 1)
+    }
 }

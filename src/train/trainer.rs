@@ -378,12 +378,22 @@ impl Trainer {
             classes,
             prior_weights: config.concepts.iter().map(|c| c.prior_loss_weight).collect(),
         };
-        let max_len = sd.text_config.max_position_embeddings as usize;
-        let cut = data.tokenize(&sd.tokenizer, max_len);
+        let positions = sd.text_config.max_position_embeddings as usize;
+        let max_tokens = t.max_token_length as usize;
+        if max_tokens > positions.saturating_sub(2) && max_tokens % positions.saturating_sub(2).max(1) != 0 {
+            return Err(usage(format!(
+                "`training.max_token_length` {max_tokens} is not a whole number of this text encoder's {}-token windows",
+                positions.saturating_sub(2)
+            )));
+        }
+        // Class images were made as `generate` makes images; previews follow training.
+        sd.max_token_length = max_tokens;
+        let cut = data.tokenize(&sd.tokenizer, positions, max_tokens);
         if let Some(first) = cut.first() {
             log.line(&format!(
-                "{} prompts are longer than the text encoder's {max_len} tokens and are cut there, e.g. {first:?}",
-                cut.len()
+                "{} prompts are longer than the {} tokens the text encoder reads (`training.max_token_length`) and are cut there, e.g. {first:?}",
+                cut.len(),
+                max_tokens.max(positions.saturating_sub(2)) + 2
             ));
         }
         if t.cache_latents {
@@ -566,14 +576,15 @@ impl Trainer {
     fn forward_backward(&self, b: &GraphInputs, text_states: Option<&Tensor>, te_training: bool, accum: u32) -> Tensor {
         let t = &self.config.training;
         let precision = self.precision;
+        let positions = self.sd.text_config.max_position_embeddings;
         let ehs = match text_states {
             Some(states) => states.shallow_clone(),
             None => {
                 let ids = b.ids.to_device(self.device);
                 if te_training {
-                    precision.autocast(|| self.sd.text_encoder.forward(&ids, t.clip_skip)).to_kind(Kind::Float)
+                    precision.autocast(|| self.sd.text_encoder.forward_chunks(&ids, t.clip_skip, positions)).to_kind(Kind::Float)
                 } else {
-                    tch::no_grad(|| self.sd.text_encoder.forward(&ids, t.clip_skip))
+                    tch::no_grad(|| self.sd.text_encoder.forward_chunks(&ids, t.clip_skip, positions))
                 }
             }
         };
@@ -613,7 +624,8 @@ impl Trainer {
                 continue;
             }
             let input = crate::device::upload(&Tensor::from_slice(ids).view([1, -1]), self.device);
-            let states = self.sd.text_encoder.forward(&input, clip_skip);
+            let positions = self.sd.text_config.max_position_embeddings;
+            let states = self.sd.text_encoder.forward_chunks(&input, clip_skip, positions);
             // A shuffled prompt seldom comes twice: not worth the memory.
             if shuffled.is_none() && self.frozen_text_states.len() < MAX_CACHED_PROMPTS {
                 self.frozen_text_states.insert(ids.clone(), states.shallow_clone());
@@ -667,13 +679,13 @@ impl Trainer {
             let plan =
                 next_batch(&self.data, &mut self.data_state, &mut self.data_rng, t.batch_size as usize, t.random_flip, t.shuffle_tags);
             let latents = self.latents(&plan);
-            let max_len = self.sd.text_config.max_position_embeddings as usize;
+            let positions = self.sd.text_config.max_position_embeddings as usize;
             let item_ids: Vec<Vec<i64>> = plan
                 .items
                 .iter()
                 .zip(&plan.shuffled)
                 .map(|(&(c, k, i, _), shuffled)| match shuffled {
-                    Some(prompt) => self.sd.tokenizer.encode_padded(prompt, max_len),
+                    Some(prompt) => self.sd.tokenizer.encode_chunked(prompt, t.max_token_length as usize, positions),
                     None => self.data.example(c, k, i).ids.clone(),
                 })
                 .collect();
