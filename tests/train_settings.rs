@@ -330,7 +330,7 @@ fn filewords_and_tokens_give_each_image_its_own_prompt() {
     let t = Trainer::start(load(&cfg_long), quiet()).unwrap();
     assert_eq!(t.data.instances[1].ids.len(), 77);
     let log = std::fs::read_to_string(t.run_dir.join("train.log")).unwrap();
-    assert!(log.contains("1 prompts are longer than the text encoder's 77 tokens"), "{log}");
+    assert!(log.contains("1 prompts are longer than the 77 tokens the text encoder reads"), "{log}");
     std::fs::write(data.join("img-1.txt"), "sks thing, close-up").unwrap();
 
     // Captions a prompt does not ask for are not used, and the log says so.
