@@ -208,11 +208,12 @@ pub fn next_batch(
     }
     // Instance examples first, then class examples, as diffusers' collate_fn.
     items.extend(class_items);
+    // Without shuffling nothing is copied: every step would clone each prompt.
     let shuffled = items
         .iter()
         .map(|&(c, k, i, _)| {
             let prompt = &data.example(c, k, i).prompt;
-            let out = if shuffle_tags { prompts::shuffle_tags(prompt, rng) } else { prompt.clone() };
+            let out = shuffle_tags.then(|| prompts::shuffle_tags(prompt, rng))?;
             (out != *prompt).then_some(out)
         })
         .collect();
