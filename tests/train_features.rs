@@ -240,7 +240,7 @@ fn max_difference(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
 /// noise and timestep for every call), through the trainer's model as set up.
 fn first_gradients(t: &Trainer, data: &Path) -> Vec<(String, Tensor)> {
     use dreambooth::train::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
-    let example = &dreambooth::data::dataset::load_folder(data, "eval", |_| "a photo of sks thing".into(), 0, 64, None).unwrap()[0];
+    let example = &dreambooth::data::dataset::load_folder(data, "eval", |_| "a photo of sks thing".into(), 0, &dreambooth::data::buckets::Buckets::square(64), None).unwrap()[0];
     let schedule = dreambooth::scheduler::NoiseSchedule::new(&t.sd.scheduler_config).unwrap();
     let prediction = PredictionType::from_config(&t.sd.scheduler_config).unwrap();
     let latents = tch::no_grad(|| t.sd.vae.encode(&example.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor);

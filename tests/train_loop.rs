@@ -10,9 +10,9 @@ use tch::Tensor;
 
 #[test]
 fn total_steps_is_epochs_times_batches_over_accumulation() {
-    assert_eq!(total_steps(175, 5, 1, 1), 875);
-    assert_eq!(total_steps(10, 5, 2, 1), 30); // ceil(5/2) = 3 batches an epoch
-    assert_eq!(total_steps(10, 4, 1, 3), 13); // 40 micro-batches, 13 whole steps
+    assert_eq!(total_steps(175, 5, 1), 875);
+    assert_eq!(total_steps(10, 5usize.div_ceil(2) as u64, 1), 30); // ceil(5/2) = 3 batches an epoch
+    assert_eq!(total_steps(10, 4, 3), 13); // 40 micro-batches, 13 whole steps
 }
 
 #[test]
@@ -97,7 +97,7 @@ fn resume_after_an_interruption_is_bit_identical() {
 /// Std of the scaled VAE latents (posterior means) of `dir`'s images under the trainer's model.
 fn scaled_latent_std(t: &Trainer, dir: &std::path::Path) -> f64 {
     let _guard = tch::no_grad_guard();
-    let examples = dreambooth::data::dataset::load_folder(dir, "eval", |_| "a photo of sks thing".into(), 0, 64, None).unwrap();
+    let examples = dreambooth::data::dataset::load_folder(dir, "eval", |_| "a photo of sks thing".into(), 0, &dreambooth::data::buckets::Buckets::square(64), None).unwrap();
     let pixels = Tensor::stack(&examples.iter().map(|e| e.pixels.shallow_clone()).collect::<Vec<_>>(), 0);
     (t.sd.vae.encode(&pixels).mean * t.sd.vae_config.scaling_factor).std(true).double_value(&[])
 }

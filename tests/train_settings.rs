@@ -350,3 +350,77 @@ fn a_second_trainer_on_a_live_run_is_refused() {
     let err = Trainer::resume(&t.run_dir, quiet()).err().expect("refused").to_string();
     assert!(err.contains("in use by another trainer"), "{err}");
 }
+
+/// `aspect_ratio_bucketing`: a wide photo trains in a wide frame with its sides
+/// kept (a centre square cuts them off), a micro-batch never mixes frames, and
+/// class images are generated in the frames of the instance images they pair with.
+#[test]
+fn aspect_ratio_buckets_keep_the_whole_picture_and_batch_each_frame_apart() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // Wide pictures with a red band at the left edge; a tall one and a square one.
+    for k in 0..2 {
+        image::RgbImage::from_fn(128, 64, |x, _| if x < 12 { image::Rgb([240, 20, 20]) } else { image::Rgb([20, 40, 200 - 50 * k]) })
+            .save(data.join(format!("wide-{k}.png")))
+            .unwrap();
+    }
+    image::RgbImage::from_pixel(64, 128, image::Rgb([20, 200, 40])).save(data.join("tall.png")).unwrap();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([200, 200, 40])).save(data.join("square.png")).unwrap();
+    let class_dir = root.path().join("class");
+    let start = |name: &str, bucketing: bool| {
+        let cfg = write_config(root.path(), name, &data, &format!("aspect_ratio_bucketing: {bucketing}\nbatch_size: 2"));
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "    instance_prompt: a photo of sks thing\n",
+            &format!(
+                "    instance_prompt: a photo of sks thing\n    class_prompt: a photo of a thing\n    class_data_dir: {}\n    num_class_images: 4\n",
+                class_dir.join(name).display()
+            ),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        Trainer::start(load(&cfg), quiet()).unwrap()
+    };
+    let red_at_left = |e: &dreambooth::data::dataset::Example| e.pixels.double_value(&[0, 16, 0]) > 0.5;
+
+    let plain = start("square", false);
+    assert!(plain.data.instances.iter().all(|e| e.frame() == (64, 64)));
+    assert!(!red_at_left(&plain.data.instances[2]), "a centre square cuts off the wide picture's left edge");
+    assert_eq!(plain.total_steps, 3 * 2);
+
+    let mut t = start("buckets", true);
+    let frames: Vec<(u32, u32)> = t.data.instances.iter().map(|e| e.frame()).collect();
+    // Sorted file names: square, tall, wide-0, wide-1.
+    assert_eq!(frames[0], (64, 64));
+    assert!(frames[1].1 > frames[1].0, "tall frame: {:?}", frames[1]);
+    assert!(frames[2].0 > frames[2].1 && frames[3] == frames[2], "wide frames: {frames:?}");
+    assert!(red_at_left(&t.data.instances[2]) && red_at_left(&t.data.instances[3]), "the wide frame keeps the left edge");
+    // One batch per frame: square, tall, and the two wide ones together.
+    assert_eq!(t.total_steps, 3 * 3);
+    // Class images are made in the frames of the instance images, in turn.
+    let mut class_frames: Vec<(u32, u32)> = t.data.classes[0].iter().map(|e| e.frame()).collect();
+    let mut expected = vec![frames[0], frames[1], frames[2], frames[3]];
+    class_frames.sort();
+    expected.sort();
+    assert_eq!(class_frames, expected);
+    let on_disk = image::image_dimensions(class_dir.join("buckets").join("class-00001.png")).unwrap();
+    assert_eq!(on_disk, frames[1]);
+    // Two epochs of plans: every instance once per epoch, one frame per batch, class images of the same frame.
+    let mut state = dreambooth::data::dataset::DataState::new(1);
+    let mut rng = CpuRng::new(3);
+    for _ in 0..2 {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let plan = dreambooth::data::dataset::next_batch(&t.data, &mut state, &mut rng, 2, false, false);
+            let frame_of = |&(c, k, i, _): &(bool, usize, usize, bool)| t.data.example(c, k, i).frame();
+            let first = frame_of(&plan.items[0]);
+            assert!(plan.items.iter().all(|item| frame_of(item) == first), "mixed frames in one batch");
+            assert_eq!(plan.items.iter().filter(|item| item.0).count(), plan.items.len() / 2, "each instance has its class image");
+            seen.extend(plan.items.iter().filter(|item| !item.0).map(|item| item.2));
+        }
+        seen.sort();
+        assert_eq!(seen, [0, 1, 2, 3]);
+    }
+    // Non-square latents through the UNet, to the end of the run.
+    assert!(matches!(t.run().unwrap(), dreambooth::train::trainer::Outcome::Finished));
+    assert_eq!(step_count(&t.run_dir), 9);
+}

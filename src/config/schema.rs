@@ -139,6 +139,10 @@ pub struct Training {
     pub freeze_clip_normalization: bool,
     pub clip_skip: i64,
     pub random_flip: bool,
+    /// Train each image in the aspect-ratio bucket nearest its shape (frames of
+    /// about `resolution`² pixels, as the AUTOMATIC1111 extension buckets)
+    /// instead of the centre `resolution`² square.
+    pub aspect_ratio_bucketing: bool,
     /// Shuffle a prompt's comma-separated tags after the first, each time an
     /// image is drawn (AUTOMATIC1111's "Shuffle Tags"; for tag captions).
     pub shuffle_tags: bool,
@@ -188,6 +192,7 @@ impl Default for Training {
             freeze_clip_normalization: false,
             clip_skip: 1,
             random_flip: false,
+            aspect_ratio_bucketing: false,
             shuffle_tags: false,
             max_token_length: 75,
             pause_after_n_epochs: 0,

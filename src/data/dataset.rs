@@ -9,7 +9,8 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::images::{list_images, load_rgb, resize_center_crop, to_tensor, ImageFile};
+use super::buckets::Buckets;
+use super::images::{list_images, load_rgb, resize_cover_crop, to_tensor, ImageFile};
 use super::prompts::{self, Role};
 use crate::config::schema::{Concept, RunConfig};
 use crate::error::usage;
@@ -36,15 +37,23 @@ pub struct Dataset {
     pub prior_weights: Vec<f64>,
 }
 
+impl Example {
+    /// The frame it trains in, (width, height) in pixels.
+    pub fn frame(&self) -> (u32, u32) {
+        let size = self.pixels.size();
+        (size[2] as u32, size[1] as u32)
+    }
+}
+
 /// Loads the images of a folder as examples, each with the prompt `prompt_of`
-/// gives it; every image is decoded now, so a bad file stops the run before
-/// anything is written.
+/// gives it, framed in its bucket; every image is decoded now, so a bad file
+/// stops the run before anything is written.
 pub fn load_folder(
     dir: &Path,
     what: &str,
     prompt_of: impl Fn(&ImageFile) -> String,
     concept: usize,
-    resolution: i64,
+    buckets: &Buckets,
     limit: Option<usize>,
 ) -> anyhow::Result<Vec<Example>> {
     let mut files = list_images(dir, what)?;
@@ -55,7 +64,8 @@ pub fn load_folder(
         .into_iter()
         .map(|f| {
             let img = load_rgb(&f.path)?;
-            let img = resize_center_crop(&img, resolution as u32);
+            let (width, height) = buckets.frame_for(img.width(), img.height());
+            let img = resize_cover_crop(&img, width, height);
             Ok(Example { pixels: to_tensor(&img), prompt: prompt_of(&f), concept, ids: Vec::new(), cached: None })
         })
         .collect()
@@ -78,11 +88,11 @@ pub fn class_prompt(concept: &Concept, image: &ImageFile) -> String {
 }
 
 /// Every concept's instance images; an empty folder is a usage error.
-pub fn load_instances(config: &RunConfig) -> anyhow::Result<Vec<Example>> {
+pub fn load_instances(config: &RunConfig, buckets: &Buckets) -> anyhow::Result<Vec<Example>> {
     let mut all = Vec::new();
     for (i, c) in config.concepts.iter().enumerate() {
         let what = format!("concepts[{i}].instance_data_dir");
-        let examples = load_folder(&c.instance_data_dir, &what, |f| instance_prompt(c, f), i, config.resolution, None)?;
+        let examples = load_folder(&c.instance_data_dir, &what, |f| instance_prompt(c, f), i, buckets, None)?;
         if examples.is_empty() {
             return Err(usage(format!(
                 "{what} {} holds no images (png, jpg, jpeg, webp, bmp)",
@@ -168,9 +178,9 @@ pub struct BatchPlan {
     pub shuffled: Vec<Option<String>>,
 }
 
-/// Takes the next micro-batch of up to `batch_size` instance examples (the last
-/// one of an epoch may be smaller), each followed by a class example of its
-/// concept when that concept has class images.
+/// Takes the next micro-batch of up to `batch_size` instance examples of one
+/// frame (an epoch's last batch of each frame may be smaller), each followed by
+/// a class example of its concept and frame when the concept has one.
 pub fn next_batch(
     data: &Dataset,
     state: &mut DataState,
@@ -182,10 +192,17 @@ pub fn next_batch(
     let n = data.instances.len();
     if state.order.is_empty() {
         let perm = rng.randperm(n as i64);
-        state.order = Vec::<i64>::try_from(&perm).expect("randperm gives int64");
+        let perm = Vec::<i64>::try_from(&perm).expect("randperm gives int64");
+        state.order = batched_by_frame(&perm, |i| data.instances[i as usize].frame(), batch_size);
         state.position = 0;
     }
-    let end = (state.position + batch_size).min(n);
+    // The order holds each batch's members side by side (`batched_by_frame`):
+    // a batch is the run of one frame from here, at most `batch_size` long.
+    let frame = data.instances[state.order[state.position] as usize].frame();
+    let mut end = state.position;
+    while end < n && end - state.position < batch_size.max(1) && data.instances[state.order[end] as usize].frame() == frame {
+        end += 1;
+    }
     let picked: Vec<usize> = state.order[state.position..end].iter().map(|&i| i as usize).collect();
     state.position = end;
     if state.position >= n {
@@ -200,8 +217,13 @@ pub fn next_batch(
         let concept = data.instances[i].concept;
         items.push((false, concept, i, flip(rng)));
         let classes = &data.classes[concept];
-        if !classes.is_empty() {
-            let j = state.class_cursor[concept] % classes.len();
+        if classes.is_empty() {
+            continue;
+        }
+        // The concept's next class image of this frame (with one frame: the next one).
+        let start = state.class_cursor[concept] % classes.len();
+        let same_frame = (0..classes.len()).map(|d| (start + d) % classes.len()).find(|&j| classes[j].frame() == frame);
+        if let Some(j) = same_frame {
             state.class_cursor[concept] = (j + 1) % classes.len();
             class_items.push((true, concept, j, flip(rng)));
         }
@@ -220,7 +242,63 @@ pub fn next_batch(
     BatchPlan { items, shuffled }
 }
 
+/// An epoch's permutation reordered so that each batch's members stand side by
+/// side: walking the permutation, an image joins its frame's open batch, and a
+/// batch is closed when full; the short batches left follow, in the order their
+/// frames first came. With one frame this is the permutation itself.
+pub fn batched_by_frame(perm: &[i64], frame_of: impl Fn(i64) -> (u32, u32), batch_size: usize) -> Vec<i64> {
+    let mut out = Vec::with_capacity(perm.len());
+    let mut open: Vec<((u32, u32), Vec<i64>)> = Vec::new();
+    for &i in perm {
+        let frame = frame_of(i);
+        let k = match open.iter().position(|(f, _)| *f == frame) {
+            Some(k) => k,
+            None => {
+                open.push((frame, Vec::new()));
+                open.len() - 1
+            }
+        };
+        open[k].1.push(i);
+        if open[k].1.len() >= batch_size.max(1) {
+            out.append(&mut open[k].1);
+        }
+    }
+    for (_, rest) in open {
+        out.extend(rest);
+    }
+    out
+}
+
 impl Dataset {
+    /// Micro-batches in one pass over the instance images.
+    pub fn batches_per_epoch(&self, batch_size: u32) -> u64 {
+        super::buckets::batches_per_epoch(self.instances.iter().map(Example::frame), batch_size)
+    }
+
+    /// Instance images of concepts with class images, none of them in their
+    /// frame: those train without the prior term.
+    pub fn instances_without_class_frame(&self) -> usize {
+        self.instances
+            .iter()
+            .filter(|e| {
+                let classes = &self.classes[e.concept];
+                !classes.is_empty() && !classes.iter().any(|c| c.frame() == e.frame())
+            })
+            .count()
+    }
+
+    /// (frame, instance images, class images) per frame in use, by frame.
+    pub fn frame_counts(&self) -> Vec<((u32, u32), usize, usize)> {
+        let mut counts: std::collections::BTreeMap<(u32, u32), (usize, usize)> = Default::default();
+        for e in &self.instances {
+            counts.entry(e.frame()).or_default().0 += 1;
+        }
+        for e in self.classes.iter().flatten() {
+            counts.entry(e.frame()).or_default().1 += 1;
+        }
+        counts.into_iter().map(|(f, (i, c))| (f, i, c)).collect()
+    }
+
     pub fn example(&self, is_class: bool, concept: usize, index: usize) -> &Example {
         if is_class { &self.classes[concept][index] } else { &self.instances[index] }
     }
@@ -236,5 +314,24 @@ impl Dataset {
             })
             .collect();
         crate::device::upload(&Tensor::stack(&images, 0), device).to_kind(Kind::Float)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_frame_keeps_the_permutation_and_more_keep_each_batch_in_one_frame() {
+        let perm = [3, 0, 4, 1, 2];
+        assert_eq!(batched_by_frame(&perm, |_| (8, 8), 2), perm);
+        // Frames: 0, 1, 2 wide; 3, 4 tall.
+        let frame = |i: i64| if i < 3 { (16, 8) } else { (8, 16) };
+        let order = batched_by_frame(&perm, frame, 2);
+        // 3 and 4 fill a tall batch first, then 0 and 1 a wide one; 2 is left over.
+        assert_eq!(order, [3, 4, 0, 1, 2]);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, [0, 1, 2, 3, 4]);
     }
 }

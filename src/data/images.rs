@@ -78,12 +78,35 @@ pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
 
 /// Short side to `size` (bilinear), then the centre `size`×`size` square.
 pub fn resize_center_crop(img: &RgbImage, size: u32) -> RgbImage {
+    resize_cover_crop(img, size, size)
+}
+
+/// Scaled (bilinear) so that it covers `width`×`height`, then the centre
+/// `width`×`height` cut out: the frame of an aspect-ratio bucket.
+pub fn resize_cover_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let (w, h) = img.dimensions();
-    let scale = size as f64 / w.min(h) as f64;
-    let (nw, nh) = (((w as f64 * scale).round() as u32).max(size), ((h as f64 * scale).round() as u32).max(size));
+    let scale = (width as f64 / w as f64).max(height as f64 / h as f64);
+    let (nw, nh) = (((w as f64 * scale).round() as u32).max(width), ((h as f64 * scale).round() as u32).max(height));
     let resized = image::imageops::resize(img, nw, nh, FilterType::Triangle);
-    let (x, y) = ((nw - size) / 2, (nh - size) / 2);
-    image::imageops::crop_imm(&resized, x, y, size, size).to_image()
+    let (x, y) = ((nw - width) / 2, (nh - height) / 2);
+    image::imageops::crop_imm(&resized, x, y, width, height).to_image()
+}
+
+/// An image's width and height as [`load_rgb`] will return it (EXIF rotation
+/// applied), read from its header without decoding the pixels.
+pub fn oriented_dimensions(path: &Path) -> anyhow::Result<(u32, u32)> {
+    let not_image = |e: &dyn std::fmt::Display| usage(format!("{} is not a readable image ({e})", path.display()));
+    let reader = ImageReader::open(path)
+        .with_context(|| format!("cannot read the image {}", path.display()))?
+        .with_guessed_format()
+        .map_err(|e| not_image(&e))?;
+    let mut decoder = reader.into_decoder().map_err(|e| not_image(&e))?;
+    let (w, h) = decoder.dimensions();
+    use image::metadata::Orientation::*;
+    Ok(match decoder.orientation().unwrap_or(NoTransforms) {
+        Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH => (h, w),
+        _ => (w, h),
+    })
 }
 
 /// `[3, H, W]` float32 in [-1, 1], the VAE's input range.
@@ -145,6 +168,10 @@ mod tests {
         assert!(out.get_pixel(0, 5)[0] < 50);
         let t = to_tensor(&out);
         assert_eq!(t.size(), [3, 10, 10]);
+        // A bucket's frame of the same picture keeps all of it.
+        let wide = resize_cover_crop(&img, 20, 10);
+        assert_eq!(wide.dimensions(), (20, 10));
+        assert!(wide.get_pixel(10, 5)[0] > 100 && wide.get_pixel(0, 5)[0] < 50);
         assert!(t.max().double_value(&[]) <= 1.0 && t.min().double_value(&[]) >= -1.0);
     }
 

@@ -28,6 +28,7 @@ use super::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, Predic
 use crate::checkpoint::load_model;
 use crate::config::schema::{MixedPrecision, RunConfig};
 use crate::model::lora::LoraNetwork;
+use crate::data::buckets::Buckets;
 use crate::data::dataset::{self, next_batch, BatchPlan, DataState, Dataset};
 use crate::error::usage;
 use crate::pipeline::{ModelParameters, StableDiffusion};
@@ -37,11 +38,16 @@ use crate::run::events::{Event, EventLog};
 use crate::run::lock::RunLock;
 use crate::scheduler::NoiseSchedule;
 
-/// Optimizer steps of a run: epochs × ceil(images ÷ batch) micro-batches, of which
-/// `gradient_accumulation_steps` make one step. The one definition of the count.
-pub fn total_steps(steps_per_image: u32, images: u64, batch_size: u32, accumulation: u32) -> u64 {
-    let batches_per_epoch = images.div_ceil(u64::from(batch_size.max(1)));
+/// Optimizer steps of a run: epochs × the micro-batches of an epoch (ceil(images ÷
+/// batch), counted per frame with aspect-ratio buckets: `Dataset::batches_per_epoch`),
+/// of which `gradient_accumulation_steps` make one step. The one definition of the count.
+pub fn total_steps(steps_per_image: u32, batches_per_epoch: u64, accumulation: u32) -> u64 {
     u64::from(steps_per_image) * batches_per_epoch / u64::from(accumulation.max(1))
+}
+
+/// The frames instance images are first loaded in, before the model is read.
+fn early_buckets(config: &RunConfig) -> Buckets {
+    Buckets::for_run(config, crate::data::buckets::source_size_multiple(&config.source_checkpoint))
 }
 
 /// The run directory of a config.
@@ -197,7 +203,7 @@ impl Trainer {
     /// directory (config.yaml, lock), loads the model, prepares the data.
     pub fn start(config: RunConfig, options: TrainOptions) -> anyhow::Result<Trainer> {
         check_supported(&config)?;
-        let instances = dataset::load_instances(&config)?;
+        let instances = dataset::load_instances(&config, &early_buckets(&config))?;
         let device = crate::device::parse_device(&config.device, true)?;
         let run_dir = prepare_new_run_dir(&config)?;
         let lock = RunLock::acquire(&run_dir)?;
@@ -218,7 +224,7 @@ impl Trainer {
         check_supported(&config)?;
         let lock = RunLock::acquire(run_dir)?;
         let (step, dir) = ckpt::find_checkpoint(run_dir, None)?;
-        let instances = dataset::load_instances(&config)?;
+        let instances = dataset::load_instances(&config, &early_buckets(&config))?;
         let device = crate::device::parse_device(&config.device, true)?;
         let mut t = Trainer::build(config, run_dir.to_path_buf(), lock, device, instances, options, Some((step, dir.clone())))?;
         if let Err(e) = t.load_checkpoint(&dir) {
@@ -268,14 +274,14 @@ impl Trainer {
         };
         let (config, precision, sd, params, data, optimizer, lora, ema) = parts;
         let t = &config.training;
-        let images = data.instances.len() as u64;
         let imagic_plan = t.train_imagic_only.then(|| imagic_run::ImagicPlan::from_training(t));
         let (total, batches_per_epoch, lr_steps) = match &imagic_plan {
             // Both stages count as steps; the LR schedule covers the UNet stage.
             Some(plan) => (plan.embedding_steps + plan.unet_steps, 1, plan.unet_steps),
             None => {
-                let total = total_steps(t.steps_per_image, images, t.batch_size, t.gradient_accumulation_steps);
-                (total, images.div_ceil(u64::from(t.batch_size)), total)
+                let batches = data.batches_per_epoch(t.batch_size);
+                let total = total_steps(t.steps_per_image, batches, t.gradient_accumulation_steps);
+                (total, batches, total)
             }
         };
         let lr_schedule = LrSchedule {
@@ -372,7 +378,11 @@ impl Trainer {
                 log.line(&note);
             }
         }
-        let classes = prepare_class_images(&config, run_dir, &sd, log)?;
+        let buckets = Buckets::for_run(&config, size_multiple);
+        // The images were framed before the model was read, with the multiple its
+        // configs give (64 for a single file); frame them again if the model needs another.
+        let instances = if buckets == early_buckets(&config) { instances } else { dataset::load_instances(&config, &buckets)? };
+        let classes = prepare_class_images(&config, run_dir, &sd, &instances, &buckets, log)?;
         let mut data = Dataset {
             instances,
             classes,
@@ -512,11 +522,32 @@ impl Trainer {
             ));
             return;
         }
-        let per_step = u64::from(t.batch_size) * u64::from(t.gradient_accumulation_steps);
-        if images % per_step != 0 {
+        let frames = self.data.frame_counts();
+        if frames.len() > 1 {
+            let list: Vec<String> =
+                frames.iter().map(|((w, h), i, c)| format!("{w}×{h}: {i} instance, {c} class")).collect();
+            self.log.line(&format!("aspect-ratio buckets (width×height: images): {}", list.join("; ")));
+        }
+        let unpaired = self.data.instances_without_class_frame();
+        if unpaired > 0 {
             self.warn(&format!(
-                "{images} instance images are not a multiple of batch_size × gradient_accumulation_steps = {per_step}: \
-                 the last batch of each epoch is smaller{}, and {} left-over micro-batches at the end are not trained",
+                "{unpaired} instance images have no class image in their aspect-ratio bucket and train without the prior term; \
+                 delete the class images to have them generated in every bucket"
+            ));
+        }
+        let per_step = u64::from(t.batch_size) * u64::from(t.gradient_accumulation_steps);
+        // Every frame's images fill whole batches, and those fill whole steps.
+        let uneven = frames.iter().any(|(_, i, _)| *i as u64 % u64::from(t.batch_size.max(1)) != 0)
+            || self.batches_per_epoch % u64::from(t.gradient_accumulation_steps.max(1)) != 0;
+        if uneven {
+            let what = if frames.len() > 1 {
+                format!("the {images} instance images fall into {} aspect-ratio buckets, batched apart, that are not all multiples of batch_size × gradient_accumulation_steps = {per_step}", frames.len())
+            } else {
+                format!("{images} instance images are not a multiple of batch_size × gradient_accumulation_steps = {per_step}")
+            };
+            self.warn(&format!(
+                "{what}: the last batch of each epoch{} is smaller{}, and {} left-over micro-batches at the end are not trained",
+                if frames.len() > 1 { " in a bucket" } else { "" },
                 if t.gradient_accumulation_steps > 1 { " and accumulation carries across epoch boundaries" } else { "" },
                 u64::from(t.steps_per_image) * self.batches_per_epoch - self.total_steps * u64::from(t.gradient_accumulation_steps)
             ));

@@ -163,7 +163,7 @@ pub fn step_count(run_dir: &Path) -> usize {
 pub fn eval_loss(t: &dreambooth::train::trainer::Trainer, dir: &std::path::Path) -> f64 {
     use dreambooth::train::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
     let _guard = tch::no_grad_guard();
-    let examples = dreambooth::data::dataset::load_folder(dir, "eval", |_| "a photo of sks thing".into(), 0, 64, None).unwrap();
+    let examples = dreambooth::data::dataset::load_folder(dir, "eval", |_| "a photo of sks thing".into(), 0, &dreambooth::data::buckets::Buckets::square(64), None).unwrap();
     let schedule = dreambooth::scheduler::NoiseSchedule::new(&t.sd.scheduler_config).unwrap();
     let prediction = PredictionType::from_config(&t.sd.scheduler_config).unwrap();
     let ehs = t.sd.encode_prompt("a photo of sks thing", 1);

@@ -8,6 +8,7 @@ use tch::{Device, Tensor};
 
 use super::{move_parameters, RunLog, Trainer};
 use crate::config::schema::{Concept, RunConfig};
+use crate::data::buckets::Buckets;
 use crate::data::dataset;
 use crate::data::images::list_images;
 use crate::data::prompts::{file_words, uses_filewords, Role};
@@ -116,7 +117,17 @@ fn sample_prompts(c: &Concept) -> Vec<String> {
 /// `[filewords]` in the class prompt, the images are generated from the instance
 /// images' words in turn (the class version of each caption) and each one's
 /// prompt is written beside it in `<image>.txt`.
-pub(super) fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &StableDiffusion, log: &mut RunLog) -> anyhow::Result<Vec<Vec<dataset::Example>>> {
+/// With aspect-ratio buckets each one is generated in the frame of the instance
+/// image it is paired with in turn, as the extension does, so every frame with
+/// instance images has class images to pair them with.
+pub(super) fn prepare_class_images(
+    config: &RunConfig,
+    run_dir: &Path,
+    sd: &StableDiffusion,
+    instances: &[dataset::Example],
+    buckets: &Buckets,
+    log: &mut RunLog,
+) -> anyhow::Result<Vec<Vec<dataset::Example>>> {
     let mut all = Vec::new();
     for (i, c) in config.concepts.iter().enumerate() {
         if c.class_prompt.trim().is_empty() {
@@ -130,11 +141,13 @@ pub(super) fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &Stab
         let want = c.num_class_images as usize;
         if have < want {
             let prompts = generation_prompts(c, i)?;
+            let frames: Vec<(u32, u32)> = instances.iter().filter(|e| e.concept == i).map(dataset::Example::frame).collect();
             log.line(&format!("generating {} class images for {:?} into {}", want - have, c.class_prompt, dir.display()));
             let bar = crate::pipeline::progress_bar((want - have) as u64);
             let s = &config.sampling;
             for n in have..want {
                 let prompt = prompts[n % prompts.len()].clone();
+                let (width, height) = if frames.is_empty() { buckets.frame_for(1, 1) } else { frames[n % frames.len()] };
                 let req = SampleRequest {
                     prompt: prompt.clone(),
                     negative: if c.class_negative_prompt.is_empty() { s.negative_prompt.clone() } else { c.class_negative_prompt.clone() },
@@ -142,8 +155,8 @@ pub(super) fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &Stab
                     steps: c.class_infer_steps.unwrap_or(s.steps),
                     sampler: s.scheduler.clone(),
                     guidance: c.class_guidance_scale.unwrap_or(s.guidance),
-                    width: config.resolution,
-                    height: config.resolution,
+                    width: i64::from(width),
+                    height: i64::from(height),
                     clip_skip: config.training.clip_skip,
                 };
                 let image = sd.text_to_image(&req, |_, _| {})?;
@@ -162,7 +175,7 @@ pub(super) fn prepare_class_images(config: &RunConfig, run_dir: &Path, sd: &Stab
         if let Some(note) = dataset::unused_captions_note(&dir, &what, &c.class_prompt) {
             log.line(&note);
         }
-        let examples = dataset::load_folder(&dir, &what, |f| dataset::class_prompt(c, f), i, config.resolution, Some(want))?;
+        let examples = dataset::load_folder(&dir, &what, |f| dataset::class_prompt(c, f), i, buckets, Some(want))?;
         all.push(examples);
     }
     Ok(all)

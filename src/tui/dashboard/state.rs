@@ -305,13 +305,9 @@ impl DashboardState {
 /// The trainer's formula over the config's instance images, for the moments
 /// before its `start` event; None when a folder cannot be listed.
 pub fn total_steps(config: &RunConfig) -> Option<u64> {
-    let mut images = 0u64;
-    for (i, concept) in config.concepts.iter().enumerate() {
-        let what = format!("concepts[{i}].instance_data_dir");
-        images += crate::data::images::list_images(&concept.instance_data_dir, &what).ok()?.len() as u64;
-    }
     let t = &config.training;
-    Some(crate::train::trainer::total_steps(t.steps_per_image, images, t.batch_size, t.gradient_accumulation_steps))
+    let batches = crate::data::buckets::planned_batches_per_epoch(config)?;
+    Some(crate::train::trainer::total_steps(t.steps_per_image, batches, t.gradient_accumulation_steps))
 }
 
 /// One log line for a named event, from the fields it usually carries.

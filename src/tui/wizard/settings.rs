@@ -72,6 +72,7 @@ pub fn help(key: &str) -> &'static str {
         "training.freeze_clip_normalization" => "keep the text encoder's layer norms fixed: may curb overfitting",
         "training.clip_skip" => "condition on the text encoder's n-th last layer (1 = last; 2 for anime models)",
         "training.random_flip" => "flip images left-right at random (not for asymmetric subjects)",
+        "training.aspect_ratio_bucketing" => "train each image in the frame nearest its shape (16:9 … 9:16) instead of a centre square",
         "training.max_token_length" => "prompt tokens read: 75 (CLIP's window), 150 or 225 for long captions",
         "training.shuffle_tags" => "shuffle a caption's comma-separated tags after the first, each draw",
         "training.pause_after_n_epochs" => "pause every n epochs (0 = never) for pause_seconds",

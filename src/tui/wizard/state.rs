@@ -826,8 +826,13 @@ impl WizardState {
     /// The trainer's count (`train::trainer::total_steps`) for these images, when the steps parse.
     pub fn total_steps(&self) -> Option<u64> {
         let per: u32 = self.steps_per_image.trim().parse().ok()?;
-        let t = self.baseline().map(|c| c.training).unwrap_or_default();
-        Some(crate::train::trainer::total_steps(per, self.image_count() as u64, t.batch_size, t.gradient_accumulation_steps))
+        let config = self.build_config().or_else(|_| self.baseline()).ok();
+        let t = config.as_ref().map(|c| c.training.clone()).unwrap_or_default();
+        let batches = config
+            .as_ref()
+            .and_then(crate::data::buckets::planned_batches_per_epoch)
+            .unwrap_or_else(|| (self.image_count() as u64).div_ceil(u64::from(t.batch_size.max(1))));
+        Some(crate::train::trainer::total_steps(per, batches, t.gradient_accumulation_steps))
     }
 
     fn concepts(&self) -> Vec<Concept> {
