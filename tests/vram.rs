@@ -134,6 +134,11 @@ fn memory_savers_lower_the_estimate() {
     assert!(peak(&Plan { use_ema: true, ..base.clone() }) > b);
     assert!(peak(&Plan { cache_latents: false, ..base.clone() }) > b);
     assert!(peak(&Plan { set_grads_to_none: false, ..base.clone() }) >= b);
+    // Long prompts: three text-encoder passes and 227 cross-attention tokens a prompt.
+    assert!(peak(&Plan { token_windows: 3, ..base.clone() }) > b);
+    let te = Plan { train_text_encoder: true, ..base.clone() };
+    let rows_of = |p: &Plan| estimate(&m, p).rows.iter().map(|r| r.bytes).sum::<i64>();
+    assert!(rows_of(&Plan { token_windows: 3, ..te.clone() }) > rows_of(&te));
     // Full float32 fine-tuning: weights + AdamW state alone are 12 B/param.
     let e = estimate(&m, &base);
     assert!(e.resident >= 12 * 859_520_964);

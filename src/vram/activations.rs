@@ -103,8 +103,8 @@ pub fn saved(kind: &LayerKind, s: &ActSettings) -> u64 {
             let c = dim as u64;
             F32 * c * t + 3 * e * c * t + 3 * e * c * t + s.probs(1, t, t / s.batch.max(1) as u64) + 2 * e * c * t
         }
-        LayerKind::ClipLayer { hidden, intermediate, heads, tokens } => {
-            let t = (s.batch * tokens) as u64;
+        LayerKind::ClipLayer { hidden, intermediate, heads, tokens, windows } => {
+            let t = (s.batch * windows * tokens) as u64;
             let (h, i) = (hidden as u64, intermediate as u64);
             let qkv_inputs = if s.mixed { 3 * e * h * t } else { F32 * h * t };
             2 * F32 * h * t + qkv_inputs + 4 * e * h * t + s.probs(heads, t, tokens as u64) + e * h * t + 3 * e * i * t
@@ -121,7 +121,7 @@ pub fn checkpointed(kind: &LayerKind, s: &ActSettings) -> u64 {
         LayerKind::TransformerBlock { dim, scale, .. } | LayerKind::SelfAttention { dim, scale } => {
             e * dim as u64 * s.positions(scale)
         }
-        LayerKind::ClipLayer { hidden, tokens, .. } => e * (hidden * tokens * s.batch) as u64,
+        LayerKind::ClipLayer { hidden, tokens, windows, .. } => e * (hidden * tokens * windows * s.batch) as u64,
         _ => saved(kind, s),
     }
 }
@@ -145,8 +145,8 @@ pub fn largest_tensor(kind: &LayerKind, s: &ActSettings) -> u64 {
             let scores = if s.sdpa { 0 } else { F32 * t * (t / s.batch.max(1) as u64) };
             (F32 * dim as u64 * t).max(scores)
         }
-        LayerKind::ClipLayer { hidden, intermediate, heads, tokens } => {
-            let t = (s.batch * tokens) as u64;
+        LayerKind::ClipLayer { hidden, intermediate, heads, tokens, windows } => {
+            let t = (s.batch * windows * tokens) as u64;
             (F32 * intermediate.max(hidden) as u64 * t).max(F32 * heads as u64 * t * tokens as u64)
         }
         LayerKind::Small => 0,
@@ -163,7 +163,7 @@ pub fn output(kind: &LayerKind, s: &ActSettings) -> u64 {
         LayerKind::TransformerBlock { dim, scale, .. } | LayerKind::SelfAttention { dim, scale } => {
             e * dim as u64 * s.positions(scale)
         }
-        LayerKind::ClipLayer { hidden, tokens, .. } => e * (hidden * tokens * s.batch) as u64,
+        LayerKind::ClipLayer { hidden, tokens, windows, .. } => e * (hidden * tokens * windows * s.batch) as u64,
         LayerKind::Small => 0,
     }
 }

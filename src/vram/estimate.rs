@@ -38,6 +38,8 @@ pub struct Plan {
     pub previews: bool,
     /// Networks the trainer stores in the half dtype (the trainer's own rule).
     pub half_storage: HalfStorage,
+    /// 75-token windows a prompt is read in (`training.max_token_length` ÷ 75).
+    pub token_windows: i64,
 }
 
 impl Plan {
@@ -61,6 +63,7 @@ impl Plan {
             set_grads_to_none: t.set_grads_to_none,
             previews: t.save_preview_every_n_epochs > 0,
             half_storage: half_storage(t),
+            token_windows: (i64::from(t.max_token_length) / 75).max(1),
         }
     }
 
@@ -159,6 +162,8 @@ fn trained_by_layer(layers: &[Layer], plan: &Plan) -> Vec<Vec<Param>> {
 }
 
 pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
+    let windowed = m.with_token_windows(plan.token_windows);
+    let m = &windowed;
     let wb = plan.weight_bytes();
     let dt = plan.dtype_name();
     let mut rows = Vec::new();
@@ -256,10 +261,12 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
     let attention_part: u64 = if act.sdpa {
         0
     } else {
-        seq.iter()
-            .filter(|(l, _)| !(ckpt && l.checkpointable))
-            .map(|(l, _)| saved(&l.kind, &act) - saved(&l.kind, &no_attn))
-            .sum()
+        // Summed before subtracting: at 8×8 latents SDPA's own output copy
+        // outweighs the small score matrices, so a layer's difference can be negative.
+        let kept_layers = || seq.iter().filter(|(l, _)| !(ckpt && l.checkpointable));
+        let explicit: u64 = kept_layers().map(|(l, _)| saved(&l.kind, &act)).sum();
+        let fused: u64 = kept_layers().map(|(l, _)| saved(&l.kind, &no_attn)).sum();
+        explicit.saturating_sub(fused)
     };
     // Walk backward: at layer i the earlier layers' activations are still held,
     // later layers' gradients already exist (set_grads_to_none) and layer i

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
-use super::shapes::{clip_layers, unet_layers, vae_layers, Layer, Param};
+use super::shapes::{clip_layers, unet_layers, vae_layers, Layer, LayerKind, Param};
 use crate::checkpoint::{diffusers, format_of, ldm, ldm_yaml, open_single_file, Architecture, ModelFormat};
 use crate::model::config::{ClipConfig, UNetConfig, VaeConfig};
 
@@ -25,6 +25,31 @@ pub struct ModelShapes {
 }
 
 impl ModelShapes {
+    /// The shapes for prompts read in `windows` 75-token windows
+    /// (`training.max_token_length`): the text encoder runs once per window and
+    /// the UNet's cross-attention reads the joined states, (tokens − 2) × windows + 2 long.
+    pub fn with_token_windows(&self, windows: i64) -> ModelShapes {
+        let mut m = self.clone();
+        if windows <= 1 {
+            return m;
+        }
+        for l in m.text.iter_mut() {
+            if let LayerKind::ClipLayer { windows: w, .. } = &mut l.kind {
+                *w = windows;
+            }
+        }
+        let tokens = m.text.iter().find_map(|l| match l.kind {
+            LayerKind::ClipLayer { tokens, .. } => Some(tokens),
+            _ => None,
+        });
+        for l in m.unet.iter_mut() {
+            if let (LayerKind::TransformerBlock { context_len, .. }, Some(tokens)) = (&mut l.kind, tokens) {
+                *context_len = (tokens - 2) * windows + 2;
+            }
+        }
+        m
+    }
+
     /// Shapes from configs alone (each tensor as the model code would ask for it).
     pub fn from_configs(unet: &UNetConfig, vae: &VaeConfig, text: &ClipConfig, origin: &str) -> Self {
         let (vae_encoder, vae_decoder) = vae_layers(vae);

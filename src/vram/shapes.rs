@@ -35,8 +35,9 @@ pub enum LayerKind {
     TransformerBlock { dim: i64, heads: i64, scale: i64, context_len: i64, context_dim: i64, only_cross: bool },
     /// The VAE's mid-block attention: one head over all pixels, no feed-forward.
     SelfAttention { dim: i64, scale: i64 },
-    /// One CLIP encoder layer over `tokens`.
-    ClipLayer { hidden: i64, intermediate: i64, heads: i64, tokens: i64 },
+    /// One CLIP encoder layer over `windows` sequences of `tokens` a prompt
+    /// (several 75-token windows with `training.max_token_length` above 75).
+    ClipLayer { hidden: i64, intermediate: i64, heads: i64, tokens: i64, windows: i64 },
     /// Embeddings / final norm: nothing worth counting is saved.
     Small,
 }
@@ -326,7 +327,7 @@ pub fn clip_layers(cfg: &ClipConfig) -> Vec<Layer> {
     l.p("token_embedding.weight", &[cfg.vocab_size, h]);
     l.p("position_embedding.weight", &[cfg.max_position_embeddings, h]);
     for k in 0..cfg.num_hidden_layers {
-        let kind = LayerKind::ClipLayer { hidden: h, intermediate: i, heads: cfg.num_attention_heads, tokens };
+        let kind = LayerKind::ClipLayer { hidden: h, intermediate: i, heads: cfg.num_attention_heads, tokens, windows: 1 };
         let l = b.layer(&format!("encoder.layers.{k}"), kind, true);
         l.norm("layer_norm1", h);
         for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
