@@ -396,6 +396,9 @@ fn aspect_ratio_buckets_keep_the_whole_picture_and_batch_each_frame_apart() {
     assert!(red_at_left(&t.data.instances[2]) && red_at_left(&t.data.instances[3]), "the wide frame keeps the left edge");
     // One batch per frame: square, tall, and the two wide ones together.
     assert_eq!(t.total_steps, 3 * 3);
+    // The wizard and the dashboard count the same from the folders, before training.
+    assert_eq!(dreambooth::data::buckets::planned_batches_per_epoch(&t.config), Some(3));
+    assert_eq!(dreambooth::data::buckets::planned_batches_per_epoch(&plain.config), Some(2));
     // Class images are made in the frames of the instance images, in turn.
     let mut class_frames: Vec<(u32, u32)> = t.data.classes[0].iter().map(|e| e.frame()).collect();
     let mut expected = vec![frames[0], frames[1], frames[2], frames[3]];

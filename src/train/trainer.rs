@@ -546,8 +546,8 @@ impl Trainer {
                 format!("{images} instance images are not a multiple of batch_size × gradient_accumulation_steps = {per_step}")
             };
             self.warn(&format!(
-                "{what}: the last batch of each epoch{} is smaller{}, and {} left-over micro-batches at the end are not trained",
-                if frames.len() > 1 { " in a bucket" } else { "" },
+                "{what}: {} is smaller{}, and {} left-over micro-batches at the end are not trained",
+                if frames.len() > 1 { "each bucket's last batch of an epoch" } else { "the last batch of each epoch" },
                 if t.gradient_accumulation_steps > 1 { " and accumulation carries across epoch boundaries" } else { "" },
                 u64::from(t.steps_per_image) * self.batches_per_epoch - self.total_steps * u64::from(t.gradient_accumulation_steps)
             ));
