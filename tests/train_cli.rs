@@ -183,24 +183,47 @@ fn rgb_pixels(path: &Path) -> Vec<u8> {
     image::open(path).unwrap().to_rgb8().into_raw()
 }
 
+/// Trains 2 steps (text encoder too, so both halves of the LDM mapping are
+/// exercised) over `source` and exports the run with `--format ldm`; returns
+/// the run directory and the exported file.
+fn train_and_export_ldm(r: &Path, name: &str, source: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = r.join("data");
+    subject_images(&data, 2);
+    let yaml = config_yaml(r, name, &data, "  steps_per_image: 2\n  learning_rate: 1.0e-3\n  text_encoder_train_ratio: 1.0\n")
+        .replace(&demo_model().display().to_string(), &source.display().to_string());
+    let cfg = r.join(format!("{name}.yaml"));
+    std::fs::write(&cfg, yaml).unwrap();
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    let run = r.join("runs").join(name);
+    let exported = r.join("exported.safetensors");
+    let (code, _, err) = cli(&["export", run.to_str().unwrap(), "--format", "ldm", "--out", exported.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    (run, exported)
+}
+
+/// The pixels `generate` makes from `model` (fixed prompt, seed and size).
+fn image_of(r: &Path, model: &Path, name: &str) -> Vec<u8> {
+    let png = r.join(name);
+    let (code, _, err) = cli(&["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing",
+        "--seed", "5", "--steps", "4", "--width", "32", "--height", "32", "--device", "cpu", "--out", png.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    rgb_pixels(&png)
+}
+
+/// The exported file gives the run's image, and training changed it.
+fn assert_export_generates_like_the_run(r: &Path, exported: &Path, run: &Path, source: &Path) {
+    let from_export = image_of(r, exported, "export.png");
+    assert_eq!(from_export, image_of(r, run, "run.png"), "the exported file and the run directory give different images");
+    assert_ne!(from_export, image_of(r, source, "source.png"), "training changed nothing visible");
+}
+
 #[test]
 fn ldm_export_of_a_single_file_run_generates_the_same_image() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
-    let data = r.join("data");
-    subject_images(&data, 2);
     let source = fixture_model("tiny-sd1.safetensors");
-    // The text encoder trains too, so both halves of the LDM mapping are exercised.
-    let yaml = config_yaml(r, "ldm", &data, "  steps_per_image: 2\n  learning_rate: 1.0e-3\n  text_encoder_train_ratio: 1.0\n")
-        .replace(&demo_model().display().to_string(), &source.display().to_string());
-    let cfg = r.join("ldm.yaml");
-    std::fs::write(&cfg, yaml).unwrap();
-    let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
-    assert_eq!(code, 0, "{err}");
-    let run = r.join("runs/ldm");
-    let exported = r.join("exported.safetensors");
-    let (code, _, err) = cli(&["export", run.to_str().unwrap(), "--format", "ldm", "--out", exported.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    let (run, exported) = train_and_export_ldm(r, "ldm", &source);
 
     // The same key set as the source file, and the trained weights are in it.
     let keys = |p: &Path| {
@@ -214,17 +237,7 @@ fn ldm_export_of_a_single_file_run_generates_the_same_image() {
     assert!(changed.iter().any(|k| k.starts_with("model.diffusion_model.")), "no UNet weight changed");
     assert!(changed.iter().any(|k| k.starts_with("cond_stage_model.")), "no text encoder weight changed");
     assert!(!changed.iter().any(|k| k.starts_with("first_stage_model.")), "the VAE does not train");
-
-    let image_of = |model: &Path, name: &str| {
-        let png = r.join(name);
-        let (code, _, err) = cli(&["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing",
-            "--seed", "5", "--steps", "4", "--width", "32", "--height", "32", "--device", "cpu", "--out", png.to_str().unwrap()]);
-        assert_eq!(code, 0, "{err}");
-        rgb_pixels(&png)
-    };
-    let from_export = image_of(&exported, "export.png");
-    assert_eq!(from_export, image_of(&run, "run.png"), "the exported file and the run directory give different images");
-    assert_ne!(from_export, image_of(&source, "source.png"), "training changed nothing visible");
+    assert_export_generates_like_the_run(r, &exported, &run, &source);
 }
 
 /// A run over a diffusers folder exports to the standard SD layout: the keys of
@@ -234,19 +247,8 @@ fn ldm_export_of_a_single_file_run_generates_the_same_image() {
 fn ldm_export_of_a_diffusers_folder_run_is_a_standard_single_file() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
-    let data = r.join("data");
-    subject_images(&data, 2);
     let source = fixture_model("tiny-sd1");
-    let yaml = config_yaml(r, "folder", &data, "  steps_per_image: 2\n  learning_rate: 1.0e-3\n  text_encoder_train_ratio: 1.0\n")
-        .replace(&demo_model().display().to_string(), &source.display().to_string());
-    let cfg = r.join("folder.yaml");
-    std::fs::write(&cfg, yaml).unwrap();
-    let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
-    assert_eq!(code, 0, "{err}");
-    let run = r.join("runs/folder");
-    let exported = r.join("exported.safetensors");
-    let (code, _, err) = cli(&["export", run.to_str().unwrap(), "--format", "ldm", "--out", exported.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    let (run, exported) = train_and_export_ldm(r, "folder", &source);
 
     let keys = |p: &Path| {
         let mut v: Vec<String> = Tensor::read_safetensors(p).unwrap().into_iter().map(|(k, _)| k).collect();
@@ -256,16 +258,7 @@ fn ldm_export_of_a_diffusers_folder_run_is_a_standard_single_file() {
     // The reference also holds LatentDiffusion's schedule buffers (betas, ...), which loaders ignore.
     let reference: Vec<String> = keys(&fixture_model("tiny-sd1.safetensors")).into_iter().filter(|k| k.contains('.')).collect();
     assert_eq!(keys(&exported), reference);
-    let image_of = |model: &Path, name: &str| {
-        let png = r.join(name);
-        let (code, _, err) = cli(&["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing",
-            "--seed", "5", "--steps", "4", "--width", "32", "--height", "32", "--device", "cpu", "--out", png.to_str().unwrap()]);
-        assert_eq!(code, 0, "{err}");
-        rgb_pixels(&png)
-    };
-    let from_export = image_of(&exported, "export.png");
-    assert_eq!(from_export, image_of(&run, "run.png"), "the exported file and the run directory give different images");
-    assert_ne!(from_export, image_of(&source, "source.png"), "training changed nothing visible");
+    assert_export_generates_like_the_run(r, &exported, &run, &source);
 
     // --half: every float tensor in float16, the same keys, about half the bytes, and it loads.
     let half = r.join("half.safetensors");
@@ -279,7 +272,7 @@ fn ldm_export_of_a_diffusers_folder_run_is_a_standard_single_file() {
     }
     let (full_size, half_size) = (std::fs::metadata(&exported).unwrap().len(), std::fs::metadata(&half).unwrap().len());
     assert!(half_size * 10 < full_size * 6, "{half_size} bytes against {full_size}");
-    image_of(&half, "half.png");
+    image_of(r, &half, "half.png");
 }
 
 /// A run of 3 images, 2 epochs, a checkpoint after each epoch (steps 3 and 6),
