@@ -64,6 +64,32 @@ pub fn assert_bit_identical(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
     }
 }
 
+/// Trains `training` over `data` twice: once straight through ("full", whose
+/// total steps must be `total`), once cut after step 1 (a checkpoint, then a
+/// step lost as with kill -9) and resumed ("cut"); the two final UNets must be
+/// bit-identical.
+fn assert_cut_and_resumed_run_matches(root: &std::path::Path, data: &std::path::Path, training: &str, total: u64) {
+    let full = write_config(root, "full", data, training);
+    let mut t = Trainer::start(load(&full), quiet()).unwrap();
+    assert_eq!(t.total_steps, total);
+    t.run().unwrap();
+    drop(t);
+
+    let cut = write_config(root, "cut", data, training);
+    let mut t = Trainer::start(load(&cut), quiet()).unwrap();
+    t.train_step().unwrap();
+    t.checkpoint().unwrap();
+    // Progress after the checkpoint is lost, as with kill -9.
+    t.train_step().unwrap();
+    drop(t);
+    let run = root.join("runs/cut");
+    let mut t = Trainer::resume(&run, quiet()).unwrap();
+    assert_eq!(t.step, 1);
+    t.run().unwrap();
+    drop(t);
+    assert_bit_identical(&final_unet(&root.join("runs/full")), &final_unet(&run));
+}
+
 #[test]
 fn resume_after_an_interruption_is_bit_identical() {
     let root = tempfile::tempdir().unwrap();
@@ -72,26 +98,7 @@ fn resume_after_an_interruption_is_bit_identical() {
     // Everything that carries state: EMA, text encoder for part of the run, random
     // flips, accumulation, a decaying LR, fp16 loss scaling.
     let training = "  steps_per_image: 4\n  batch_size: 2\n  gradient_accumulation_steps: 2\n  use_ema: true\n  text_encoder_train_ratio: 0.5\n  random_flip: true\n  lr_scheduler: cosine\n  offset_noise: 0.1\n";
-    let full = write_config(root.path(), "full", &data, training);
-    let mut t = Trainer::start(load(&full), quiet()).unwrap();
-    let total = t.total_steps;
-    assert_eq!(total, 4);
-    t.run().unwrap();
-    drop(t);
-
-    let cut = write_config(root.path(), "cut", &data, training);
-    let mut t = Trainer::start(load(&cut), quiet()).unwrap();
-    t.train_step().unwrap();
-    t.checkpoint().unwrap();
-    // Progress after the checkpoint is lost, as with kill -9.
-    t.train_step().unwrap();
-    drop(t);
-    let run = root.path().join("runs/cut");
-    let mut t = Trainer::resume(&run, quiet()).unwrap();
-    assert_eq!(t.step, 1);
-    t.run().unwrap();
-    drop(t);
-    assert_bit_identical(&final_unet(&root.path().join("runs/full")), &final_unet(&run));
+    assert_cut_and_resumed_run_matches(root.path(), &data, training, 4);
 }
 
 /// With aspect-ratio buckets the epoch's order is grouped by frame; a resume in
@@ -106,30 +113,9 @@ fn a_bucketed_run_resumes_bit_identically() {
             .save(data.join(format!("{name}.png")))
             .unwrap();
     }
-    let training = "  steps_per_image: 2
-  batch_size: 2
-  aspect_ratio_bucketing: true
-  random_flip: true
-";
-    let full = write_config(root.path(), "full", &data, training);
-    let mut t = Trainer::start(load(&full), quiet()).unwrap();
+    let training = "  steps_per_image: 2\n  batch_size: 2\n  aspect_ratio_bucketing: true\n  random_flip: true\n";
     // Wide a, d; tall b; square c, e: three batches an epoch.
-    assert_eq!(t.total_steps, 2 * 3);
-    t.run().unwrap();
-    drop(t);
-
-    let cut = write_config(root.path(), "cut", &data, training);
-    let mut t = Trainer::start(load(&cut), quiet()).unwrap();
-    t.train_step().unwrap();
-    t.checkpoint().unwrap();
-    t.train_step().unwrap();
-    drop(t);
-    let run = root.path().join("runs/cut");
-    let mut t = Trainer::resume(&run, quiet()).unwrap();
-    assert_eq!(t.step, 1);
-    t.run().unwrap();
-    drop(t);
-    assert_bit_identical(&final_unet(&root.path().join("runs/full")), &final_unet(&run));
+    assert_cut_and_resumed_run_matches(root.path(), &data, training, 2 * 3);
 }
 
 /// Std of the scaled VAE latents (posterior means) of `dir`'s images under the trainer's model.

@@ -58,20 +58,28 @@ pub fn list_images(dir: &Path, what: &str) -> anyhow::Result<Vec<ImageFile>> {
     Ok(files)
 }
 
+fn not_image(path: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
+    usage(format!("{} is not a readable image ({e})", path.display()))
+}
+
+/// The decoder for `path`'s format (told by its bytes), its header read.
+fn open_decoder(path: &Path) -> anyhow::Result<Box<dyn ImageDecoder>> {
+    let reader = ImageReader::open(path)
+        .with_context(|| format!("cannot read the image {}", path.display()))?
+        .with_guessed_format()
+        .map_err(|e| not_image(path, &e))?;
+    reader.into_decoder().map_err(|e| not_image(path, &e)).map(|d| Box::new(d) as Box<dyn ImageDecoder>)
+}
+
 /// Decodes `path` with its EXIF orientation applied, as 8-bit RGB.
 pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read the image {}", path.display()))?;
     if meta.len() == 0 {
         return Err(usage(format!("the image {} is empty (0 bytes)", path.display())));
     }
-    let not_image = |e: &dyn std::fmt::Display| usage(format!("{} is not a readable image ({e})", path.display()));
-    let reader = ImageReader::open(path)
-        .with_context(|| format!("cannot read the image {}", path.display()))?
-        .with_guessed_format()
-        .map_err(|e| not_image(&e))?;
-    let mut decoder = reader.into_decoder().map_err(|e| not_image(&e))?;
+    let mut decoder = open_decoder(path)?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| not_image(&e))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| not_image(path, &e))?;
     img.apply_orientation(orientation);
     Ok(img.to_rgb8())
 }
@@ -95,12 +103,7 @@ pub fn resize_cover_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
 /// An image's width and height as [`load_rgb`] will return it (EXIF rotation
 /// applied), read from its header without decoding the pixels.
 pub fn oriented_dimensions(path: &Path) -> anyhow::Result<(u32, u32)> {
-    let not_image = |e: &dyn std::fmt::Display| usage(format!("{} is not a readable image ({e})", path.display()));
-    let reader = ImageReader::open(path)
-        .with_context(|| format!("cannot read the image {}", path.display()))?
-        .with_guessed_format()
-        .map_err(|e| not_image(&e))?;
-    let mut decoder = reader.into_decoder().map_err(|e| not_image(&e))?;
+    let mut decoder = open_decoder(path)?;
     let (w, h) = decoder.dimensions();
     use image::metadata::Orientation::*;
     Ok(match decoder.orientation().unwrap_or(NoTransforms) {
