@@ -423,6 +423,18 @@ fn aspect_ratio_buckets_keep_the_whole_picture_and_batch_each_frame_apart() {
         seen.sort();
         assert_eq!(seen, [0, 1, 2, 3]);
     }
+    // Class images of one shape only: the other frames' instances train without a prior term, and the log says so.
+    std::fs::create_dir_all(class_dir.join("unpaired")).unwrap();
+    for k in 0..4 {
+        image::RgbImage::from_pixel(64, 64, image::Rgb([90, 90, 90])).save(class_dir.join("unpaired").join(format!("c{k}.png"))).unwrap();
+    }
+    let unpaired = start("unpaired", true);
+    assert_eq!(unpaired.data.instances_without_class_frame(), 3);
+    let warned = named_events(&unpaired.run_dir, "warning")
+        .iter()
+        .any(|w| w["message"].as_str().unwrap().starts_with("3 instance images have no class image in their aspect-ratio bucket"));
+    assert!(warned, "no warning about the unpaired frames");
+    drop(unpaired);
     // Non-square latents through the UNet, to the end of the run.
     assert!(matches!(t.run().unwrap(), dreambooth::train::trainer::Outcome::Finished));
     assert_eq!(step_count(&t.run_dir), 9);

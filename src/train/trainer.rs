@@ -532,7 +532,7 @@ impl Trainer {
         if unpaired > 0 {
             self.warn(&format!(
                 "{unpaired} instance images have no class image in their aspect-ratio bucket and train without the prior term; \
-                 delete the class images to have them generated in every bucket"
+                 add class images of those shapes, or point class_data_dir at an empty folder to have them generated in every bucket"
             ));
         }
         let per_step = u64::from(t.batch_size) * u64::from(t.gradient_accumulation_steps);
