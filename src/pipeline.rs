@@ -160,7 +160,7 @@ impl StableDiffusion {
 
     /// Image sides must be a multiple of this: the VAE factor times the UNet's downsampling.
     pub fn size_multiple(&self) -> i64 {
-        self.vae_factor() * (1 << (self.unet_config.block_out_channels.len() as i64 - 1))
+        self.unet_config.size_multiple(&self.vae_config)
     }
 
     /// The model's native image side (diffusers' default height/width).

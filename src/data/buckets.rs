@@ -91,7 +91,7 @@ pub fn batches_per_epoch(frames: impl IntoIterator<Item = (u32, u32)>, batch_siz
 pub fn source_size_multiple(source: &Path) -> i64 {
     let configs = source.is_dir().then(|| crate::checkpoint::diffusers::read_configs(source).ok()).flatten();
     match configs.and_then(|c| Some((c.unet?, c.vae?))) {
-        Some((unet, vae)) => vae.downsampling_factor() << (unet.block_out_channels.len().max(1) - 1),
+        Some((unet, vae)) => unet.size_multiple(&vae),
         None => 64,
     }
 }

@@ -100,6 +100,12 @@ impl Default for UNetConfig {
 }
 
 impl UNetConfig {
+    /// Image sides must be a multiple of this: `vae`'s factor times the UNet's
+    /// own downsampling (2^(levels-1)); 64 for SD.
+    pub fn size_multiple(&self, vae: &VaeConfig) -> i64 {
+        vae.downsampling_factor() * (1 << (self.block_out_channels.len() as i64 - 1))
+    }
+
     /// Number of attention heads of down block `i` (diffusers' reading of the config).
     pub fn heads(&self, i: usize) -> i64 {
         match &self.num_attention_heads {

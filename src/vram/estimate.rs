@@ -162,8 +162,14 @@ fn trained_by_layer(layers: &[Layer], plan: &Plan) -> Vec<Vec<Param>> {
 }
 
 pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
-    let windowed = m.with_token_windows(plan.token_windows);
-    let m = &windowed;
+    // A copy of the shapes only for long prompts: the wizard re-rates every preset on each change.
+    let windowed;
+    let m = if plan.token_windows > 1 {
+        windowed = m.with_token_windows(plan.token_windows);
+        &windowed
+    } else {
+        m
+    };
     let wb = plan.weight_bytes();
     let dt = plan.dtype_name();
     let mut rows = Vec::new();

@@ -27,12 +27,10 @@ pub struct ModelShapes {
 impl ModelShapes {
     /// The shapes for prompts read in `windows` 75-token windows
     /// (`training.max_token_length`): the text encoder runs once per window and
-    /// the UNet's cross-attention reads the joined states, (tokens − 2) × windows + 2 long.
+    /// the UNet's cross-attention reads the joined states, (tokens − 2) × windows + 2 long
+    /// (with one window, the shapes as they are).
     pub fn with_token_windows(&self, windows: i64) -> ModelShapes {
         let mut m = self.clone();
-        if windows <= 1 {
-            return m;
-        }
         for l in m.text.iter_mut() {
             if let LayerKind::ClipLayer { windows: w, .. } = &mut l.kind {
                 *w = windows;
