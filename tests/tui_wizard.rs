@@ -396,6 +396,24 @@ fn untouched_settings_follow_the_preset() {
     assert_eq!(config.training.text_encoder_train_ratio, 0.7);
 }
 
+/// The training step's count follows a batch size set in the settings panel
+/// (3 images at 150 steps an image: 2 batches an epoch at the 24gb preset's
+/// batch 2, 1 at batch 3), and a redraw keeps it.
+#[test]
+fn the_step_count_follows_the_batch_size() {
+    let Setup { root, mut state } = setup();
+    to_vram_step(&mut state, root.path(), "batched", "a photo of sks dog");
+    assert_eq!((state.total_steps(), state.image_count()), (Some(300), 3));
+    state.apply(Action::ToggleAdvanced);
+    focus_setting(&mut state, "training.batch_size");
+    state.apply(Action::Backspace);
+    type_text(&mut state, "3");
+    assert_eq!(state.build_config().unwrap().training.batch_size, 3);
+    assert_eq!((state.total_steps(), state.image_count()), (Some(150), 3));
+    let _ = screen(&state);
+    assert_eq!(state.total_steps(), Some(150));
+}
+
 #[test]
 fn an_existing_run_name_is_refused() {
     let Setup { root, mut state } = setup();

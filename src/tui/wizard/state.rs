@@ -180,6 +180,22 @@ impl Default for ConceptDraft {
     }
 }
 
+/// What the folders' part of the step count depends on.
+#[derive(Debug, Clone, PartialEq)]
+struct EpochKey {
+    instance_dirs: Vec<String>,
+    source: String,
+    /// Resolution, batch size and bucketing, when the config builds.
+    frames: Option<(i64, u32, bool)>,
+}
+
+#[derive(Debug, Clone)]
+struct EpochPlan {
+    key: EpochKey,
+    images: usize,
+    batches: u64,
+}
+
 /// Number of images in a concept folder, or why it has none.
 pub fn count_images(dir: &str) -> Result<usize, String> {
     if dir.trim().is_empty() {
@@ -279,6 +295,9 @@ pub struct WizardState {
     pub start: bool,
     pub cancelled: bool,
     sources: Box<dyn Sources>,
+    /// The folders' part of the step count, kept until what it depends on
+    /// changes, so a redraw reads no folder and no image header.
+    epoch_plan: std::cell::RefCell<Option<EpochPlan>>,
 }
 
 impl WizardState {
@@ -314,6 +333,7 @@ impl WizardState {
             start: false,
             cancelled: false,
             sources,
+            epoch_plan: Default::default(),
         }
     }
 
@@ -820,19 +840,41 @@ impl WizardState {
 
     /// Images over all concepts whose folders can be read.
     pub fn image_count(&self) -> usize {
-        self.concepts.iter().filter_map(|c| count_images(&c.instance_dir).ok()).sum()
+        self.epoch_plan().images
     }
 
     /// The trainer's count (`train::trainer::total_steps`) for these images, when the steps parse.
     pub fn total_steps(&self) -> Option<u64> {
         let per: u32 = self.steps_per_image.trim().parse().ok()?;
+        let accumulation = self
+            .build_config()
+            .or_else(|_| self.baseline())
+            .map(|c| c.training.gradient_accumulation_steps)
+            .unwrap_or(Training::default().gradient_accumulation_steps);
+        Some(crate::train::trainer::total_steps(per, self.epoch_plan().batches, accumulation))
+    }
+
+    /// Images and micro-batches an epoch, from the folders when the inputs
+    /// they depend on changed since the last call, else from the memo.
+    fn epoch_plan(&self) -> EpochPlan {
         let config = self.build_config().or_else(|_| self.baseline()).ok();
-        let t = config.as_ref().map(|c| c.training.clone()).unwrap_or_default();
+        let key = EpochKey {
+            instance_dirs: self.concepts.iter().map(|c| c.instance_dir.trim().to_string()).collect(),
+            source: self.source.trim().to_string(),
+            frames: config.as_ref().map(|c| (c.resolution, c.training.batch_size, c.training.aspect_ratio_bucketing)),
+        };
+        if let Some(plan) = self.epoch_plan.borrow().as_ref().filter(|p| p.key == key) {
+            return plan.clone();
+        }
+        let images = self.concepts.iter().filter_map(|c| count_images(&c.instance_dir).ok()).sum::<usize>();
+        let batch_size = config.as_ref().map_or(Training::default().batch_size, |c| c.training.batch_size);
         let batches = config
             .as_ref()
             .and_then(crate::data::buckets::planned_batches_per_epoch)
-            .unwrap_or_else(|| (self.image_count() as u64).div_ceil(u64::from(t.batch_size.max(1))));
-        Some(crate::train::trainer::total_steps(per, batches, t.gradient_accumulation_steps))
+            .unwrap_or_else(|| (images as u64).div_ceil(u64::from(batch_size.max(1))));
+        let plan = EpochPlan { key, images, batches };
+        *self.epoch_plan.borrow_mut() = Some(plan.clone());
+        plan
     }
 
     fn concepts(&self) -> Vec<Concept> {
