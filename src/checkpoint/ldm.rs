@@ -9,10 +9,11 @@
 //! mapping follows the file's own block structure, so it does not depend on
 //! the config and works the same when a sidecar or `--model-config` overrides it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use anyhow::{bail, Context};
 
+use super::ldm_names::{unet_blocks, vae_blocks, Inner, Naming, Table, UnetLayout};
 use super::source::TensorSource;
 use super::Architecture;
 use crate::model::config::{ClipConfig, PerBlock, UNetConfig, VaeConfig};
@@ -352,155 +353,56 @@ fn infer_text(src: &dyn TensorSource, layout: TextLayout) -> anyhow::Result<(Cli
 // ----------------------------------------------------------------------------
 
 /// Longest `prefix.` of `key` (cut at dots) found in `table`.
-fn longest_prefix<'a, V>(table: &'a HashMap<String, V>, key: &str) -> Option<(&'a str, &'a V)> {
-    key.match_indices('.')
-        .rev()
-        .find_map(|(i, _)| table.get_key_value(&key[..=i]).map(|(k, v)| (k.as_str(), v)))
-}
-
-fn rename_first<'a>(rest: &'a str, renames: &[(&str, &'a str)]) -> Option<(&'a str, &'a str)> {
-    renames.iter().find_map(|(from, to)| rest.strip_prefix(from).map(|tail| (*to, tail)))
-}
-
-const UNET_RESNET: &[(&str, &str)] = &[
-    ("in_layers.0.", "norm1."),
-    ("in_layers.2.", "conv1."),
-    ("emb_layers.1.", "time_emb_proj."),
-    ("out_layers.0.", "norm2."),
-    ("out_layers.3.", "conv2."),
-    ("skip_connection.", "conv_shortcut."),
-];
-
 /// Diffusers UNet keys for every `model.diffusion_model.*` tensor.
 pub fn unet_plan(src: &dyn TensorSource) -> anyhow::Result<Vec<Mapped>> {
     let s = unet_structure(src)?;
-    // LDM block prefix -> (diffusers prefix, is a resnet)
-    let mut table: HashMap<String, (String, bool)> = HashMap::new();
-    let mut put = |from: String, to: String, resnet: bool| {
-        table.insert(from, (to, resnet));
+    let layout = UnetLayout {
+        down_resnets: vec![s.layers_per_block; s.levels.len()],
+        up_attention: s.up_attention.clone(),
+        mid_attention: s.mid_depth > 0,
     };
-    put("time_embed.0.".into(), "time_embedding.linear_1.".into(), false);
-    put("time_embed.2.".into(), "time_embedding.linear_2.".into(), false);
-    put("input_blocks.0.0.".into(), "conv_in.".into(), false);
-    put("out.0.".into(), "conv_norm_out.".into(), false);
-    put("out.2.".into(), "conv_out.".into(), false);
-    for (k, &(level, slot)) in s.input_blocks.iter().enumerate().skip(1) {
-        match slot {
-            Some(j) => {
-                put(format!("input_blocks.{k}.0."), format!("down_blocks.{level}.resnets.{j}."), true);
-                put(format!("input_blocks.{k}.1."), format!("down_blocks.{level}.attentions.{j}."), false);
-            }
-            None => put(format!("input_blocks.{k}.0.op."), format!("down_blocks.{level}.downsamplers.0.conv."), false),
-        }
-    }
-    put("middle_block.0.".into(), "mid_block.resnets.0.".into(), true);
-    if s.mid_depth > 0 {
-        put("middle_block.1.".into(), "mid_block.attentions.0.".into(), false);
-        put("middle_block.2.".into(), "mid_block.resnets.1.".into(), true);
-    } else {
-        put("middle_block.1.".into(), "mid_block.resnets.1.".into(), true);
-    }
-    let per_level = s.layers_per_block + 1;
-    let n = s.levels.len();
-    for level in 0..n {
-        for j in 0..per_level {
-            let k = level * per_level + j;
-            put(format!("output_blocks.{k}.0."), format!("up_blocks.{level}.resnets.{j}."), true);
-            let mut next = 1;
-            if s.up_attention[level] {
-                put(format!("output_blocks.{k}.1."), format!("up_blocks.{level}.attentions.{j}."), false);
-                next = 2;
-            }
-            if j == per_level - 1 && level + 1 < n {
-                put(format!("output_blocks.{k}.{next}.conv."), format!("up_blocks.{level}.upsamplers.0.conv."), false);
-            }
-        }
-    }
-
+    let table = Table::new(unet_blocks(&layout), Naming::Ldm);
     let mut plan = Vec::new();
     for key in src.index().keys().filter(|k| k.starts_with(UNET)) {
-        let rest = &key[UNET.len()..];
-        let unknown = || {
+        let (target, _) = table.rename(&key[UNET.len()..]).ok_or_else(|| {
             anyhow::anyhow!(
                 "{} has a UNet tensor `{key}` that SD 1.x/2.x UNets do not have (an unsupported model type?)",
                 src.path().display()
             )
-        };
-        let (prefix, (to, resnet)) = longest_prefix(&table, rest).ok_or_else(unknown)?;
-        let tail = &rest[prefix.len()..];
-        let target = if *resnet {
-            let (renamed, tail) = rename_first(tail, UNET_RESNET).ok_or_else(unknown)?;
-            format!("{to}{renamed}{tail}")
-        } else {
-            format!("{to}{tail}")
-        };
+        })?;
         plan.push(Mapped { target, source: key.clone(), transform: Transform::Same });
     }
     Ok(plan)
 }
 
-const VAE_ATTENTION: &[(&str, &str)] =
-    &[("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")];
-
 /// Diffusers VAE keys for every `first_stage_model.*` tensor.
 pub fn vae_plan(src: &dyn TensorSource) -> anyhow::Result<Vec<Mapped>> {
     let levels = indices(src, &format!("{VAE}decoder.up.")).len();
-    let mut table: HashMap<String, (String, &str)> = HashMap::new();
-    let mut put = |from: String, to: String, kind: &'static str| {
-        table.insert(from, (to, kind));
-    };
-    for side in ["encoder", "decoder"] {
-        put(format!("{side}.conv_in."), format!("{side}.conv_in."), "");
-        put(format!("{side}.conv_out."), format!("{side}.conv_out."), "");
-        put(format!("{side}.norm_out."), format!("{side}.conv_norm_out."), "");
-        put(format!("{side}.mid.block_1."), format!("{side}.mid_block.resnets.0."), "resnet");
-        put(format!("{side}.mid.block_2."), format!("{side}.mid_block.resnets.1."), "resnet");
-        put(format!("{side}.mid.attn_1."), format!("{side}.mid_block.attentions.0."), "attention");
-    }
-    put("quant_conv.".into(), "quant_conv.".into(), "");
-    put("post_quant_conv.".into(), "post_quant_conv.".into(), "");
-    for i in indices(src, &format!("{VAE}encoder.down.")) {
-        for j in indices(src, &format!("{VAE}encoder.down.{i}.block.")) {
-            put(format!("encoder.down.{i}.block.{j}."), format!("encoder.down_blocks.{i}.resnets.{j}."), "resnet");
-        }
-        put(format!("encoder.down.{i}.downsample.conv."), format!("encoder.down_blocks.{i}.downsamplers.0.conv."), "");
-    }
-    for i in indices(src, &format!("{VAE}decoder.up.")) {
-        // LDM numbers decoder levels from the lowest resolution up; diffusers the other way.
-        let d = levels - 1 - i;
-        for j in indices(src, &format!("{VAE}decoder.up.{i}.block.")) {
-            put(format!("decoder.up.{i}.block.{j}."), format!("decoder.up_blocks.{d}.resnets.{j}."), "resnet");
-        }
-        put(format!("decoder.up.{i}.upsample.conv."), format!("decoder.up_blocks.{d}.upsamplers.0.conv."), "");
-    }
-
+    let resnets = (0..levels)
+        .flat_map(|i| [format!("{VAE}encoder.down.{i}.block."), format!("{VAE}decoder.up.{i}.block.")])
+        .map(|prefix| indices(src, &prefix).len())
+        .max()
+        .unwrap_or(0);
+    let table = Table::new(vae_blocks(levels, resnets), Naming::Ldm);
     let mut plan = Vec::new();
     for key in src.index().keys().filter(|k| k.starts_with(VAE)) {
         let rest = &key[VAE.len()..];
         if rest.starts_with("loss.") {
             continue; // training-time discriminator some VAE checkpoints carry
         }
-        let unknown = || {
+        let (target, inner) = table.rename(rest).ok_or_else(|| {
             anyhow::anyhow!("{} has a VAE tensor `{key}` that SD's VAE does not have", src.path().display())
-        };
-        let (prefix, (to, kind)) = longest_prefix(&table, rest).ok_or_else(unknown)?;
-        let tail = &rest[prefix.len()..];
-        let (target, transform) = match *kind {
-            "resnet" => match tail.strip_prefix("nin_shortcut.") {
-                Some(t) => (format!("{to}conv_shortcut.{t}"), Transform::Same),
-                None => (format!("{to}{tail}"), Transform::Same),
-            },
-            "attention" => {
-                let (renamed, t) = rename_first(tail, VAE_ATTENTION).ok_or_else(unknown)?;
-                let conv = src.shape(key).is_some_and(|s| s.len() == 4);
-                let transform = if conv && renamed != "group_norm." { Transform::Conv1x1ToLinear } else { Transform::Same };
-                (format!("{to}{renamed}{t}"), transform)
-            }
-            _ => (format!("{to}{tail}"), Transform::Same),
-        };
+        })?;
+        let conv = src.shape(key).is_some_and(|s| s.len() == 4);
+        let transform = if inner == Inner::VaeAttention && conv { Transform::Conv1x1ToLinear } else { Transform::Same };
         plan.push(Mapped { target, source: key.clone(), transform });
     }
     Ok(plan)
+}
+
+/// The first of `renames` that `rest` starts with: (its new name, the rest after it).
+fn rename_first<'a>(rest: &'a str, renames: &[(&str, &'a str)]) -> Option<(&'a str, &'a str)> {
+    renames.iter().find_map(|(from, to)| rest.strip_prefix(from).map(|tail| (*to, tail)))
 }
 
 /// transformers CLIPTextModel keys (without `text_model.`) for the text encoder's

@@ -17,6 +17,7 @@ pub mod ckpt;
 pub mod diffusers;
 pub mod export_diffusers;
 pub mod ldm;
+pub mod ldm_names;
 pub mod ldm_yaml;
 pub mod models;
 pub mod pickle;

@@ -4,8 +4,9 @@
 //! `model.diffusion_model.`, the VAE under `first_stage_model.` (attention as
 //! 1×1 convolutions), the text encoder under `cond_stage_model.transformer.`
 //! (SD 1.x) or as OpenCLIP's text tower under `cond_stage_model.model.` (SD 2.x,
-//! q/k/v fused into `in_proj`). The inverse of `ldm.rs`'s plans; the block
-//! numbering follows the model's own structure, so tiny models map like real ones.
+//! q/k/v fused into `in_proj`). The inverse of `ldm.rs`'s plans (both read
+//! `ldm_names.rs`); the block numbering follows the model's own structure, so
+//! tiny models map like real ones.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -13,10 +14,8 @@ use anyhow::bail;
 use tch::{Kind, Tensor};
 
 use super::ldm::{HF_CLIP, OPEN_CLIP, UNET, VAE};
+use super::ldm_names::{unet_blocks, vae_blocks, Inner, Naming, Table, UnetLayout};
 use super::{Architecture, LoadedModel};
-
-/// diffusers prefix → LDM prefix, and whether the block is a resnet (whose inner names change too).
-type PrefixTable = HashMap<String, (String, bool)>;
 
 /// Every tensor of `m` under its LDM key.
 pub fn to_ldm(m: &LoadedModel) -> anyhow::Result<Vec<(String, Tensor)>> {
@@ -35,132 +34,41 @@ fn has_prefix(keys: &HashMap<String, Tensor>, prefix: &str) -> bool {
     keys.keys().any(|k| k.starts_with(prefix))
 }
 
-/// The longest prefix of `key` in `table`.
-fn longest<'a, V>(table: &'a HashMap<String, V>, key: &str) -> Option<(&'a str, &'a V)> {
-    key.match_indices('.').rev().find_map(|(i, _)| table.get_key_value(&key[..=i]).map(|(k, v)| (k.as_str(), v)))
-}
-
-const RESNET: &[(&str, &str)] = &[
-    ("norm1.", "in_layers.0."),
-    ("conv1.", "in_layers.2."),
-    ("time_emb_proj.", "emb_layers.1."),
-    ("norm2.", "out_layers.0."),
-    ("conv2.", "out_layers.3."),
-    ("conv_shortcut.", "skip_connection."),
-];
-
 fn unet_to_ldm(unet: &HashMap<String, Tensor>, levels: usize, layers: impl Fn(usize) -> usize) -> anyhow::Result<Vec<(String, Tensor)>> {
-    let mut table = PrefixTable::new();
-    let mut put = |from: String, to: String, resnet: bool| {
-        table.insert(from, (to, resnet));
+    let layout = UnetLayout {
+        down_resnets: (0..levels).map(layers).collect(),
+        up_attention: (0..levels).map(|level| has_prefix(unet, &format!("up_blocks.{level}.attentions."))).collect(),
+        mid_attention: has_prefix(unet, "mid_block.attentions.0."),
     };
-    put("time_embedding.linear_1.".into(), "time_embed.0.".into(), false);
-    put("time_embedding.linear_2.".into(), "time_embed.2.".into(), false);
-    put("conv_in.".into(), "input_blocks.0.0.".into(), false);
-    put("conv_norm_out.".into(), "out.0.".into(), false);
-    put("conv_out.".into(), "out.2.".into(), false);
-    let mut k = 1;
-    for level in 0..levels {
-        for j in 0..layers(level) {
-            put(format!("down_blocks.{level}.resnets.{j}."), format!("input_blocks.{k}.0."), true);
-            put(format!("down_blocks.{level}.attentions.{j}."), format!("input_blocks.{k}.1."), false);
-            k += 1;
-        }
-        if level + 1 < levels {
-            put(format!("down_blocks.{level}.downsamplers.0.conv."), format!("input_blocks.{k}.0.op."), false);
-            k += 1;
-        }
-    }
-    put("mid_block.resnets.0.".into(), "middle_block.0.".into(), true);
-    if has_prefix(unet, "mid_block.attentions.0.") {
-        put("mid_block.attentions.0.".into(), "middle_block.1.".into(), false);
-        put("mid_block.resnets.1.".into(), "middle_block.2.".into(), true);
-    } else {
-        put("mid_block.resnets.1.".into(), "middle_block.1.".into(), true);
-    }
-    let mut k = 0;
-    for level in 0..levels {
-        // Up blocks mirror the down blocks: diffusers' up_blocks.0 is the lowest resolution.
-        let per_level = layers(levels - 1 - level) + 1;
-        let attention = has_prefix(unet, &format!("up_blocks.{level}.attentions."));
-        for j in 0..per_level {
-            put(format!("up_blocks.{level}.resnets.{j}."), format!("output_blocks.{k}.0."), true);
-            put(format!("up_blocks.{level}.attentions.{j}."), format!("output_blocks.{k}.1."), false);
-            if j + 1 == per_level && level + 1 < levels {
-                let slot = if attention { 2 } else { 1 };
-                put(format!("up_blocks.{level}.upsamplers.0.conv."), format!("output_blocks.{k}.{slot}.conv."), false);
-            }
-            k += 1;
-        }
-    }
+    let table = Table::new(unet_blocks(&layout), Naming::Diffusers);
     let mut out = Vec::with_capacity(unet.len());
     for (key, t) in sorted(unet) {
-        let unknown = || anyhow::anyhow!("the UNet tensor `{key}` has no place in an SD 1.x/2.x LDM checkpoint");
-        let (prefix, (to, resnet)) = longest(&table, key).ok_or_else(unknown)?;
-        let tail = &key[prefix.len()..];
-        let tail = if *resnet {
-            let (from, renamed) = RESNET.iter().find(|(from, _)| tail.starts_with(from)).ok_or_else(unknown)?;
-            format!("{renamed}{}", &tail[from.len()..])
-        } else {
-            tail.to_string()
-        };
-        out.push((format!("{UNET}{to}{tail}"), t.shallow_clone()));
+        let (name, _) = table
+            .rename(key)
+            .ok_or_else(|| anyhow::anyhow!("the UNet tensor `{key}` has no place in an SD 1.x/2.x LDM checkpoint"))?;
+        out.push((format!("{UNET}{name}"), t.shallow_clone()));
     }
     Ok(out)
 }
 
-const VAE_ATTENTION: &[(&str, &str)] =
-    &[("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")];
-
 fn vae_to_ldm(vae: &HashMap<String, Tensor>, levels: usize) -> anyhow::Result<Vec<(String, Tensor)>> {
-    let mut table: HashMap<String, (String, &str)> = HashMap::new();
-    let mut put = |from: String, to: String, kind: &'static str| {
-        table.insert(from, (to, kind));
-    };
-    for side in ["encoder", "decoder"] {
-        put(format!("{side}.conv_in."), format!("{side}.conv_in."), "");
-        put(format!("{side}.conv_out."), format!("{side}.conv_out."), "");
-        put(format!("{side}.conv_norm_out."), format!("{side}.norm_out."), "");
-        put(format!("{side}.mid_block.resnets.0."), format!("{side}.mid.block_1."), "resnet");
-        put(format!("{side}.mid_block.resnets.1."), format!("{side}.mid.block_2."), "resnet");
-        put(format!("{side}.mid_block.attentions.0."), format!("{side}.mid.attn_1."), "attention");
-    }
-    put("quant_conv.".into(), "quant_conv.".into(), "");
-    put("post_quant_conv.".into(), "post_quant_conv.".into(), "");
-    for i in 0..levels {
-        // LDM numbers decoder levels from the lowest resolution up; diffusers the other way.
-        let d = levels - 1 - i;
-        put(format!("encoder.down_blocks.{i}.downsamplers.0.conv."), format!("encoder.down.{i}.downsample.conv."), "");
-        put(format!("decoder.up_blocks.{i}.upsamplers.0.conv."), format!("decoder.up.{d}.upsample.conv."), "");
-        let blocks = vae.keys().filter_map(|k| {
-            let rest = k.strip_prefix(&format!("decoder.up_blocks.{i}.resnets."))
-                .or_else(|| k.strip_prefix(&format!("encoder.down_blocks.{i}.resnets.")))?;
+    let resnets = vae
+        .keys()
+        .filter_map(|k| {
+            let (_, rest) = k.split_once(".resnets.").filter(|(block, _)| block.contains("_blocks."))?;
             rest.split('.').next()?.parse::<usize>().ok()
-        });
-        for j in 0..=blocks.max().unwrap_or(0) {
-            put(format!("encoder.down_blocks.{i}.resnets.{j}."), format!("encoder.down.{i}.block.{j}."), "resnet");
-            put(format!("decoder.up_blocks.{i}.resnets.{j}."), format!("decoder.up.{d}.block.{j}."), "resnet");
-        }
-    }
+        })
+        .max()
+        .map_or(0, |j| j + 1);
+    let table = Table::new(vae_blocks(levels, resnets), Naming::Diffusers);
     let mut out = Vec::with_capacity(vae.len());
     for (key, t) in sorted(vae) {
-        let unknown = || anyhow::anyhow!("the VAE tensor `{key}` has no place in an SD LDM checkpoint");
-        let (prefix, (to, kind)) = longest(&table, key).ok_or_else(unknown)?;
-        let tail = &key[prefix.len()..];
-        let (tail, tensor) = match *kind {
-            "resnet" => match tail.strip_prefix("conv_shortcut.") {
-                Some(rest) => (format!("nin_shortcut.{rest}"), t.shallow_clone()),
-                None => (tail.to_string(), t.shallow_clone()),
-            },
-            "attention" => {
-                let (from, renamed) = VAE_ATTENTION.iter().find(|(from, _)| tail.starts_with(from)).ok_or_else(unknown)?;
-                // LDM's VAE attention projections are 1×1 convolutions.
-                let tensor = if t.dim() == 2 { t.unsqueeze(-1).unsqueeze(-1) } else { t.shallow_clone() };
-                (format!("{renamed}{}", &tail[from.len()..]), tensor)
-            }
-            _ => (tail.to_string(), t.shallow_clone()),
-        };
-        out.push((format!("{VAE}{to}{tail}"), tensor));
+        let (name, inner) = table
+            .rename(key)
+            .ok_or_else(|| anyhow::anyhow!("the VAE tensor `{key}` has no place in an SD LDM checkpoint"))?;
+        // LDM's VAE attention projections are 1×1 convolutions.
+        let tensor = if inner == Inner::VaeAttention && t.dim() == 2 { t.unsqueeze(-1).unsqueeze(-1) } else { t.shallow_clone() };
+        out.push((format!("{VAE}{name}"), tensor));
     }
     Ok(out)
 }
