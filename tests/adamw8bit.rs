@@ -384,3 +384,50 @@ fn grouped_updates_equal_per_parameter_updates_bit_for_bit() {
         assert!(t.equal(&again[name]), "state `{name}` changed through the file");
     }
 }
+
+/// Per-parameter learning rates (how the text encoder gets its own rate) give
+/// exactly what separate optimizers at those rates give: fp32 AdamW, and 8-bit
+/// AdamW with its parameters packed into groups.
+#[test]
+fn per_parameter_learning_rates_equal_separate_optimizers() {
+    let shapes: [&[i64]; 5] = [&[64, 96], &[64], &[17, 300], &[12], &[5000]];
+    let scales = [1.0, 0.25, 0.25, 1.0, 0.25];
+    let lr = 1e-2;
+    let initial: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, cpu()) * 0.1).collect();
+    let make = |keep: &dyn Fn(f64) -> bool| -> Vec<(String, Tensor)> {
+        initial
+            .iter()
+            .zip(scales)
+            .enumerate()
+            .filter(|(_, (_, s))| keep(*s))
+            .map(|(i, (t, _))| (format!("p{i}"), t.copy().set_requires_grad(true)))
+            .collect()
+    };
+    let eight_bit = |params| Optimizer::AdamW8bit(AdamW8bit::new(params, config()).with_group_numel(16_384));
+    let fp32 = |params| Optimizer::new(OptimizerKind::Adamw, params, config());
+    let kinds: [&dyn Fn(Vec<(String, Tensor)>) -> Optimizer; 2] = [&fp32, &eight_bit];
+    for build in kinds {
+        let mut mixed = build(make(&|_| true)).with_lr_scales(scales.to_vec());
+        let mut fast = build(make(&|s| s == 1.0));
+        let mut slow = build(make(&|s| s != 1.0));
+        for _ in 0..4 {
+            let grads: HashMap<String, Tensor> =
+                shapes.iter().enumerate().map(|(i, s)| (format!("p{i}"), Tensor::randn(*s, cpu()) * 1e-2)).collect();
+            for opt in [&mut mixed, &mut fast, &mut slow] {
+                for (key, p) in opt.params() {
+                    let mut p = p.shallow_clone();
+                    p.zero_grad();
+                    (&p * &grads[key]).sum(Kind::Float).backward();
+                }
+            }
+            mixed.step(lr);
+            fast.step(lr);
+            slow.step(lr * 0.25);
+        }
+        let apart: HashMap<&str, &Tensor> =
+            fast.params().iter().chain(slow.params()).map(|(k, t)| (k.as_str(), t)).collect();
+        for (key, t) in mixed.params() {
+            assert!(t.equal(apart[key.as_str()]), "{:?}: `{key}` differs from its own optimizer's", mixed.kind());
+        }
+    }
+}

@@ -73,6 +73,34 @@ fn text_encoder_stops_after_its_ratio_and_layer_norms_can_stay_frozen() {
     assert!(states.equal(&fresh), "cached text states differ from the trained text encoder's output");
 }
 
+/// `text_encoder_learning_rate`: AdamW's first update is linear in the rate, so
+/// the text encoder's first step at a quarter of `learning_rate` is a quarter
+/// of the step it takes without the key; the UNet's step is the same.
+#[test]
+fn text_encoder_learning_rate_sets_the_text_encoders_own_step() {
+    let root = tempfile::tempdir().unwrap();
+    let base = "  steps_per_image: 2\n  text_encoder_train_ratio: 1\n";
+    let mut same = trainer(root.path(), "te-lr-same", 1, base);
+    let mut own = trainer(root.path(), "te-lr-own", 1, &format!("{base}  text_encoder_learning_rate: 2.5e-5\n"));
+    let start = snapshot(&same.params.text_encoder);
+    same.train_step().unwrap();
+    own.train_step().unwrap();
+    let (n, total) = changed(&same.params.unet, &own.params.unet, &|_| true);
+    assert_eq!(n, 0, "{n} of {total} UNet tensors differ: the UNet's rate changed");
+    let mut largest = 0f64;
+    let mut off = 0f64;
+    for (((key, a), (_, b)), (_, p)) in same.params.text_encoder.iter().zip(&own.params.text_encoder).zip(&start) {
+        let (step_same, step_own) = (a - p, b - p);
+        largest = largest.max(step_same.abs().max().double_value(&[]));
+        off = off.max((&step_own - &step_same * 0.25).abs().max().double_value(&[]));
+        assert!(step_own.abs().max().double_value(&[]) > 0.0 || key.contains("position"), "`{key}` did not train");
+    }
+    assert!(largest > 5e-5, "the text encoder barely moved ({largest})");
+    assert!(off < 1e-3 * largest, "the text encoder's step is not a quarter: off by {off} of {largest}");
+    let log = std::fs::read_to_string(own.run_dir.join("train.log")).unwrap();
+    assert!(log.contains("text encoder trains for 2 steps at learning rate 2.5e-5"), "{log}");
+}
+
 #[test]
 fn train_unet_false_keeps_the_unet_fixed() {
     let root = tempfile::tempdir().unwrap();

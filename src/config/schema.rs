@@ -115,6 +115,10 @@ pub struct Training {
     pub train_unet: bool,
     /// Fraction of the steps that also train the text encoder (0.7 faces, 0.2 styles).
     pub text_encoder_train_ratio: f64,
+    /// The text encoder's own learning rate (full weights or its LoRA), scheduled
+    /// like `learning_rate`; unset: `learning_rate` (the extension's "Lora Text
+    /// Encoder Learning Rate", kohya's `text_encoder_lr`).
+    pub text_encoder_learning_rate: Option<f64>,
     pub use_lora: bool,
     pub lora_rank: u32,
     pub lora_alpha: f64,
@@ -170,6 +174,7 @@ impl Default for Training {
             lr_end: 1.0e-7,
             train_unet: true,
             text_encoder_train_ratio: 0.0,
+            text_encoder_learning_rate: None,
             use_lora: false,
             lora_rank: 4,
             lora_alpha: 4.0,
@@ -201,6 +206,13 @@ impl Default for Training {
             save_preview_every_n_epochs: 5,
             keep_last_checkpoints: 3,
         }
+    }
+}
+
+impl Training {
+    /// The text encoder's base learning rate: its own, else the UNet's.
+    pub fn text_encoder_lr(&self) -> f64 {
+        self.text_encoder_learning_rate.unwrap_or(self.learning_rate)
     }
 }
 

@@ -54,6 +54,9 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
     if !(t.learning_rate > 0.0 && t.learning_rate <= 1.0) {
         return Err(format!("`training.learning_rate` {} must be above 0 and at most 1 (1e-6 to 2e-6 is typical)", t.learning_rate));
     }
+    if let Some(lr) = t.text_encoder_learning_rate.filter(|lr| !(*lr > 0.0 && *lr <= 1.0)) {
+        return Err(format!("`training.text_encoder_learning_rate` {lr} must be above 0 and at most 1 (or left out: `learning_rate`)"));
+    }
     if !(0.0..=1.0).contains(&t.text_encoder_train_ratio) {
         return Err(format!("`training.text_encoder_train_ratio` {} must be between 0 and 1", t.text_encoder_train_ratio));
     }

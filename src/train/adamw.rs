@@ -27,13 +27,24 @@ pub struct AdamW {
     params: Vec<(String, Tensor)>,
     exp_avg: HashMap<String, Tensor>,
     exp_avg_sq: HashMap<String, Tensor>,
+    /// Each parameter's learning rate over the scheduled one (PyTorch's param
+    /// groups with their own `lr` under one LambdaLR); 1 unless set.
+    lr_scales: Vec<f64>,
     /// Optimizer steps taken (PyTorch keeps one per parameter; they move together).
     pub step: u64,
 }
 
 impl AdamW {
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> AdamW {
-        AdamW { config, params, exp_avg: HashMap::new(), exp_avg_sq: HashMap::new(), step: 0 }
+        let lr_scales = vec![1.0; params.len()];
+        AdamW { config, params, exp_avg: HashMap::new(), exp_avg_sq: HashMap::new(), lr_scales, step: 0 }
+    }
+
+    /// The same optimizer with parameter `i` stepping at `scales[i]` × the step's learning rate.
+    pub fn with_lr_scales(mut self, scales: Vec<f64>) -> AdamW {
+        assert_eq!(scales.len(), self.params.len(), "one learning-rate scale per parameter");
+        self.lr_scales = scales;
+        self
     }
 
     pub fn params(&self) -> &[(String, Tensor)] {
@@ -49,17 +60,18 @@ impl AdamW {
         let step = self.step as i32;
         let bias_correction1 = 1.0 - c.beta1.powi(step);
         let bias_correction2 = 1.0 - c.beta2.powi(step);
-        let step_size = lr / bias_correction1;
         let bias_correction2_sqrt = bias_correction2.sqrt();
         if super::foreach::applies(self.params.first().map(|(_, p)| p)) {
             self.fused_step(lr);
             return;
         }
-        for (key, param) in &self.params {
+        for ((key, param), scale) in self.params.iter().zip(&self.lr_scales) {
             let grad = param.grad();
             if !grad.defined() {
                 continue;
             }
+            let lr = lr * scale;
+            let step_size = lr / bias_correction1;
             let mut param = param.shallow_clone();
             let exp_avg = self.exp_avg.entry(key.clone()).or_insert_with(|| param.zeros_like());
             let exp_avg_sq = self.exp_avg_sq.entry(key.clone()).or_insert_with(|| param.zeros_like());
@@ -76,25 +88,37 @@ impl AdamW {
         }
     }
 
-    /// The same update as one fused multi-tensor kernel (CUDA): PyTorch's
-    /// `fused=True` AdamW, equal to the loop up to float rounding.
+    /// The same update as fused multi-tensor kernels (CUDA), one per learning
+    /// rate: PyTorch's `fused=True` AdamW, equal to the loop up to float rounding.
     fn fused_step(&mut self, lr: f64) {
         let c = self.config;
-        let (mut params, mut grads, mut exp_avgs, mut exp_avg_sqs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (key, param) in &self.params {
-            let grad = param.grad();
-            if !grad.defined() {
+        let mut scales: Vec<f64> = Vec::new();
+        for &s in &self.lr_scales {
+            if !scales.contains(&s) {
+                scales.push(s);
+            }
+        }
+        for scale in scales {
+            let (mut params, mut grads, mut exp_avgs, mut exp_avg_sqs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((key, param), _) in self.params.iter().zip(&self.lr_scales).filter(|(_, &s)| s == scale) {
+                let grad = param.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                let exp_avg = self.exp_avg.entry(key.clone()).or_insert_with(|| param.zeros_like());
+                let exp_avg_sq = self.exp_avg_sq.entry(key.clone()).or_insert_with(|| param.zeros_like());
+                params.push(param.shallow_clone());
+                grads.push(grad);
+                exp_avgs.push(exp_avg.shallow_clone());
+                exp_avg_sqs.push(exp_avg_sq.shallow_clone());
+            }
+            if params.is_empty() {
                 continue;
             }
-            let exp_avg = self.exp_avg.entry(key.clone()).or_insert_with(|| param.zeros_like());
-            let exp_avg_sq = self.exp_avg_sq.entry(key.clone()).or_insert_with(|| param.zeros_like());
-            params.push(param.shallow_clone());
-            grads.push(grad);
-            exp_avgs.push(exp_avg.shallow_clone());
-            exp_avg_sqs.push(exp_avg_sq.shallow_clone());
+            let lr = lr * scale;
+            super::foreach::fused_adamw(&params, &grads, &exp_avgs, &exp_avg_sqs, self.step, lr, c.beta1, c.beta2, c.weight_decay, c.eps)
+                .expect("fused AdamW on float32 CUDA tensors");
         }
-        super::foreach::fused_adamw(&params, &grads, &exp_avgs, &exp_avg_sqs, self.step, lr, c.beta1, c.beta2, c.weight_decay, c.eps)
-            .expect("fused AdamW on float32 CUDA tensors");
     }
 
     /// Zeroes the gradients (keeping their memory for the next backward pass).

@@ -169,9 +169,11 @@ struct Member {
     numel: i64,
 }
 
-/// Parameters updated together: same device, dtype and state kind.
+/// Parameters updated together: same device, dtype, state kind and learning rate.
 struct Group {
     quantized: bool,
+    /// The group's learning rate over the scheduled one.
+    lr_scale: f64,
     device: Device,
     kind: Kind,
     members: Vec<Member>,
@@ -257,6 +259,8 @@ pub struct AdamW8bit {
     /// step, or its state was loaded): only those are saved.
     has_state: Vec<bool>,
     maps: Vec<DeviceMaps>,
+    /// Each parameter's learning rate over the scheduled one; 1 unless set.
+    lr_scales: Vec<f64>,
     /// Optimizer steps taken.
     pub step: u64,
 }
@@ -269,7 +273,16 @@ const QUANTIZED_KEYS: [&str; 4] = ["exp_avg_q8", "exp_avg_absmax", "exp_avg_sq_q
 impl AdamW8bit {
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> AdamW8bit {
         let has_state = vec![false; params.len()];
-        AdamW8bit { config, params, groups: Vec::new(), group_numel: None, has_state, maps: Vec::new(), step: 0 }
+        let lr_scales = vec![1.0; params.len()];
+        AdamW8bit { config, params, groups: Vec::new(), group_numel: None, has_state, maps: Vec::new(), lr_scales, step: 0 }
+    }
+
+    /// The same optimizer with parameter `i` stepping at `scales[i]` × the step's learning rate.
+    pub fn with_lr_scales(mut self, scales: Vec<f64>) -> AdamW8bit {
+        assert!(self.groups.is_empty(), "groups are fixed at the first step");
+        assert_eq!(scales.len(), self.params.len(), "one learning-rate scale per parameter");
+        self.lr_scales = scales;
+        self
     }
 
     /// The same optimizer with groups of at most `numel` elements (1: one group
@@ -328,18 +341,18 @@ impl AdamW8bit {
         if !self.groups.is_empty() || self.params.is_empty() {
             return;
         }
-        let mut open: HashMap<(Device, Kind, bool), usize> = HashMap::new();
+        let mut open: HashMap<(Device, Kind, bool, u64), usize> = HashMap::new();
         let mut groups: Vec<Group> = Vec::new();
-        for (index, (_, p)) in self.params.iter().enumerate() {
+        for (index, ((_, p), &lr_scale)) in self.params.iter().zip(&self.lr_scales).enumerate() {
             let numel = p.numel() as i64;
             let quantized = Self::is_quantized(numel);
-            let key = (p.device(), p.kind(), quantized);
+            let key = (p.device(), p.kind(), quantized, lr_scale.to_bits());
             let span = if quantized { block_count(numel) * BLOCK_SIZE } else { numel };
             let limit = self.group_numel.unwrap_or(if key.0.is_cuda() { GROUP_NUMEL } else { 1 });
             let fits = open.get(&key).is_some_and(|&g| groups[g].len + span <= limit);
             if !fits {
                 open.insert(key, groups.len());
-                groups.push(Group { quantized, device: key.0, kind: key.1, members: Vec::new(), len: 0, moments: None });
+                groups.push(Group { quantized, lr_scale, device: key.0, kind: key.1, members: Vec::new(), len: 0, moments: None });
             }
             let group = &mut groups[open[&key]];
             group.members.push(Member { param: index, offset: group.len, numel });
@@ -368,8 +381,9 @@ impl AdamW8bit {
         let step = self.step as i32;
         let correction1 = 1.0 - c.beta1.powi(step);
         let correction2 = (1.0 - c.beta2.powi(step)).sqrt();
-        let scalars = StepScalars { config: c, lr, correction2, step_size: -lr * correction2 / correction1 };
         for g in 0..self.groups.len() {
+            let lr = lr * self.groups[g].lr_scale;
+            let scalars = StepScalars { config: c, lr, correction2, step_size: -lr * correction2 / correction1 };
             let grads: Vec<Tensor> = self.groups[g].members.iter().map(|m| self.params[m.param].1.grad()).collect();
             let with_grad = grads.iter().filter(|t| t.defined()).count();
             if with_grad == 0 {

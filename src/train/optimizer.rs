@@ -21,7 +21,9 @@ impl Optimizer {
         }
     }
 
-    /// The optimizer and its hyper-parameters as the run's `training` section sets them.
+    /// The optimizer and its hyper-parameters as the run's `training` section
+    /// sets them: the text encoder's tensors (its weights or its LoRA) step at
+    /// `text_encoder_learning_rate` over `learning_rate` times the scheduled rate.
     pub fn from_training(params: Vec<(String, Tensor)>, training: &Training) -> Optimizer {
         let config = AdamWConfig {
             beta1: training.adam_beta1,
@@ -29,7 +31,20 @@ impl Optimizer {
             eps: training.adam_epsilon,
             weight_decay: training.weight_decay,
         };
-        Optimizer::new(training.optimizer, params, config)
+        let text_encoder_scale = training.text_encoder_lr() / training.learning_rate;
+        let scales = params
+            .iter()
+            .map(|(key, _)| if super::modules::is_text_encoder_key(key) { text_encoder_scale } else { 1.0 })
+            .collect();
+        Optimizer::new(training.optimizer, params, config).with_lr_scales(scales)
+    }
+
+    /// The same optimizer with parameter `i` stepping at `scales[i]` × the step's learning rate.
+    pub fn with_lr_scales(self, scales: Vec<f64>) -> Optimizer {
+        match self {
+            Optimizer::AdamW(o) => Optimizer::AdamW(o.with_lr_scales(scales)),
+            Optimizer::AdamW8bit(o) => Optimizer::AdamW8bit(o.with_lr_scales(scales)),
+        }
     }
 
     pub fn kind(&self) -> OptimizerKind {

@@ -513,6 +513,9 @@ impl Trainer {
             if t.text_encoder_train_ratio > 0.0 {
                 self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_train_ratio` does not apply to it");
             }
+            if t.text_encoder_learning_rate.is_some() {
+                self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_learning_rate` does not apply to it");
+            }
             if t.mixed_precision != MixedPrecision::No {
                 self.warn("Imagic trains in float32: `mixed_precision` does not apply to it");
             }
@@ -552,10 +555,19 @@ impl Trainer {
                 u64::from(t.steps_per_image) * self.batches_per_epoch - self.total_steps * u64::from(t.gradient_accumulation_steps)
             ));
         }
+        if t.text_encoder_learning_rate.is_some() && self.text_encoder_steps == 0 {
+            self.warn("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)");
+        }
         let class_count: usize = self.data.classes.iter().map(Vec::len).sum();
+        let text_encoder_lr = if self.text_encoder_steps > 0 && t.text_encoder_lr() != t.learning_rate {
+            format!(" at learning rate {:e}", t.text_encoder_lr())
+        } else {
+            String::new()
+        };
         self.log.line(&format!(
-            "{} instance images, {} class images, {} epochs, {} steps (batch {}, accumulation {}); text encoder trains for {} steps",
-            images, class_count, t.steps_per_image, self.total_steps, t.batch_size, t.gradient_accumulation_steps, self.text_encoder_steps
+            "{} instance images, {} class images, {} epochs, {} steps (batch {}, accumulation {}); text encoder trains for {} steps{}",
+            images, class_count, t.steps_per_image, self.total_steps, t.batch_size, t.gradient_accumulation_steps, self.text_encoder_steps,
+            text_encoder_lr
         ));
     }
 

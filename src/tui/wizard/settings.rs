@@ -26,6 +26,9 @@ const ASKED_ELSEWHERE: [&str; 10] = [
     "sampling.scheduler",
 ];
 
+/// Numbers that may be left unset (`null` in the config, empty in the panel).
+const OPTIONAL_NUMBERS: [&str; 1] = ["training.text_encoder_learning_rate"];
+
 /// The values a choice setting cycles through (each parses as the key's type).
 pub fn choices(key: &str) -> Option<&'static [&'static str]> {
     Some(match key {
@@ -50,6 +53,7 @@ pub fn help(key: &str) -> &'static str {
         "training.lr_end" => "polynomial scheduler: the learning rate it ends at",
         "training.train_unet" => "train the UNet (off: only the text encoder trains)",
         "training.text_encoder_train_ratio" => "share of the steps that also train the text encoder: 0.7 faces, 0.2 styles, 0 to save VRAM",
+        "training.text_encoder_learning_rate" => "the text encoder's own learning rate (its LoRA's too), scheduled alike; empty: the learning rate",
         "training.use_lora" => "train small LoRA adapters instead of the whole UNet: for 8–12 GB cards",
         "training.lora_rank" => "LoRA: rank of the adapters (size and capacity)",
         "training.lora_alpha" => "LoRA: scale of the adapters (alpha / rank)",
@@ -124,6 +128,9 @@ fn scalar_text(v: &Value) -> String {
 fn kind_of(key: &str, v: &Value) -> Option<SettingKind> {
     if choices(key).is_some() {
         return Some(SettingKind::Choice);
+    }
+    if OPTIONAL_NUMBERS.contains(&key) {
+        return Some(SettingKind::Number);
     }
     match v {
         Value::Bool(_) => Some(SettingKind::Switch),
@@ -200,6 +207,7 @@ pub fn apply(config: RunConfig, set: &BTreeMap<String, String>) -> Result<RunCon
         let current = map.get(name).ok_or_else(|| format!("`{key}` is not a setting"))?;
         let value = match kind_of(key, current) {
             Some(SettingKind::Text | SettingKind::Choice) => Value::String(text.clone()),
+            _ if text.trim().is_empty() && OPTIONAL_NUMBERS.contains(&key.as_str()) => Value::Null,
             _ if text.trim().is_empty() => return Err(format!("`{key}` is empty; type a value")),
             _ => serde_yaml::from_str::<Value>(text.trim()).unwrap_or_else(|_| Value::String(text.clone())),
         };
@@ -288,6 +296,11 @@ mod tests {
         assert_eq!(c.sampling.negative_prompt, "123", "text stays text");
         let e = apply(config(), &set(&[("training.batch_size", "four")])).unwrap_err();
         assert!(e.starts_with("`training.batch_size`: "), "{e}");
+        let e = apply(config(), &set(&[("resolution", "")])).unwrap_err();
+        assert!(e.contains("`resolution` is empty"), "{e}");
+        let key = "training.text_encoder_learning_rate";
+        assert_eq!(apply(config(), &set(&[(key, "5e-5")])).unwrap().training.text_encoder_learning_rate, Some(5e-5));
+        assert_eq!(apply(config(), &set(&[(key, " ")])).unwrap().training.text_encoder_learning_rate, None, "empty: unset");
         let e = apply(config(), &set(&[("resolution", "")])).unwrap_err();
         assert!(e.contains("`resolution` is empty"), "{e}");
         let row = rows(&config(), &BTreeMap::new()).into_iter().find(|r| r.key == "training.attention").unwrap();
