@@ -78,6 +78,8 @@ pub enum LrScheduler {
     LinearWithWarmup,
     Polynomial,
     Cosine,
+    /// Cosine decays to 0 `lr_cycles` times, each a hard restart at the top.
+    CosineWithRestarts,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +114,8 @@ pub struct Training {
     pub lr_power: f64,
     /// Polynomial decay's final learning rate (diffusers' `lr_end`).
     pub lr_end: f64,
+    /// Cosine with restarts: the number of cycles (the extension's `lr_cycles`).
+    pub lr_cycles: u32,
     pub train_unet: bool,
     /// Fraction of the steps that also train the text encoder (0.7 faces, 0.2 styles).
     pub text_encoder_train_ratio: f64,
@@ -172,6 +176,7 @@ impl Default for Training {
             lr_warmup_steps: 0,
             lr_power: 1.0,
             lr_end: 1.0e-7,
+            lr_cycles: 1,
             train_unet: true,
             text_encoder_train_ratio: 0.0,
             text_encoder_learning_rate: None,

@@ -90,6 +90,9 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
             t.lr_end, t.learning_rate
         ));
     }
+    if t.lr_cycles < 1 {
+        return Err("`training.lr_cycles` must be at least 1 (1: one cosine decay, no restart)".into());
+    }
     if !(-1.0..=1.0).contains(&t.offset_noise) {
         return Err(format!("`training.offset_noise` {} must be between -1 and 1 (0.05 to 0.1 is typical)", t.offset_noise));
     }

@@ -14,6 +14,8 @@ pub struct LrSchedule {
     pub power: f64,
     /// Polynomial's final learning rate.
     pub lr_end: f64,
+    /// Cosine with restarts: how many times it decays from the top.
+    pub cycles: u32,
 }
 
 impl LrSchedule {
@@ -60,6 +62,18 @@ impl LrSchedule {
                 let progress = (s - w) as f64 / (n.saturating_sub(w).max(1)) as f64;
                 // diffusers' num_cycles = 0.5: one half cosine from 1 to 0.
                 (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
+            }
+            LrScheduler::CosineWithRestarts => {
+                if s < w {
+                    return self.warmup(s);
+                }
+                let progress = (s - w) as f64 / (n.saturating_sub(w).max(1)) as f64;
+                if progress >= 1.0 {
+                    return 0.0;
+                }
+                // Each cycle is a whole half cosine from 1 to 0, then a jump back to 1.
+                let within = (f64::from(self.cycles) * progress) % 1.0;
+                (0.5 * (1.0 + (std::f64::consts::PI * within).cos())).max(0.0)
             }
         }
     }

@@ -26,7 +26,7 @@ use super::optimizer::Optimizer;
 use super::precision::{LossScaler, Precision};
 use super::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
 use crate::checkpoint::load_model;
-use crate::config::schema::{MixedPrecision, RunConfig};
+use crate::config::schema::{LrScheduler, MixedPrecision, RunConfig};
 use crate::model::lora::LoraNetwork;
 use crate::data::buckets::Buckets;
 use crate::data::dataset::{self, next_batch, BatchPlan, DataState, Dataset};
@@ -291,6 +291,7 @@ impl Trainer {
             total_steps: lr_steps,
             power: t.lr_power,
             lr_end: t.lr_end,
+            cycles: t.lr_cycles,
         };
         let scaler = (t.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
         let schedule = NoiseSchedule::new(&sd.scheduler_config)?.to_device(device);
@@ -554,6 +555,13 @@ impl Trainer {
                 if t.gradient_accumulation_steps > 1 { " and accumulation carries across epoch boundaries" } else { "" },
                 u64::from(t.steps_per_image) * self.batches_per_epoch - self.total_steps * u64::from(t.gradient_accumulation_steps)
             ));
+        }
+        let defaults = crate::config::schema::Training::default();
+        if t.lr_cycles != defaults.lr_cycles && t.lr_scheduler != LrScheduler::CosineWithRestarts {
+            self.warn("`lr_cycles` applies to `lr_scheduler: cosine_with_restarts` only");
+        }
+        if (t.lr_power != defaults.lr_power || t.lr_end != defaults.lr_end) && t.lr_scheduler != LrScheduler::Polynomial {
+            self.warn("`lr_power` and `lr_end` apply to `lr_scheduler: polynomial` only");
         }
         if t.text_encoder_learning_rate.is_some() && self.text_encoder_steps == 0 {
             self.warn("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)");

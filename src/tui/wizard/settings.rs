@@ -51,6 +51,7 @@ pub fn help(key: &str) -> &'static str {
         "training.gradient_accumulation_steps" => "micro-batches summed before one optimizer step",
         "training.lr_power" => "polynomial scheduler: the degree of the decay",
         "training.lr_end" => "polynomial scheduler: the learning rate it ends at",
+        "training.lr_cycles" => "cosine with restarts: how many times the rate decays to 0 and jumps back",
         "training.train_unet" => "train the UNet (off: only the text encoder trains)",
         "training.text_encoder_train_ratio" => "share of the steps that also train the text encoder: 0.7 faces, 0.2 styles, 0 to save VRAM",
         "training.text_encoder_learning_rate" => "the text encoder's own learning rate (its LoRA's too), scheduled alike; empty: the learning rate",

@@ -211,12 +211,13 @@ pub const CONCEPT_FIELDS: usize = 13;
 /// Fields of the training step, in focus order.
 pub const TRAINING_FIELDS: usize = 5;
 
-pub const LR_SCHEDULERS: [LrScheduler; 5] = [
+pub const LR_SCHEDULERS: [LrScheduler; 6] = [
     LrScheduler::Constant,
     LrScheduler::ConstantWithWarmup,
     LrScheduler::LinearWithWarmup,
     LrScheduler::Polynomial,
     LrScheduler::Cosine,
+    LrScheduler::CosineWithRestarts,
 ];
 
 pub fn scheduler_name(s: LrScheduler) -> &'static str {
@@ -226,6 +227,7 @@ pub fn scheduler_name(s: LrScheduler) -> &'static str {
         LrScheduler::LinearWithWarmup => "linear_with_warmup",
         LrScheduler::Polynomial => "polynomial",
         LrScheduler::Cosine => "cosine",
+        LrScheduler::CosineWithRestarts => "cosine with restarts",
     }
 }
 
