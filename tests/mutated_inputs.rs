@@ -1,8 +1,9 @@
 //! Broken copies of valid files — bytes flipped, runs overwritten with extreme
 //! values, cut short, spliced — are refused with an error: the checkpoint
-//! readers and the config loader never panic, whatever the damage. The seeds
+//! readers, the image loader and the config loader never panic, whatever the damage. The seeds
 //! are small valid files (`tests/fixtures/reference/seeds/small.ckpt` from
-//! `make_mutation_seeds.py`, a safetensors file and a run config written here);
+//! `make_mutation_seeds.py`, a safetensors file, PNG/JPEG/WebP pictures and a run
+//! config written here);
 //! the mutations come from a fixed-seed generator, so a failure reproduces.
 
 use std::io::Read;
@@ -183,4 +184,23 @@ fn damaged_run_configs_are_errors() {
         dreambooth::config::parse_run_config(&text, "a damaged config", dir.path())
             .is_ok_and(|config| dreambooth::config::validate::validate(&config).is_ok())
     });
+}
+
+#[test]
+fn damaged_images_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let picture = image::RgbImage::from_fn(24, 16, |x, y| image::Rgb([(x * 10) as u8, (y * 15) as u8, 128]));
+    for (ext, format, seed_number) in
+        [("png", image::ImageFormat::Png, 0x5eed_0005), ("jpg", image::ImageFormat::Jpeg, 0x5eed_0006), ("webp", image::ImageFormat::WebP, 0x5eed_0007)]
+    {
+        let mut seed = Vec::new();
+        picture.write_to(&mut std::io::Cursor::new(&mut seed), format).unwrap();
+        let path = dir.path().join(format!("damaged.{ext}"));
+        assert_never_panics(ext, &seed, 1500, seed_number, |bytes| {
+            std::fs::write(&path, bytes).unwrap();
+            let _ = dreambooth::data::images::oriented_dimensions(&path);
+            dreambooth::data::images::load_rgb(&path)
+                .is_ok_and(|img| dreambooth::data::images::resize_cover_crop(&img, 16, 8).dimensions() == (16, 8))
+        });
+    }
 }
