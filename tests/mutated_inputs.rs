@@ -1,10 +1,10 @@
-//! Broken copies of valid files — bytes flipped, runs overwritten with extreme
-//! values, cut short, spliced — are refused with an error: the checkpoint
-//! readers, the image loader and the config loader never panic, whatever the damage. The seeds
-//! are small valid files (`tests/fixtures/reference/seeds/small.ckpt` from
-//! `make_mutation_seeds.py`, a safetensors file, PNG/JPEG/WebP pictures and a run
-//! config written here);
-//! the mutations come from a fixed-seed generator, so a failure reproduces.
+//! Broken copies of valid files (bytes flipped, runs overwritten with extreme
+//! values, cut short, spliced) are refused with an error: the checkpoint
+//! readers, the image loader and the config loader never panic, whatever the
+//! damage. The seeds are small valid files: `reference/seeds/small.ckpt` (from
+//! `tests/fixtures/make_mutation_seeds.py`), and a safetensors file, PNG, JPEG
+//! and WebP pictures and a run config written here. The mutations come from a
+//! fixed-seed generator, so a failure reproduces.
 
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
