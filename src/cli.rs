@@ -91,8 +91,16 @@ pub struct GenerateArgs {
     /// With a run directory: the checkpoint step to use.
     #[arg(long)]
     pub step: Option<u64>,
+    /// A kohya-format LoRA merged into the weights; give it more than once to stack several.
     #[arg(long)]
-    pub lora: Option<PathBuf>,
+    pub lora: Vec<PathBuf>,
+    /// Strength of each `--lora`, in the same order (AUTOMATIC1111's `<lora:name:0.8>`); 1 when left out.
+    #[arg(long, allow_negative_numbers = true)]
+    pub lora_weight: Vec<f64>,
+    /// Condition on the text encoder's n-th last layer, as training's `clip_skip`
+    /// (1: the last layer; 2 for most anime models).
+    #[arg(long, default_value_t = 1)]
+    pub clip_skip: i64,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]

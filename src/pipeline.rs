@@ -307,6 +307,16 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         return Err(usage("--steps must be at least 1"));
     }
+    if args.lora_weight.len() > args.lora.len() {
+        return Err(usage(format!(
+            "{} --lora-weight values for {} --lora files: give one weight per file, in the same order",
+            args.lora_weight.len(),
+            args.lora.len()
+        )));
+    }
+    if let Some(w) = args.lora_weight.iter().find(|w| !w.is_finite()) {
+        return Err(usage(format!("--lora-weight {w} is not a number")));
+    }
     let run_dir = crate::train::export::is_run_dir(&args.model);
     if args.step.is_some() && !run_dir {
         return Err(usage(format!("--step applies to run directories, and {} is not one", args.model.display())));
@@ -323,9 +333,16 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     } else {
         StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?
     };
-    if let Some(lora) = &args.lora {
-        let layers = sd.merge_lora(lora, 1.0)?;
-        eprintln!("merged {} ({layers} layers)", lora.display());
+    if args.clip_skip < 1 || args.clip_skip > sd.text_config.num_hidden_layers {
+        return Err(usage(format!(
+            "--clip-skip {} must be between 1 (the last layer) and the text encoder's {} layers",
+            args.clip_skip, sd.text_config.num_hidden_layers
+        )));
+    }
+    for (i, lora) in args.lora.iter().enumerate() {
+        let weight = args.lora_weight.get(i).copied().unwrap_or(1.0);
+        let layers = sd.merge_lora(lora, weight)?;
+        eprintln!("merged {} at weight {weight} ({layers} layers)", lora.display());
     }
     let width = args.width.unwrap_or_else(|| sd.default_size());
     let height = args.height.unwrap_or_else(|| sd.default_size());
@@ -342,7 +359,7 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         guidance: args.guidance,
         width,
         height,
-        clip_skip: 1,
+        clip_skip: args.clip_skip,
     };
     let bar = progress_bar(args.steps as u64);
     let image = sd.text_to_image(&req, |i, _| bar.set_position(i as u64))?;

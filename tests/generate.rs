@@ -89,3 +89,49 @@ fn generate_command_writes_the_reference_png() {
     let diff = max_abs_diff(&got, want);
     assert!(diff <= 2.5 / 255.0, "png differs by {diff}");
 }
+
+/// Reads a PNG the CLI wrote as a [height, width, 3] float tensor in 0..1.
+fn png_tensor(path: &std::path::Path) -> tch::Tensor {
+    let png = image::open(path).unwrap().to_rgb8();
+    let (w, h) = (png.width() as i64, png.height() as i64);
+    tch::Tensor::from_slice(png.as_raw()).view([h, w, 3]).to_kind(tch::Kind::Float) / 255.0
+}
+
+/// `--clip-skip 2` conditions on the penultimate layer through the final layer
+/// norm, as diffusers' `clip_skip=1` (reference/clip_skip.safetensors from
+/// make_clip_skip_fixture.py): the embeddings and the image match. The negative
+/// prompt skips the layer too, as in AUTOMATIC1111 (diffusers' encode_prompt
+/// skips it for the positive prompt only; the fixture says how it is made).
+#[test]
+fn clip_skip_matches_diffusers() {
+    let refs = reference("clip_skip");
+    let sd = StableDiffusion::load(&model("tiny-sd1"), None, Device::Cpu, AttentionBackend::Default).unwrap();
+    for (prompt, key) in [("a photo of sks dog", "embeds.prompt"), ("blurry", "embeds.negative")] {
+        let got = tch::no_grad(|| sd.encode_prompt(prompt, 2));
+        let diff = max_abs_diff(&got, &refs[key]);
+        assert!(diff < 1e-5, "{key}: max abs diff {diff}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("tiny-sd1");
+    let generate = |skip: &str, name: &str| {
+        let out = dir.path().join(name);
+        let (code, _, err) = common::run_cli(&[
+            "generate", "--model", m.to_str().unwrap(), "--prompt", "a photo of sks dog", "--negative", "blurry",
+            "--seed", "1234", "--steps", "8", "--scheduler", "ddim", "--device", "cpu", "--clip-skip", skip,
+            "--out", out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "stderr: {err}");
+        png_tensor(&out)
+    };
+    let skipped = generate("2", "skip2.png");
+    let diff = max_abs_diff(&skipped, &refs["image.ddim.seed1234"]);
+    assert!(diff <= 2.5 / 255.0, "png differs by {diff}");
+    let last = max_abs_diff(&generate("1", "skip1.png"), &reference("tiny-sd1")["image.ddim.seed1234"]);
+    assert!(last <= 2.5 / 255.0, "--clip-skip 1 is the default image: differs by {last}");
+    let (code, _, err) = common::run_cli(&[
+        "generate", "--model", m.to_str().unwrap(), "--prompt", "x", "--device", "cpu", "--clip-skip", "9",
+        "--out", dir.path().join("no.png").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--clip-skip 9 must be between 1"), "{err}");
+}

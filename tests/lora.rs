@@ -246,3 +246,44 @@ fn bad_lora_files_are_refused_with_one_sentence() {
     assert_eq!(code, 1, "stderr: {err}");
     assert!(err.contains("notes.safetensors") && err.trim().lines().count() == 1, "stderr: {err}");
 }
+
+/// `--lora-weight 0.5` (AUTOMATIC1111's `<lora:name:0.5>`) equals peft's
+/// adapter weight 0.5 on the UNet and the text encoder (the `.half` references
+/// from make_lora_fixture.py); weight 0 leaves the model as it was.
+#[test]
+fn lora_weight_scales_like_diffusers_adapter_weights() {
+    let r = refs();
+    let mut sd = load_sd1();
+    sd.merge_lora(&lora_file(), 0.5).unwrap();
+    let du = rel_diff(&unet_out(&sd, &r), &r["unet.out.half"]);
+    let dt = rel_diff(&text_out(&sd, &r), &r["text.hidden.half"]);
+    assert!(du < 1e-4 && dt < 1e-4, "half strength: UNet {du}, text encoder {dt}");
+    let dir = tempfile::tempdir().unwrap();
+    let (m, f) = (model("tiny-sd1"), lora_file());
+    let generate = |extra: &[&str], name: &str| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "generate", "--model", m.to_str().unwrap(), "--prompt", "a photo of sks dog", "--negative", "blurry",
+            "--seed", "1234", "--steps", "8", "--scheduler", "ddim", "--device", "cpu", "--out", out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, err) = common::run_cli(&args);
+        (code, err, out)
+    };
+    let png = |path: &std::path::Path| {
+        let png = image::open(path).unwrap().to_rgb8();
+        Tensor::from_slice(png.as_raw()).view([32, 32, 3]).to_kind(Kind::Float) / 255.0
+    };
+    let (code, err, half) = generate(&["--lora", f.to_str().unwrap(), "--lora-weight", "0.5"], "half.png");
+    assert_eq!(code, 0, "stderr: {err}");
+    assert!(err.contains("at weight 0.5"), "{err}");
+    let diff = max_abs_diff(&png(&half), &r["image.ddim.seed1234.half"]);
+    assert!(diff <= 2.5 / 255.0, "half-strength png differs by {diff}");
+    let (code, err, none) = generate(&["--lora", f.to_str().unwrap(), "--lora-weight", "0"], "none.png");
+    assert_eq!(code, 0, "stderr: {err}");
+    let diff = max_abs_diff(&png(&none), &r["image.ddim.seed1234.base"]);
+    assert!(diff <= 2.5 / 255.0, "weight 0 should draw the base image: differs by {diff}");
+    let (code, err, _) = generate(&["--lora-weight", "0.5"], "refused.png");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("1 --lora-weight values for 0 --lora files"), "{err}");
+}
