@@ -101,6 +101,25 @@ fn text_encoder_learning_rate_sets_the_text_encoders_own_step() {
     assert!(log.contains("text encoder trains for 2 steps at learning rate 2.5e-5"), "{log}");
 }
 
+/// `lora_text_encoder_rank` / `lora_text_encoder_alpha`: the text encoder's
+/// adapters get their own rank and alpha, the UNet's keep `lora_rank` / `lora_alpha`.
+#[test]
+fn text_encoder_lora_has_its_own_rank_and_alpha() {
+    let root = tempfile::tempdir().unwrap();
+    let t = trainer(
+        root.path(),
+        "te-rank",
+        1,
+        "  use_lora: true\n  lora_rank: 4\n  lora_alpha: 4\n  text_encoder_train_ratio: 1\n  \
+         lora_text_encoder_rank: 2\n  lora_text_encoder_alpha: 1\n",
+    );
+    let modules = &t.lora.as_ref().expect("a LoRA run").modules;
+    let (text, unet): (Vec<_>, Vec<_>) = modules.iter().partition(|m| m.name.starts_with("lora_te_"));
+    assert!(!text.is_empty() && !unet.is_empty());
+    assert!(text.iter().all(|m| m.down.size()[0] == 2 && m.alpha == 1.0), "text encoder adapters");
+    assert!(unet.iter().all(|m| m.down.size()[0] == 4 && m.alpha == 4.0), "UNet adapters");
+}
+
 #[test]
 fn train_unet_false_keeps_the_unet_fixed() {
     let root = tempfile::tempdir().unwrap();

@@ -145,6 +145,11 @@ fn memory_savers_lower_the_estimate() {
     // LoRA trains only the adapters.
     let lora = estimate(&m, &Plan { use_lora: true, lora_rank: 4, ..base.clone() });
     assert!(lora.trained_params < 2_000_000 && lora.trained_params > 500_000, "{}", lora.trained_params);
+    // The text encoder's adapters count at their own rank: CLIP-L's 12 layers of
+    // q/k/v/out (768×768) hold 12·4·(768+768)·r parameters.
+    let lora_te = Plan { use_lora: true, lora_rank: 4, lora_text_encoder_rank: 4, train_text_encoder: true, ..base.clone() };
+    let (r4, r8) = (estimate(&m, &lora_te), estimate(&m, &Plan { lora_text_encoder_rank: 8, ..lora_te.clone() }));
+    assert_eq!(r8.trained_params - r4.trained_params, 12 * 4 * (768 + 768) * 4);
 }
 
 #[test]

@@ -126,6 +126,10 @@ pub struct Training {
     pub use_lora: bool,
     pub lora_rank: u32,
     pub lora_alpha: f64,
+    /// The text encoder's adapters' own rank and alpha (the extension's
+    /// `lora_txt_rank`); unset: `lora_rank` / `lora_alpha`.
+    pub lora_text_encoder_rank: Option<u32>,
+    pub lora_text_encoder_alpha: Option<f64>,
     pub train_imagic_only: bool,
     pub use_ema: bool,
     pub ema_decay: f64,
@@ -183,6 +187,8 @@ impl Default for Training {
             use_lora: false,
             lora_rank: 4,
             lora_alpha: 4.0,
+            lora_text_encoder_rank: None,
+            lora_text_encoder_alpha: None,
             train_imagic_only: false,
             use_ema: false,
             ema_decay: 0.9999,
@@ -215,6 +221,11 @@ impl Default for Training {
 }
 
 impl Training {
+    /// Rank and alpha of the text encoder's LoRA adapters: their own, else the UNet's.
+    pub fn text_encoder_lora(&self) -> (u32, f64) {
+        (self.lora_text_encoder_rank.unwrap_or(self.lora_rank), self.lora_text_encoder_alpha.unwrap_or(self.lora_alpha))
+    }
+
     /// The text encoder's base learning rate: its own, else the UNet's.
     pub fn text_encoder_lr(&self) -> f64 {
         self.text_encoder_learning_rate.unwrap_or(self.learning_rate)

@@ -45,6 +45,7 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
         ("training.batch_size", t.batch_size),
         ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
         ("training.lora_rank", t.lora_rank),
+        ("training.lora_text_encoder_rank", t.lora_text_encoder_rank.unwrap_or(1)),
     ];
     for (key, v) in positive {
         if v == 0 {
@@ -79,6 +80,7 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
         ("training.lr_power", t.lr_power),
         ("training.lr_end", t.lr_end),
         ("training.lora_alpha", t.lora_alpha),
+        ("training.lora_text_encoder_alpha", t.lora_text_encoder_alpha.unwrap_or(0.0)),
     ] {
         if v < 0.0 || !v.is_finite() {
             return Err(format!("`{key}` {v} must be 0 or more"));

@@ -85,7 +85,9 @@ pub fn choose_trainable_parameters(
             net.extend(lora::attach_unet_lora(&mut sd.unet, &spec, &mut rng)?);
         }
         if training.text_encoder_train_ratio > 0.0 && !training.train_imagic_only {
-            net.extend(lora::attach_text_lora(&mut sd.text_encoder, &spec, &mut rng)?);
+            let (rank, alpha) = training.text_encoder_lora();
+            let text_spec = LoraSpec { rank: i64::from(rank), alpha, ..spec };
+            net.extend(lora::attach_text_lora(&mut sd.text_encoder, &text_spec, &mut rng)?);
         }
         if net.modules.is_empty() {
             return Err(crate::error::usage(

@@ -30,6 +30,8 @@ pub struct Plan {
     pub optimizer: Optimizer,
     pub use_lora: bool,
     pub lora_rank: i64,
+    /// The text encoder's adapters' rank.
+    pub lora_text_encoder_rank: i64,
     pub train_unet: bool,
     pub train_text_encoder: bool,
     pub use_ema: bool,
@@ -56,6 +58,7 @@ impl Plan {
             optimizer: t.optimizer,
             use_lora: t.use_lora,
             lora_rank: i64::from(t.lora_rank),
+            lora_text_encoder_rank: i64::from(t.text_encoder_lora().0),
             train_unet: t.train_unet,
             train_text_encoder: t.text_encoder_train_ratio > 0.0,
             use_ema: t.use_ema,
@@ -153,12 +156,9 @@ pub fn mib(bytes: i64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
-/// The trained tensors of a part, by layer (LoRA adapters or all parameters).
-fn trained_by_layer(layers: &[Layer], plan: &Plan) -> Vec<Vec<Param>> {
-    layers
-        .iter()
-        .map(|l| if plan.use_lora { lora_params(l, plan.lora_rank) } else { l.params.clone() })
-        .collect()
+/// The trained tensors of a part, by layer (LoRA adapters of `lora_rank`, or all parameters).
+fn trained_by_layer(layers: &[Layer], plan: &Plan, lora_rank: i64) -> Vec<Vec<Param>> {
+    layers.iter().map(|l| if plan.use_lora { lora_params(l, lora_rank) } else { l.params.clone() }).collect()
 }
 
 pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
@@ -179,9 +179,12 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
 
     // --- which tensors train, and in which dtype each part is stored.
     let unet_trained: Vec<Vec<Param>> =
-        if plan.train_unet { trained_by_layer(&m.unet, plan) } else { vec![Vec::new(); m.unet.len()] };
-    let text_trained: Vec<Vec<Param>> =
-        if plan.train_text_encoder { trained_by_layer(&m.text, plan) } else { vec![Vec::new(); m.text.len()] };
+        if plan.train_unet { trained_by_layer(&m.unet, plan, plan.lora_rank) } else { vec![Vec::new(); m.unet.len()] };
+    let text_trained: Vec<Vec<Param>> = if plan.train_text_encoder {
+        trained_by_layer(&m.text, plan, plan.lora_text_encoder_rank)
+    } else {
+        vec![Vec::new(); m.text.len()]
+    };
     // Trained weights are float32 masters; the networks that never train are stored
     // in the half dtype under mixed precision (train::modules::half_storage).
     let (unet_half, text_half) = (plan.half_storage.unet, plan.half_storage.text_encoder);
@@ -212,7 +215,12 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
     if plan.use_lora {
         let b = trained_n * 4;
         resident += b;
-        push(&mut rows, "resident", "LoRA adapters".into(), format!("rank {}, {:.2} M params, fp32", plan.lora_rank, trained_n as f64 / 1e6), b);
+        let ranks = if plan.train_text_encoder && plan.lora_text_encoder_rank != plan.lora_rank {
+            format!("rank {} (text encoder {})", plan.lora_rank, plan.lora_text_encoder_rank)
+        } else {
+            format!("rank {}", plan.lora_rank)
+        };
+        push(&mut rows, "resident", "LoRA adapters".into(), format!("{ranks}, {:.2} M params, fp32", trained_n as f64 / 1e6), b);
     }
     let opt: u64 = trained.iter().map(|p| optimizer_bytes(plan.optimizer, p.numel())).sum();
     resident += opt;

@@ -27,7 +27,8 @@ const ASKED_ELSEWHERE: [&str; 10] = [
 ];
 
 /// Numbers that may be left unset (`null` in the config, empty in the panel).
-const OPTIONAL_NUMBERS: [&str; 1] = ["training.text_encoder_learning_rate"];
+const OPTIONAL_NUMBERS: [&str; 3] =
+    ["training.text_encoder_learning_rate", "training.lora_text_encoder_rank", "training.lora_text_encoder_alpha"];
 
 /// The values a choice setting cycles through (each parses as the key's type).
 pub fn choices(key: &str) -> Option<&'static [&'static str]> {
@@ -58,6 +59,8 @@ pub fn help(key: &str) -> &'static str {
         "training.use_lora" => "train small LoRA adapters instead of the whole UNet: for 8–12 GB cards",
         "training.lora_rank" => "LoRA: rank of the adapters (size and capacity)",
         "training.lora_alpha" => "LoRA: scale of the adapters (alpha / rank)",
+        "training.lora_text_encoder_rank" => "LoRA: the text encoder's adapters' rank; empty: lora_rank",
+        "training.lora_text_encoder_alpha" => "LoRA: the text encoder's adapters' alpha; empty: lora_alpha",
         "training.train_imagic_only" => "Imagic: edit one image (first of concept 1) to its prompt",
         "training.use_ema" => "keep an exponential moving average of the UNet (more VRAM; smoother result)",
         "training.ema_decay" => "EMA: how slowly the average follows the weights",
