@@ -33,6 +33,10 @@ pub enum Command {
         detach: bool,
         #[arg(long)]
         plain: bool,
+        /// Train on to this many steps per image ("epochs"), a finished run too;
+        /// written into the run's config.yaml.
+        #[arg(long)]
+        steps_per_image: Option<u32>,
     },
     /// Dashboard of a running or finished run.
     Attach { run_dir: PathBuf },
@@ -141,7 +145,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Wizard { runs_dir } => wizard(&runs_dir.unwrap_or_else(|| PathBuf::from("runs"))),
         Command::Attach { run_dir } => crate::tui::dashboard::run(&run_dir),
         Command::Train { config, detach, plain } => crate::train::commands::train_command(&config, detach, plain),
-        Command::Resume { run_dir, detach, plain } => crate::train::commands::resume_command(&run_dir, detach, plain),
+        Command::Resume { run_dir, detach, plain, steps_per_image } => {
+            crate::train::commands::resume_command(&run_dir, detach, plain, steps_per_image)
+        }
         Command::Stop { run_dir } => crate::train::commands::stop_command(&run_dir),
         Command::Export { run_dir, format, out, step, half } => {
             crate::train::commands::export_command(&run_dir, &format, &out, step, half)

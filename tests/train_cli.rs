@@ -89,6 +89,36 @@ fn unet_bytes(run: &Path) -> Vec<u8> {
     std::fs::read(dir.join("unet.safetensors")).unwrap()
 }
 
+/// `resume --steps-per-image N` trains a finished run on to N epochs: the weights
+/// equal those of a run planned for N from the start, bit for bit, and the run's
+/// config.yaml says N. Asking for fewer epochs than are done is one sentence
+/// naming the fewest that leave a step, and changes nothing.
+#[test]
+fn resume_with_more_steps_per_image_trains_on_like_a_longer_run() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 2);
+    for (name, epochs) in [("long", 4), ("short", 2)] {
+        let cfg = write_config(r, name, &data, &format!("  steps_per_image: {epochs}\n  random_flip: true\n"));
+        let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let run = r.join("runs/short");
+    let config_before = std::fs::read_to_string(run.join("config.yaml")).unwrap();
+    let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain", "--steps-per-image", "1"]);
+    assert_one_line_error(code, &err, "the run is at step 4 already: give 3 or more");
+    assert_eq!(code, 2);
+    assert_eq!(std::fs::read_to_string(run.join("config.yaml")).unwrap(), config_before, "a refused change was written");
+    let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain", "--steps-per-image", "4"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(unet_bytes(&r.join("runs/long")), unet_bytes(&run), "trained on to 4 epochs, the weights differ from a 4-epoch run");
+    let config = dreambooth::config::load_run_config(&run.join("config.yaml")).unwrap();
+    assert_eq!(config.training.steps_per_image, 4);
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("steps per image 2 → 4: 4 → 8 steps"), "{log}");
+}
+
 #[test]
 fn kill_9_then_resume_is_bit_identical_and_sigterm_checkpoints() {
     let root = tempfile::tempdir().unwrap();

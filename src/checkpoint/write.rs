@@ -58,12 +58,7 @@ pub fn write_safetensors(
         header_bytes.push(b' ');
     }
 
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| -> anyhow::Result<()> {
-        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+    write_atomically(path, |out| {
         out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
         out.write_all(&header_bytes)?;
         let mut buf: Vec<u8> = Vec::new();
@@ -73,6 +68,21 @@ pub fn write_safetensors(
             t.f_copy_data_u8(&mut buf, t.numel())?;
             out.write_all(&buf)?;
         }
+        Ok(())
+    })
+}
+
+/// Writes `path` whole or not at all: `fill` writes into a temporary file beside
+/// it, which is synced and then renamed over `path` (a crash or a full disk
+/// leaves the old file, never half a new one).
+pub fn write_atomically(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| -> anyhow::Result<()> {
+        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        fill(&mut out)?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         Ok(())

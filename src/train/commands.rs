@@ -97,12 +97,17 @@ pub fn train_command(config_path: &Path, detach_flag: bool, plain: bool) -> anyh
     finish(&mut trainer)
 }
 
-pub fn resume_command(run_dir: &Path, detach_flag: bool, plain: bool) -> anyhow::Result<()> {
+pub fn resume_command(run_dir: &Path, detach_flag: bool, plain: bool, steps_per_image: Option<u32>) -> anyhow::Result<()> {
     if detach_flag {
-        return detach(&["resume".as_ref(), run_dir.as_os_str(), "--plain".as_ref()], Some(run_dir));
+        let steps = steps_per_image.map(|n| n.to_string());
+        let mut args: Vec<&std::ffi::OsStr> = vec!["resume".as_ref(), run_dir.as_os_str(), "--plain".as_ref()];
+        if let Some(n) = &steps {
+            args.extend([std::ffi::OsStr::new("--steps-per-image"), std::ffi::OsStr::new(n)]);
+        }
+        return detach(&args, Some(run_dir));
     }
     let quiet = detached_child();
-    let mut trainer = Trainer::resume(run_dir, TrainOptions { plain, quiet })?;
+    let mut trainer = Trainer::resume_with(run_dir, TrainOptions { plain, quiet }, steps_per_image)?;
     if quiet {
         redirect_output_to_log(&trainer.run_dir)?;
     }

@@ -216,18 +216,54 @@ impl Trainer {
 
     /// Continues the run of `run_dir` from its newest complete checkpoint.
     pub fn resume(run_dir: &Path, options: TrainOptions) -> anyhow::Result<Trainer> {
+        Trainer::resume_with(run_dir, options, None)
+    }
+
+    /// `resume`, and with `steps_per_image` the run trains on to that many epochs
+    /// instead (the method's "raise the steps until it looks right": a finished
+    /// run goes on from its last checkpoint). The new count is written into the
+    /// run's config.yaml once the checkpoint has loaded.
+    pub fn resume_with(run_dir: &Path, options: TrainOptions, steps_per_image: Option<u32>) -> anyhow::Result<Trainer> {
         let config_path = run_dir.join("config.yaml");
         if !config_path.is_file() {
             return Err(usage(format!("{} is not a run directory (it has no config.yaml)", run_dir.display())));
         }
-        let config = crate::config::load_run_config(&config_path)?;
+        let mut config = crate::config::load_run_config(&config_path)?;
+        let planned = config.training.steps_per_image;
+        if let Some(n) = steps_per_image.filter(|&n| n != planned) {
+            if config.training.train_imagic_only {
+                return Err(usage(
+                    "--steps-per-image cannot change an Imagic run: its two stages were planned from the steps it started with",
+                ));
+            }
+            if n == 0 {
+                return Err(usage("--steps-per-image must be at least 1"));
+            }
+            config.training.steps_per_image = n;
+        }
         check_supported(&config)?;
         let lock = RunLock::acquire(run_dir)?;
         let (step, dir) = ckpt::find_checkpoint(run_dir, None)?;
         let instances = dataset::load_instances(&config, &early_buckets(&config))?;
+        let wanted = config.training.steps_per_image;
+        let accumulation = config.training.gradient_accumulation_steps;
+        if wanted != planned {
+            // Checked before the model loads: the batches an epoch come from the images.
+            let batches = crate::data::buckets::batches_per_epoch(instances.iter().map(dataset::Example::frame), config.training.batch_size);
+            let total = total_steps(wanted, batches, accumulation);
+            if step >= total {
+                // The fewest epochs that still leave a step: n·batches ≥ (step + 1)·accumulation.
+                let fewest = ((step + 1) * u64::from(accumulation.max(1))).div_ceil(batches.max(1));
+                return Err(usage(format!(
+                    "--steps-per-image {wanted} makes {total} steps and the run is at step {step} already: give {fewest} or more"
+                )));
+            }
+        }
         let device = crate::device::parse_device(&config.device, true)?;
         let mut t = Trainer::build(config, run_dir.to_path_buf(), lock, device, instances, options, Some((step, dir.clone())))?;
-        if let Err(e) = t.load_checkpoint(&dir) {
+        let planned_total = total_steps(planned, t.batches_per_epoch, accumulation);
+        let expected_total = if t.imagic_plan.is_some() { t.total_steps } else { planned_total };
+        if let Err(e) = t.load_checkpoint(&dir, expected_total) {
             // A damaged newest checkpoint (disk fault, a copy cut short): say
             // which earlier one is left rather than silently going back to it.
             let mut msg = crate::error::one_line(&e).trim_end_matches('.').to_string();
@@ -240,6 +276,14 @@ impl Trainer {
             return Err(anyhow::anyhow!(msg));
         }
         t.log.line(&format!("resumed from {} (step {step})", dir.display()));
+        if wanted != planned {
+            let yaml = serde_yaml::to_string(&t.config)?;
+            crate::checkpoint::write::write_atomically(&config_path, |out| Ok(std::io::Write::write_all(out, yaml.as_bytes())?))?;
+            t.log.line(&format!(
+                "steps per image {planned} → {wanted}: {planned_total} → {} steps (written to config.yaml); the LR schedule now spans them",
+                t.total_steps
+            ));
+        }
         Ok(t)
     }
 

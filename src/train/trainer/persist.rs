@@ -62,7 +62,9 @@ impl Trainer {
         Ok(path)
     }
 
-    pub(super) fn load_checkpoint(&mut self, dir: &Path) -> anyhow::Result<()> {
+    /// Restores the checkpoint in `dir`, made when the run had `expected_total`
+    /// steps (the run's own total, unless `resume` is extending it).
+    pub(super) fn load_checkpoint(&mut self, dir: &Path, expected_total: u64) -> anyhow::Result<()> {
         let state = ckpt::read_state(dir)?;
         if let Some(lora) = &self.lora {
             // The adapters attached at start are overwritten in place: the optimizer holds them.
@@ -94,12 +96,12 @@ impl Trainer {
         };
         self.noise_rng.set_state(rng("rng.noise")?)?;
         self.data_rng.set_state(rng("rng.data")?)?;
-        if state.total_steps != self.total_steps {
+        if state.total_steps != expected_total {
             anyhow::bail!(
                 "{}: the checkpoint was made for {} steps but the run now has {} (did the images or config change?)",
                 dir.display(),
                 state.total_steps,
-                self.total_steps
+                expected_total
             );
         }
         self.step = state.step;

@@ -1005,9 +1005,7 @@ impl WizardState {
         let dir = &self.runs_dir;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = self.config_path();
-        let tmp = dir.join(format!(".{}.yaml.tmp", self.name.trim()));
-        std::fs::write(&tmp, yaml).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        crate::checkpoint::write::write_atomically(&path, |out| Ok(std::io::Write::write_all(out, yaml.as_bytes())?))?;
         Ok(path)
     }
 
