@@ -292,7 +292,15 @@ fn draw_footer(frame: &mut Frame, area: Rect, state: &DashboardState) {
     let mut line = if state.is_live() {
         key_hints(&[("p", pause), ("s", "save now"), ("n", "sample now"), ("d", "detach"), ("q", "stop")])
     } else {
-        key_hints(&[("d/q", "quit")])
+        let mut line = key_hints(&[("d/q", "quit")]);
+        if state.status == RunStatus::Finished {
+            // Over-trained or not yet? The method's answer is more epochs from here.
+            line.spans.push(Span::styled(
+                "  more epochs: dreambooth resume <run> --steps-per-image N",
+                Style::new().fg(Color::DarkGray),
+            ));
+        }
+        line
     };
     if let Some(notice) = &state.notice {
         line.spans.push(Span::styled(format!("  {notice}"), Style::new().fg(Color::Yellow)));
