@@ -120,6 +120,28 @@ fn text_encoder_lora_has_its_own_rank_and_alpha() {
     assert!(unet.iter().all(|m| m.down.size()[0] == 4 && m.alpha == 4.0), "UNet adapters");
 }
 
+/// The checkpoint size the trainer plans the disk with (and logs) is what a
+/// checkpoint takes on disk, less the files' headers and the small state:
+/// full fine-tuning with EMA and 8-bit AdamW, and LoRA with the text encoder.
+#[test]
+fn the_checkpoint_size_estimate_is_what_the_files_take() {
+    let root = tempfile::tempdir().unwrap();
+    for (name, training) in [
+        ("full", "  steps_per_image: 2\n  use_ema: true\n  optimizer: adamw_8bit\n  text_encoder_train_ratio: 0.5\n"),
+        ("lora", "  steps_per_image: 2\n  use_lora: true\n  text_encoder_train_ratio: 1\n"),
+    ] {
+        let mut t = trainer(root.path(), name, 1, training);
+        t.train_step().unwrap();
+        let planned = t.checkpoint_bytes();
+        let dir = t.checkpoint().unwrap();
+        let on_disk: u64 = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        eprintln!("{name}: planned {planned} bytes, wrote {on_disk}");
+        assert!(planned <= on_disk && on_disk <= planned + planned / 20 + (256 << 10), "{name}: planned {planned} bytes, wrote {on_disk}");
+        let log = std::fs::read_to_string(t.run_dir.join("train.log")).unwrap();
+        assert!(log.contains("each checkpoint takes about"), "{log}");
+    }
+}
+
 #[test]
 fn train_unet_false_keeps_the_unet_fixed() {
     let root = tempfile::tempdir().unwrap();

@@ -610,6 +610,7 @@ impl Trainer {
         if t.text_encoder_learning_rate.is_some() && self.text_encoder_steps == 0 {
             self.warn("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)");
         }
+        self.check_disk_room();
         let class_count: usize = self.data.classes.iter().map(Vec::len).sum();
         let text_encoder_lr = if self.text_encoder_steps > 0 && t.text_encoder_lr() != t.learning_rate {
             format!(" at learning rate {:e}", t.text_encoder_lr())
@@ -621,6 +622,25 @@ impl Trainer {
             images, class_count, t.steps_per_image, self.total_steps, t.batch_size, t.gradient_accumulation_steps, self.text_encoder_steps,
             text_encoder_lr
         ));
+    }
+
+    /// Logs what the checkpoints will take on disk, and warns when the run
+    /// directory's file system has less free.
+    fn check_disk_room(&mut self) {
+        use crate::run::disk;
+        let t = &self.config.training;
+        let each = self.checkpoint_bytes();
+        let saves = disk::checkpoint_saves(u64::from(t.steps_per_image), t.save_model_every_n_epochs);
+        let at_once = disk::checkpoints_on_disk(saves, t.keep_last_checkpoints);
+        // Checkpoints already written (a resumed run) are part of what stays.
+        let written = ckpt::list_checkpoints(&self.run_dir).len() as u64;
+        let to_write = at_once.saturating_sub(written.min(at_once));
+        let needed = to_write * each;
+        self.log.line(&format!("each checkpoint takes about {}; up to {at_once} on disk at once", disk::size(each)));
+        let free = disk::free_bytes(&self.run_dir);
+        if let Some(warning) = free.and_then(|free| disk::shortfall_warning(needed, each, at_once, free, &self.run_dir)) {
+            self.warn(&warning);
+        }
     }
 
     fn warn(&mut self, text: &str) {

@@ -24,6 +24,25 @@ impl Trainer {
         out
     }
 
+    /// Bytes one checkpoint takes: the weights it holds (UNet and text encoder
+    /// of a full run, or the LoRA adapters), the EMA, and the optimizer's
+    /// state, as `checkpoint` writes them.
+    pub fn checkpoint_bytes(&self) -> u64 {
+        let bytes = |v: &[(String, Tensor)]| -> u64 { v.iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum() };
+        let weights = match &self.lora {
+            Some(lora) => bytes(&lora.trainable()),
+            None => {
+                let text = if self.text_encoder_steps > 0 { bytes(&self.params.text_encoder) } else { 0 };
+                bytes(&self.params.unet) + text
+            }
+        };
+        let ema = self.ema.as_ref().map_or(0, |e| bytes(&e.shadow));
+        let kind = self.optimizer.kind();
+        let optimizer: u64 =
+            self.optimizer.params().iter().map(|(_, p)| crate::train::optimizer::Optimizer::state_bytes_for(kind, p.numel() as i64)).sum();
+        weights + ema + optimizer
+    }
+
     /// Writes a checkpoint of the current step (once per step); returns its folder.
     pub fn checkpoint(&mut self) -> anyhow::Result<PathBuf> {
         self.flush_step_record()?;
