@@ -40,6 +40,8 @@ pub enum Command {
     },
     /// Dashboard of a running or finished run.
     Attach { run_dir: PathBuf },
+    /// The runs in a folder (default `runs`): status, step, last loss, newest checkpoint.
+    Runs { dir: Option<PathBuf> },
     /// Checkpoint, then stop a running run.
     Stop { run_dir: PathBuf },
     /// Text-to-image with a model.
@@ -149,6 +151,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             crate::train::commands::resume_command(&run_dir, detach, plain, steps_per_image)
         }
         Command::Stop { run_dir } => crate::train::commands::stop_command(&run_dir),
+        Command::Runs { dir } => crate::tui::dashboard::list::runs_command(dir.as_deref().unwrap_or(std::path::Path::new("runs"))),
         Command::Export { run_dir, format, out, step, half } => {
             crate::train::commands::export_command(&run_dir, &format, &out, step, half)
         }

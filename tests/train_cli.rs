@@ -117,6 +117,18 @@ fn resume_with_more_steps_per_image_trains_on_like_a_longer_run() {
     assert_eq!(config.training.steps_per_image, 4);
     let log = std::fs::read_to_string(run.join("train.log")).unwrap();
     assert!(log.contains("steps per image 2 → 4: 4 → 8 steps"), "{log}");
+
+    // `runs` lists both, as the dashboard reads them.
+    let (code, out, err) = cli(&["runs", r.join("runs").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("RUN") && lines[0].contains("CHECKPOINT"), "{out}");
+    for name in ["long", "short"] {
+        let line = lines.iter().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {out}"));
+        assert!(line.contains("finished") && line.contains("8/8") && line.contains("step 8"), "{line}");
+    }
+    let (code, _, err) = cli(&["runs", r.join("nowhere").to_str().unwrap()]);
+    assert_one_line_error(code, &err, "cannot read the runs folder");
 }
 
 #[test]

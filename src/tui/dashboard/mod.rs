@@ -2,6 +2,7 @@
 //! run directory and sends requests through it, so quitting it never stops
 //! training.
 
+pub mod list;
 pub mod state;
 pub mod view;
 

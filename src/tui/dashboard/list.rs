@@ -1,0 +1,93 @@
+//! `dreambooth runs [DIR]`: one line per run directory under DIR, read the way
+//! the dashboard reads a run (status from the lock and the event log, steps,
+//! last loss, newest checkpoint), for finding a run again after an SSH session
+//! ended.
+
+use std::path::{Path, PathBuf};
+
+use super::state::{DashboardState, RunStatus};
+use crate::error::usage;
+
+/// A run's line: name, status, steps, last loss, newest checkpoint.
+pub struct RunLine {
+    pub dir: PathBuf,
+    pub name: String,
+    pub status: String,
+    pub steps: String,
+    pub loss: String,
+    pub checkpoint: String,
+}
+
+fn status_word(status: &RunStatus) -> String {
+    match status {
+        RunStatus::Live => "training".into(),
+        RunStatus::Paused => "paused".into(),
+        RunStatus::Finished => "finished".into(),
+        RunStatus::Failed(_) => "failed".into(),
+        RunStatus::Stopped => "stopped".into(),
+        RunStatus::NotRunning => "not running".into(),
+    }
+}
+
+/// The run directories under `dir` (folders holding a config.yaml), by name.
+pub fn run_lines(dir: &Path, now: f64) -> anyhow::Result<Vec<RunLine>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| usage(format!("cannot read the runs folder {}: {e}", dir.display())))?;
+    let mut dirs: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("config.yaml").is_file()).collect();
+    dirs.sort();
+    Ok(dirs
+        .into_iter()
+        .map(|run| {
+            let state = DashboardState::load(&run, now);
+            let step = state.last_step().map_or(0, |s| s.step);
+            let steps = match state.total_steps {
+                Some(total) => format!("{step}/{total}"),
+                None => step.to_string(),
+            };
+            let loss = state.last_step().map_or_else(|| "-".into(), |s| format!("{:.4}", s.loss));
+            let checkpoint = crate::train::checkpoint::list_checkpoints(&run)
+                .last()
+                .map_or_else(|| "-".into(), |(step, _)| format!("step {step}"));
+            RunLine { name: state.name.clone(), status: status_word(&state.status), steps, loss, checkpoint, dir: run }
+        })
+        .collect())
+}
+
+/// The table `dreambooth runs` prints, columns aligned.
+pub fn format_table(lines: &[RunLine]) -> String {
+    let header = ["RUN", "STATUS", "STEP", "LOSS", "CHECKPOINT", "FOLDER"];
+    let rows: Vec<[String; 6]> = lines
+        .iter()
+        .map(|l| {
+            [l.name.clone(), l.status.clone(), l.steps.clone(), l.loss.clone(), l.checkpoint.clone(), l.dir.display().to_string()]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| -> String {
+        let padded: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    let mut out = line(&header.map(String::from));
+    out.push('\n');
+    for row in &rows {
+        out.push_str(&line(row));
+        out.push('\n');
+    }
+    out
+}
+
+pub fn runs_command(dir: &Path) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let lines = run_lines(dir, now)?;
+    if lines.is_empty() {
+        println!("no runs in {}", dir.display());
+        return Ok(());
+    }
+    print!("{}", format_table(&lines));
+    Ok(())
+}
