@@ -768,7 +768,10 @@ impl WizardState {
         }
         // The trainer starts only in a new (or empty) folder; an old run is continued with `resume`.
         if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
-            return Err(format!("{} already holds a run; choose another name (or `dreambooth resume` it)", dir.display()));
+            return Err(format!(
+                "{} already holds a run; choose another name (or `dreambooth resume` it; `--steps-per-image N` trains it on)",
+                dir.display()
+            ));
         }
         Ok(())
     }
