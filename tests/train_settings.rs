@@ -139,6 +139,10 @@ fn the_checkpoint_size_estimate_is_what_the_files_take() {
         assert!(planned <= on_disk && on_disk <= planned + planned / 20 + (256 << 10), "{name}: planned {planned} bytes, wrote {on_disk}");
         let log = std::fs::read_to_string(t.run_dir.join("train.log")).unwrap();
         assert!(log.contains("each checkpoint takes about"), "{log}");
+        // `dreambooth vram` plans from the model's shapes alone, and says the same.
+        let shapes = dreambooth::vram::ModelShapes::from_checkpoint(&t.config.source_checkpoint).unwrap();
+        let estimate = dreambooth::vram::estimate(&shapes, &dreambooth::vram::Plan::from_config(&t.config));
+        assert_eq!(estimate.checkpoint_bytes, planned, "{name}: the estimator's checkpoint size");
     }
 }
 

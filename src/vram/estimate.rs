@@ -109,6 +109,8 @@ pub struct Estimate {
     pub peak: u64,
     pub peak_phase: &'static str,
     pub trained_params: u64,
+    /// Bytes one checkpoint of the run takes on disk (weights, EMA, optimizer state).
+    pub checkpoint_bytes: u64,
 }
 
 /// What CUDA needs beyond the allocator's figure: the context (kernels, cuBLAS
@@ -229,11 +231,22 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         Optimizer::Adamw8bit => "8-bit AdamW (2 B/param + absmax per 256)",
     };
     push(&mut rows, "resident", "optimizer state".into(), opt_name.into(), opt);
+    // The EMA follows the UNet only (the trainer's `Ema::new(&params.unet)`).
+    let unet_trained_n: u64 = unet_trained.iter().flatten().map(|p| p.numel()).sum();
+    let ema = if plan.use_ema { unet_trained_n * 4 } else { 0 };
     if plan.use_ema {
-        let b = trained_n * 4;
-        resident += b;
-        push(&mut rows, "resident", "EMA copy".into(), "fp32 copy of the trained weights".into(), b);
+        resident += ema;
+        push(&mut rows, "resident", "EMA copy".into(), "fp32 copy of the trained UNet weights".into(), ema);
     }
+    // What `Trainer::checkpoint` writes: the adapters of a LoRA run, else the
+    // float32 UNet and (when it trains) text encoder; the EMA; the optimizer state.
+    let unet_n: u64 = m.unet.iter().map(|l| numel(&l.params)).sum();
+    let saved_weights = if plan.use_lora {
+        trained_n * 4
+    } else {
+        unet_n * 4 + if plan.train_text_encoder { text_n * 4 } else { 0 }
+    };
+    let checkpoint_bytes = saved_weights + ema + opt;
     let grads_total = trained_n * 4;
     if !plan.set_grads_to_none {
         resident += grads_total;
@@ -374,5 +387,5 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         phases.push(("preview", b));
     }
     let (peak_phase, worst) = phases.iter().copied().max_by_key(|(_, b)| *b).unwrap_or(("training step", 0));
-    Estimate { rows, resident, phases, peak: resident + worst, peak_phase, trained_params: trained_n }
+    Estimate { rows, resident, phases, peak: resident + worst, peak_phase, trained_params: trained_n, checkpoint_bytes }
 }

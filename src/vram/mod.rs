@@ -57,6 +57,14 @@ pub fn vram_command(config: &Path) -> anyhow::Result<()> {
     let shapes = ModelShapes::from_checkpoint(&c.source_checkpoint)?;
     let e = estimate(&shapes, &Plan::from_config(&c));
     print!("{}", render(&e, &shapes.origin));
+    let t = &c.training;
+    let saves = crate::run::disk::checkpoint_saves(u64::from(t.steps_per_image), t.save_model_every_n_epochs);
+    let at_once = crate::run::disk::checkpoints_on_disk(saves, t.keep_last_checkpoints);
+    println!(
+        "\ncheckpoints on disk: {} each, up to {at_once} at once: {}",
+        crate::run::disk::size(e.checkpoint_bytes),
+        crate::run::disk::size(e.checkpoint_bytes * at_once)
+    );
     if let Some(gpu) = probe() {
         let need = with_cuda_overhead(e.peak);
         let free = gpu.total_bytes.saturating_sub(gpu.used_bytes);
