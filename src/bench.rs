@@ -70,7 +70,7 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
     let settings = serde_json::to_value(&run.training)?;
     let resolution = run.resolution;
 
-    let mut trainer = Trainer::start(run, TrainOptions { plain: false, quiet: true })?;
+    let mut trainer = Trainer::start(run, TrainOptions { plain: false, quiet: true, ..Default::default() })?;
     let device = trainer.device;
     for _ in 0..WARMUP_STEPS {
         trainer.train_step()?;

@@ -116,7 +116,7 @@ pub fn demo_command(dir: &Path, plain: bool) -> anyhow::Result<()> {
     std::fs::write(&config_path, yaml).with_context(|| format!("cannot write {}", config_path.display()))?;
     let config = crate::config::load_run_config(&config_path)?;
     let started = std::time::Instant::now();
-    let mut trainer = crate::train::trainer::Trainer::start(config, crate::train::trainer::TrainOptions { plain, quiet: false })?;
+    let mut trainer = crate::train::trainer::Trainer::start(config, crate::train::trainer::TrainOptions { plain, quiet: false, ..Default::default() })?;
     trainer.run()?;
     let samples: Vec<_> = std::fs::read_dir(run_dir.join("samples"))
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())

@@ -440,3 +440,68 @@ fn full_disk_and_damaged_checkpoints_are_one_sentence_and_lose_nothing() {
     assert!(last.contains("step-000006/unet.safetensors is not a valid safetensors file"), "{last}");
     assert!(last.contains("to resume from the checkpoint of step 3 instead, move "), "{last}");
 }
+
+/// A run killed while it makes its class images (before its first checkpoint)
+/// resumes from step 0 with the images it has: its weights equal those of a run
+/// never interrupted. A stop request then ends it cleanly (exit 0, a `stopped`
+/// event, nothing to checkpoint).
+#[test]
+fn a_run_killed_or_stopped_while_making_class_images_resumes_from_step_0() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 2);
+    let with_class_images = |name: &str| {
+        let cfg = write_config(r, name, &data, "  steps_per_image: 2\n  random_flip: true\n");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "    instance_prompt: a photo of sks thing\n",
+            "    instance_prompt: a photo of sks thing\n    class_prompt: a photo of a thing\n    num_class_images: 24\n    class_infer_steps: 12\n",
+        );
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    let spawn = |cfg: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+            .args(["train", cfg.to_str().unwrap(), "--plain"])
+            .env("OMP_NUM_THREADS", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let started = Instant::now();
+    let full = with_class_images("full");
+    let (code, _, err) = cli(&["train", full.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    eprintln!("uninterrupted run with 24 class images: {:.1} s", started.elapsed().as_secs_f64());
+
+    let class_dir = |run: &Path| run.join("class_images/concept-0");
+    let cut = with_class_images("cut");
+    let run = r.join("runs/cut");
+    let mut child = spawn(&cut);
+    wait_for("three class images", Duration::from_secs(120), || class_dir(&run).join("class-00002.png").is_file());
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let made = std::fs::read_dir(class_dir(&run)).unwrap().count();
+    assert!(made < 24, "the kill came after every class image was made ({made})");
+    assert!(dreambooth::train::checkpoint::list_checkpoints(&run).is_empty());
+    let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(unet_bytes(&r.join("runs/full")), unet_bytes(&run), "the restarted run differs from the uninterrupted one");
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("has no checkpoint yet: training it from step 0"), "{log}");
+    assert!(log.contains(&format!("generating {} class images", 24 - made)), "{log}");
+
+    let stop = with_class_images("stop");
+    let run = r.join("runs/stop");
+    let child = spawn(&stop);
+    wait_for("a class image", Duration::from_secs(120), || class_dir(&run).join("class-00000.png").is_file());
+    dreambooth::run::control::send(&run, dreambooth::run::control::Request::Stop).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(event_names(&run).contains(&"stopped".to_string()));
+    assert!(dreambooth::train::checkpoint::list_checkpoints(&run).is_empty());
+    assert!(std::fs::read_dir(class_dir(&run)).unwrap().count() < 24);
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("stopped before training began"), "{log}");
+}

@@ -298,3 +298,66 @@ fn any_terminal_size_draws_without_panicking() {
         assert_eq!(text.lines().count(), h as usize);
     }
 }
+
+#[test]
+fn a_resumed_run_redoes_the_steps_after_its_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    // Killed at step 40; resumed from the checkpoint of step 20, it has redone 21..=25.
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    writeln!(file, "{{\"event\":\"start\",\"step\":20,\"total_steps\":50,\"resumed_from\":20,\"time\":{}}}", T0 + 100.0).unwrap();
+    for step in 21..=25u64 {
+        let record = StepRecord { step, epoch: step / 2, loss: 0.5, lr: 1e-6, it_s: 2.0, vram_bytes: 0, time: T0 + 100.0 + step as f64 };
+        writeln!(file, "{}", serde_json::to_string(&record).unwrap()).unwrap();
+    }
+    let state = DashboardState::load(&run, T0 + 130.0);
+    let steps: Vec<u64> = state.steps.iter().map(|s| s.step).collect();
+    assert_eq!(steps, (1..=25).collect::<Vec<_>>(), "each step once, the redone ones in place of the lost ones");
+    assert_eq!(state.last_step().unwrap().loss, 0.5);
+    // A run restarted from nothing (killed before its first checkpoint) starts its chart over.
+    writeln!(file, "{{\"event\":\"start\",\"step\":0,\"total_steps\":50,\"resumed_from\":null,\"time\":{}}}", T0 + 200.0).unwrap();
+    let state = DashboardState::load(&run, T0 + 201.0);
+    assert!(state.steps.is_empty());
+}
+
+#[test]
+fn a_trainer_making_class_images_shows_their_progress() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    std::fs::write(run.join("events.jsonl"), "").unwrap();
+    let _lock = RunLock::acquire(&run).unwrap();
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    writeln!(file, "{{\"event\":\"loading\",\"source\":\"/models/sd15.safetensors\",\"resumed_from\":null,\"time\":{T0}}}").unwrap();
+    let mut state = DashboardState::load(&run, T0 + 1.0);
+    assert_eq!(state.status, RunStatus::Live);
+    assert!(screen(&mut state, 80, 24).contains("loading the model"));
+    for done in 0..=3u64 {
+        writeln!(
+            file,
+            "{{\"event\":\"class_images\",\"concept\":0,\"done\":{done},\"total\":10,\"prompt\":\"a photo of a dog\",\"time\":{}}}",
+            T0 + 4.0 + 2.0 * done as f64
+        )
+        .unwrap();
+    }
+    state.refresh(T0 + 11.0);
+    let text = screen(&mut state, 80, 24);
+    // 2 s an image, 7 to go.
+    assert!(text.contains("class images 3/10 · concept 1 · elapsed 11s · ETA 14s"), "{text}");
+    assert!(text.contains("preparing"), "{text}");
+    assert_eq!(state.log.iter().filter(|l| l.kind == "class_images").count(), 1, "one line for the concept, kept current");
+    // Only detach and stop apply before the first step.
+    assert!(text.contains("d detach  q stop") && !text.contains("pause"), "{text}");
+    assert!(action_for_key(&state, key('p')).is_none());
+    assert!(action_for_key(&state, key('s')).is_none());
+    assert_eq!(action_for_key(&state, key('q')), Some(Action::AskStop));
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_class_images", text));
+    let lines = dreambooth::tui::dashboard::list::run_lines(&root.path().join("runs"), T0 + 11.0).unwrap();
+    assert_eq!(lines[0].status, "class images 3/10");
+    // The first step ends the preparation.
+    let record = StepRecord { step: 1, epoch: 0, loss: 0.5, lr: 1e-6, it_s: 2.0, vram_bytes: 0, time: T0 + 30.0 };
+    writeln!(file, "{{\"event\":\"start\",\"step\":0,\"total_steps\":50,\"resumed_from\":null,\"time\":{}}}", T0 + 29.0).unwrap();
+    writeln!(file, "{}", serde_json::to_string(&record).unwrap()).unwrap();
+    state.refresh(T0 + 31.0);
+    assert!(state.preparing.is_none());
+    assert!(screen(&mut state, 80, 24).contains("step 1/50"));
+}

@@ -49,6 +49,11 @@ pub fn take(run_dir: &Path) -> Vec<Request> {
         .collect()
 }
 
+/// Takes `request` alone, leaving any other pending request for later.
+pub fn take_one(run_dir: &Path, request: Request) -> bool {
+    std::fs::remove_file(run_dir.join("control").join(request.name())).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

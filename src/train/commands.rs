@@ -20,9 +20,13 @@ fn detached_child() -> bool {
 }
 
 /// In the background copy: from now on stdout and stderr go to the run's train.log
-/// (which also tells the waiting parent that start-up succeeded).
+/// (which also tells the waiting parent that start-up succeeded). Only the first call acts.
 fn redirect_output_to_log(run_dir: &Path) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(());
+    }
     let path = run_dir.join("train.log");
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
@@ -90,11 +94,27 @@ pub fn train_command(config_path: &Path, detach_flag: bool, plain: bool) -> anyh
         return detach(&["train".as_ref(), config_path.as_os_str(), "--plain".as_ref()], Some(&run_dir));
     }
     let quiet = detached_child();
-    let mut trainer = Trainer::start(config, TrainOptions { plain, quiet })?;
+    let Some(mut trainer) = stopped_is_fine(Trainer::start(config, options(plain, quiet)))? else {
+        return Ok(());
+    };
     if quiet {
         redirect_output_to_log(&trainer.run_dir)?;
     }
     finish(&mut trainer)
+}
+
+fn options(plain: bool, quiet: bool) -> TrainOptions {
+    // A detached run's parent waits for the model to load, not for the class images.
+    let before_class_images = quiet.then_some(redirect_output_to_log as fn(&Path) -> anyhow::Result<()>);
+    TrainOptions { plain, quiet, before_class_images }
+}
+
+/// A stop while class images were made is a clean end (the event and log say so).
+fn stopped_is_fine(started: anyhow::Result<Trainer>) -> anyhow::Result<Option<Trainer>> {
+    match started {
+        Err(e) if e.is::<super::trainer::StoppedBeforeTraining>() => Ok(None),
+        other => other.map(Some),
+    }
 }
 
 pub fn resume_command(run_dir: &Path, detach_flag: bool, plain: bool, steps_per_image: Option<u32>) -> anyhow::Result<()> {
@@ -107,7 +127,9 @@ pub fn resume_command(run_dir: &Path, detach_flag: bool, plain: bool, steps_per_
         return detach(&args, Some(run_dir));
     }
     let quiet = detached_child();
-    let mut trainer = Trainer::resume_with(run_dir, TrainOptions { plain, quiet }, steps_per_image)?;
+    let Some(mut trainer) = stopped_is_fine(Trainer::resume_with(run_dir, options(plain, quiet), steps_per_image))? else {
+        return Ok(());
+    };
     if quiet {
         redirect_output_to_log(&trainer.run_dir)?;
     }
@@ -129,7 +151,7 @@ pub fn stop_command(run_dir: &Path) -> anyhow::Result<()> {
     }
     match ckpt::list_checkpoints(run_dir).last() {
         Some((step, dir)) => println!("stopped at step {step}: {}", dir.display()),
-        None => println!("stopped"),
+        None => println!("stopped before the first checkpoint; `dreambooth resume {}` trains it from step 0", run_dir.display()),
     }
     Ok(())
 }

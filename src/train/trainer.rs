@@ -75,6 +75,31 @@ pub struct TrainOptions {
     pub plain: bool,
     /// Log lines go only to train.log (detached runs, tests).
     pub quiet: bool,
+    /// Called (with the run directory) once the model has loaded, before class
+    /// images are made: a detached run lets its waiting parent return then, so
+    /// the wizard's dashboard follows the class images instead of a blank wait.
+    pub before_class_images: Option<fn(&Path) -> anyhow::Result<()>>,
+}
+
+/// A stop (request or signal) that came before training began, while class
+/// images were being made: nothing to checkpoint, and `resume` goes on from
+/// the images already made. Callers treat it as a clean stop.
+#[derive(Debug)]
+pub struct StoppedBeforeTraining;
+
+impl std::fmt::Display for StoppedBeforeTraining {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped before training began")
+    }
+}
+
+impl std::error::Error for StoppedBeforeTraining {}
+
+/// What the preparation before the first step reports to and listens to.
+pub(crate) struct Preparation<'a> {
+    pub events: &'a mut EventLog,
+    pub stop_flag: &'a AtomicBool,
+    pub before_class_images: Option<fn(&Path) -> anyhow::Result<()>>,
 }
 
 /// How a run ended.
@@ -243,7 +268,11 @@ impl Trainer {
         }
         check_supported(&config)?;
         let lock = RunLock::acquire(run_dir)?;
-        let (step, dir) = ckpt::find_checkpoint(run_dir, None)?;
+        // A run that ended before its first checkpoint (killed while it made its
+        // class images, or in its first steps) starts over from step 0: exactly the
+        // run it would have been, with the class images it had made kept.
+        let newest = ckpt::list_checkpoints(run_dir).last().cloned();
+        let step = newest.as_ref().map_or(0, |(s, _)| *s);
         let instances = dataset::load_instances(&config, &early_buckets(&config))?;
         let wanted = config.training.steps_per_image;
         let accumulation = config.training.gradient_accumulation_steps;
@@ -260,9 +289,16 @@ impl Trainer {
             }
         }
         let device = crate::device::parse_device(&config.device, true)?;
-        let mut t = Trainer::build(config, run_dir.to_path_buf(), lock, device, instances, options, Some((step, dir.clone())))?;
+        let mut t = Trainer::build(config, run_dir.to_path_buf(), lock, device, instances, options, newest.clone())?;
         let planned_total = total_steps(planned, t.batches_per_epoch, accumulation);
         let expected_total = if t.imagic_plan.is_some() { t.total_steps } else { planned_total };
+        let Some((_, dir)) = newest else {
+            t.log.line(&format!("{} has no checkpoint yet: training it from step 0", run_dir.display()));
+            if wanted != planned {
+                t.rewrite_config(&config_path, planned, wanted, planned_total)?;
+            }
+            return Ok(t);
+        };
         if let Err(e) = t.load_checkpoint(&dir, expected_total) {
             // A damaged newest checkpoint (disk fault, a copy cut short): say
             // which earlier one is left rather than silently going back to it.
@@ -277,14 +313,20 @@ impl Trainer {
         }
         t.log.line(&format!("resumed from {} (step {step})", dir.display()));
         if wanted != planned {
-            let yaml = serde_yaml::to_string(&t.config)?;
-            crate::checkpoint::write::write_atomically(&config_path, |out| Ok(std::io::Write::write_all(out, yaml.as_bytes())?))?;
-            t.log.line(&format!(
-                "steps per image {planned} → {wanted}: {planned_total} → {} steps (written to config.yaml); the LR schedule now spans them",
-                t.total_steps
-            ));
+            t.rewrite_config(&config_path, planned, wanted, planned_total)?;
         }
         Ok(t)
+    }
+
+    /// `resume --steps-per-image`: the run's config.yaml records the new count.
+    fn rewrite_config(&mut self, config_path: &Path, planned: u32, wanted: u32, planned_total: u64) -> anyhow::Result<()> {
+        let yaml = serde_yaml::to_string(&self.config)?;
+        crate::checkpoint::write::write_atomically(config_path, |out| Ok(std::io::Write::write_all(out, yaml.as_bytes())?))?;
+        self.log.line(&format!(
+            "steps per image {planned} → {wanted}: {planned_total} → {} steps (written to config.yaml); the LR schedule now spans them",
+            self.total_steps
+        ));
+        Ok(())
     }
 
     fn build(
@@ -304,11 +346,35 @@ impl Trainer {
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let mut log = RunLog { file, echo: !options.quiet };
         let mut events = EventLog::open(&run_dir)?;
+        // Signals are caught from here on: a stop while class images are made ends cleanly.
+        let stop_flag = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+            signal_hook::flag::register(sig, stop_flag.clone()).context("cannot install the signal handlers")?;
+        }
+        let resumed_from = resume.as_ref().map(|(s, _)| *s);
+        events.write(&Event::named(
+            "loading",
+            serde_json::json!({ "source": config.source_checkpoint.display().to_string(), "resumed_from": resumed_from }),
+        ))?;
         let result = crate::error::catch_panics(&format!("loading the model for {}", run_dir.display()), || {
-            Trainer::build_inner(config, &run_dir, device, instances, &mut log)
-        });
+            let mut preparation =
+                Preparation { events: &mut events, stop_flag: &stop_flag, before_class_images: options.before_class_images };
+            Trainer::build_inner(config, &run_dir, device, instances, &mut log, &mut preparation)
+        })
+        // A signal while the model loaded: stop before the first step, with nothing to save.
+        .and_then(|parts| if stop_flag.load(Ordering::Relaxed) { Err(StoppedBeforeTraining.into()) } else { Ok(parts) });
         let parts = match result {
             Ok(p) => p,
+            Err(e) if e.is::<StoppedBeforeTraining>() => {
+                let step = resumed_from.unwrap_or(0);
+                let message = format!(
+                    "stopped before training began; `dreambooth resume {}` goes on (with the class images made so far)",
+                    run_dir.display()
+                );
+                let _ = events.write(&Event::named("stopped", serde_json::json!({ "step": step, "message": message })));
+                log.line(&message);
+                return Err(e);
+            }
             Err(e) => {
                 let msg = crate::error::one_line(&e);
                 let _ = events.write(&Event::named("error", serde_json::json!({ "message": msg })));
@@ -340,10 +406,6 @@ impl Trainer {
         let scaler = (t.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
         let schedule = NoiseSchedule::new(&sd.scheduler_config)?.to_device(device);
         let prediction = PredictionType::from_config(&sd.scheduler_config)?;
-        let stop_flag = Arc::new(AtomicBool::new(false));
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
-            signal_hook::flag::register(sig, stop_flag.clone()).context("cannot install the signal handlers")?;
-        }
         let seed = config.seed;
         let text_encoder_steps = modules::text_encoder_steps(t, total);
         let mut trainer = Trainer {
@@ -377,7 +439,7 @@ impl Trainer {
             last_lr: 0.0,
             last_checkpoint_step: None,
             last_sample_step: None,
-            resumed_from: resume.as_ref().map(|(s, _)| *s),
+            resumed_from,
             progress: None,
             imagic_plan,
             imagic: None,
@@ -402,6 +464,7 @@ impl Trainer {
         device: Device,
         instances: Vec<dataset::Example>,
         log: &mut RunLog,
+        preparation: &mut Preparation,
     ) -> anyhow::Result<(RunConfig, Precision, StableDiffusion, ModelParameters, Dataset, Optimizer, Option<LoraNetwork>, Option<Ema>)> {
         let t = &config.training;
         super::precision::flush_denormals();
@@ -427,7 +490,7 @@ impl Trainer {
         // The images were framed before the model was read, with the multiple its
         // configs give (64 for a single file); frame them again if the model needs another.
         let instances = if buckets == early_buckets(&config) { instances } else { dataset::load_instances(&config, &buckets)? };
-        let classes = prepare_class_images(&config, run_dir, &sd, &instances, &buckets, log)?;
+        let classes = prepare_class_images(&config, run_dir, &sd, &instances, &buckets, log, preparation)?;
         let mut data = Dataset {
             instances,
             classes,

@@ -124,7 +124,7 @@ pub fn load(path: &Path) -> RunConfig {
 }
 
 pub fn quiet() -> dreambooth::train::trainer::TrainOptions {
-    dreambooth::train::trainer::TrainOptions { plain: false, quiet: true }
+    dreambooth::train::trainer::TrainOptions { plain: false, quiet: true, ..Default::default() }
 }
 
 /// Names of the named events of a run, in order.

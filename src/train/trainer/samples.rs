@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tch::{Device, Tensor};
 
-use super::{move_parameters, RunLog, Trainer};
+use std::sync::atomic::Ordering;
+
+use super::{move_parameters, Preparation, RunLog, StoppedBeforeTraining, Trainer};
+use crate::run::control::{self, Request};
 use crate::config::schema::{Concept, RunConfig};
 use crate::data::buckets::Buckets;
 use crate::data::dataset;
@@ -127,6 +130,7 @@ pub(super) fn prepare_class_images(
     instances: &[dataset::Example],
     buckets: &Buckets,
     log: &mut RunLog,
+    preparation: &mut Preparation,
 ) -> anyhow::Result<Vec<Vec<dataset::Example>>> {
     let mut all = Vec::new();
     for (i, c) in config.concepts.iter().enumerate() {
@@ -142,10 +146,26 @@ pub(super) fn prepare_class_images(
         if have < want {
             let prompts = generation_prompts(c, i)?;
             let frames: Vec<(u32, u32)> = instances.iter().filter(|e| e.concept == i).map(dataset::Example::frame).collect();
+            if let Some(release) = preparation.before_class_images.take() {
+                release(run_dir)?;
+            }
             log.line(&format!("generating {} class images for {:?} into {}", want - have, c.class_prompt, dir.display()));
+            let progress = |done: usize, path: Option<&Path>| {
+                Event::named(
+                    "class_images",
+                    serde_json::json!({ "concept": i, "done": done, "total": want, "prompt": c.class_prompt,
+                                        "path": path.map(|p| p.display().to_string()) }),
+                )
+            };
+            preparation.events.write(&progress(have, None))?;
             let bar = crate::pipeline::progress_bar((want - have) as u64);
             let s = &config.sampling;
             for n in have..want {
+                // Between images: each one is written whole, so a stop loses none of them.
+                if preparation.stop_flag.load(Ordering::Relaxed) || control::take_one(run_dir, Request::Stop) {
+                    bar.abandon();
+                    return Err(StoppedBeforeTraining.into());
+                }
                 let prompt = prompts[n % prompts.len()].clone();
                 let (width, height) = if frames.is_empty() { buckets.frame_for(1, 1) } else { frames[n % frames.len()] };
                 let req = SampleRequest {
@@ -168,6 +188,7 @@ pub(super) fn prepare_class_images(
                 }
                 save_png(&image, &path)?;
                 bar.inc(1);
+                preparation.events.write(&progress(n + 1, Some(&path)))?;
                 log.line(&format!("class image {}/{want}: {} ({prompt:?})", n + 1, path.display()));
             }
             bar.finish_and_clear();

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::state::{DashboardState, RunStatus};
+use super::state::{DashboardState, Preparing, RunStatus};
 use crate::error::usage;
 
 /// A run's line: name, status, steps, last loss, newest checkpoint.
@@ -18,9 +18,13 @@ pub struct RunLine {
     pub checkpoint: String,
 }
 
-fn status_word(status: &RunStatus) -> String {
-    match status {
-        RunStatus::Live => "training".into(),
+fn status_word(state: &DashboardState) -> String {
+    match &state.status {
+        RunStatus::Live => match &state.preparing {
+            Some(Preparing::Loading) => "loading".into(),
+            Some(Preparing::ClassImages { done, total, .. }) => format!("class images {done}/{total}"),
+            None => "training".into(),
+        },
         RunStatus::Paused => "paused".into(),
         RunStatus::Finished => "finished".into(),
         RunStatus::Failed(_) => "failed".into(),
@@ -48,7 +52,7 @@ pub fn run_lines(dir: &Path, now: f64) -> anyhow::Result<Vec<RunLine>> {
             let checkpoint = crate::train::checkpoint::list_checkpoints(&run)
                 .last()
                 .map_or_else(|| "-".into(), |(step, _)| format!("step {step}"));
-            RunLine { name: state.name.clone(), status: status_word(&state.status), steps, loss, checkpoint, dir: run }
+            RunLine { name: state.name.clone(), status: status_word(&state), steps, loss, checkpoint, dir: run }
         })
         .collect())
 }

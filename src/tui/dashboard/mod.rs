@@ -48,13 +48,15 @@ pub fn action_for_key(state: &DashboardState, key: KeyEvent) -> Option<Action> {
         return Some(if key.code == KeyCode::Char('y') { Action::ConfirmStop } else { Action::CancelStop });
     }
     let live = state.is_live();
+    // Pause, save and sample act on training steps; before the first one they would only queue.
+    let training = live && state.preparing.is_none();
     match key.code {
         KeyCode::Char('d') | KeyCode::Esc => Some(Action::Detach),
         KeyCode::Char('q') | KeyCode::Char('x') if live => Some(Action::AskStop),
         KeyCode::Char('q') | KeyCode::Char('x') => Some(Action::Detach),
-        KeyCode::Char('p') | KeyCode::Char(' ') if live => Some(Action::TogglePause),
-        KeyCode::Char('s') if live => Some(Action::SaveNow),
-        KeyCode::Char('n') if live => Some(Action::SampleNow),
+        KeyCode::Char('p') | KeyCode::Char(' ') if training => Some(Action::TogglePause),
+        KeyCode::Char('s') if training => Some(Action::SaveNow),
+        KeyCode::Char('n') if training => Some(Action::SampleNow),
         _ => None,
     }
 }

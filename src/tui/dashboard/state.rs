@@ -63,6 +63,16 @@ pub struct Summary {
     pub log_file: PathBuf,
 }
 
+/// What a live trainer does before its first step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Preparing {
+    /// Reading the model (`loading` event).
+    Loading,
+    /// Making concept `concept`'s class images (`class_images` events): `done` of
+    /// `total`; `rate` in seconds an image once two have been timed.
+    ClassImages { concept: u64, done: u64, total: u64, seconds_per_image: Option<f64> },
+}
+
 pub struct DashboardState {
     pub run_dir: PathBuf,
     pub name: String,
@@ -92,6 +102,8 @@ pub struct DashboardState {
     pub summary: Option<Summary>,
     /// The card's memory, when the trainer logged it (an event field `vram_total_bytes`).
     pub vram_total: Option<u64>,
+    /// Set from the trainer's last `loading` / `class_images` event until its `start`.
+    pub preparing: Option<Preparing>,
 }
 
 impl DashboardState {
@@ -115,6 +127,7 @@ impl DashboardState {
             notice: None,
             summary: None,
             vram_total: None,
+            preparing: None,
         };
         state.load_config();
         state.refresh(now);
@@ -158,7 +171,8 @@ impl DashboardState {
         // A run that is over, or that ended without saying so (killed), shows where its outputs are.
         self.summary = match self.status {
             RunStatus::Finished | RunStatus::Failed(_) | RunStatus::Stopped => Some(self.summarize()),
-            RunStatus::NotRunning if !self.steps.is_empty() => Some(self.summarize()),
+            // Events mean a trainer held the lock: it was killed (before its first step, maybe).
+            RunStatus::NotRunning if !self.steps.is_empty() || !self.log.is_empty() => Some(self.summarize()),
             _ => None,
         };
         self.refresh_previews();
@@ -169,10 +183,14 @@ impl DashboardState {
         self.log.clear();
         self.started = None;
         self.total_steps = self.config_total_steps;
+        self.preparing = None;
         let mut status = RunStatus::NotRunning;
+        // The first `class_images` event of the concept being made: (time, done).
+        let mut class_images_from: Option<(f64, u64)> = None;
         for event in events {
             match event {
                 Event::Step(s) => {
+                    self.preparing = None;
                     self.started.get_or_insert(s.time);
                     self.steps.push(s.clone());
                 }
@@ -185,10 +203,39 @@ impl DashboardState {
                         self.vram_total = Some(total);
                     }
                     let text = describe(name, fields);
+                    if name != "class_images" && name != "warning" {
+                        self.preparing = None;
+                    }
                     match name.as_str() {
+                        // A (re)started trainer: whether it still runs is the lock's to say.
+                        "loading" => {
+                            status = RunStatus::NotRunning;
+                            self.preparing = Some(Preparing::Loading);
+                        }
+                        "class_images" => {
+                            let count = |key: &str| fields.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
+                            let (concept, done, total) = (count("concept"), count("done"), count("total"));
+                            let same = matches!(self.preparing, Some(Preparing::ClassImages { concept: c, .. }) if c == concept);
+                            if !same {
+                                class_images_from = time.map(|t| (t, done));
+                            }
+                            let seconds_per_image = match (class_images_from, time) {
+                                (Some((t0, d0)), Some(t1)) if done > d0 => Some((t1 - t0) / (done - d0) as f64),
+                                _ => None,
+                            };
+                            self.preparing = Some(Preparing::ClassImages { concept, done, total, seconds_per_image });
+                            // One line a concept, kept current, instead of one per image.
+                            if same && self.log.last().is_some_and(|l| l.kind == "class_images") {
+                                self.log.pop();
+                            }
+                        }
                         // Each (re)start of the trainer states its plan; whether it still runs is the lock's to say.
                         "start" => {
                             status = RunStatus::NotRunning;
+                            // A restart goes back to its checkpoint (or to step 0): the steps
+                            // logged after that point were lost with the process and are redone.
+                            let from = fields.get("resumed_from").and_then(|v| v.as_u64()).unwrap_or(0);
+                            self.steps.retain(|s| s.step <= from);
                             if let Some(total) = fields.get("total_steps").and_then(|v| v.as_u64()) {
                                 self.total_steps = Some(total);
                             }
@@ -324,6 +371,19 @@ fn describe(name: &str, fields: &serde_json::Map<String, serde_json::Value>) -> 
         parts.extend(text("device"));
         parts.extend(text("precision"));
         return parts.join(" · ");
+    }
+    if name == "class_images" {
+        let mut line = format!(
+            "class images {}/{} · concept {}",
+            number("done").unwrap_or(0),
+            number("total").unwrap_or(0),
+            number("concept").unwrap_or(0) + 1
+        );
+        line.extend(text("prompt").map(|p| format!(" · {p:?}")));
+        return line;
+    }
+    if name == "loading" {
+        return format!("loading the model{}", text("source").map(|s| format!(" · {s}")).unwrap_or_default());
     }
     let step = number("step").map(|s| format!("step {s}"));
     let detail = text("message").or_else(|| text("path")).or_else(|| {

@@ -8,7 +8,7 @@ use ratatui::widgets::{Axis, Block, Chart, Clear, Dataset, Gauge, GraphType, Par
 use ratatui::Frame;
 use ratatui_image::Image;
 
-use super::state::{DashboardState, RunStatus, RECENT_WINDOW};
+use super::state::{DashboardState, Preparing, RunStatus, RECENT_WINDOW};
 use crate::tui::widgets::{centered, format_duration, key_hints};
 
 /// Points drawn for the whole-run chart (bucket means beyond that).
@@ -77,7 +77,11 @@ pub fn draw(frame: &mut Frame, state: &DashboardState) {
         let popup = centered(frame.area(), 54, 5);
         frame.render_widget(Clear, popup);
         let text = vec![
-            Line::from("Stop training? A checkpoint is saved first."),
+            Line::from(if state.preparing.is_some() {
+                "Stop? The class images made so far are kept."
+            } else {
+                "Stop training? A checkpoint is saved first."
+            }),
             Line::from(vec![
                 Span::styled("y", Style::new().add_modifier(Modifier::BOLD).fg(Color::Cyan)),
                 Span::raw(" stop    any other key: keep training"),
@@ -101,7 +105,43 @@ fn status_span(status: &RunStatus) -> Span<'static> {
     }
 }
 
+/// The header's ratio and text while a live trainer prepares (before its first step).
+fn preparing_label(state: &DashboardState) -> Option<(f64, String)> {
+    if !state.is_live() {
+        return None;
+    }
+    let elapsed = format_duration(state.elapsed());
+    Some(match state.preparing.as_ref()? {
+        Preparing::Loading => (0.0, format!("loading the model · elapsed {elapsed}")),
+        Preparing::ClassImages { concept, done, total, seconds_per_image } => {
+            let eta = seconds_per_image.map(|s| s * total.saturating_sub(*done) as f64);
+            (
+                if *total > 0 { (*done as f64 / *total as f64).clamp(0.0, 1.0) } else { 0.0 },
+                format!(
+                    "class images {done}/{total} · concept {} · elapsed {elapsed} · ETA {}",
+                    concept + 1,
+                    format_duration(eta)
+                ),
+            )
+        }
+    })
+}
+
 fn draw_header(frame: &mut Frame, area: Rect, state: &DashboardState) {
+    if let Some((ratio, label)) = preparing_label(state) {
+        let title = Line::from(vec![
+            Span::raw(format!(" {} ", state.name)),
+            Span::styled("preparing", Style::new().fg(Color::Cyan)),
+            Span::raw(" "),
+        ]);
+        let gauge = Gauge::default()
+            .block(Block::bordered().title(title))
+            .gauge_style(Style::new().fg(Color::Cyan).bg(Color::Black))
+            .ratio(ratio)
+            .label(label);
+        frame.render_widget(gauge, area);
+        return;
+    }
     let last = state.last_step();
     let step = last.map(|s| s.step).unwrap_or(0);
     let total = state.total_steps.map(|t| t.to_string()).unwrap_or_else(|| "?".into());
@@ -289,7 +329,10 @@ fn draw_log(frame: &mut Frame, area: Rect, state: &DashboardState) {
 
 fn draw_footer(frame: &mut Frame, area: Rect, state: &DashboardState) {
     let pause = if state.status == RunStatus::Paused { "resume" } else { "pause" };
-    let mut line = if state.is_live() {
+    let mut line = if state.is_live() && state.preparing.is_some() {
+        // Before the first step there is nothing to pause, save or sample yet.
+        key_hints(&[("d", "detach"), ("q", "stop")])
+    } else if state.is_live() {
         key_hints(&[("p", pause), ("s", "save now"), ("n", "sample now"), ("d", "detach"), ("q", "stop")])
     } else {
         let mut line = key_hints(&[("d/q", "quit")]);
