@@ -213,7 +213,10 @@ fn draw_loss(frame: &mut Frame, area: Rect, state: &DashboardState, recent: bool
 }
 
 fn draw_stats(frame: &mut Frame, area: Rect, state: &DashboardState) {
-    let block = Block::bordered().title(" learning rate · VRAM ");
+    // A CPU trainer logs its resident memory where a GPU one logs VRAM.
+    let cpu = state.device.as_deref().is_some_and(|d| d.to_ascii_lowercase().starts_with("cpu"));
+    let memory = if cpu { "RAM" } else { "VRAM" };
+    let block = Block::bordered().title(format!(" learning rate · {memory} "));
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let [lr_row, vram_label, vram_gauge] =
@@ -224,21 +227,22 @@ fn draw_stats(frame: &mut Frame, area: Rect, state: &DashboardState) {
     frame.render_widget(Paragraph::new(format!("{lr}{loss}")), lr_row);
     let used = last.map(|s| s.vram_bytes).unwrap_or(0);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let card = state.vram_total.map(|t| format!(" of {:.1}", gib(t))).unwrap_or_default();
+    let card_total = state.vram_total.filter(|_| !cpu);
+    let card = card_total.map(|t| format!(" of {:.1}", gib(t))).unwrap_or_default();
     let Some(peak) = state.vram_peak() else {
         // No step reported GPU memory: a CPU run, or no step yet.
         let text = match &state.device {
-            Some(d) if d.to_ascii_lowercase().starts_with("cpu") => "VRAM not used (CPU run)".to_string(),
+            Some(_) if cpu => "VRAM not used (CPU run)".to_string(),
             _ => format!("VRAM no reading yet{}", state.vram_total.map(|t| format!(" · card {:.1} GiB", gib(t))).unwrap_or_default()),
         };
         frame.render_widget(Paragraph::new(text), vram_label);
         return;
     };
     frame.render_widget(
-        Paragraph::new(format!("VRAM {:.1} · peak {:.1}{card} GiB", gib(used), gib(peak))),
+        Paragraph::new(format!("{memory} {:.1} · peak {:.1}{card} GiB", gib(used), gib(peak))),
         vram_label,
     );
-    let scale = state.vram_total.unwrap_or(peak).max(1);
+    let scale = card_total.unwrap_or(peak).max(1);
     let gauge = Gauge::default()
         .gauge_style(Style::new().fg(Color::Magenta).bg(Color::Black))
         .ratio((used as f64 / scale as f64).clamp(0.0, 1.0))
