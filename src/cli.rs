@@ -104,9 +104,10 @@ pub struct GenerateArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub lora_weight: Vec<f64>,
     /// Condition on the text encoder's n-th last layer, as training's `clip_skip`
-    /// (1: the last layer; 2 for most anime models).
-    #[arg(long, default_value_t = 1)]
-    pub clip_skip: i64,
+    /// (1: the last layer; 2 for most anime models). Default: a run directory's
+    /// own `training.clip_skip` (what its previews used), else 1.
+    #[arg(long)]
+    pub clip_skip: Option<i64>,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]

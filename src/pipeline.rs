@@ -333,10 +333,16 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     } else {
         StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?
     };
-    if args.clip_skip < 1 || args.clip_skip > sd.text_config.num_hidden_layers {
+    // A run samples as its previews did: with the layer it trained against.
+    let clip_skip = match args.clip_skip {
+        Some(n) => n,
+        None if run_dir => crate::config::load_run_config(&args.model.join("config.yaml"))?.training.clip_skip,
+        None => 1,
+    };
+    if clip_skip < 1 || clip_skip > sd.text_config.num_hidden_layers {
         return Err(usage(format!(
-            "--clip-skip {} must be between 1 (the last layer) and the text encoder's {} layers",
-            args.clip_skip, sd.text_config.num_hidden_layers
+            "--clip-skip {clip_skip} must be between 1 (the last layer) and the text encoder's {} layers",
+            sd.text_config.num_hidden_layers
         )));
     }
     for (i, lora) in args.lora.iter().enumerate() {
@@ -359,7 +365,7 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         guidance: args.guidance,
         width,
         height,
-        clip_skip: args.clip_skip,
+        clip_skip,
     };
     let bar = progress_bar(args.steps as u64);
     let image = sd.text_to_image(&req, |i, _| bar.set_position(i as u64))?;

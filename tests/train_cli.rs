@@ -505,3 +505,29 @@ fn a_run_killed_or_stopped_while_making_class_images_resumes_from_step_0() {
     let log = std::fs::read_to_string(run.join("train.log")).unwrap();
     assert!(log.contains("stopped before training began"), "{log}");
 }
+
+/// `generate` from a run directory samples with the run's own `clip_skip` (as its
+/// previews did) unless `--clip-skip` says otherwise.
+#[test]
+fn generate_from_a_run_uses_its_clip_skip() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 1);
+    let cfg = write_config(r, "skip", &data, "  steps_per_image: 1\n  clip_skip: 2\n");
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    let run = r.join("runs/skip");
+    let image = |name: &str, extra: &[&str]| {
+        let png = r.join(name);
+        let mut args = vec!["generate", "--model", run.to_str().unwrap(), "--prompt", "a photo of sks thing", "--seed", "5",
+            "--steps", "3", "--width", "32", "--height", "32", "--device", "cpu", "--out", png.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (code, _, err) = cli(&args);
+        assert_eq!(code, 0, "{err}");
+        rgb_pixels(&png)
+    };
+    let default = image("default.png", &[]);
+    assert_eq!(default, image("two.png", &["--clip-skip", "2"]));
+    assert_ne!(default, image("one.png", &["--clip-skip", "1"]), "clip skip 2 and 1 gave the same image");
+}
