@@ -129,6 +129,7 @@ fn the_checkpoint_size_estimate_is_what_the_files_take() {
     for (name, training) in [
         ("full", "  steps_per_image: 2\n  use_ema: true\n  optimizer: adamw_8bit\n  text_encoder_train_ratio: 0.5\n"),
         ("lora", "  steps_per_image: 2\n  use_lora: true\n  text_encoder_train_ratio: 1\n"),
+        ("locon", "  steps_per_image: 2\n  use_lora: true\n  lora_layers: all\n  text_encoder_train_ratio: 1\n"),
     ] {
         let mut t = trainer(root.path(), name, 1, training);
         t.train_step().unwrap();
@@ -144,6 +145,45 @@ fn the_checkpoint_size_estimate_is_what_the_files_take() {
         let estimate = dreambooth::vram::estimate(&shapes, &dreambooth::vram::Plan::from_config(&t.config));
         assert_eq!(estimate.checkpoint_bytes, planned, "{name}: the estimator's checkpoint size");
     }
+}
+
+/// `lora_layers` chooses the adapted layers: the attention projections; every
+/// Linear of the transformer blocks (feed-forward, proj_in/out; CLIP's MLP); and
+/// those with the resnet and resampler convolutions (LoCon adapters: a k×k `down`,
+/// a 1×1 `up`). Every adapter trains, and the file loads back as the same adapters.
+#[test]
+fn lora_layers_choose_the_adapted_layers_and_all_of_them_train() {
+    let root = tempfile::tempdir().unwrap();
+    let mut counts = Vec::new();
+    for layers in ["attention", "transformer", "all"] {
+        let training = format!("  use_lora: true\n  lora_layers: {layers}\n  text_encoder_train_ratio: 1\n  learning_rate: 1.0e-3\n");
+        let mut t = trainer(root.path(), layers, 1, &training);
+        let names: Vec<String> = t.lora.as_ref().unwrap().modules.iter().map(|m| m.name.clone()).collect();
+        let has = |part: &str| names.iter().any(|n| n.contains(part));
+        assert!(has("_attn1_to_q") && has("_self_attn_q_proj"), "{layers}: attention");
+        let wide = layers != "attention";
+        assert_eq!(has("_ff_net_0_proj") && has("_ff_net_2") && has("_proj_in") && has("_mlp_fc1"), wide, "{layers}: {names:?}");
+        let convs = layers == "all";
+        assert_eq!(has("_resnets_0_conv1") && has("_time_emb_proj") && has("_downsamplers_0_conv"), convs, "{layers}");
+        if convs {
+            let m = t.lora.as_ref().unwrap().modules.iter().find(|m| m.name.ends_with("down_blocks_0_resnets_0_conv1")).unwrap();
+            assert_eq!((m.down.size().len(), m.down.size()[2], m.up.size()[2..].to_vec()), (4, 3, vec![1, 1]), "a LoCon adapter");
+        }
+        let before: Vec<Tensor> = t.lora.as_ref().unwrap().modules.iter().map(|m| m.up.copy()).collect();
+        t.train_step().unwrap();
+        let modules = &t.lora.as_ref().unwrap().modules;
+        let still: Vec<&str> = modules.iter().zip(&before).filter(|(m, b)| m.up.equal(b)).map(|(m, _)| m.name.as_str()).collect();
+        assert!(still.is_empty(), "{layers}: adapters that did not train: {still:?}");
+        let trained = modules.len();
+        let dir = t.checkpoint().unwrap();
+        let file = dir.join("lora.safetensors");
+        let mut fresh = dreambooth::pipeline::StableDiffusion::load(&t.config.source_checkpoint, None, tch::Device::Cpu, Default::default()).unwrap();
+        let loaded =
+            dreambooth::model::lora::attach_lora_file(&mut fresh.unet, &mut fresh.text_encoder, &file, tch::Kind::Float).unwrap();
+        assert_eq!(loaded.modules.len(), trained, "{layers}: the file's adapters");
+        counts.push(trained);
+    }
+    assert!(counts[0] < counts[1] && counts[1] < counts[2], "{counts:?}");
 }
 
 #[test]

@@ -98,6 +98,21 @@ pub enum MixedPrecision {
     Bf16,
 }
 
+/// Which layers a LoRA run puts adapters on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraLayers {
+    /// The attention projections (UNet to_q/to_k/to_v/to_out.0, CLIP q/k/v/out_proj):
+    /// diffusers' DreamBooth LoRA.
+    Attention,
+    /// Every Linear of the transformer blocks: attention, feed-forward and
+    /// proj_in/proj_out (CLIP: attention and MLP), as kohya's plain LoRA.
+    Transformer,
+    /// Those and the resnet and resampler convolutions (kohya's LoCon, the
+    /// extension's "Use Lora Extended").
+    All,
+}
+
 pub use crate::model::attention::AttentionBackend;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +145,7 @@ pub struct Training {
     /// `lora_txt_rank`); unset: `lora_rank` / `lora_alpha`.
     pub lora_text_encoder_rank: Option<u32>,
     pub lora_text_encoder_alpha: Option<f64>,
+    pub lora_layers: LoraLayers,
     pub train_imagic_only: bool,
     pub use_ema: bool,
     pub ema_decay: f64,
@@ -189,6 +205,7 @@ impl Default for Training {
             lora_alpha: 4.0,
             lora_text_encoder_rank: None,
             lora_text_encoder_alpha: None,
+            lora_layers: LoraLayers::Attention,
             train_imagic_only: false,
             use_ema: false,
             ema_decay: 0.9999,

@@ -123,6 +123,18 @@ pub struct LoraTargets {
 impl LoraTargets {
     pub const ATTENTION: LoraTargets = LoraTargets { attention: true, feed_forward: false, proj_in_out: false, convs: false };
 
+    /// The targets of the config's `training.lora_layers`.
+    pub fn of(layers: crate::config::schema::LoraLayers) -> LoraTargets {
+        use crate::config::schema::LoraLayers;
+        let wide = layers != LoraLayers::Attention;
+        LoraTargets { attention: true, feed_forward: wide, proj_in_out: wide, convs: layers == LoraLayers::All }
+    }
+
+    /// Whether the layer at diffusers / transformers module path `path` gets an adapter.
+    pub fn wants_path(&self, path: &str) -> bool {
+        self.wants(role_of(path))
+    }
+
     fn wants(&self, kind: LayerRole) -> bool {
         match kind {
             LayerRole::Attention => self.attention,
@@ -216,6 +228,11 @@ impl LoraNetwork {
         if let Some(m) = self.modules.first() {
             meta.insert("ss_network_dim".to_string(), m.down.size()[0].to_string());
             meta.insert("ss_network_alpha".to_string(), m.alpha.to_string());
+        }
+        // kohya marks LoCon files (adapters on k×k convolutions) by their conv rank and alpha.
+        if let Some(m) = self.modules.iter().find(|m| m.down.dim() == 4 && m.down.size()[2] > 1) {
+            let args = serde_json::json!({ "conv_dim": m.down.size()[0].to_string(), "conv_alpha": m.alpha.to_string() });
+            meta.insert("ss_network_args".to_string(), args.to_string());
         }
         meta.extend(extra_metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
         write_safetensors(path, &self.state_dict(), Some(&meta))

@@ -76,7 +76,7 @@ pub fn choose_trainable_parameters(
         let spec = LoraSpec {
             rank: i64::from(training.lora_rank),
             alpha: training.lora_alpha,
-            targets: LoraTargets::ATTENTION,
+            targets: LoraTargets::of(training.lora_layers),
             kind: Kind::Float,
         };
         let mut rng = CpuRng::new(seed);

@@ -670,6 +670,9 @@ impl Trainer {
         if (t.lr_power != defaults.lr_power || t.lr_end != defaults.lr_end) && t.lr_scheduler != LrScheduler::Polynomial {
             self.warn("`lr_power` and `lr_end` apply to `lr_scheduler: polynomial` only");
         }
+        if t.lora_layers != defaults.lora_layers && !t.use_lora {
+            self.warn("`lora_layers` applies to LoRA runs only (`use_lora: true`)");
+        }
         if t.text_encoder_learning_rate.is_some() && self.text_encoder_steps == 0 {
             self.warn("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)");
         }

@@ -32,6 +32,7 @@ pub struct Plan {
     pub lora_rank: i64,
     /// The text encoder's adapters' rank.
     pub lora_text_encoder_rank: i64,
+    pub lora_layers: crate::config::schema::LoraLayers,
     pub train_unet: bool,
     pub train_text_encoder: bool,
     pub use_ema: bool,
@@ -59,6 +60,7 @@ impl Plan {
             use_lora: t.use_lora,
             lora_rank: i64::from(t.lora_rank),
             lora_text_encoder_rank: i64::from(t.text_encoder_lora().0),
+            lora_layers: t.lora_layers,
             train_unet: t.train_unet,
             train_text_encoder: t.text_encoder_train_ratio > 0.0,
             use_ema: t.use_ema,
@@ -160,7 +162,8 @@ pub fn mib(bytes: i64) -> String {
 
 /// The trained tensors of a part, by layer (LoRA adapters of `lora_rank`, or all parameters).
 fn trained_by_layer(layers: &[Layer], plan: &Plan, lora_rank: i64) -> Vec<Vec<Param>> {
-    layers.iter().map(|l| if plan.use_lora { lora_params(l, lora_rank) } else { l.params.clone() }).collect()
+    let targets = crate::model::lora::LoraTargets::of(plan.lora_layers);
+    layers.iter().map(|l| if plan.use_lora { lora_params(l, lora_rank, &targets) } else { l.params.clone() }).collect()
 }
 
 pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {

@@ -343,27 +343,25 @@ pub fn clip_layers(cfg: &ClipConfig) -> Vec<Layer> {
     b.layers
 }
 
-/// LoRA adapter tensors for one layer's attention projections: `down` [rank, in]
-/// and `up` [out, rank] per adapted Linear (what the LoRA helper attaches:
-/// to_q/to_k/to_v/to_out.0 in the UNet, q/k/v/out_proj in CLIP).
-pub fn lora_params(layer: &Layer, rank: i64) -> Vec<Param> {
-    let adapted = |key: &str| {
-        ["attn1.to_", "attn2.to_"].iter().any(|p| key.contains(p) && !key.contains("group_norm"))
-            || key.contains("self_attn.")
-    };
-    if !matches!(layer.kind, LayerKind::TransformerBlock { .. } | LayerKind::ClipLayer { .. }) {
-        return Vec::new();
-    }
+/// LoRA adapter tensors for one layer: for each adapted Linear `down` [rank, in]
+/// and `up` [out, rank]; for each adapted convolution `down` [rank, in, k, k] and
+/// `up` [out, rank, 1, 1] — the layers `targets` picks by module path, as the
+/// LoRA helper attaches them.
+pub fn lora_params(layer: &Layer, rank: i64, targets: &crate::model::lora::LoraTargets) -> Vec<Param> {
     layer
         .params
         .iter()
-        .filter(|p| p.key.ends_with(".weight") && p.shape.len() == 2 && adapted(&p.key))
+        .filter(|p| p.key.ends_with(".weight") && matches!(p.shape.len(), 2 | 4))
+        .filter(|p| targets.wants_path(p.key.trim_end_matches(".weight")))
         .flat_map(|p| {
-            let (o, i) = (p.shape[0], p.shape[1]);
             let base = p.key.trim_end_matches(".weight");
+            let (down, up) = match p.shape[..] {
+                [o, i, k1, k2] => (vec![rank, i, k1, k2], vec![o, rank, 1, 1]),
+                _ => (vec![rank, p.shape[1]], vec![p.shape[0], rank]),
+            };
             [
-                Param { key: format!("{base}.lora_down.weight"), shape: vec![rank, i] },
-                Param { key: format!("{base}.lora_up.weight"), shape: vec![o, rank] },
+                Param { key: format!("{base}.lora_down.weight"), shape: down },
+                Param { key: format!("{base}.lora_up.weight"), shape: up },
             ]
         })
         .collect()

@@ -35,6 +35,7 @@ pub fn choices(key: &str) -> Option<&'static [&'static str]> {
     Some(match key {
         "device" => &["auto", "cpu", "cuda"],
         "training.optimizer" => &["adamw", "adamw_8bit"],
+        "training.lora_layers" => &["attention", "transformer", "all"],
         "training.mixed_precision" => &["no", "fp16", "bf16"],
         "training.attention" => &["default", "xformers", "flash_attention"],
         _ => return None,
@@ -61,6 +62,7 @@ pub fn help(key: &str) -> &'static str {
         "training.lora_alpha" => "LoRA: scale of the adapters (alpha / rank)",
         "training.lora_text_encoder_rank" => "LoRA: the text encoder's adapters' rank; empty: lora_rank",
         "training.lora_text_encoder_alpha" => "LoRA: the text encoder's adapters' alpha; empty: lora_alpha",
+        "training.lora_layers" => "LoRA: attention only; transformer adds feed-forward and proj layers; all adds the convolutions (LoCon)",
         "training.train_imagic_only" => "Imagic: edit one image (first of concept 1) to its prompt",
         "training.use_ema" => "keep an exponential moving average of the UNet (more VRAM; smoother result)",
         "training.ema_decay" => "EMA: how slowly the average follows the weights",
