@@ -64,8 +64,9 @@ fn unmerged_adapters_match_diffusers_peft() {
     let mut sd = load_sd1();
     assert!(rel_diff(&unet_out(&sd, &r), &r["unet.out.base"]) < 1e-5, "the base UNet differs");
     let net = lora::attach_lora_file(&mut sd.unet, &mut sd.text_encoder, &lora_file(), Kind::Float).unwrap();
-    // 6 transformers × (8 attention + 2 feed-forward + proj_in/out) + 2 LoCon; text: 3 layers × 6.
-    assert_eq!(net.modules.len(), 6 * 12 + 2 + 3 * 6, "modules in the file");
+    // 6 transformers × (8 attention + 2 feed-forward + proj_in/out) + 45 LoCon layers
+    // (every resnet's conv1/conv2/time_emb_proj/conv_shortcut, the resampler convs); text: 3 layers × 6.
+    assert_eq!(net.modules.len(), 6 * 12 + 45 + 3 * 6, "modules in the file");
     let du = rel_diff(&unet_out(&sd, &r), &r["unet.out"]);
     let dt = rel_diff(&text_out(&sd, &r), &r["text.hidden"]);
     eprintln!("unmerged: UNet rel diff {du:.2e}, text encoder rel diff {dt:.2e}");
@@ -81,7 +82,7 @@ fn merged_lora_matches_diffusers_and_its_image() {
     let r = refs();
     let mut sd = load_sd1();
     let layers = sd.merge_lora(&lora_file(), 1.0).unwrap();
-    assert_eq!(layers, 92);
+    assert_eq!(layers, 135);
     let du = rel_diff(&unet_out(&sd, &r), &r["unet.out"]);
     let dt = rel_diff(&text_out(&sd, &r), &r["text.hidden"]);
     let image = sd.text_to_image(&request(), |_, _| {}).unwrap();
@@ -123,7 +124,7 @@ fn keys_of(path: &std::path::Path) -> BTreeSet<String> {
 fn saved_names_are_kohya_names_and_round_trip() {
     let mut sd = load_sd1();
     let mut rng = CpuRng::new(3);
-    let wide = LoraTargets { attention: true, feed_forward: true, proj_in_out: true, convs: false };
+    let wide = LoraTargets::of(dreambooth::config::schema::LoraLayers::All);
     let spec = LoraSpec { rank: 4, alpha: 2.0, targets: wide, kind: Kind::Float };
     let mut net = lora::attach_unet_lora(&mut sd.unet, &spec, &mut rng).unwrap();
     net.extend(lora::attach_text_lora(&mut sd.text_encoder, &LoraSpec { alpha: 8.0, ..spec }, &mut rng).unwrap());
@@ -138,11 +139,11 @@ fn saved_names_are_kohya_names_and_round_trip() {
     let path = dir.path().join("lora.safetensors");
     net.save(&path, &BTreeMap::new()).unwrap();
 
+    // `lora_layers: all` adapts exactly the layers of the fixture, LoCon ones included.
     let ours = keys_of(&path);
-    let locon = ["down_blocks_0_resnets_0_conv1", "up_blocks_1_resnets_2_conv2"];
-    let theirs: BTreeSet<String> =
-        keys_of(&lora_file()).into_iter().filter(|k| !locon.iter().any(|l| k.contains(l))).collect();
-    assert_eq!(ours, theirs);
+    assert_eq!(ours, keys_of(&lora_file()));
+    assert!(ours.contains("lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_up.weight"));
+    assert!(ours.contains("lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight"));
     assert!(ours.contains("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha"));
     assert!(ours.contains("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"));
 
