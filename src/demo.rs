@@ -105,13 +105,11 @@ pub fn demo_command(dir: &Path, plain: bool) -> anyhow::Result<()> {
         // The demo's own previous run: start afresh.
         std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot remove the old demo run {}", run_dir.display()))?;
     }
-    let yaml = format!(
-        "name: demo\nsource_checkpoint: model\noutput_dir: runs\ndevice: cpu\nseed: 1234\nresolution: 64\n\
+    let yaml = "name: demo\nsource_checkpoint: model\noutput_dir: runs\ndevice: cpu\nseed: 1234\nresolution: 64\n\
          concepts:\n  - instance_data_dir: images\n    instance_prompt: a photo of sks disc\n    sample_prompts: [a photo of sks disc]\n\
          training:\n  steps_per_image: 12\n  learning_rate: 2.0e-4\n  lr_scheduler: constant_with_warmup\n  lr_warmup_steps: 4\n\
          \x20 mixed_precision: 'no'\n  save_model_every_n_epochs: 6\n  save_preview_every_n_epochs: 6\n  keep_last_checkpoints: 2\n\
-         sampling:\n  scheduler: ddim\n  steps: 12\n  guidance: 3.0\n  seed: 42\n"
-    );
+         sampling:\n  scheduler: ddim\n  steps: 12\n  guidance: 3.0\n  seed: 42\n".to_string();
     let config_path = dir.join("demo.yaml");
     std::fs::write(&config_path, yaml).with_context(|| format!("cannot write {}", config_path.display()))?;
     let config = crate::config::load_run_config(&config_path)?;

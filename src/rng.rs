@@ -128,7 +128,7 @@ mod tests {
         let a = rng.randn(&[1, 4, 8, 8]);
         tch::manual_seed(1234);
         let b = Tensor::randn([1, 4, 8, 8], (tch::Kind::Float, Device::Cpu));
-        assert_eq!(a.equal(&b), true);
+        assert!(a.equal(&b));
     }
 
     #[test]

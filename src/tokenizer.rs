@@ -572,52 +572,6 @@ fn read_tokenizer_json(path: &Path) -> Result<(HashMap<String, u32>, Vec<(String
     Ok((vocab, merges, added))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn normalises_like_transformers() {
-        assert_eq!(normalize("A\t\nB  C\u{3000}d"), "a b c d");
-        assert_eq!(normalize("cafe\u{301}"), "caf\u{e9}");
-        // No final-sigma rule: character-wise lower case.
-        assert_eq!(normalize("ΟΔΟΣ"), "οδοσ");
-    }
-
-    #[test]
-    fn byte_table_is_a_bijection() {
-        let table = bytes_to_unicode();
-        assert_eq!(table.len(), 256);
-        let chars: std::collections::HashSet<char> = table.iter().map(|(_, c)| *c).collect();
-        assert_eq!(chars.len(), 256);
-        assert_eq!(table[0], (b'!', '!'));
-        assert!(table.iter().any(|&(b, c)| b == b' ' && c == '\u{120}'));
-    }
-
-    #[test]
-    fn openai_basics() {
-        let tok = ClipTokenizer::openai().unwrap();
-        assert_eq!(tok.vocab_size(), 49408);
-        assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id()), (49406, 49407, 49407));
-        assert_eq!(tok.encode("a photo of a cat"), vec![49406, 320, 1125, 539, 320, 2368, 49407]);
-        assert_eq!(tok.token_id("a</w>"), Some(320));
-    }
-
-    #[test]
-    fn padding_and_truncation() {
-        let tok = ClipTokenizer::openai().unwrap();
-        let ids = tok.encode_padded("a cat", 6);
-        assert_eq!(ids, vec![49406, 320, 2368, 49407, 49407, 49407]);
-        let long = "cat ".repeat(100);
-        let ids = tok.encode_padded(&long, 77);
-        assert_eq!(ids.len(), 77);
-        assert_eq!(ids[76], 49407);
-        assert_eq!(ids[75], 2368);
-        let sd2 = ClipTokenizer::openai().unwrap().with_pad_token("!").unwrap();
-        assert_eq!(sd2.encode_padded("a cat!", 6), vec![49406, 320, 2368, 0, 49407, 0]);
-    }
-}
-
 impl ClipTokenizer {
     /// Writes this tokenizer as a transformers tokenizer folder (`vocab.json`,
     /// `merges.txt`, `special_tokens_map.json`, `tokenizer_config.json`), so a
@@ -664,5 +618,51 @@ impl ClipTokenizer {
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_like_transformers() {
+        assert_eq!(normalize("A\t\nB  C\u{3000}d"), "a b c d");
+        assert_eq!(normalize("cafe\u{301}"), "caf\u{e9}");
+        // No final-sigma rule: character-wise lower case.
+        assert_eq!(normalize("ΟΔΟΣ"), "οδοσ");
+    }
+
+    #[test]
+    fn byte_table_is_a_bijection() {
+        let table = bytes_to_unicode();
+        assert_eq!(table.len(), 256);
+        let chars: std::collections::HashSet<char> = table.iter().map(|(_, c)| *c).collect();
+        assert_eq!(chars.len(), 256);
+        assert_eq!(table[0], (b'!', '!'));
+        assert!(table.iter().any(|&(b, c)| b == b' ' && c == '\u{120}'));
+    }
+
+    #[test]
+    fn openai_basics() {
+        let tok = ClipTokenizer::openai().unwrap();
+        assert_eq!(tok.vocab_size(), 49408);
+        assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id()), (49406, 49407, 49407));
+        assert_eq!(tok.encode("a photo of a cat"), vec![49406, 320, 1125, 539, 320, 2368, 49407]);
+        assert_eq!(tok.token_id("a</w>"), Some(320));
+    }
+
+    #[test]
+    fn padding_and_truncation() {
+        let tok = ClipTokenizer::openai().unwrap();
+        let ids = tok.encode_padded("a cat", 6);
+        assert_eq!(ids, vec![49406, 320, 2368, 49407, 49407, 49407]);
+        let long = "cat ".repeat(100);
+        let ids = tok.encode_padded(&long, 77);
+        assert_eq!(ids.len(), 77);
+        assert_eq!(ids[76], 49407);
+        assert_eq!(ids[75], 2368);
+        let sd2 = ClipTokenizer::openai().unwrap().with_pad_token("!").unwrap();
+        assert_eq!(sd2.encode_padded("a cat!", 6), vec![49406, 320, 2368, 0, 49407, 0]);
     }
 }

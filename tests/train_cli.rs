@@ -206,7 +206,7 @@ fn stop_checkpoints_a_detached_run_and_resume_finishes_it() {
     assert!(out.starts_with("stopped at step "), "{out}");
     let checkpoints = dreambooth::train::checkpoint::list_checkpoints(&run);
     let (stopped_at, _) = checkpoints.last().expect("stop wrote no checkpoint").clone();
-    assert!(stopped_at >= 1 && stopped_at < 24, "stopped at step {stopped_at}");
+    assert!((1..24).contains(&stopped_at), "stopped at step {stopped_at}");
     eprintln!("stopped at step {stopped_at} of 24");
     assert!(event_names(&run).contains(&"stopped".to_string()), "{:?}", event_names(&run));
     assert!(!dreambooth::run::lock::RunLock::is_held(&run), "the lock was not released");

@@ -71,7 +71,7 @@ fn one_step_matches(name: &str, reference_grads: bool) {
     if reference_grads {
         // The optimizer alone: the reference's own gradients in, its weights out.
         for key in CHECKED {
-            let _ = by_key[key].grad().copy_(&r[&format!("train.grad.{key}")]);
+            by_key[key].grad().copy_(&r[&format!("train.grad.{key}")]);
         }
     }
     let mut opt = AdamW::new(

@@ -119,7 +119,7 @@ fn live_run_shows_progress_loss_vram_previews_and_events() {
     assert_eq!(state.previews.len(), 1);
     let text = screen(&mut state, 80, 24);
     assert!(text.contains("step 40/50"), "{text}");
-    assert!(text.matches(|c| c == '▀' || c == '▄').count() > 20, "the preview is drawn with half-blocks:\n{text}");
+    assert!(text.matches(['▀', '▄']).count() > 20, "the preview is drawn with half-blocks:\n{text}");
     settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_live_80x24", text));
     // Resized larger, the same state draws without loss.
     let big = screen(&mut state, 120, 36);

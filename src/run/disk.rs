@@ -22,7 +22,7 @@ pub fn checkpoint_saves(epochs: u64, every: u32) -> u64 {
         return 1;
     }
     let every = u64::from(every);
-    (epochs / every + u64::from(epochs % every != 0)).max(1)
+    (epochs / every + u64::from(!epochs.is_multiple_of(every))).max(1)
 }
 
 /// Bytes free to this user on the file system holding `path` (None: unknown).
@@ -37,7 +37,7 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs returned 0, so it filled the struct.
     let stat = unsafe { stat.assume_init() };
-    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+    Some(stat.f_bavail * stat.f_frsize)
 }
 
 /// `12.3 GiB`, or `45.6 MiB` under a GiB.

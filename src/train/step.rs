@@ -41,7 +41,7 @@ pub fn draw_noise(rng: &mut CpuRng, latent_shape: &[i64], num_train_timesteps: i
     let mut noise = rng.randn(latent_shape);
     if offset_noise != 0.0 {
         let offset = rng.randn(&[latent_shape[0], latent_shape[1], 1, 1]);
-        noise = noise + offset * offset_noise;
+        noise += offset * offset_noise;
     }
     let timesteps = rng.randint(0, num_train_timesteps, &[latent_shape[0]]);
     StepNoise { noise, timesteps }

@@ -498,7 +498,7 @@ impl Trainer {
         };
         let positions = sd.text_config.max_position_embeddings as usize;
         let max_tokens = t.max_token_length as usize;
-        if max_tokens > positions.saturating_sub(2) && max_tokens % positions.saturating_sub(2).max(1) != 0 {
+        if max_tokens > positions.saturating_sub(2) && !max_tokens.is_multiple_of(positions.saturating_sub(2).max(1)) {
             return Err(usage(format!(
                 "`training.max_token_length` {max_tokens} is not a whole number of this text encoder's {}-token windows",
                 positions.saturating_sub(2)
@@ -648,8 +648,8 @@ impl Trainer {
         }
         let per_step = u64::from(t.batch_size) * u64::from(t.gradient_accumulation_steps);
         // Every frame's images fill whole batches, and those fill whole steps.
-        let uneven = frames.iter().any(|(_, i, _)| *i as u64 % u64::from(t.batch_size.max(1)) != 0)
-            || self.batches_per_epoch % u64::from(t.gradient_accumulation_steps.max(1)) != 0;
+        let uneven = frames.iter().any(|(_, i, _)| !(*i as u64).is_multiple_of(u64::from(t.batch_size.max(1))))
+            || !self.batches_per_epoch.is_multiple_of(u64::from(t.gradient_accumulation_steps.max(1)));
         if uneven {
             let what = if frames.len() > 1 {
                 format!("the {images} instance images fall into {} aspect-ratio buckets, batched apart, that are not all multiples of batch_size × gradient_accumulation_steps = {per_step}", frames.len())
@@ -1059,13 +1059,13 @@ impl Trainer {
     fn end_of_epoch(&mut self, epoch: u64) -> anyhow::Result<bool> {
         let t = self.config.training.clone();
         let last = self.step >= self.total_steps;
-        if t.save_preview_every_n_epochs > 0 && epoch % u64::from(t.save_preview_every_n_epochs) == 0 {
+        if t.save_preview_every_n_epochs > 0 && epoch.is_multiple_of(u64::from(t.save_preview_every_n_epochs)) {
             self.previews()?;
         }
-        if t.save_model_every_n_epochs > 0 && epoch % u64::from(t.save_model_every_n_epochs) == 0 {
+        if t.save_model_every_n_epochs > 0 && epoch.is_multiple_of(u64::from(t.save_model_every_n_epochs)) {
             self.checkpoint()?;
         }
-        if !last && t.pause_after_n_epochs > 0 && epoch % u64::from(t.pause_after_n_epochs) == 0 {
+        if !last && t.pause_after_n_epochs > 0 && epoch.is_multiple_of(u64::from(t.pause_after_n_epochs)) {
             let reason = format!("after epoch {epoch}");
             return self.pause(Some(Duration::from_secs(t.pause_seconds)), &reason);
         }

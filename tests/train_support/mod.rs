@@ -63,7 +63,7 @@ pub fn other_images(dir: &Path, n: usize) {
     std::fs::create_dir_all(dir).unwrap();
     for k in 0..n {
         let img = image::RgbImage::from_fn(64, 64, |x, y| {
-            if ((x + k as u32) / 2 + y / 2) % 2 == 0 { image::Rgb([30, 200, 40]) } else { image::Rgb([240, 230, 20]) }
+            if ((x + k as u32) / 2 + y / 2).is_multiple_of(2) { image::Rgb([30, 200, 40]) } else { image::Rgb([240, 230, 20]) }
         });
         img.save(dir.join(format!("other-{k}.png"))).unwrap();
     }
