@@ -326,6 +326,9 @@ fn a_trainer_making_class_images_shows_their_progress() {
     let root = tempfile::tempdir().unwrap();
     let run = recorded_run(root.path());
     std::fs::write(run.join("events.jsonl"), "").unwrap();
+    std::fs::remove_file(run.join("samples/step-000020-0.png")).unwrap();
+    let class_dir = run.join("class_images/concept-0");
+    std::fs::create_dir_all(&class_dir).unwrap();
     let _lock = RunLock::acquire(&run).unwrap();
     let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
     writeln!(file, "{{\"event\":\"loading\",\"source\":\"/models/sd15.safetensors\",\"resumed_from\":null,\"time\":{T0}}}").unwrap();
@@ -333,9 +336,17 @@ fn a_trainer_making_class_images_shows_their_progress() {
     assert_eq!(state.status, RunStatus::Live);
     assert!(screen(&mut state, 80, 24).contains("loading the model"));
     for done in 0..=3u64 {
+        let path = match done {
+            0 => serde_json::Value::Null,
+            _ => {
+                let path = class_dir.join(format!("class-{:05}.png", done - 1));
+                png(&path, 40 * done as u8);
+                serde_json::json!(path.display().to_string())
+            }
+        };
         writeln!(
             file,
-            "{{\"event\":\"class_images\",\"concept\":0,\"done\":{done},\"total\":10,\"prompt\":\"a photo of a dog\",\"time\":{}}}",
+            "{{\"event\":\"class_images\",\"concept\":0,\"done\":{done},\"total\":10,\"prompt\":\"a photo of a dog\",\"path\":{path},\"time\":{}}}",
             T0 + 4.0 + 2.0 * done as f64
         )
         .unwrap();
@@ -345,6 +356,10 @@ fn a_trainer_making_class_images_shows_their_progress() {
     // 2 s an image, 7 to go.
     assert!(text.contains("class images 3/10 · concept 1 · elapsed 11s · ETA 14s"), "{text}");
     assert!(text.contains("preparing"), "{text}");
+    // Until the first sample, the previews are the newest class images.
+    assert!(text.contains("class images, newest"), "{text}");
+    let shown: Vec<&str> = state.previews.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(shown, ["class-00002", "class-00001", "class-00000"]);
     assert_eq!(state.log.iter().filter(|l| l.kind == "class_images").count(), 1, "one line for the concept, kept current");
     // Only detach and stop apply before the first step.
     assert!(text.contains("d detach  q stop") && !text.contains("pause"), "{text}");
@@ -359,6 +374,6 @@ fn a_trainer_making_class_images_shows_their_progress() {
     writeln!(file, "{{\"event\":\"start\",\"step\":0,\"total_steps\":50,\"resumed_from\":null,\"time\":{}}}", T0 + 29.0).unwrap();
     writeln!(file, "{}", serde_json::to_string(&record).unwrap()).unwrap();
     state.refresh(T0 + 31.0);
-    assert!(state.preparing.is_none());
+    assert!(state.preparing.is_none() && !state.previews_are_class_images && state.previews.is_empty());
     assert!(screen(&mut state, 80, 24).contains("step 1/50"));
 }

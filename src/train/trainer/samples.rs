@@ -154,7 +154,8 @@ pub(super) fn prepare_class_images(
                 Event::named(
                     "class_images",
                     serde_json::json!({ "concept": i, "done": done, "total": want, "prompt": c.class_prompt,
-                                        "path": path.map(|p| p.display().to_string()) }),
+                                        // Absolute: the dashboard may run from another folder.
+                                        "path": path.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()) }),
                 )
             };
             preparation.events.write(&progress(have, None))?;

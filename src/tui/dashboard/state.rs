@@ -104,6 +104,11 @@ pub struct DashboardState {
     pub vram_total: Option<u64>,
     /// Set from the trainer's last `loading` / `class_images` event until its `start`.
     pub preparing: Option<Preparing>,
+    /// The class images the trainer has made, in order (`class_images` events' paths).
+    class_images: Vec<PathBuf>,
+    /// The previews panel shows the newest class images (class images are being
+    /// made and no sample exists yet).
+    pub previews_are_class_images: bool,
 }
 
 impl DashboardState {
@@ -128,6 +133,8 @@ impl DashboardState {
             summary: None,
             vram_total: None,
             preparing: None,
+            class_images: Vec::new(),
+            previews_are_class_images: false,
         };
         state.load_config();
         state.refresh(now);
@@ -184,6 +191,7 @@ impl DashboardState {
         self.started = None;
         self.total_steps = self.config_total_steps;
         self.preparing = None;
+        self.class_images.clear();
         let mut status = RunStatus::NotRunning;
         // The first `class_images` event of the concept being made: (time, done).
         let mut class_images_from: Option<(f64, u64)> = None;
@@ -224,6 +232,7 @@ impl DashboardState {
                                 _ => None,
                             };
                             self.preparing = Some(Preparing::ClassImages { concept, done, total, seconds_per_image });
+                            self.class_images.extend(fields.get("path").and_then(|p| p.as_str()).map(PathBuf::from));
                             // One line a concept, kept current, instead of one per image.
                             if same && self.log.last().is_some_and(|l| l.kind == "class_images") {
                                 self.log.pop();
@@ -286,6 +295,12 @@ impl DashboardState {
             })
             .unwrap_or_default();
         paths.sort();
+        // Before the first sample, the class images being made show what the class prompt gives.
+        self.previews_are_class_images =
+            paths.is_empty() && self.is_live() && matches!(self.preparing, Some(Preparing::ClassImages { .. }));
+        if self.previews_are_class_images {
+            paths = self.class_images.clone();
+        }
         let newest: Vec<PathBuf> = paths.into_iter().rev().take(MAX_PREVIEWS).collect();
         if newest.iter().eq(self.previews.iter().map(|p| &p.path)) {
             return;

@@ -251,7 +251,8 @@ fn draw_stats(frame: &mut Frame, area: Rect, state: &DashboardState) {
 }
 
 fn draw_previews(frame: &mut Frame, area: Rect, state: &DashboardState) {
-    frame.render_widget(Block::bordered().title(" previews "), area);
+    let title = if state.previews_are_class_images { " class images, newest " } else { " previews " };
+    frame.render_widget(Block::bordered().title(title), area);
     if state.previews.is_empty() {
         frame.render_widget(Paragraph::new("no previews yet"), Block::bordered().inner(area));
         return;
