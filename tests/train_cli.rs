@@ -531,3 +531,27 @@ fn generate_from_a_run_uses_its_clip_skip() {
     assert_eq!(default, image("two.png", &["--clip-skip", "2"]));
     assert_ne!(default, image("one.png", &["--clip-skip", "1"]), "clip skip 2 and 1 gave the same image");
 }
+
+/// SD 2 (v-prediction) runs export to a single file with its config beside it
+/// (`<out>.yaml`, as AUTOMATIC1111 reads it): written from the model's configs
+/// for a diffusers folder, copied from the source's sidecar for a single file.
+/// Either way the exported file samples like the run, bit for bit.
+#[test]
+fn sd2_ldm_exports_carry_their_config_and_generate_like_the_run() {
+    for source in [fixture_model("tiny-sd2"), fixture_model("tiny-sd2.safetensors")] {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let (run, exported) = train_and_export_ldm(r, "sd2", &source);
+        let yaml = std::fs::read_to_string(exported.with_extension("yaml")).expect("no config beside the exported file");
+        assert!(yaml.contains("parameterization: v") && yaml.contains("FrozenOpenCLIPEmbedder"), "{yaml}");
+        if source.is_file() {
+            assert_eq!(yaml, std::fs::read_to_string(source.with_extension("yaml")).unwrap(), "the source's sidecar, copied");
+        }
+        assert_export_generates_like_the_run(r, &exported, &run, &source);
+        // A second export to the same name is refused and leaves both files alone.
+        std::fs::remove_file(&exported).unwrap();
+        let (code, _, err) = cli(&["export", run.to_str().unwrap(), "--format", "ldm", "--out", exported.to_str().unwrap()]);
+        assert_one_line_error(code, &err, "already exists");
+        assert!(!exported.exists());
+    }
+}

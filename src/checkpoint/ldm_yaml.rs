@@ -192,3 +192,85 @@ impl LdmYaml {
         Ok(())
     }
 }
+
+/// The latent-diffusion config of a model, in the layout of Stability's
+/// `v2-inference-v.yaml` / `v1-inference.yaml`: what a single file needs beside
+/// it when its shapes do not say everything (SD 2's v-prediction above all), for
+/// AUTOMATIC1111 and for this program's loader alike.
+pub fn ldm_config_yaml(unet: &UNetConfig, vae: &VaeConfig, scheduler: &SchedulerConfig, open_clip: bool) -> String {
+    let list = |v: &[i64]| v.iter().map(|x| format!("\n        - {x}")).collect::<String>();
+    let per_block = |p: &PerBlock<i64>, n: usize| match p {
+        PerBlock::One(v) => v.to_string(),
+        PerBlock::Each(_) => format!("[{}]", (0..n).map(|i| p.at(i).to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let channels = &unet.block_out_channels;
+    let levels = channels.len();
+    let base = channels.first().copied().unwrap_or(320).max(1);
+    let mult: Vec<i64> = channels.iter().map(|c| c / base).collect();
+    let attention_levels: Vec<usize> = (0..levels).filter(|&i| unet.down_block_types[i].starts_with("CrossAttn")).collect();
+    let resolutions: Vec<i64> = attention_levels.iter().map(|&i| 1i64 << i).collect();
+    // diffusers' `attention_head_dim` counts heads (its SD 1/2 naming quirk); LDM gives a
+    // head size (SD 2) or a head count (SD 1) for all levels.
+    let heads: Vec<i64> = attention_levels
+        .iter()
+        .map(|&i| unet.num_attention_heads.as_ref().unwrap_or(&unet.attention_head_dim).at(i))
+        .collect();
+    let head_sizes: Vec<i64> = attention_levels.iter().zip(&heads).map(|(&i, h)| channels[i] / h.max(&1)).collect();
+    let attention = if heads.windows(2).all(|w| w[0] == w[1]) && !heads.is_empty() {
+        format!("num_heads: {}", heads[0])
+    } else {
+        format!("num_head_channels: {}", head_sizes.first().copied().unwrap_or(64))
+    };
+    let parameterization = match scheduler.prediction_type.as_str() {
+        "v_prediction" => "v",
+        "sample" => "x0",
+        _ => "eps",
+    };
+    let vae_base = vae.block_out_channels.first().copied().unwrap_or(128).max(1);
+    let vae_mult: Vec<i64> = vae.block_out_channels.iter().map(|c| c / vae_base).collect();
+    let cond_stage = if open_clip {
+        "      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n      params:\n        freeze: true\n        layer: penultimate\n"
+    } else {
+        "      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder\n"
+    };
+    format!(
+        "# Written by dreambooth's export: the model's latent-diffusion config (its sampler\n\
+         # settings and architecture), read by AUTOMATIC1111 beside the file of the same name.\n\
+         model:\n  base_learning_rate: 1.0e-04\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n\
+         \x20   parameterization: {parameterization}\n    linear_start: {}\n    linear_end: {}\n    num_timesteps_cond: 1\n\
+         \x20   log_every_t: 200\n    timesteps: {}\n    first_stage_key: jpg\n    cond_stage_key: txt\n    image_size: {}\n\
+         \x20   channels: {}\n    cond_stage_trainable: false\n    conditioning_key: crossattn\n    monitor: val/loss_simple_ema\n\
+         \x20   scale_factor: {}\n    use_ema: false\n\
+         \x20   unet_config:\n      target: ldm.modules.diffusionmodules.openaimodel.UNetModel\n      params:\n\
+         \x20       use_checkpoint: true\n        use_fp16: true\n        image_size: 32\n        in_channels: {}\n\
+         \x20       out_channels: {}\n        model_channels: {base}\n        attention_resolutions:{}\n\
+         \x20       num_res_blocks: {}\n        channel_mult:{}\n        {attention}\n        use_spatial_transformer: true\n\
+         \x20       use_linear_in_transformer: {}\n        transformer_depth: {}\n        context_dim: {}\n        legacy: false\n\
+         \x20   first_stage_config:\n      target: ldm.models.autoencoder.AutoencoderKL\n      params:\n        embed_dim: {}\n\
+         \x20       monitor: val/rec_loss\n        ddconfig:\n          double_z: true\n          z_channels: {}\n\
+         \x20         resolution: {}\n          in_channels: {}\n          out_ch: {}\n          ch: {vae_base}\n          ch_mult:{}\n\
+         \x20         num_res_blocks: {}\n          attn_resolutions: []\n          dropout: 0.0\n\
+         \x20       lossconfig:\n          target: torch.nn.Identity\n    cond_stage_config:\n{cond_stage}",
+        scheduler.beta_start,
+        scheduler.beta_end,
+        scheduler.num_train_timesteps,
+        unet.sample_size,
+        unet.in_channels,
+        vae.scaling_factor,
+        unet.in_channels,
+        unet.out_channels,
+        list(&resolutions),
+        per_block(&unet.layers_per_block, levels),
+        list(&mult),
+        unet.use_linear_projection,
+        per_block(&unet.transformer_layers_per_block, levels),
+        unet.cross_attention_dim.at(0),
+        vae.latent_channels,
+        vae.latent_channels,
+        vae.sample_size,
+        vae.in_channels,
+        vae.out_channels,
+        list(&vae_mult).replace("\n        ", "\n          "),
+        vae.layers_per_block,
+    )
+}

@@ -90,6 +90,11 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half:
     if out.exists() {
         return Err(usage(format!("{} already exists; choose a new path", out.display())));
     }
+    // A single file's config sidecar (`out.yaml`) is written beside it when the model needs one.
+    let sidecar = crate::checkpoint::ldm_yaml::sidecar_path(out);
+    if format == "ldm" && sidecar.exists() {
+        return Err(usage(format!("{} already exists (the exported file's config goes there); choose a new path", sidecar.display())));
+    }
     let (_, dir) = find_checkpoint(run_dir, step)?;
     match format {
         "lora" => {
@@ -115,13 +120,31 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half:
         }
         _ if format_of(&config.source_checkpoint)? == ModelFormat::Diffusers => {
             // No LDM file to take the layout from: the standard SD layout, written whole.
-            let list = crate::checkpoint::to_ldm::to_ldm(&load_run_model(run_dir, step)?)?;
+            let model = load_run_model(run_dir, step)?;
+            let list = crate::checkpoint::to_ldm::to_ldm(&model)?;
             create_parent(out)?;
-            write_safetensors(out, &if half { to_half(list) } else { list }, None)?
+            write_safetensors(out, &if half { to_half(list) } else { list }, None)?;
+            // SD 2 (v-prediction above all) cannot be told from a single file's tensors.
+            let sd2 = model.architecture == crate::checkpoint::Architecture::Sd2;
+            if sd2 || model.scheduler_config.prediction_type != "epsilon" {
+                let yaml = crate::checkpoint::ldm_yaml::ldm_config_yaml(
+                    &model.unet_config,
+                    &model.vae_config,
+                    &model.scheduler_config,
+                    sd2,
+                );
+                std::fs::write(&sidecar, yaml).with_context(|| format!("cannot write {}", sidecar.display()))?;
+            }
         }
         _ => {
             let (unet, text) = trained_weights(&config, &dir)?;
-            export_ldm(&config.source_checkpoint, unet, text, out, half)?
+            export_ldm(&config.source_checkpoint, unet, text, out, half)?;
+            // The source's own config goes with the copy of its layout.
+            let source_sidecar = crate::checkpoint::ldm_yaml::sidecar_path(&config.source_checkpoint);
+            if source_sidecar.is_file() {
+                std::fs::copy(&source_sidecar, &sidecar)
+                    .with_context(|| format!("cannot copy {} to {}", source_sidecar.display(), sidecar.display()))?;
+            }
         }
     }
     Ok(out.to_path_buf())
