@@ -346,3 +346,21 @@ fn sd1_single_file_without_text_model_level() {
     let m = load_model(&file, None).unwrap_or_else(|e| panic!("{}", one_line(&e)));
     same_model(&m, &load("tiny-sd1"), true);
 }
+
+/// The native resolution comes from a folder's configs or a single file's
+/// sidecar (`image_size` latents × the VAE's factor); a bare file states none.
+#[test]
+fn native_resolution_is_read_from_configs() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    assert_eq!(dreambooth::checkpoint::native_resolution(&fixtures.join("tiny-sd1.safetensors")), None);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("v2-768.safetensors");
+    std::fs::write(&file, b"").unwrap();
+    // Stability's v2-inference-v.yaml states 96 latents and four VAE levels (8×).
+    let yaml = std::fs::read_to_string(fixtures.join("tiny-sd2.yaml"))
+        .unwrap()
+        .replace("    image_size: 8\n", "    image_size: 96\n")
+        .replace("          ch_mult:\n          - 1\n          - 2\n          - 2\n", "          ch_mult:\n          - 1\n          - 2\n          - 4\n          - 4\n");
+    std::fs::write(dir.path().join("v2-768.yaml"), yaml).unwrap();
+    assert_eq!(dreambooth::checkpoint::native_resolution(&file), Some(768));
+}

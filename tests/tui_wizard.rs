@@ -504,3 +504,34 @@ fn every_step_draws_at_any_size() {
     assert_eq!(state.step, Step::Review);
     check(&state);
 }
+
+/// A model made for 768-pixel images (an SD 2 v model, by its configs) trains at
+/// 768 unless the settings panel says otherwise; the saved YAML says so.
+#[test]
+fn a_768_model_trains_at_its_own_resolution() {
+    let Setup { root, mut state } = setup();
+    to_vram_step(&mut state, root.path(), "wide", "a photo of sks dog");
+    assert_eq!(state.build_config().unwrap().resolution, 512);
+    let model = root.path().join("sd2-768");
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sd2");
+    for part in ["unet", "vae"] {
+        std::fs::create_dir_all(model.join(part)).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture.join(part).join("config.json")).unwrap()).unwrap();
+        // The fixture's VAE downsamples 4×: 192 latents make 768 pixels.
+        if part == "unet" {
+            config["sample_size"] = 192.into();
+        }
+        std::fs::write(model.join(part).join("config.json"), config.to_string()).unwrap();
+    }
+    state.source = model.display().to_string();
+    assert_eq!(state.build_config().unwrap().resolution, 768);
+    assert!(state.yaml().unwrap().contains("resolution: 768"), "{}", state.yaml().unwrap());
+    state.apply(Action::ToggleAdvanced);
+    focus_setting(&mut state, "resolution");
+    for _ in 0..3 {
+        state.apply(Action::Backspace);
+    }
+    type_text(&mut state, "640");
+    assert_eq!(state.build_config().unwrap().resolution, 640);
+}

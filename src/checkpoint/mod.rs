@@ -119,6 +119,24 @@ pub fn single_file_scheduler() -> SchedulerConfig {
     SchedulerConfig { timestep_spacing: Some("leading".into()), ..SchedulerConfig::stable_diffusion() }
 }
 
+/// The image size a model was made for (512 for SD 1.x and SD 2 base, 768 for
+/// SD 2's v models), from what its config files state: a diffusers folder's
+/// UNet and VAE configs, a single file's sidecar `.yaml`. None when nothing
+/// states it (a bare single file) or a config cannot be read. Cheap: no weights.
+pub fn native_resolution(source: &Path) -> Option<i64> {
+    let (unet, vae) = if source.is_dir() {
+        let configs = diffusers::read_configs(source).ok()?;
+        (configs.unet?, configs.vae?)
+    } else {
+        let yaml = ldm_yaml::LdmYaml::read(&ldm_yaml::sidecar_path(source)).ok()?;
+        let (mut unet, mut vae) = (UNetConfig::default(), VaeConfig::default());
+        yaml.apply_unet(&mut unet).ok()?;
+        yaml.apply_vae(&mut vae).ok()?;
+        (unet, vae)
+    };
+    Some(unet.sample_size * vae.downsampling_factor()).filter(|&r| r > 0)
+}
+
 /// What kind of model file `path` is, from its contents (not only its name).
 pub fn format_of(path: &Path) -> anyhow::Result<ModelFormat> {
     if path.is_dir() {

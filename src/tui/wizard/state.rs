@@ -300,6 +300,8 @@ pub struct WizardState {
     /// The folders' part of the step count, kept until what it depends on
     /// changes, so a redraw reads no folder and no image header.
     epoch_plan: std::cell::RefCell<Option<EpochPlan>>,
+    /// The source model's native resolution, by the source path it was read for.
+    native_resolution: std::cell::RefCell<Option<(String, Option<i64>)>>,
 }
 
 impl WizardState {
@@ -336,6 +338,7 @@ impl WizardState {
             cancelled: false,
             sources,
             epoch_plan: Default::default(),
+            native_resolution: Default::default(),
         }
     }
 
@@ -938,9 +941,27 @@ impl WizardState {
         settings::apply(self.stepped_config()?, &self.advanced_values)
     }
 
+    /// The source model's native resolution (768 for SD 2's v models), read once per source.
+    fn native_resolution(&self) -> Option<i64> {
+        let source = self.source.trim().to_string();
+        if let Some((read_for, size)) = self.native_resolution.borrow().as_ref() {
+            if *read_for == source {
+                return *size;
+            }
+        }
+        let size = crate::checkpoint::native_resolution(&absolute(&source));
+        *self.native_resolution.borrow_mut() = Some((source, size));
+        size
+    }
+
     /// The baseline with what the steps before the advanced panel set.
     fn stepped_config(&self) -> Result<RunConfig, String> {
         let mut config = self.baseline()?;
+        // A model made for larger images (SD 2's 768 v models) trains at its own size
+        // (the advanced panel can still change it); smaller ones keep the default.
+        if let Some(size) = self.native_resolution().filter(|&s| s > config.resolution) {
+            config.resolution = size;
+        }
         let typed = self.training()?;
         let t = &mut config.training;
         let set = |key: &str| self.touched.contains(key);
