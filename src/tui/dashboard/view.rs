@@ -128,38 +128,30 @@ fn preparing_label(state: &DashboardState) -> Option<(f64, String)> {
 }
 
 fn draw_header(frame: &mut Frame, area: Rect, state: &DashboardState) {
-    if let Some((ratio, label)) = preparing_label(state) {
-        let title = Line::from(vec![
-            Span::raw(format!(" {} ", state.name)),
-            Span::styled("preparing", Style::new().fg(Color::Cyan)),
-            Span::raw(" "),
-        ]);
-        let gauge = Gauge::default()
-            .block(Block::bordered().title(title))
-            .gauge_style(Style::new().fg(Color::Cyan).bg(Color::Black))
-            .ratio(ratio)
-            .label(label);
-        frame.render_widget(gauge, area);
-        return;
-    }
-    let last = state.last_step();
-    let step = last.map(|s| s.step).unwrap_or(0);
-    let total = state.total_steps.map(|t| t.to_string()).unwrap_or_else(|| "?".into());
-    let ratio = match state.total_steps {
-        Some(t) if t > 0 => (step as f64 / t as f64).clamp(0.0, 1.0),
-        _ => 0.0,
+    let (status, colour, ratio, label) = match preparing_label(state) {
+        Some((ratio, label)) => (Span::styled("preparing", Style::new().fg(Color::Cyan)), Color::Cyan, ratio, label),
+        None => {
+            let last = state.last_step();
+            let step = last.map(|s| s.step).unwrap_or(0);
+            let total = state.total_steps.map(|t| t.to_string()).unwrap_or_else(|| "?".into());
+            let ratio = match state.total_steps {
+                Some(t) if t > 0 => (step as f64 / t as f64).clamp(0.0, 1.0),
+                _ => 0.0,
+            };
+            let label = format!(
+                "step {step}/{total} · epoch {} · {:.2} it/s · elapsed {} · ETA {}",
+                last.map(|s| s.epoch).unwrap_or(0),
+                last.map(|s| s.it_s).unwrap_or(0.0),
+                format_duration(state.elapsed()),
+                if state.is_live() { format_duration(state.eta()) } else { "-".into() },
+            );
+            (status_span(&state.status), Color::Blue, ratio, label)
+        }
     };
-    let label = format!(
-        "step {step}/{total} · epoch {} · {:.2} it/s · elapsed {} · ETA {}",
-        last.map(|s| s.epoch).unwrap_or(0),
-        last.map(|s| s.it_s).unwrap_or(0.0),
-        format_duration(state.elapsed()),
-        if state.is_live() { format_duration(state.eta()) } else { "-".into() },
-    );
-    let title = Line::from(vec![Span::raw(format!(" {} ", state.name)), status_span(&state.status), Span::raw(" ")]);
+    let title = Line::from(vec![Span::raw(format!(" {} ", state.name)), status, Span::raw(" ")]);
     let gauge = Gauge::default()
         .block(Block::bordered().title(title))
-        .gauge_style(Style::new().fg(Color::Blue).bg(Color::Black))
+        .gauge_style(Style::new().fg(colour).bg(Color::Black))
         .ratio(ratio)
         .label(label);
     frame.render_widget(gauge, area);
