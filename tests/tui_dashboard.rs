@@ -377,3 +377,28 @@ fn a_trainer_making_class_images_shows_their_progress() {
     assert!(state.preparing.is_none() && !state.previews_are_class_images && state.previews.is_empty());
     assert!(screen(&mut state, 80, 24).contains("step 1/50"));
 }
+
+/// With its own `text_encoder_learning_rate` the text encoder's rate (scheduled like
+/// the UNet's) has a line of its own, and says when the text encoder stopped training.
+#[test]
+fn the_text_encoders_own_rate_is_shown() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    let config = std::fs::read_to_string(run.join("config.yaml")).unwrap().replace(
+        "  steps_per_image: 25\n",
+        "  steps_per_image: 25\n  learning_rate: 2.0e-6\n  text_encoder_train_ratio: 0.5\n  text_encoder_learning_rate: 5.0e-6\n",
+    );
+    std::fs::write(run.join("config.yaml"), config).unwrap();
+    // At step 40 of 50 the text encoder (half the steps) is done.
+    let mut state = DashboardState::load(&run, T0 + 40.0);
+    let text = screen(&mut state, 80, 24);
+    assert!(text.contains("TE done at step 25"), "{text}");
+    // At step 10 the steps logged lr 1e-6, half the UNet's base: the text encoder's is half of its own.
+    let events = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
+    let early: String = events.lines().take_while(|l| !l.contains("\"step\":11,")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(run.join("events.jsonl"), early).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 40.0);
+    let text = screen(&mut state, 80, 24);
+    assert!(text.contains("TE lr 2.500e-6 to step 25"), "{text}");
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_text_encoder_lr", text));
+}

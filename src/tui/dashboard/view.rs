@@ -42,7 +42,8 @@ pub fn areas(area: Rect, state: &DashboardState) -> Areas {
     .areas(area);
     let [charts, right] = Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(middle);
     let [recent, whole] = Layout::vertical([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(charts);
-    let [stats, previews] = Layout::vertical([Constraint::Length(5), Constraint::Min(3)]).areas(right);
+    let stats_height = if text_encoder_lr_line(state).is_some() { 6 } else { 5 };
+    let [stats, previews] = Layout::vertical([Constraint::Length(stats_height), Constraint::Min(3)]).areas(right);
     Areas { header, recent, whole, stats, previews, summary: state.summary.as_ref().map(|_| summary), log, footer }
 }
 
@@ -204,6 +205,23 @@ fn draw_loss(frame: &mut Frame, area: Rect, state: &DashboardState, recent: bool
     frame.render_widget(chart, area);
 }
 
+/// The text encoder's own rate (`text_encoder_learning_rate`, scheduled like the
+/// UNet's) while it trains, or the step it stopped at; None when it has no rate of its own.
+fn text_encoder_lr_line(state: &DashboardState) -> Option<String> {
+    let t = &state.config.as_ref()?.training;
+    let own = t.text_encoder_learning_rate?;
+    if t.text_encoder_train_ratio <= 0.0 || t.train_imagic_only {
+        return None;
+    }
+    let until = crate::train::modules::text_encoder_steps(t, state.total_steps?);
+    let last = state.last_step();
+    if last.is_some_and(|s| s.step >= until) {
+        return Some(format!("TE done at step {until}"));
+    }
+    let lr = last.filter(|_| t.learning_rate > 0.0).map(|s| format!("{:.3e}", s.lr * own / t.learning_rate));
+    Some(format!("TE lr {} to step {until}", lr.unwrap_or_else(|| "-".into())))
+}
+
 fn draw_stats(frame: &mut Frame, area: Rect, state: &DashboardState) {
     // A CPU trainer logs its resident memory where a GPU one logs VRAM.
     let cpu = state.device.as_deref().is_some_and(|d| d.to_ascii_lowercase().starts_with("cpu"));
@@ -211,8 +229,17 @@ fn draw_stats(frame: &mut Frame, area: Rect, state: &DashboardState) {
     let block = Block::bordered().title(format!(" learning rate · {memory} "));
     let inner = block.inner(area);
     frame.render_widget(block, area);
-    let [lr_row, vram_label, vram_gauge] =
-        Layout::vertical([Constraint::Length(1), Constraint::Length(1), Constraint::Length(1)]).areas(inner);
+    let text_encoder = text_encoder_lr_line(state);
+    let [lr_row, te_row, vram_label, vram_gauge] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(u16::from(text_encoder.is_some())),
+        Constraint::Length(1),
+        Constraint::Length(1),
+    ])
+    .areas(inner);
+    if let Some(line) = text_encoder {
+        frame.render_widget(Paragraph::new(line), te_row);
+    }
     let last = state.last_step();
     let lr = last.map(|s| format!("lr {:.3e}", s.lr)).unwrap_or_else(|| "lr -".into());
     let loss = last.map(|s| format!("   loss {:.4}", s.loss)).unwrap_or_default();
