@@ -364,3 +364,12 @@ fn native_resolution_is_read_from_configs() {
     std::fs::write(dir.path().join("v2-768.yaml"), yaml).unwrap();
     assert_eq!(dreambooth::checkpoint::native_resolution(&file), Some(768));
 }
+
+/// A LoRA given where a model goes says what it is and how to use it.
+#[test]
+fn a_lora_file_given_as_a_model_says_so() {
+    let lora = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/lora/tiny-sd1-kohya.safetensors");
+    let err = dreambooth::checkpoint::load_model(&lora, None).unwrap_err();
+    let text = dreambooth::error::one_line(&err);
+    assert!(text.contains("a LoRA") && text.contains("generate --lora"), "{text}");
+}

@@ -55,6 +55,9 @@ pub fn detect(src: &dyn TensorSource) -> Architecture {
     if has_prefix("conditioner.embedders.") {
         return Architecture::Unknown("SDXL (not supported)".into());
     }
+    if !has_prefix(UNET) && (has_prefix("lora_unet_") || has_prefix("lora_te_")) {
+        return Architecture::Unknown("a LoRA (kohya keys), not a model: apply it with `generate --lora` over its base model".into());
+    }
     if !has_prefix(UNET) {
         return Architecture::Unknown("no Stable Diffusion UNet (`model.diffusion_model.*`) in it".into());
     }

@@ -112,8 +112,46 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
+/// The folders `dreambooth models` and the wizard scan when given none: see [`model_dirs`].
+pub fn default_model_dirs() -> Vec<PathBuf> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let hub = std::env::var_os("HF_HUB_CACHE")
+        .or_else(|| std::env::var_os("HUGGINGFACE_HUB_CACHE"))
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+        .or_else(|| home.as_ref().map(|h| h.join(".cache/huggingface/hub")));
+    model_dirs(home.as_deref(), hub.as_deref())
+}
+
+/// The folders to scan that exist: here, `./models`, the web UIs' model folders
+/// under here, the home folder and `/workspace` (RunPod's volume), and each
+/// cached Hugging Face model's snapshots (diffusers folders, one per revision).
+pub fn model_dirs(home: Option<&Path>, hub: Option<&Path>) -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from("."), PathBuf::from("models")];
+    let roots = [Some(PathBuf::from(".")), home.map(PathBuf::from), Some(PathBuf::from("/workspace"))];
+    for root in roots.into_iter().flatten() {
+        for ui in ["stable-diffusion-webui/models/Stable-diffusion", "ComfyUI/models/checkpoints"] {
+            let dir = root.join(ui);
+            if dir.is_dir() && !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+    }
+    if let Some(entries) = hub.and_then(|h| std::fs::read_dir(h).ok()) {
+        let mut snapshots: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("models--")))
+            .map(|p| p.join("snapshots"))
+            .filter(|p| p.is_dir())
+            .collect();
+        snapshots.sort();
+        dirs.extend(snapshots);
+    }
+    dirs
+}
+
 pub fn models_command(dirs: &[PathBuf]) -> anyhow::Result<()> {
-    let dirs: Vec<PathBuf> = if dirs.is_empty() { vec![PathBuf::from("."), PathBuf::from("models")] } else { dirs.to_vec() };
+    let dirs: Vec<PathBuf> = if dirs.is_empty() { default_model_dirs() } else { dirs.to_vec() };
     for d in dirs.iter().filter(|d| !d.exists() && *d != Path::new("models")) {
         eprintln!("note: {} does not exist", d.display());
     }
@@ -148,3 +186,26 @@ pub fn models_command(dirs: &[PathBuf]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn web_ui_folders_and_cached_models_are_scanned() {
+        let root = tempfile::tempdir().unwrap();
+        let home = root.path().join("home");
+        let webui = home.join("stable-diffusion-webui/models/Stable-diffusion");
+        std::fs::create_dir_all(&webui).unwrap();
+        let hub = root.path().join("hub");
+        let snapshots = hub.join("models--runwayml--stable-diffusion-v1-5/snapshots");
+        std::fs::create_dir_all(snapshots.join("abc123")).unwrap();
+        std::fs::create_dir_all(hub.join("datasets--x/snapshots")).unwrap();
+        let dirs = model_dirs(Some(&home), Some(&hub));
+        assert!(dirs.contains(&webui), "{dirs:?}");
+        assert!(dirs.contains(&snapshots), "{dirs:?}");
+        assert!(!dirs.iter().any(|d| d.to_string_lossy().contains("datasets--")), "{dirs:?}");
+        assert!(!dirs.contains(&home.join("ComfyUI/models/checkpoints")), "only folders that exist");
+    }
+}
+

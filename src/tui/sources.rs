@@ -10,14 +10,15 @@ use crate::tui::widgets::format_gib;
 use crate::vram::{probe, rate_presets, ModelShapes};
 use crate::tui::wizard::{GpuInfo, ModelChoice, PresetChoice, Sources};
 
-/// Looks in the working directory and `./models`.
+/// Looks in the working directory, `./models`, and where AUTOMATIC1111, ComfyUI
+/// and the Hugging Face cache keep models on a rented machine.
 pub struct DiskSources {
     pub dirs: Vec<PathBuf>,
 }
 
 impl Default for DiskSources {
     fn default() -> Self {
-        DiskSources { dirs: vec![PathBuf::from("."), PathBuf::from("models")] }
+        DiskSources { dirs: crate::checkpoint::models::default_model_dirs() }
     }
 }
 
