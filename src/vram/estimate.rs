@@ -225,7 +225,18 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         } else {
             format!("rank {}", plan.lora_rank)
         };
-        push(&mut rows, "resident", "LoRA adapters".into(), format!("{ranks}, {:.2} M params, fp32", trained_n as f64 / 1e6), b);
+        let layers = match plan.lora_layers {
+            crate::config::schema::LoraLayers::Attention => "attention",
+            crate::config::schema::LoraLayers::Transformer => "transformer layers",
+            crate::config::schema::LoraLayers::All => "all layers (LoCon)",
+        };
+        push(
+            &mut rows,
+            "resident",
+            "LoRA adapters".into(),
+            format!("{ranks} on {layers}, {:.2} M params, fp32", trained_n as f64 / 1e6),
+            b,
+        );
     }
     let opt: u64 = trained.iter().map(|p| optimizer_bytes(plan.optimizer, p.numel())).sum();
     resident += opt;
