@@ -76,6 +76,17 @@ fn bad_input_is_one_sentence_and_touches_nothing() {
     assert_one_line_error(code, &err, "output_dir");
 }
 
+/// `train CONFIG --plain` in the background, its output dropped.
+fn spawn_train(config: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+        .args(["train", config.to_str().unwrap(), "--plain"])
+        .env("OMP_NUM_THREADS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -145,13 +156,7 @@ fn kill_9_then_resume_is_bit_identical_and_sigterm_checkpoints() {
 
     let cut = write_config(r, "cut", &data, training);
     let run = r.join("runs/cut");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
-        .args(["train", cut.to_str().unwrap(), "--plain"])
-        .env("OMP_NUM_THREADS", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_train(&cut);
     wait_for("the first checkpoint", Duration::from_secs(120), || run.join("checkpoints/step-000002/state.json").is_file());
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -162,13 +167,7 @@ fn kill_9_then_resume_is_bit_identical_and_sigterm_checkpoints() {
     // SIGTERM during training: a checkpoint, a `stopped` event, a clean exit.
     let sig = write_config(r, "sig", &data, "  steps_per_image: 50\n");
     let run = r.join("runs/sig");
-    let child = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
-        .args(["train", sig.to_str().unwrap(), "--plain"])
-        .env("OMP_NUM_THREADS", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_train(&sig);
     wait_for("a few steps", Duration::from_secs(120), || step_count(&run) >= 2);
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
@@ -246,9 +245,16 @@ fn train_and_export_ldm(r: &Path, name: &str, source: &Path) -> (std::path::Path
 
 /// The pixels `generate` makes from `model` (fixed prompt, seed and size).
 fn image_of(r: &Path, model: &Path, name: &str) -> Vec<u8> {
+    image_with(r, model, name, &[])
+}
+
+/// [`image_of`] with more `generate` arguments.
+fn image_with(r: &Path, model: &Path, name: &str, extra: &[&str]) -> Vec<u8> {
     let png = r.join(name);
-    let (code, _, err) = cli(&["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing",
-        "--seed", "5", "--steps", "4", "--width", "32", "--height", "32", "--device", "cpu", "--out", png.to_str().unwrap()]);
+    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing",
+        "--seed", "5", "--steps", "4", "--width", "32", "--height", "32", "--device", "cpu", "--out", png.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (code, _, err) = cli(&args);
     assert_eq!(code, 0, "{err}");
     rgb_pixels(&png)
 }
@@ -460,15 +466,6 @@ fn a_run_killed_or_stopped_while_making_class_images_resumes_from_step_0() {
         std::fs::write(&cfg, text).unwrap();
         cfg
     };
-    let spawn = |cfg: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_dreambooth"))
-            .args(["train", cfg.to_str().unwrap(), "--plain"])
-            .env("OMP_NUM_THREADS", "2")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
     let started = Instant::now();
     let full = with_class_images("full");
     let (code, _, err) = cli(&["train", full.to_str().unwrap(), "--plain"]);
@@ -478,7 +475,7 @@ fn a_run_killed_or_stopped_while_making_class_images_resumes_from_step_0() {
     let class_dir = |run: &Path| run.join("class_images/concept-0");
     let cut = with_class_images("cut");
     let run = r.join("runs/cut");
-    let mut child = spawn(&cut);
+    let mut child = spawn_train(&cut);
     wait_for("three class images", Duration::from_secs(120), || class_dir(&run).join("class-00002.png").is_file());
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -494,7 +491,7 @@ fn a_run_killed_or_stopped_while_making_class_images_resumes_from_step_0() {
 
     let stop = with_class_images("stop");
     let run = r.join("runs/stop");
-    let child = spawn(&stop);
+    let child = spawn_train(&stop);
     wait_for("a class image", Duration::from_secs(120), || class_dir(&run).join("class-00000.png").is_file());
     dreambooth::run::control::send(&run, dreambooth::run::control::Request::Stop).unwrap();
     let out = child.wait_with_output().unwrap();
@@ -518,15 +515,7 @@ fn generate_from_a_run_uses_its_clip_skip() {
     let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
     assert_eq!(code, 0, "{err}");
     let run = r.join("runs/skip");
-    let image = |name: &str, extra: &[&str]| {
-        let png = r.join(name);
-        let mut args = vec!["generate", "--model", run.to_str().unwrap(), "--prompt", "a photo of sks thing", "--seed", "5",
-            "--steps", "3", "--width", "32", "--height", "32", "--device", "cpu", "--out", png.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let (code, _, err) = cli(&args);
-        assert_eq!(code, 0, "{err}");
-        rgb_pixels(&png)
-    };
+    let image = |name: &str, extra: &[&str]| image_with(r, &run, name, extra);
     let default = image("default.png", &[]);
     assert_eq!(default, image("two.png", &["--clip-skip", "2"]));
     assert_ne!(default, image("one.png", &["--clip-skip", "1"]), "clip skip 2 and 1 gave the same image");

@@ -198,7 +198,8 @@ impl LdmYaml {
 /// it when its shapes do not say everything (SD 2's v-prediction above all), for
 /// AUTOMATIC1111 and for this program's loader alike.
 pub fn ldm_config_yaml(unet: &UNetConfig, vae: &VaeConfig, scheduler: &SchedulerConfig, open_clip: bool) -> String {
-    let list = |v: &[i64]| v.iter().map(|x| format!("\n        - {x}")).collect::<String>();
+    // A block-style YAML list under a key indented by `indent` spaces.
+    let list = |v: &[i64], indent: usize| v.iter().map(|x| format!("\n{:indent$}- {x}", "")).collect::<String>();
     let per_block = |p: &PerBlock<i64>, n: usize| match p {
         PerBlock::One(v) => v.to_string(),
         PerBlock::Each(_) => format!("[{}]", (0..n).map(|i| p.at(i).to_string()).collect::<Vec<_>>().join(", ")),
@@ -211,10 +212,7 @@ pub fn ldm_config_yaml(unet: &UNetConfig, vae: &VaeConfig, scheduler: &Scheduler
     let resolutions: Vec<i64> = attention_levels.iter().map(|&i| 1i64 << i).collect();
     // diffusers' `attention_head_dim` counts heads (its SD 1/2 naming quirk); LDM gives a
     // head size (SD 2) or a head count (SD 1) for all levels.
-    let heads: Vec<i64> = attention_levels
-        .iter()
-        .map(|&i| unet.num_attention_heads.as_ref().unwrap_or(&unet.attention_head_dim).at(i))
-        .collect();
+    let heads: Vec<i64> = attention_levels.iter().map(|&i| unet.heads(i)).collect();
     let head_sizes: Vec<i64> = attention_levels.iter().zip(&heads).map(|(&i, h)| channels[i] / h.max(&1)).collect();
     let attention = if heads.windows(2).all(|w| w[0] == w[1]) && !heads.is_empty() {
         format!("num_heads: {}", heads[0])
@@ -259,9 +257,9 @@ pub fn ldm_config_yaml(unet: &UNetConfig, vae: &VaeConfig, scheduler: &Scheduler
         vae.scaling_factor,
         unet.in_channels,
         unet.out_channels,
-        list(&resolutions),
+        list(&resolutions, 8),
         per_block(&unet.layers_per_block, levels),
-        list(&mult),
+        list(&mult, 8),
         unet.use_linear_projection,
         per_block(&unet.transformer_layers_per_block, levels),
         unet.cross_attention_dim.at(0),
@@ -270,7 +268,7 @@ pub fn ldm_config_yaml(unet: &UNetConfig, vae: &VaeConfig, scheduler: &Scheduler
         vae.sample_size,
         vae.in_channels,
         vae.out_channels,
-        list(&vae_mult).replace("\n        ", "\n          "),
+        list(&vae_mult, 10),
         vae.layers_per_block,
     )
 }
