@@ -208,7 +208,7 @@ pub fn ldm_config_yaml(unet: &UNetConfig, vae: &VaeConfig, scheduler: &Scheduler
     let levels = channels.len();
     let base = channels.first().copied().unwrap_or(320).max(1);
     let mult: Vec<i64> = channels.iter().map(|c| c / base).collect();
-    let attention_levels: Vec<usize> = (0..levels).filter(|&i| unet.down_block_types[i].starts_with("CrossAttn")).collect();
+    let attention_levels: Vec<usize> = (0..levels).filter(|&i| unet.down_block_types.get(i).is_some_and(|t| t.starts_with("CrossAttn"))).collect();
     let resolutions: Vec<i64> = attention_levels.iter().map(|&i| 1i64 << i).collect();
     // diffusers' `attention_head_dim` counts heads (its SD 1/2 naming quirk); LDM gives a
     // head size (SD 2) or a head count (SD 1) for all levels.

@@ -69,7 +69,7 @@ pub enum Preparing {
     /// Reading the model (`loading` event).
     Loading,
     /// Making concept `concept`'s class images (`class_images` events): `done` of
-    /// `total`; `rate` in seconds an image once two have been timed.
+    /// `total`; `seconds_per_image` once two events of the concept have been timed.
     ClassImages { concept: u64, done: u64, total: u64, seconds_per_image: Option<f64> },
 }
 
