@@ -101,6 +101,27 @@ fn text_encoder_learning_rate_sets_the_text_encoders_own_step() {
     assert!(log.contains("text encoder trains for 2 steps at learning rate 2.5e-5"), "{log}");
 }
 
+/// A `text_encoder_learning_rate` that does nothing (the text encoder does not train)
+/// is warned about when the user set it, not when it is their preset's (6gb sets one).
+#[test]
+fn an_unused_text_encoder_rate_is_warned_about_only_when_the_user_set_it() {
+    let root = tempfile::tempdir().unwrap();
+    let warned = |name: &str, preset: &str, training: &str| {
+        let data = root.path().join(format!("data-{name}"));
+        subject_images(&data, 1);
+        let cfg = write_config(root.path(), name, &data, training);
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, format!("{preset}{text}")).unwrap();
+        let t = Trainer::start(load(&cfg), quiet()).unwrap();
+        named_events(&t.run_dir, "warning")
+            .iter()
+            .any(|w| w["message"].as_str().unwrap().contains("`text_encoder_learning_rate` is set but the text encoder does not train"))
+    };
+    assert!(!warned("te-rate-preset", "preset: 6gb\n", "  steps_per_image: 1\n"), "warned about the preset's rate");
+    assert!(warned("te-rate-own", "preset: 6gb\n", "  steps_per_image: 1\n  text_encoder_learning_rate: 2.0e-5\n"));
+    assert!(warned("te-rate-no-preset", "", "  steps_per_image: 1\n  text_encoder_learning_rate: 5.0e-5\n"));
+}
+
 /// `lora_text_encoder_rank` / `lora_text_encoder_alpha`: the text encoder's
 /// adapters get their own rank and alpha, the UNet's keep `lora_rank` / `lora_alpha`.
 #[test]

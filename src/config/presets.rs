@@ -42,6 +42,12 @@ pub fn load_preset(name: &str, base: &Path) -> anyhow::Result<Value> {
     )))
 }
 
+/// The value `preset` gives `training.<key>` (the working directory's presets, else the
+/// built-in ones), so a warning about a setting can tell the preset's from the user's own.
+pub fn training_value(preset: &str, key: &str) -> Option<Value> {
+    load_preset(preset, Path::new(".")).ok()?.get("training")?.get(key).cloned()
+}
+
 fn parse_preset(text: &str, origin: &str) -> anyhow::Result<Value> {
     let v: Value = serde_yaml::from_str(text).map_err(|e| usage(format!("{origin} is not valid YAML: {e}")))?;
     if v.get("name").is_some() || v.get("concepts").is_some() || v.get("source_checkpoint").is_some() {

@@ -609,6 +609,17 @@ impl Trainer {
         }
     }
 
+    /// Whether `text_encoder_learning_rate` is the user's own rather than their preset's
+    /// (the 6gb/8gb presets set one for concepts that train the text encoder, and a run
+    /// that does not should not be warned about a value it never chose).
+    fn user_set_text_encoder_rate(&self) -> bool {
+        let Some(rate) = self.config.training.text_encoder_learning_rate else { return false };
+        let preset_rate = self.config.preset.as_deref()
+            .and_then(|p| crate::config::presets::training_value(p, "text_encoder_learning_rate"))
+            .and_then(|v| v.as_f64());
+        preset_rate != Some(rate)
+    }
+
     fn describe_plan(&mut self) {
         let t = self.config.training.clone();
         let images = self.data.instances.len() as u64;
@@ -621,7 +632,7 @@ impl Trainer {
             if t.text_encoder_train_ratio > 0.0 {
                 self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_train_ratio` does not apply to it");
             }
-            if t.text_encoder_learning_rate.is_some() {
+            if self.user_set_text_encoder_rate() {
                 self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_learning_rate` does not apply to it");
             }
             if t.mixed_precision != MixedPrecision::No {
@@ -673,7 +684,7 @@ impl Trainer {
         if t.lora_layers != defaults.lora_layers && !t.use_lora {
             self.warn("`lora_layers` applies to LoRA runs only (`use_lora: true`)");
         }
-        if t.text_encoder_learning_rate.is_some() && self.text_encoder_steps == 0 {
+        if self.user_set_text_encoder_rate() && self.text_encoder_steps == 0 {
             self.warn("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)");
         }
         self.check_disk_room();
