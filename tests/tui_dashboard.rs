@@ -15,6 +15,8 @@ use ratatui::Terminal;
 use ratatui_image::picker::Picker;
 
 const T0: f64 = 1_700_000_000.0;
+/// How long the recorded run was paused (after step 30).
+const PAUSE: f64 = 20.0;
 
 fn png(path: &Path, seed: u8) {
     let img = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, seed]));
@@ -53,8 +55,9 @@ fn recorded_run(root: &Path) -> std::path::PathBuf {
     ))
     .unwrap();
     for step in 1..=40u64 {
-        // Slow warm-up steps, then 2 steps a second.
-        let time = if step <= 5 { T0 + step as f64 * 3.0 } else { T0 + 15.0 + (step - 5) as f64 * 0.5 };
+        // Slow warm-up steps, then 2 steps a second, with a 20 s pause after step 30.
+        let paused = if step > 30 { PAUSE } else { 0.0 };
+        let time = if step <= 5 { T0 + step as f64 * 3.0 } else { T0 + 15.0 + (step - 5) as f64 * 0.5 + paused };
         let loss = 0.3 / (1.0 + step as f64 * 0.05) + if step % 3 == 0 { 0.02 } else { 0.0 };
         let record = StepRecord { step, epoch: step / 2, loss, lr: 1e-6, it_s: 2.0, vram_bytes: (6u64 << 30) + step * (1 << 24), time };
         log.write(&Event::Step(record)).unwrap();
@@ -64,8 +67,10 @@ fn recorded_run(root: &Path) -> std::path::PathBuf {
                 log.write(&named("checkpoint", t, serde_json::json!({"step": 20, "path": "checkpoints/step-000020"}))).unwrap();
                 log.write(&named("sample", t, serde_json::json!({"step": 20, "paths": ["samples/step-000020-0.png"]}))).unwrap();
             }
-            30 => log.write(&named("pause", t, serde_json::json!({"step": 30, "message": "pause requested"}))).unwrap(),
-            32 => log.write(&named("resume", t, serde_json::json!({"step": 32}))).unwrap(),
+            30 => {
+                log.write(&named("pause", t, serde_json::json!({"step": 30, "message": "pause requested"}))).unwrap();
+                log.write(&named("resume", t + PAUSE, serde_json::json!({"step": 30}))).unwrap();
+            }
             35 => log.write(&named("warning", t, serde_json::json!({"message": "loss spiked at step 35"}))).unwrap(),
             _ => {}
         }
@@ -108,10 +113,10 @@ fn live_run_shows_progress_loss_vram_previews_and_events() {
     let root = tempfile::tempdir().unwrap();
     let run = recorded_run(root.path());
     let _lock = RunLock::acquire(&run).unwrap();
-    let mut state = DashboardState::load(&run, T0 + 40.0);
+    let mut state = DashboardState::load(&run, T0 + 60.0);
     assert_eq!(state.status, RunStatus::Live);
     assert_eq!(state.total_steps, Some(50));
-    // 35 steps after the 5 warm-up steps took 17.5 s: 2 it/s, 10 steps left.
+    // 34 steps after the 5 warm-up steps took 17 s, not counting the pause: 2 it/s, 10 steps left.
     let speed = state.measured_speed().unwrap();
     assert!((speed - 2.0).abs() < 1e-9, "{speed}");
     assert!((state.eta().unwrap() - 5.0).abs() < 1e-9);
@@ -131,7 +136,7 @@ fn keys_send_requests_and_stop_asks_first() {
     let root = tempfile::tempdir().unwrap();
     let run = recorded_run(root.path());
     let _lock = RunLock::acquire(&run).unwrap();
-    let mut state = DashboardState::load(&run, T0 + 40.0);
+    let mut state = DashboardState::load(&run, T0 + 60.0);
     for (c, expected) in [('p', Request::Pause), ('s', Request::Save), ('n', Request::Sample)] {
         let action = action_for_key(&state, key(c)).unwrap();
         assert!(apply(&mut state, action));
@@ -164,7 +169,7 @@ fn paused_run_offers_resume() {
     let _lock = RunLock::acquire(&run).unwrap();
     let mut log = EventLog::open(&run).unwrap();
     log.write(&Event::Named { name: "pause".into(), fields: serde_json::Map::new() }).unwrap();
-    let mut state = DashboardState::load(&run, T0 + 40.0);
+    let mut state = DashboardState::load(&run, T0 + 60.0);
     assert_eq!(state.status, RunStatus::Paused);
     { let a = action_for_key(&state, key('p')).unwrap(); apply(&mut state, a) };
     assert_eq!(take(&run), vec![Request::Resume]);
@@ -175,14 +180,14 @@ fn finished_run_shows_its_summary() {
     let root = tempfile::tempdir().unwrap();
     let run = recorded_run(root.path());
     let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
-    writeln!(file, "{{\"event\":\"done\",\"step\":40,\"time\":{}}}", T0 + 33.0).unwrap();
+    writeln!(file, "{{\"event\":\"done\",\"step\":40,\"time\":{}}}", T0 + 53.0).unwrap();
     let mut state = DashboardState::load(&run, T0 + 1000.0);
     assert_eq!(state.status, RunStatus::Finished);
     let summary = state.summary.clone().unwrap();
     assert_eq!(summary.steps, 40);
     assert!(summary.checkpoint.unwrap().ends_with("checkpoints/step-000020"));
     // The clock stops at the last event, not at `now`.
-    assert_eq!(state.elapsed(), Some(33.0));
+    assert_eq!(state.elapsed(), Some(53.0));
     assert_eq!(action_for_key(&state, key('q')), Some(Action::Detach), "q only quits a finished run");
     let text = screen(&mut state, 80, 24);
     settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_finished", text));
@@ -194,9 +199,9 @@ fn failed_run_and_unreadable_config_do_not_break_the_screen() {
     let run = recorded_run(root.path());
     std::fs::write(run.join("config.yaml"), "name: [unclosed").unwrap();
     let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
-    writeln!(file, "{{\"event\":\"error\",\"message\":\"CUDA out of memory\",\"time\":{}}}", T0 + 34.0).unwrap();
+    writeln!(file, "{{\"event\":\"error\",\"message\":\"CUDA out of memory\",\"time\":{}}}", T0 + 54.0).unwrap();
     writeln!(file, "{{\"step\": 41, \"ep").unwrap();
-    let mut state = DashboardState::load(&run, T0 + 40.0);
+    let mut state = DashboardState::load(&run, T0 + 60.0);
     assert!(matches!(state.status, RunStatus::Failed(ref m) if m.contains("CUDA out of memory")));
     assert!(state.config_error.is_some());
     // The trainer's start event still gives the total when the config cannot be read.
@@ -222,7 +227,7 @@ fn total_steps_come_from_the_start_event_and_the_formula_before_it() {
     // The trainer's count wins over the config's (here they differ on purpose).
     let text = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
     std::fs::write(run.join("events.jsonl"), text.replacen("\"total_steps\":50", "\"total_steps\":60", 1)).unwrap();
-    let state = DashboardState::load(&run, T0 + 40.0);
+    let state = DashboardState::load(&run, T0 + 60.0);
     assert_eq!(state.total_steps, Some(60));
     assert_eq!(state.device.as_deref(), Some("Cuda(0)"));
     // Before the trainer has logged its start: 25 steps per image × 2 images, the trainer's formula.
@@ -237,8 +242,8 @@ fn stopped_run_says_how_to_continue_and_shows_warnings() {
     let root = tempfile::tempdir().unwrap();
     let run = recorded_run(root.path());
     let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
-    writeln!(file, "{{\"event\":\"checkpoint\",\"step\":40,\"path\":\"checkpoints/step-000040\",\"time\":{}}}", T0 + 33.0).unwrap();
-    writeln!(file, "{{\"event\":\"stopped\",\"step\":40,\"path\":\"{}\",\"time\":{}}}", run.join("checkpoints/step-000040").display(), T0 + 33.5).unwrap();
+    writeln!(file, "{{\"event\":\"checkpoint\",\"step\":40,\"path\":\"checkpoints/step-000040\",\"time\":{}}}", T0 + 53.0).unwrap();
+    writeln!(file, "{{\"event\":\"stopped\",\"step\":40,\"path\":\"{}\",\"time\":{}}}", run.join("checkpoints/step-000040").display(), T0 + 53.5).unwrap();
     std::fs::create_dir_all(run.join("checkpoints/step-000040")).unwrap();
     let mut state = DashboardState::load(&run, T0 + 100.0);
     assert_eq!(state.status, RunStatus::Stopped);
@@ -291,8 +296,8 @@ fn any_terminal_size_draws_without_panicking() {
     let root = tempfile::tempdir().unwrap();
     let run = recorded_run(root.path());
     let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
-    writeln!(file, "{{\"event\":\"error\",\"message\":\"CUDA out of memory\",\"time\":{}}}", T0 + 34.0).unwrap();
-    let mut state = DashboardState::load(&run, T0 + 40.0);
+    writeln!(file, "{{\"event\":\"error\",\"message\":\"CUDA out of memory\",\"time\":{}}}", T0 + 54.0).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 60.0);
     // Resizes down to a sliver and back: every size draws (content is cut, never a panic).
     for (w, h) in [(80, 24), (60, 16), (40, 12), (20, 6), (1, 1), (200, 60), (80, 24)] {
         let text = screen(&mut state, w, h);
@@ -315,6 +320,14 @@ fn a_resumed_run_redoes_the_steps_after_its_checkpoint() {
     let steps: Vec<u64> = state.steps.iter().map(|s| s.step).collect();
     assert_eq!(steps, (1..=25).collect::<Vec<_>>(), "each step once, the redone ones in place of the lost ones");
     assert_eq!(state.last_step().unwrap().loss, 0.5);
+    // The speed is the restarted trainer's (1 step a second), not stretched by the time it was down.
+    let writes_six = |from: u64| ((from + 1)..=(from + 6)).map(|step| StepRecord { step, epoch: step / 2, loss: 0.5, lr: 1e-6, it_s: 1.0, vram_bytes: 0, time: T0 + 100.0 + step as f64 });
+    for record in writes_six(25) {
+        writeln!(file, "{}", serde_json::to_string(&record).unwrap()).unwrap();
+    }
+    let state = DashboardState::load(&run, T0 + 132.0);
+    assert_eq!(state.measured_speed(), Some(1.0));
+    assert_eq!(state.eta(), Some(19.0));
     // A run restarted from nothing (killed before its first checkpoint) starts its chart over.
     writeln!(file, "{{\"event\":\"start\",\"step\":0,\"total_steps\":50,\"resumed_from\":null,\"time\":{}}}", T0 + 200.0).unwrap();
     let state = DashboardState::load(&run, T0 + 201.0);
@@ -390,14 +403,14 @@ fn the_text_encoders_own_rate_is_shown() {
     );
     std::fs::write(run.join("config.yaml"), config).unwrap();
     // At step 40 of 50 the text encoder (half the steps) is done.
-    let mut state = DashboardState::load(&run, T0 + 40.0);
+    let mut state = DashboardState::load(&run, T0 + 60.0);
     let text = screen(&mut state, 80, 24);
     assert!(text.contains("TE done at step 25"), "{text}");
     // At step 10 the steps logged lr 1e-6, half the UNet's base: the text encoder's is half of its own.
     let events = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
     let early: String = events.lines().take_while(|l| !l.contains("\"step\":11,")).map(|l| format!("{l}\n")).collect();
     std::fs::write(run.join("events.jsonl"), early).unwrap();
-    let mut state = DashboardState::load(&run, T0 + 40.0);
+    let mut state = DashboardState::load(&run, T0 + 60.0);
     let text = screen(&mut state, 80, 24);
     assert!(text.contains("TE lr 2.500e-6 to step 25"), "{text}");
     settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_text_encoder_lr", text));

@@ -338,13 +338,36 @@ impl DashboardState {
         Some((end - start).max(0.0))
     }
 
-    /// Steps per second measured after the warm-up steps.
+    /// Steps per second of the running trainer, measured after its warm-up steps:
+    /// steps an earlier process logged (a resumed run) and the time spent paused
+    /// are left out, or a night between crash and resume would stretch the ETA.
     pub fn measured_speed(&self) -> Option<f64> {
-        let first = self.steps.first()?.step;
-        let from = self.steps.iter().find(|s| s.step >= first + WARMUP_STEPS)?;
-        let last = self.steps.last()?;
-        let (ds, dt) = (last.step.saturating_sub(from.step) as f64, last.time - from.time);
+        let started = self.log.iter().rev().find(|l| l.kind == "start").and_then(|l| l.time).unwrap_or(f64::MIN);
+        let current: Vec<&StepRecord> = self.steps.iter().filter(|s| s.time >= started).collect();
+        let first = current.first()?.step;
+        let from = current.iter().find(|s| s.step >= first + WARMUP_STEPS)?;
+        let last = current.last()?;
+        let paused = self.paused_seconds(from.time, last.time);
+        let (ds, dt) = (last.step.saturating_sub(from.step) as f64, last.time - from.time - paused);
         (ds > 0.0 && dt > 0.0).then(|| ds / dt)
+    }
+
+    /// Seconds between `from` and `to` that the trainer spent paused (`pause` to `resume`).
+    fn paused_seconds(&self, from: f64, to: f64) -> f64 {
+        let mut total = 0.0;
+        let mut paused_at: Option<f64> = None;
+        for line in &self.log {
+            match (line.kind.as_str(), line.time) {
+                ("pause", Some(t)) => paused_at = Some(t),
+                ("resume", Some(t)) => {
+                    if let Some(p) = paused_at.take() {
+                        total += (t.min(to) - p.max(from)).max(0.0);
+                    }
+                }
+                _ => {}
+            }
+        }
+        total
     }
 
     /// Seconds left at the speed measured after warm-up.
