@@ -164,6 +164,27 @@ fn lora_trains_only_adapters_saves_kohya_files_and_resumes_exactly() {
     assert_eq!(generate(&run, &root.path().join("run.png"), &[]), with_lora);
 }
 
+/// A concept without `sample_prompts` is previewed with its instance prompt as its
+/// first image trains on it (`[filewords]` filled in, the instance token put in).
+#[test]
+fn previews_without_sample_prompts_use_the_instance_prompt() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 2);
+    std::fs::write(data.join("img-0.txt"), "a red dog on grass").unwrap();
+    let mut c = load(&write_config(root.path(), "no-sample-prompts", &data, "  steps_per_image: 1\n  save_preview_every_n_epochs: 1\n"));
+    c.concepts[0].instance_prompt = "a photo of [filewords]".into();
+    c.concepts[0].instance_token = "sks".into();
+    c.concepts[0].class_token = "dog".into();
+    assert!(c.concepts[0].sample_prompts.is_empty());
+    let mut t = Trainer::start(c, quiet()).unwrap();
+    assert_eq!(t.run().unwrap(), dreambooth::train::trainer::Outcome::Finished);
+    let samples = named_events(&t.run_dir, "sample");
+    assert_eq!(samples.len(), 1, "{samples:?}");
+    assert_eq!(samples[0]["prompts"], serde_json::json!(["a photo of a red sks dog on grass"]));
+    assert!(t.run_dir.join("samples/step-000002-0.png").is_file());
+}
+
 /// Under mixed precision the networks that never train are stored in the half
 /// dtype (diffusers' `weight_dtype`); what trains stays float32.
 #[test]

@@ -99,8 +99,14 @@ impl Trainer {
 /// A concept's preview prompts; one holding `[filewords]` (the wizard's
 /// default when the instance prompt does) takes the words of the instance
 /// images in turn, made an instance prompt as in training.
+/// A concept's preview prompts; without any, its instance prompt as the first image
+/// trains on it (the extension's blank "Sample Image Prompt", and what the wizard offers).
 fn sample_prompts(c: &Concept) -> Vec<String> {
     let images = list_images(&c.instance_data_dir, "instance_data_dir").unwrap_or_default();
+    if c.sample_prompts.is_empty() {
+        let words = images.first().map(|i| file_words(i)).unwrap_or_default();
+        return vec![crate::data::prompts::build(&c.instance_prompt, &words, c, Role::Instance)];
+    }
     c.sample_prompts
         .iter()
         .enumerate()
