@@ -120,8 +120,10 @@ pub struct GenerateArgs {
     pub scheduler: String,
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
+    /// Image width. Default: a run directory's `resolution` (what its previews used), else the model's native size.
     #[arg(long)]
     pub width: Option<i64>,
+    /// Image height; the same default as `--width`.
     #[arg(long)]
     pub height: Option<i64>,
     #[arg(long, default_value = "auto")]

@@ -333,11 +333,12 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     } else {
         StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?
     };
-    // A run samples as its previews did: with the layer it trained against.
-    let clip_skip = match args.clip_skip {
-        Some(n) => n,
-        None if run_dir => crate::config::load_run_config(&args.model.join("config.yaml"))?.training.clip_skip,
-        None => 1,
+    // A run samples as its previews did: with the layer it trained against, at its resolution.
+    let run_config = if run_dir { Some(crate::config::load_run_config(&args.model.join("config.yaml"))?) } else { None };
+    let clip_skip = match (args.clip_skip, &run_config) {
+        (Some(n), _) => n,
+        (None, Some(run)) => run.training.clip_skip,
+        (None, None) => 1,
     };
     if clip_skip < 1 || clip_skip > sd.text_config.num_hidden_layers {
         return Err(usage(format!(
@@ -350,8 +351,9 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         let layers = sd.merge_lora(lora, weight)?;
         eprintln!("merged {} at weight {weight} ({layers} layers)", lora.display());
     }
-    let width = args.width.unwrap_or_else(|| sd.default_size());
-    let height = args.height.unwrap_or_else(|| sd.default_size());
+    let default_size = run_config.as_ref().map(|run| run.resolution).unwrap_or_else(|| sd.default_size());
+    let width = args.width.unwrap_or(default_size);
+    let height = args.height.unwrap_or(default_size);
     sd.check_size(width, height)?;
     if let Some(dir) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create the folder {}", dir.display()))?;

@@ -503,10 +503,10 @@ fn a_run_killed_or_stopped_while_making_class_images_resumes_from_step_0() {
     assert!(log.contains("stopped before training began"), "{log}");
 }
 
-/// `generate` from a run directory samples with the run's own `clip_skip` (as its
-/// previews did) unless `--clip-skip` says otherwise.
+/// `generate` from a run directory samples with the run's own `clip_skip` and at its
+/// `resolution` (as its previews did) unless `--clip-skip` / `--width` say otherwise.
 #[test]
-fn generate_from_a_run_uses_its_clip_skip() {
+fn generate_from_a_run_uses_its_clip_skip_and_resolution() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let data = r.join("data");
@@ -519,6 +519,12 @@ fn generate_from_a_run_uses_its_clip_skip() {
     let default = image("default.png", &[]);
     assert_eq!(default, image("two.png", &["--clip-skip", "2"]));
     assert_ne!(default, image("one.png", &["--clip-skip", "1"]), "clip skip 2 and 1 gave the same image");
+    // The tiny model's native size is 128; the run trained (and previewed) at 64.
+    let png = r.join("sized.png");
+    let (code, _, err) = cli(&["generate", "--model", run.to_str().unwrap(), "--prompt", "x", "--steps", "1", "--device", "cpu",
+        "--out", png.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(image::image_dimensions(&png).unwrap(), (64, 64));
 }
 
 /// SD 2 (v-prediction) runs export to a single file with its config beside it
