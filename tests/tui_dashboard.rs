@@ -173,6 +173,14 @@ fn paused_run_offers_resume() {
     assert_eq!(state.status, RunStatus::Paused);
     { let a = action_for_key(&state, key('p')).unwrap(); apply(&mut state, a) };
     assert_eq!(take(&run), vec![Request::Resume]);
+    // The footer says so until the trainer has done it.
+    assert_eq!(state.notice.as_deref(), Some("resume requested"));
+    state.refresh(T0 + 61.0);
+    assert_eq!(state.notice.as_deref(), Some("resume requested"));
+    log.write(&Event::Named { name: "resume".into(), fields: serde_json::Map::new() }).unwrap();
+    state.refresh(T0 + 62.0);
+    assert_eq!(state.status, RunStatus::Live);
+    assert_eq!(state.notice, None, "the request was carried out");
 }
 
 #[test]

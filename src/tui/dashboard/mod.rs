@@ -83,11 +83,24 @@ pub fn apply(state: &mut DashboardState, action: Action) -> bool {
         Action::SaveNow => Request::Save,
         Action::SampleNow => Request::Sample,
     };
-    state.notice = Some(match send(&state.run_dir, request) {
+    let sent = send(&state.run_dir, request);
+    state.notice_answered_by = sent.is_ok().then(|| (answering_event(request), state.log.len()));
+    state.notice = Some(match sent {
         Ok(()) => format!("{} requested", request.name()),
         Err(e) => crate::error::one_line(&e),
     });
     true
+}
+
+/// The event a trainer logs when it has carried out `request`.
+fn answering_event(request: Request) -> &'static str {
+    match request {
+        Request::Stop => "stopped",
+        Request::Pause => "pause",
+        Request::Resume => "resume",
+        Request::Save => "checkpoint",
+        Request::Sample => "sample",
+    }
 }
 
 /// Makes each preview's image protocol for the cell it will be drawn in

@@ -97,8 +97,11 @@ pub struct DashboardState {
     pub started: Option<f64>,
     /// The stop confirmation popup is open.
     pub confirm_stop: bool,
-    /// A short line about the last request sent ("pause sent").
+    /// A short line about the last request sent ("pause requested").
     pub notice: Option<String>,
+    /// The event that answers the request the notice is about, and how many log
+    /// lines there were when it was sent: the notice goes once the answer is logged.
+    pub notice_answered_by: Option<(&'static str, usize)>,
     pub summary: Option<Summary>,
     /// The card's memory, when the trainer logged it (an event field `vram_total_bytes`).
     pub vram_total: Option<u64>,
@@ -130,6 +133,7 @@ impl DashboardState {
             started: None,
             confirm_stop: false,
             notice: None,
+            notice_answered_by: None,
             summary: None,
             vram_total: None,
             preparing: None,
@@ -167,6 +171,12 @@ impl DashboardState {
             }
         };
         self.apply_events(&events);
+        if let Some((answer, sent_at)) = self.notice_answered_by {
+            if self.log.iter().skip(sent_at).any(|l| l.kind == answer) {
+                self.notice = None;
+                self.notice_answered_by = None;
+            }
+        }
         let live = RunLock::is_held(&self.run_dir);
         self.status = match (&self.status, live) {
             // The end event is written just before the trainer lets go of the lock.
