@@ -382,7 +382,8 @@ fn imagic_run_writes_its_files_and_learns_to_reconstruct_the_image() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("data");
     subject_images(&data, 2);
-    let training = "  train_imagic_only: true\n  steps_per_image: 6\n  learning_rate: 5.0e-4\n  save_preview_every_n_epochs: 3\n";
+    let training = "  train_imagic_only: true\n  steps_per_image: 6\n  learning_rate: 5.0e-4\n  save_preview_every_n_epochs: 3\n  \
+                    pause_after_n_epochs: 4\n  pause_seconds: 1\n";
     let cfg = write_config(root.path(), "imagic", &data, training);
     let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
     let example = &t.data.instances[0];
@@ -410,6 +411,10 @@ fn imagic_run_writes_its_files_and_learns_to_reconstruct_the_image() {
     assert_eq!(start["imagic"]["embedding_steps"], 3);
     assert_eq!(start["imagic"]["unet_steps"], 6);
     assert!(run.join("samples/step-000006-0.png").is_file() && run.join("samples/step-000009-0.png").is_file());
+    // A UNet step is an epoch of the one image: the pause comes after the 4th (step 3 + 4).
+    let pauses = named_events(&run, "pause");
+    assert_eq!(pauses.len(), 1, "{pauses:?}");
+    assert_eq!((pauses[0]["step"].as_u64(), pauses[0]["reason"].as_str()), (Some(7), Some("after epoch 4")));
 }
 
 fn imagic_embeddings(run: &Path) -> (Tensor, Tensor) {

@@ -184,11 +184,9 @@ impl Trainer {
             self.micro_batches += 1;
             self.last_lr = lr;
             self.record_step(loss.double_value(&[]), started.elapsed().as_secs_f64())?;
-            if t.save_model_every_n_epochs > 0 && (k + 1) % u64::from(t.save_model_every_n_epochs) == 0 {
-                self.checkpoint()?;
-            }
-            if t.save_preview_every_n_epochs > 0 && (k + 1) % u64::from(t.save_preview_every_n_epochs) == 0 {
-                self.previews()?;
+            // Each UNet step is an epoch of the one image: previews, checkpoints and pauses as in DreamBooth.
+            if self.end_of_epoch(k + 1)? {
+                return self.stop();
             }
         }
         self.set_unet_training(false);
