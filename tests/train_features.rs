@@ -383,9 +383,16 @@ fn imagic_run_writes_its_files_and_learns_to_reconstruct_the_image() {
     let data = root.path().join("data");
     subject_images(&data, 2);
     let training = "  train_imagic_only: true\n  steps_per_image: 6\n  learning_rate: 5.0e-4\n  save_preview_every_n_epochs: 3\n  \
-                    pause_after_n_epochs: 4\n  pause_seconds: 1\n";
+                    pause_after_n_epochs: 4\n  pause_seconds: 1\n  offset_noise: 0.1\n";
     let cfg = write_config(root.path(), "imagic", &data, training);
-    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    let mut config = load(&cfg);
+    config.concepts[0].class_prompt = "a photo of a thing".into();
+    config.concepts[0].num_class_images = 2;
+    let mut t = Trainer::start(config, quiet()).unwrap();
+    let warnings: Vec<String> = named_events(&t.run_dir, "warning").iter().map(|w| w["message"].as_str().unwrap().to_string()).collect();
+    assert!(warnings.iter().any(|w| w.ends_with(": `offset_noise` does not apply to it")), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.contains("no class images are made")), "{warnings:?}");
+    assert!(!t.run_dir.join("class_images").exists(), "Imagic made class images");
     let example = &t.data.instances[0];
     let latents = tch::no_grad(|| t.sd.vae.encode(&example.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor);
     let target = tch::no_grad(|| t.sd.encode_prompt("a photo of sks thing", 1));

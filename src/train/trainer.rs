@@ -609,15 +609,22 @@ impl Trainer {
         }
     }
 
-    /// Whether `text_encoder_learning_rate` is the user's own rather than their preset's
-    /// (the 6gb/8gb presets set one for concepts that train the text encoder, and a run
-    /// that does not should not be warned about a value it never chose).
-    fn user_set_text_encoder_rate(&self) -> bool {
-        let Some(rate) = self.config.training.text_encoder_learning_rate else { return false };
-        let preset_rate = self.config.preset.as_deref()
-            .and_then(|p| crate::config::presets::training_value(p, "text_encoder_learning_rate"))
-            .and_then(|v| v.as_f64());
-        preset_rate != Some(rate)
+    /// Whether `training.<key>` is the user's own choice: neither the default nor their
+    /// preset's value (the 6gb/8gb presets set `text_encoder_learning_rate` for concepts
+    /// that train the text encoder, and a run that does not should not be warned about
+    /// a value it never chose).
+    fn chosen_by_user(&self, key: &str) -> bool {
+        let value_of = |t: &crate::config::schema::Training| serde_yaml::to_value(t).ok().and_then(|v| v.get(key).cloned());
+        let ours = value_of(&self.config.training);
+        if ours.is_none() || ours == value_of(&crate::config::schema::Training::default()) {
+            return false;
+        }
+        let preset = self.config.preset.as_deref().and_then(|p| crate::config::presets::training_value(p, key));
+        let same = |a: &serde_yaml::Value, b: &serde_yaml::Value| match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) => x == y,
+            _ => a == b,
+        };
+        !matches!((&ours, &preset), (Some(a), Some(b)) if same(a, b))
     }
 
     fn describe_plan(&mut self) {
@@ -632,11 +639,28 @@ impl Trainer {
             if t.text_encoder_train_ratio > 0.0 {
                 self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_train_ratio` does not apply to it");
             }
-            if self.user_set_text_encoder_rate() {
+            if self.chosen_by_user("text_encoder_learning_rate") {
                 self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_learning_rate` does not apply to it");
             }
             if t.mixed_precision != MixedPrecision::No {
                 self.warn("Imagic trains in float32: `mixed_precision` does not apply to it");
+            }
+            // Imagic's stages take one sample of the one image a step, with the paper's plain loss.
+            let unused: Vec<String> = ["batch_size", "gradient_accumulation_steps", "offset_noise", "min_snr_gamma",
+                "random_flip", "aspect_ratio_bucketing", "shuffle_tags"]
+                .into_iter()
+                .filter(|key| self.chosen_by_user(key))
+                .map(|key| format!("`{key}`"))
+                .collect();
+            if !unused.is_empty() {
+                self.warn(&format!(
+                    "Imagic trains on one sample of one image a step with the paper's loss: {} {} not apply to it",
+                    unused.join(", "),
+                    if unused.len() == 1 { "does" } else { "do" }
+                ));
+            }
+            if self.config.concepts.iter().any(|c| !c.class_prompt.trim().is_empty()) {
+                self.warn("Imagic has no prior preservation: the class prompt is not used and no class images are made");
             }
             self.log.line(&format!(
                 "Imagic: {} embedding steps, then {} UNet steps on one image, target text {:?}",
@@ -684,7 +708,7 @@ impl Trainer {
         if t.lora_layers != defaults.lora_layers && !t.use_lora {
             self.warn("`lora_layers` applies to LoRA runs only (`use_lora: true`)");
         }
-        if self.user_set_text_encoder_rate() && self.text_encoder_steps == 0 {
+        if self.chosen_by_user("text_encoder_learning_rate") && self.text_encoder_steps == 0 {
             self.warn("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)");
         }
         self.check_disk_room();

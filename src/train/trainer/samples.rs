@@ -140,7 +140,8 @@ pub(super) fn prepare_class_images(
 ) -> anyhow::Result<Vec<Vec<dataset::Example>>> {
     let mut all = Vec::new();
     for (i, c) in config.concepts.iter().enumerate() {
-        if c.class_prompt.trim().is_empty() {
+        // Imagic has no prior term (the trainer warns that the class prompt is unused).
+        if c.class_prompt.trim().is_empty() || config.training.train_imagic_only {
             all.push(Vec::new());
             continue;
         }
