@@ -122,6 +122,37 @@ fn an_unused_text_encoder_rate_is_warned_about_only_when_the_user_set_it() {
     assert!(warned("te-rate-no-preset", "", "  steps_per_image: 1\n  text_encoder_learning_rate: 5.0e-5\n"));
 }
 
+/// A setting the rest of the config leaves without effect is named in a warning;
+/// the same settings where they apply are not.
+#[test]
+fn settings_without_effect_are_warned_about() {
+    let root = tempfile::tempdir().unwrap();
+    let warnings = |name: &str, training: &str| -> Vec<String> {
+        let t = trainer(root.path(), name, 1, &format!("  steps_per_image: 1\n{training}"));
+        named_events(&t.run_dir, "warning").iter().map(|w| w["message"].as_str().unwrap().to_string()).collect()
+    };
+    let unused = warnings(
+        "no-effect",
+        "  lr_scheduler: constant\n  lr_warmup_steps: 10\n  lora_rank: 16\n  lora_layers: all\n  ema_decay: 0.5\n  \
+         freeze_clip_normalization: true\n  lr_end: 0.0\n",
+    );
+    for expected in [
+        "`lr_warmup_steps` applies to schedulers with a warm-up (not `constant`) only",
+        "`lora_rank` and `lora_layers` apply to LoRA runs (`use_lora: true`) only",
+        "`ema_decay` applies to runs with `use_ema: true` only",
+        "`freeze_clip_normalization` applies to runs that fine-tune the text encoder's weights only",
+        "`lr_end` applies to `lr_scheduler: polynomial` only",
+    ] {
+        assert!(unused.iter().any(|w| w == expected), "no {expected:?} in {unused:?}");
+    }
+    let used = warnings(
+        "with-effect",
+        "  lr_scheduler: polynomial\n  lr_warmup_steps: 1\n  lr_end: 0.0\n  use_ema: true\n  ema_decay: 0.5\n  \
+         text_encoder_train_ratio: 1.0\n  freeze_clip_normalization: true\n",
+    );
+    assert!(used.iter().all(|w| !w.contains(" only")), "{used:?}");
+}
+
 /// `lora_text_encoder_rank` / `lora_text_encoder_alpha`: the text encoder's
 /// adapters get their own rank and alpha, the UNet's keep `lora_rank` / `lora_alpha`.
 #[test]

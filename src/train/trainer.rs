@@ -627,6 +627,38 @@ impl Trainer {
         !matches!((&ours, &preset), (Some(a), Some(b)) if same(a, b))
     }
 
+    /// Settings the user chose that this run's other settings leave without effect:
+    /// one warning each, so no key is silently ignored.
+    fn warn_about_settings_without_effect(&mut self) {
+        let t = self.config.training.clone();
+        let chosen = |keys: &[&str]| -> Vec<String> {
+            keys.iter().filter(|k| self.chosen_by_user(k)).map(|k| format!("`{k}`")).collect()
+        };
+        let mut warnings = Vec::new();
+        let mut unless = |keys: Vec<String>, applies: bool, only: &str| {
+            if !keys.is_empty() && !applies {
+                let verb = if keys.len() == 1 { "applies" } else { "apply" };
+                warnings.push(format!("{} {verb} to {only} only", keys.join(" and ")));
+            }
+        };
+        unless(chosen(&["lr_cycles"]), t.lr_scheduler == LrScheduler::CosineWithRestarts, "`lr_scheduler: cosine_with_restarts`");
+        unless(chosen(&["lr_power", "lr_end"]), t.lr_scheduler == LrScheduler::Polynomial, "`lr_scheduler: polynomial`");
+        // diffusers' `constant` has no warm-up (`constant_with_warmup` has).
+        unless(chosen(&["lr_warmup_steps"]), t.lr_scheduler != LrScheduler::Constant, "schedulers with a warm-up (not `constant`)");
+        unless(
+            chosen(&["lora_rank", "lora_alpha", "lora_text_encoder_rank", "lora_text_encoder_alpha", "lora_layers"]),
+            t.use_lora,
+            "LoRA runs (`use_lora: true`)",
+        );
+        unless(chosen(&["ema_decay"]), t.use_ema, "runs with `use_ema: true`");
+        // Only a fully trained text encoder has normalization layers that could move.
+        let full_text_encoder = self.text_encoder_steps > 0 && !t.use_lora && self.imagic_plan.is_none();
+        unless(chosen(&["freeze_clip_normalization"]), full_text_encoder, "runs that fine-tune the text encoder's weights");
+        for warning in warnings {
+            self.warn(&warning);
+        }
+    }
+
     fn describe_plan(&mut self) {
         let t = self.config.training.clone();
         let images = self.data.instances.len() as u64;
@@ -659,6 +691,7 @@ impl Trainer {
                     if unused.len() == 1 { "does" } else { "do" }
                 ));
             }
+            self.warn_about_settings_without_effect();
             if self.config.concepts.iter().any(|c| !c.class_prompt.trim().is_empty()) {
                 self.warn("Imagic has no prior preservation: the class prompt is not used and no class images are made");
             }
@@ -698,16 +731,7 @@ impl Trainer {
                 u64::from(t.steps_per_image) * self.batches_per_epoch - self.total_steps * u64::from(t.gradient_accumulation_steps)
             ));
         }
-        let defaults = crate::config::schema::Training::default();
-        if t.lr_cycles != defaults.lr_cycles && t.lr_scheduler != LrScheduler::CosineWithRestarts {
-            self.warn("`lr_cycles` applies to `lr_scheduler: cosine_with_restarts` only");
-        }
-        if (t.lr_power != defaults.lr_power || t.lr_end != defaults.lr_end) && t.lr_scheduler != LrScheduler::Polynomial {
-            self.warn("`lr_power` and `lr_end` apply to `lr_scheduler: polynomial` only");
-        }
-        if t.lora_layers != defaults.lora_layers && !t.use_lora {
-            self.warn("`lora_layers` applies to LoRA runs only (`use_lora: true`)");
-        }
+        self.warn_about_settings_without_effect();
         if self.chosen_by_user("text_encoder_learning_rate") && self.text_encoder_steps == 0 {
             self.warn("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)");
         }
