@@ -116,6 +116,17 @@ fn resume_with_more_steps_per_image_trains_on_like_a_longer_run() {
         assert_eq!(code, 0, "{err}");
     }
     let run = r.join("runs/short");
+    // Resumed as it is, a finished run has nothing to do: it says how to train on, and writes nothing.
+    let events_before = std::fs::read(run.join("events.jsonl")).unwrap();
+    for detach in [false, true] {
+        let mut args = vec!["resume", run.to_str().unwrap(), "--plain"];
+        args.extend(detach.then_some("--detach"));
+        let (code, out, err) = cli(&args);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("has trained all its 4 steps; `dreambooth resume") && err.contains("--steps-per-image 3` (or more) trains on"), "{err}");
+        assert!(!err.contains("background") && out.is_empty(), "{out}{err}");
+    }
+    assert_eq!(std::fs::read(run.join("events.jsonl")).unwrap(), events_before, "a finished run's resume wrote events");
     let config_before = std::fs::read_to_string(run.join("config.yaml")).unwrap();
     let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain", "--steps-per-image", "1"]);
     assert_one_line_error(code, &err, "the run is at step 4 already: give 3 or more");

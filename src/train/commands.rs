@@ -65,10 +65,12 @@ fn detach(args: &[&std::ffi::OsStr], run_dir_hint: Option<&Path>) -> anyhow::Res
     }
     std::thread::sleep(Duration::from_millis(50));
     if let Some(status) = child.try_wait()? {
+        // Done already: it failed, or had nothing to do (a finished run resumed).
+        eprint!("{early}");
         if !status.success() {
-            eprint!("{early}");
             std::process::exit(status.code().unwrap_or(1));
         }
+        return Ok(());
     }
     let dir = run_dir_hint.map(Path::to_path_buf).unwrap_or_default();
     println!("{}", dir.display());
@@ -109,10 +111,15 @@ fn options(plain: bool, quiet: bool) -> TrainOptions {
     TrainOptions { plain, quiet, before_class_images }
 }
 
-/// A stop while class images were made is a clean end (the event and log say so).
+/// A stop while class images were made is a clean end (the event and log say so);
+/// so is resuming a run that has nothing left to train.
 fn stopped_is_fine(started: anyhow::Result<Trainer>) -> anyhow::Result<Option<Trainer>> {
     match started {
         Err(e) if e.is::<super::trainer::StoppedBeforeTraining>() => Ok(None),
+        Err(e) if e.is::<super::trainer::AlreadyFinished>() => {
+            eprintln!("{e}");
+            Ok(None)
+        }
         other => other.map(Some),
     }
 }

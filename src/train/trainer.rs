@@ -95,6 +95,21 @@ impl std::fmt::Display for StoppedBeforeTraining {
 
 impl std::error::Error for StoppedBeforeTraining {}
 
+/// `resume` of a run that has trained all its steps, without `--steps-per-image`
+/// asking for more: nothing to do. Callers say so and exit cleanly.
+#[derive(Debug)]
+pub struct AlreadyFinished {
+    pub message: String,
+}
+
+impl std::fmt::Display for AlreadyFinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for AlreadyFinished {}
+
 /// What the preparation before the first step reports to and listens to.
 pub(crate) struct Preparation<'a> {
     pub events: &'a mut EventLog,
@@ -276,10 +291,23 @@ impl Trainer {
         let instances = dataset::load_instances(&config, &early_buckets(&config))?;
         let wanted = config.training.steps_per_image;
         let accumulation = config.training.gradient_accumulation_steps;
+        // Checked before the model loads: the batches an epoch come from the images.
+        let batches = crate::data::buckets::batches_per_epoch(instances.iter().map(dataset::Example::frame), config.training.batch_size);
+        let total = match config.training.train_imagic_only {
+            true => imagic_run::ImagicPlan::from_training(&config.training).total(),
+            false => total_steps(wanted, batches, accumulation),
+        };
+        if wanted == planned && newest.is_some() && step >= total {
+            // The fewest epochs that still leave a step: n·batches ≥ (step + 1)·accumulation.
+            let epochs_more = ((step + 1) * u64::from(accumulation.max(1))).div_ceil(batches.max(1));
+            let more = if config.training.train_imagic_only {
+                String::new()
+            } else {
+                format!("; `dreambooth resume {} --steps-per-image {epochs_more}` (or more) trains on", run_dir.display())
+            };
+            return Err(AlreadyFinished { message: format!("{} has trained all its {total} steps{more}", run_dir.display()) }.into());
+        }
         if wanted != planned {
-            // Checked before the model loads: the batches an epoch come from the images.
-            let batches = crate::data::buckets::batches_per_epoch(instances.iter().map(dataset::Example::frame), config.training.batch_size);
-            let total = total_steps(wanted, batches, accumulation);
             if step >= total {
                 // The fewest epochs that still leave a step: n·batches ≥ (step + 1)·accumulation.
                 let fewest = ((step + 1) * u64::from(accumulation.max(1))).div_ceil(batches.max(1));
@@ -387,7 +415,7 @@ impl Trainer {
         let imagic_plan = t.train_imagic_only.then(|| imagic_run::ImagicPlan::from_training(t));
         let (total, batches_per_epoch, lr_steps) = match &imagic_plan {
             // Both stages count as steps; the LR schedule covers the UNet stage.
-            Some(plan) => (plan.embedding_steps + plan.unet_steps, 1, plan.unet_steps),
+            Some(plan) => (plan.total(), 1, plan.unet_steps),
             None => {
                 let batches = data.batches_per_epoch(t.batch_size);
                 let total = total_steps(t.steps_per_image, batches, t.gradient_accumulation_steps);

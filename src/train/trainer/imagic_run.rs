@@ -42,6 +42,11 @@ impl ImagicPlan {
         ImagicPlan { embedding_steps, unet_steps }
     }
 
+    /// Steps of both stages.
+    pub fn total(&self) -> u64 {
+        self.embedding_steps + self.unet_steps
+    }
+
     pub fn embedding_lr() -> f64 {
         ImagicSettings::default().embedding_lr
     }
