@@ -122,6 +122,22 @@ fn an_unused_text_encoder_rate_is_warned_about_only_when_the_user_set_it() {
     assert!(warned("te-rate-no-preset", "", "  steps_per_image: 1\n  text_encoder_learning_rate: 5.0e-5\n"));
 }
 
+/// The guide's advice that the image count divide by batch × accumulation: a run
+/// that breaks it is told what happens (smaller batches; untrained left-overs).
+#[test]
+fn an_image_count_that_batches_unevenly_is_warned_about() {
+    let root = tempfile::tempdir().unwrap();
+    let warning = |name: &str, images: usize, training: &str| -> Option<String> {
+        let t = trainer(root.path(), name, images, training);
+        named_events(&t.run_dir, "warning").iter().map(|w| w["message"].as_str().unwrap().to_string()).find(|w| w.contains("multiple"))
+    };
+    let smaller = warning("uneven-batch", 3, "  steps_per_image: 1\n  batch_size: 2\n").unwrap();
+    assert_eq!(smaller, "3 instance images are not a multiple of batch_size × gradient_accumulation_steps = 2: the last batch of each epoch is smaller");
+    let left_over = warning("uneven-accumulation", 4, "  steps_per_image: 1\n  gradient_accumulation_steps: 3\n").unwrap();
+    assert!(left_over.ends_with("and accumulation carries across epoch boundaries, and 1 left-over micro-batches at the end are not trained"), "{left_over}");
+    assert_eq!(warning("even", 4, "  steps_per_image: 1\n  batch_size: 2\n  gradient_accumulation_steps: 2\n"), None);
+}
+
 /// A setting the rest of the config leaves without effect is named in a warning;
 /// the same settings where they apply are not.
 #[test]

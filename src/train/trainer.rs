@@ -752,11 +752,12 @@ impl Trainer {
             } else {
                 format!("{images} instance images are not a multiple of batch_size × gradient_accumulation_steps = {per_step}")
             };
+            let left_over = u64::from(t.steps_per_image) * self.batches_per_epoch - self.total_steps * u64::from(t.gradient_accumulation_steps);
             self.warn(&format!(
-                "{what}: {} is smaller{}, and {} left-over micro-batches at the end are not trained",
+                "{what}: {} is smaller{}{}",
                 if frames.len() > 1 { "each bucket's last batch of an epoch" } else { "the last batch of each epoch" },
                 if t.gradient_accumulation_steps > 1 { " and accumulation carries across epoch boundaries" } else { "" },
-                u64::from(t.steps_per_image) * self.batches_per_epoch - self.total_steps * u64::from(t.gradient_accumulation_steps)
+                if left_over > 0 { format!(", and {left_over} left-over micro-batches at the end are not trained") } else { String::new() }
             ));
         }
         self.warn_about_settings_without_effect();
