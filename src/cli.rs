@@ -97,6 +97,11 @@ pub struct GenerateArgs {
     /// With a run directory: the checkpoint step to use.
     #[arg(long)]
     pub step: Option<u64>,
+    /// A VAE in place of the model's (a diffusers AutoencoderKL folder or an LDM-layout
+    /// file such as vae-ft-mse-840000-ema-pruned.safetensors). Default: the model's own
+    /// (a run directory's: the run's `vae`, when it had one).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// A kohya-format LoRA merged into the weights; give it more than once to stack several.
     #[arg(long)]
     pub lora: Vec<PathBuf>,

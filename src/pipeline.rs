@@ -325,14 +325,17 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         return Err(usage("--model-config does not apply to a run directory (its source model is read as it was for training)"));
     }
     let device = crate::device::parse_device(&args.device, false)?;
-    let mut sd = if run_dir {
-        // The run's checkpoint over its source model, as `export` would write it.
-        let loaded = crate::train::export::load_run_model(&args.model, args.step)?;
-        let kind = if device.is_cuda() { Kind::Half } else { Kind::Float };
-        StableDiffusion::from_loaded(loaded, device, kind, GENERATE_ATTENTION)?
+    let mut loaded = if run_dir {
+        // The run's checkpoint over its source model (with the run's VAE), as `export` would write it.
+        crate::train::export::load_run_model(&args.model, args.step)?
     } else {
-        StableDiffusion::load(&args.model, args.model_config.as_deref(), device, GENERATE_ATTENTION)?
+        load_model(&args.model, args.model_config.as_deref())?
     };
+    if let Some(vae) = &args.vae {
+        crate::checkpoint::vae::replace_vae(&mut loaded, vae)?;
+    }
+    let kind = if device.is_cuda() { Kind::Half } else { Kind::Float };
+    let mut sd = StableDiffusion::from_loaded(loaded, device, kind, GENERATE_ATTENTION)?;
     // A run samples as its previews did: with the layer it trained against, at its resolution.
     let run_config = if run_dir { Some(crate::config::load_run_config(&args.model.join("config.yaml"))?) } else { None };
     let clip_skip = match (args.clip_skip, &run_config) {

@@ -152,7 +152,7 @@ pub fn open_weights(path: &Path) -> anyhow::Result<Box<dyn TensorSource>> {
     }
 }
 
-fn load_component(dir: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
+pub(super) fn load_component(dir: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for file in weight_files(dir)? {
         let src = open_weights(&file)?;

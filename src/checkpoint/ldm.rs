@@ -380,16 +380,22 @@ pub fn unet_plan(src: &dyn TensorSource) -> anyhow::Result<Vec<Mapped>> {
 
 /// Diffusers VAE keys for every `first_stage_model.*` tensor.
 pub fn vae_plan(src: &dyn TensorSource) -> anyhow::Result<Vec<Mapped>> {
-    let levels = indices(src, &format!("{VAE}decoder.up.")).len();
+    vae_plan_under(src, VAE)
+}
+
+/// Diffusers VAE keys for every tensor under `prefix` (empty for a VAE file of its
+/// own, as AUTOMATIC1111's `vae-ft-mse-840000-ema-pruned.safetensors`).
+pub fn vae_plan_under(src: &dyn TensorSource, prefix: &str) -> anyhow::Result<Vec<Mapped>> {
+    let levels = indices(src, &format!("{prefix}decoder.up.")).len();
     let resnets = (0..levels)
-        .flat_map(|i| [format!("{VAE}encoder.down.{i}.block."), format!("{VAE}decoder.up.{i}.block.")])
-        .map(|prefix| indices(src, &prefix).len())
+        .flat_map(|i| [format!("{prefix}encoder.down.{i}.block."), format!("{prefix}decoder.up.{i}.block.")])
+        .map(|p| indices(src, &p).len())
         .max()
         .unwrap_or(0);
     let table = Table::new(vae_blocks(levels, resnets), Naming::Ldm);
     let mut plan = Vec::new();
-    for key in src.index().keys().filter(|k| k.starts_with(VAE)) {
-        let rest = &key[VAE.len()..];
+    for key in src.index().keys().filter(|k| k.starts_with(prefix)) {
+        let rest = &key[prefix.len()..];
         if rest.starts_with("loss.") {
             continue; // training-time discriminator some VAE checkpoints carry
         }

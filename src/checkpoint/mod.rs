@@ -24,6 +24,7 @@ pub mod pickle;
 pub mod safetensors_file;
 pub mod source;
 pub mod to_ldm;
+pub mod vae;
 pub mod write;
 
 pub use models::models_command;
@@ -245,7 +246,7 @@ fn load_single_file(path: &Path, format: ModelFormat, model_config_dir: Option<&
 }
 
 /// Reads the planned tensors, each stored tensor once.
-fn materialize(src: &dyn TensorSource, plan: &[Mapped]) -> anyhow::Result<HashMap<String, Tensor>> {
+pub(super) fn materialize(src: &dyn TensorSource, plan: &[Mapped]) -> anyhow::Result<HashMap<String, Tensor>> {
     let mut order: Vec<&Mapped> = plan.iter().collect();
     order.sort_by(|a, b| a.source.cmp(&b.source));
     let mut out = HashMap::with_capacity(plan.len());

@@ -74,7 +74,7 @@ fn keys_of<T: serde::Serialize>(sample: &T) -> Vec<String> {
 
 fn top_level_keys() -> Vec<String> {
     [
-        "name", "source_checkpoint", "output_dir", "device", "seed", "resolution", "preset", "concepts", "training",
+        "name", "source_checkpoint", "vae", "output_dir", "device", "seed", "resolution", "preset", "concepts", "training",
         "sampling",
     ]
     .iter()
@@ -168,6 +168,7 @@ fn absolutize(config: &mut RunConfig, base: &Path) {
         std::path::absolute(&joined).unwrap_or(joined)
     };
     config.source_checkpoint = abs(&config.source_checkpoint);
+    config.vae = config.vae.as_deref().map(abs);
     config.output_dir = abs(&config.output_dir);
     for c in &mut config.concepts {
         c.instance_data_dir = abs(&c.instance_data_dir);

@@ -14,6 +14,10 @@ pub struct RunConfig {
     pub name: String,
     /// A diffusers folder, LDM single file or .ckpt.
     pub source_checkpoint: PathBuf,
+    /// A VAE that replaces the source's for training and previews, and goes into
+    /// exports (a diffusers AutoencoderKL folder or an LDM-layout VAE file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<PathBuf>,
     #[serde(default = "default_output_dir")]
     pub output_dir: PathBuf,
     /// auto | cpu | cuda | cuda:N

@@ -67,7 +67,7 @@ pub fn load_run_model(run_dir: &Path, step: Option<u64>) -> anyhow::Result<Loade
     let config = run_config(run_dir)?;
     let (_, dir) = find_checkpoint(run_dir, step)?;
     let (unet, text) = trained_weights(&config, &dir)?;
-    let mut m = load_model(&config.source_checkpoint, None)?;
+    let mut m = crate::checkpoint::vae::load_model_with_vae(&config.source_checkpoint, config.vae.as_deref())?;
     merge_into(&mut m.unet, unet, "UNet")?;
     if let Some(t) = text {
         merge_into(&mut m.text_encoder, t, "text encoder")?;
@@ -138,7 +138,9 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half:
         }
         _ => {
             let (unet, text) = trained_weights(&config, &dir)?;
-            export_ldm(&config.source_checkpoint, unet, text, out, half)?;
+            // The run's own VAE, when it had one, replaces the file's.
+            let vae = config.vae.as_deref().map(|v| crate::checkpoint::vae::load_vae(v, &Default::default())).transpose()?;
+            export_ldm(&config.source_checkpoint, unet, text, vae.map(|(_, t)| t), out, half)?;
             // The source's own config goes with the copy of its layout.
             let source_sidecar = crate::checkpoint::ldm_yaml::sidecar_path(&config.source_checkpoint);
             if source_sidecar.is_file() {
@@ -192,7 +194,14 @@ fn to_half(list: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-fn export_ldm(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap<String, Tensor>>, out: &Path, half: bool) -> anyhow::Result<()> {
+fn export_ldm(
+    source: &Path,
+    unet: HashMap<String, Tensor>,
+    text: Option<HashMap<String, Tensor>>,
+    vae: Option<HashMap<String, Tensor>>,
+    out: &Path,
+    half: bool,
+) -> anyhow::Result<()> {
     let format = format_of(source)?;
     let src = open_single_file(source, format)?;
     let src = src.as_ref();
@@ -201,6 +210,24 @@ fn export_ldm(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap
     for key in src.index().keys() {
         tensors.insert(key.clone(), src.load(key)?);
     }
+    // The run's own VAE replaces every VAE tensor of the file, each with one of its shape.
+    let vae_plan = match &vae {
+        None => None,
+        Some(vae) => {
+            let plan = ldm::vae_plan(src)?;
+            for m in &plan {
+                let fits = vae.get(&m.target).is_some_and(|t| t.numel() == tensors.get(&m.source).map_or(0, Tensor::numel));
+                if !fits {
+                    return Err(usage(format!(
+                        "the run's VAE does not fit {}'s VAE layout (`{}`); export it with --format diffusers",
+                        source.display(),
+                        m.source
+                    )));
+                }
+            }
+            Some(plan)
+        }
+    };
     let mut put = |plan: Vec<ldm::Mapped>, trained: &HashMap<String, Tensor>| -> anyhow::Result<()> {
         // OpenCLIP's fused in_proj: q, k, v parts concatenated back in order.
         let mut fused: BTreeMap<String, Vec<(i64, Tensor)>> = BTreeMap::new();
@@ -227,6 +254,9 @@ fn export_ldm(source: &Path, unet: HashMap<String, Tensor>, text: Option<HashMap
         }
         Ok(())
     };
+    if let (Some(vae), Some(plan)) = (&vae, vae_plan) {
+        put(plan, vae)?;
+    }
     put(ldm::unet_plan(src)?, &unet)?;
     if let Some(text) = &text {
         let layers = text.keys().filter(|k| k.ends_with("self_attn.q_proj.weight")).count() as i64;

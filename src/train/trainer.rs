@@ -25,7 +25,6 @@ use super::modules;
 use super::optimizer::Optimizer;
 use super::precision::{LossScaler, Precision};
 use super::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
-use crate::checkpoint::load_model;
 use crate::config::schema::{LrScheduler, MixedPrecision, RunConfig};
 use crate::model::lora::LoraNetwork;
 use crate::data::buckets::Buckets;
@@ -496,7 +495,10 @@ impl Trainer {
     ) -> anyhow::Result<(RunConfig, Precision, StableDiffusion, ModelParameters, Dataset, Optimizer, Option<LoraNetwork>, Option<Ema>)> {
         let t = &config.training;
         super::precision::flush_denormals();
-        let loaded = load_model(&config.source_checkpoint, None)?;
+        let loaded = crate::checkpoint::vae::load_model_with_vae(&config.source_checkpoint, config.vae.as_deref())?;
+        if let Some(vae) = &config.vae {
+            log.line(&format!("VAE: {} (in place of the source's)", vae.display()));
+        }
         // Float32 master weights; mixed precision is autocast around the forward pass.
         let (mut sd, params) = StableDiffusion::from_loaded_with_parameters(loaded, device, Kind::Float, t.attention)?;
         let size_multiple = sd.size_multiple();
