@@ -135,3 +135,42 @@ fn clip_skip_matches_diffusers() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--clip-skip 9 must be between 1"), "{err}");
 }
+
+/// `--vae` draws with a VAE of its own (reference/vae.safetensors from
+/// make_vae_fixture.py: diffusers' pipeline on tiny-sd1 with that VAE). The same VAE as
+/// AUTOMATIC1111's LDM-layout file, as a `*.vae.pt` and as a diffusers folder gives
+/// diffusers' image; one that cannot fit the model is one sentence.
+#[test]
+fn a_vae_of_its_own_matches_diffusers() {
+    let refs = reference("vae");
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("tiny-sd1");
+    let generate = |vae: &std::path::Path, name: &str| {
+        let out = dir.path().join(name);
+        let (code, _, err) = common::run_cli(&[
+            "generate", "--model", m.to_str().unwrap(), "--vae", vae.to_str().unwrap(), "--prompt", "a photo of sks dog",
+            "--negative", "blurry", "--seed", "1234", "--steps", "8", "--scheduler", "ddim", "--device", "cpu",
+            "--width", "32", "--height", "32", "--out", out.to_str().unwrap(),
+        ]);
+        (code, err, out)
+    };
+    for vae in ["tiny-vae.safetensors", "tiny-vae.pt", "tiny-vae"] {
+        let (code, err, out) = generate(&model(vae), &format!("{vae}.png"));
+        assert_eq!(code, 0, "{vae}: {err}");
+        let image = png_tensor(&out);
+        let diff = max_abs_diff(&image, &refs["image.ddim.seed1234"]);
+        assert!(diff <= 2.5 / 255.0, "{vae}: png differs from diffusers' by {diff}");
+        assert!(max_abs_diff(&image, &refs["image.own_vae.seed1234"]) > 0.05, "{vae} made no difference");
+    }
+    for (vae, says) in [
+        (model("trained-vae"), "downsamples 4× and this model's VAE 2×"),
+        (model("tiny-sd1/unet"), "holds a UNet2DConditionModel, not an AutoencoderKL"),
+        (model("tiny-sd1/unet/diffusion_pytorch_model.safetensors"), "holds no VAE: it has no `encoder.conv_in.weight`"),
+        (model("tiny-sd2.safetensors"), "does not fit this model: `decoder.up_blocks.1.resnets.0.conv1.bias` is [64], the model's is [32]"),
+        (model("no-such-vae"), "does not exist"),
+    ] {
+        let (code, err, _) = generate(&vae, "refused.png");
+        assert_ne!(code, 0);
+        assert!(err.contains(says) && err.trim().lines().count() == 1, "{}: {err}", vae.display());
+    }
+}

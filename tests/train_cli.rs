@@ -277,6 +277,52 @@ fn assert_export_generates_like_the_run(r: &Path, exported: &Path, run: &Path, s
     assert_ne!(from_export, image_of(r, source, "source.png"), "training changed nothing visible");
 }
 
+/// A run with a VAE of its own (`vae:`, as most SD 1.5 runs use sd-vae-ft-mse) trains,
+/// previews and exports with it: the exported single file holds that VAE in its own
+/// layout, a diffusers export holds it in vae/, and each samples like the run.
+#[test]
+fn a_runs_own_vae_is_used_and_exported() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 2);
+    let vae_file = fixture_model("tiny-vae.safetensors");
+    for (name, source, vae) in [
+        ("vae-file", fixture_model("tiny-sd1.safetensors"), vae_file.clone()),
+        ("vae-folder", fixture_model("tiny-sd1"), fixture_model("tiny-vae")),
+    ] {
+        let yaml = config_yaml(r, name, &data, "  steps_per_image: 1\n  learning_rate: 1.0e-3\n")
+            .replace(&demo_model().display().to_string(), &source.display().to_string())
+            .replace("output_dir:", &format!("vae: {}\noutput_dir:", vae.display()));
+        let cfg = r.join(format!("{name}.yaml"));
+        std::fs::write(&cfg, yaml).unwrap();
+        let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
+        assert_eq!(code, 0, "{err}");
+        let run = r.join("runs").join(name);
+        let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+        assert!(log.contains(&format!("VAE: {} (in place of the source's)", vae.display())), "{log}");
+        // The run samples with its VAE: the source's own VAE gives another image.
+        let own = image_with(r, &run, "own.png", &["--vae", source.to_str().unwrap()]);
+        let with_run_vae = image_of(r, &run, "run.png");
+        assert_ne!(own, with_run_vae, "the run's VAE made no difference");
+        assert_eq!(with_run_vae, image_with(r, &run, "explicit.png", &["--vae", vae_file.to_str().unwrap()]));
+        for format in ["ldm", "diffusers"] {
+            let out = r.join(format!("{name}-export-{format}"));
+            let out = if format == "ldm" { out.with_extension("safetensors") } else { out };
+            let (code, _, err) = cli(&["export", run.to_str().unwrap(), "--format", format, "--out", out.to_str().unwrap()]);
+            assert_eq!(code, 0, "{err}");
+            assert_eq!(image_of(r, &out, &format!("{name}-{format}.png")), with_run_vae, "{name} exported as {format}");
+        }
+    }
+    // The single file's VAE tensors are the given VAE's (float16 there, float32 in the source's layout).
+    let exported: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(r.join("vae-file-export-ldm.safetensors")).unwrap().into_iter().collect();
+    for (key, t) in Tensor::read_safetensors(&vae_file).unwrap() {
+        let put = &exported[&format!("first_stage_model.{key}")];
+        assert!(put.equal(&t.to_kind(put.kind())), "`{key}` is not the run's VAE");
+    }
+}
+
 #[test]
 fn ldm_export_of_a_single_file_run_generates_the_same_image() {
     let root = tempfile::tempdir().unwrap();
