@@ -323,6 +323,38 @@ fn a_runs_own_vae_is_used_and_exported() {
     }
 }
 
+/// A start that fails before making anything (a VAE path that does not exist, one
+/// that does not fit the model) is one sentence and leaves no run directory behind, so
+/// the corrected config trains with `train` again.
+#[test]
+fn a_start_that_fails_to_load_leaves_no_run_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 1);
+    let run = r.join("runs/bad-vae");
+    let with_vae = |vae: &Path| {
+        let yaml = config_yaml(r, "bad-vae", &data, "  steps_per_image: 1\n")
+            .replace("output_dir:", &format!("vae: {}\noutput_dir:", vae.display()));
+        let cfg = r.join("bad-vae.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        cli(&["train", cfg.to_str().unwrap(), "--plain"])
+    };
+    let (code, _, err) = with_vae(&r.join("no-such-vae"));
+    assert_one_line_error(code, &err, "`vae` ");
+    assert!(err.contains("no-such-vae does not exist"), "{err}");
+    assert_eq!(code, 2);
+    assert!(!run.exists(), "a run directory was made for a config that cannot start");
+    let (code, _, err) = with_vae(&fixture_model("tiny-sd1.safetensors"));
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("error: ")).count(), 1, "one sentence, once: {err}");
+    assert!(last_line(&err).contains("does not fit this model"), "{err}");
+    assert!(!run.exists(), "a run directory was left by a start that failed to load");
+    let (code, _, err) = with_vae(&fixture_model("trained-vae"));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(event_names(&run).last().map(String::as_str), Some("done"));
+}
+
 #[test]
 fn ldm_export_of_a_single_file_run_generates_the_same_image() {
     let root = tempfile::tempdir().unwrap();

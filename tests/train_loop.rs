@@ -128,8 +128,8 @@ fn scaled_latent_std(t: &Trainer, dir: &std::path::Path) -> f64 {
 
 #[test]
 fn training_learns_the_subject() {
-    // The demo model with its random VAE swapped for one trained for reconstruction
-    // (tests/fixtures/make_trained_vae.py), whose latents carry the picture: with the
+    // The demo model with its random VAE replaced (the run config's `vae`) by one trained
+    // for reconstruction (tests/fixtures/make_trained_vae.py), whose latents carry the picture: with the
     // demo's own VAE every picture encodes to nearly the same latents (scaled std ~0.1,
     // posterior noise larger than their spread), so the UNet learns only image-agnostic
     // denoising and the subject ends no better than unrelated images.
@@ -138,10 +138,11 @@ fn training_learns_the_subject() {
     let other = root.path().join("other");
     subject_images(&data, 3);
     other_images(&other, 3);
-    let model = demo_model_with_trained_vae(root.path());
     let training = "  steps_per_image: 150\n  learning_rate: 2.0e-3\n  lr_scheduler: cosine\n";
-    let cfg = write_config_over(&model, root.path(), "learn", &data, training);
-    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    let cfg = write_config(root.path(), "learn", &data, training);
+    let mut config = load(&cfg);
+    config.vae = Some(fixture_model("trained-vae"));
+    let mut t = Trainer::start(config, quiet()).unwrap();
     assert_eq!(t.total_steps, 450);
     // The trained VAE is the one in use, its scaling_factor puts latents at about unit
     // std (make_trained_vae.py measured 1.14 and 1.18 for these two sets).

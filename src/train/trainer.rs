@@ -65,6 +65,13 @@ pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
             "`training.use_ema` cannot be combined with `use_lora`: EMA averages the UNet's weights, which a LoRA run leaves frozen",
         ));
     }
+    // Before a run directory is made for it: a mistyped path must not leave one behind.
+    if !config.source_checkpoint.exists() {
+        return Err(usage(format!("`source_checkpoint` {} does not exist", config.source_checkpoint.display())));
+    }
+    if let Some(vae) = config.vae.as_ref().filter(|v| !v.exists()) {
+        return Err(usage(format!("`vae` {} does not exist", vae.display())));
+    }
     Ok(())
 }
 
@@ -137,6 +144,11 @@ impl RunLog {
             eprintln!("{text}");
         }
     }
+
+    /// A line for train.log only: an error the caller returns, and `main` prints once.
+    fn line_to_file(&mut self, text: &str) {
+        let _ = writeln!(self.file, "{text}");
+    }
 }
 
 pub struct Trainer {
@@ -208,6 +220,28 @@ pub struct Trainer {
 
 /// Checks a fresh run's inputs and makes its directory: nothing is written
 /// until the config and every image have been read.
+/// Whether a run directory holds anything a later `resume` could use: a checkpoint
+/// or class images.
+fn made_anything(run_dir: &Path) -> bool {
+    let has_files = |dir: PathBuf| walkdir_files(&dir).next().is_some();
+    has_files(run_dir.join("checkpoints")) || has_files(run_dir.join("class_images"))
+}
+
+/// The files under `dir` (none when it does not exist).
+fn walkdir_files(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    let mut stack = vec![dir.to_path_buf()];
+    std::iter::from_fn(move || {
+        while let Some(path) = stack.pop() {
+            if path.is_dir() {
+                stack.extend(std::fs::read_dir(&path).into_iter().flatten().flatten().map(|e| e.path()));
+            } else if path.is_file() {
+                return Some(path);
+            }
+        }
+        None
+    })
+}
+
 fn prepare_new_run_dir(config: &RunConfig) -> anyhow::Result<PathBuf> {
     let out = &config.output_dir;
     std::fs::create_dir_all(out)
@@ -250,7 +284,16 @@ impl Trainer {
         std::fs::write(run_dir.join("config.yaml"), yaml)
             .with_context(|| format!("cannot write {}", run_dir.join("config.yaml").display()))?;
         std::fs::create_dir_all(run_dir.join("samples"))?;
-        Trainer::build(config, run_dir, lock, device, instances, options, None)
+        let started = Trainer::build(config, run_dir.clone(), lock, device, instances, options, None);
+        if let Err(e) = &started {
+            // A start that failed before it made anything (a model that does not load, a VAE
+            // that does not fit) leaves no run directory: fixing the config and running
+            // `train` again must work. Class images made, or a stop, keep it for `resume`.
+            if !e.is::<StoppedBeforeTraining>() && !made_anything(&run_dir) {
+                let _ = std::fs::remove_dir_all(&run_dir);
+            }
+        }
+        started
     }
 
     /// Continues the run of `run_dir` from its newest complete checkpoint.
@@ -405,7 +448,7 @@ impl Trainer {
             Err(e) => {
                 let msg = crate::error::one_line(&e);
                 let _ = events.write(&Event::named("error", serde_json::json!({ "message": msg })));
-                log.line(&format!("error: {msg}"));
+                log.line_to_file(&format!("error: {msg}"));
                 return Err(e);
             }
         };
@@ -1071,7 +1114,7 @@ impl Trainer {
                 }
                 let msg = crate::error::one_line(&e);
                 let _ = self.events.write(&Event::named("error", serde_json::json!({ "message": msg, "step": self.step })));
-                self.log.line(&format!("error: {msg}"));
+                self.log.line_to_file(&format!("error: {msg}"));
                 Err(e)
             }
         }

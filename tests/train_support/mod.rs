@@ -20,18 +20,6 @@ pub fn demo_model() -> PathBuf {
     .clone()
 }
 
-/// The demo model with its VAE swapped for `tests/fixtures/models/trained-vae` (trained
-/// for reconstruction on drawn pictures, see `tests/fixtures/make_trained_vae.py`: its
-/// latents carry the picture, where the demo's random VAE gives nearly the same latents
-/// for any picture), copied to `dir/model-trained-vae`.
-pub fn demo_model_with_trained_vae(dir: &Path) -> PathBuf {
-    let model = dir.join("model-trained-vae");
-    copy_dir(&demo_model(), &model);
-    std::fs::remove_dir_all(model.join("vae")).unwrap();
-    copy_dir(&fixture_model("trained-vae"), &model.join("vae"));
-    model
-}
-
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
