@@ -154,7 +154,7 @@ fn a_vae_of_its_own_matches_diffusers() {
         ]);
         (code, err, out)
     };
-    for vae in ["tiny-vae.safetensors", "tiny-vae.pt", "tiny-vae"] {
+    for vae in ["tiny-vae.safetensors", "tiny-vae.pt", "tiny-vae", "tiny-vae/diffusion_pytorch_model.safetensors"] {
         let (code, err, out) = generate(&model(vae), &format!("{vae}.png"));
         assert_eq!(code, 0, "{vae}: {err}");
         let image = png_tensor(&out);
@@ -173,4 +173,9 @@ fn a_vae_of_its_own_matches_diffusers() {
         assert_ne!(code, 0);
         assert!(err.contains(says) && err.trim().lines().count() == 1, "{}: {err}", vae.display());
     }
+    // `models` names a VAE file as one, with where it goes.
+    let (code, out, err) = common::run_cli(&["models", model("").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().find(|l| l.contains("tiny-vae.safetensors")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("a VAE, not a model: use it with a run config's `vae` or `generate --vae`"), "{line}");
 }

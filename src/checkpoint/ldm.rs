@@ -58,6 +58,9 @@ pub fn detect(src: &dyn TensorSource) -> Architecture {
     if !has_prefix(UNET) && (has_prefix("lora_unet_") || has_prefix("lora_te_")) {
         return Architecture::Unknown("a LoRA (kohya keys), not a model: apply it with `generate --lora` over its base model".into());
     }
+    if !has_prefix(UNET) && src.index().contains_key("encoder.conv_in.weight") && src.index().contains_key("decoder.conv_in.weight") {
+        return Architecture::Unknown("a VAE, not a model: use it with a run config's `vae` or `generate --vae`".into());
+    }
     if !has_prefix(UNET) {
         return Architecture::Unknown("no Stable Diffusion UNet (`model.diffusion_model.*`) in it".into());
     }

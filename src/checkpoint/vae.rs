@@ -6,7 +6,7 @@
 //! `stabilityai/sd-vae-ft-mse`), a diffusers model folder (its `vae/`), or a single
 //! file in the LDM layout: AUTOMATIC1111's `vae-ft-mse-840000-ema-pruned.safetensors` /
 //! `*.vae.pt` (`encoder.*`, `decoder.*`, no prefix) or a whole checkpoint
-//! (`first_stage_model.*`). A folder brings its own config (its `scaling_factor` above
+//! (`first_stage_model.*`), or a diffusers VAE's weight file by itself. A folder brings its own config (its `scaling_factor` above
 //! all); a single file's tensors must fit the model's VAE config, as AUTOMATIC1111 loads them.
 
 use std::collections::HashMap;
@@ -66,6 +66,14 @@ pub fn load_vae(path: &Path, model_config: &VaeConfig) -> anyhow::Result<(VaeCon
     let prefix = if src.index().contains_key(&format!("{}encoder.conv_in.weight", ldm::VAE)) { ldm::VAE } else { "" };
     if !src.index().contains_key(&format!("{prefix}encoder.conv_in.weight")) {
         bail!("{shown} holds no VAE: it has no `encoder.conv_in.weight` (nor `{}encoder.conv_in.weight`)", ldm::VAE);
+    }
+    // A diffusers VAE's weight file given on its own already has diffusers keys.
+    if prefix.is_empty() && src.index().contains_key("encoder.down_blocks.0.resnets.0.conv1.weight") {
+        let mut tensors = HashMap::new();
+        for key in src.index().keys() {
+            tensors.insert(key.clone(), src.load(key)?);
+        }
+        return Ok((model_config.clone(), tensors));
     }
     let tensors = materialize(src, &ldm::vae_plan_under(src, prefix)?)?;
     Ok((model_config.clone(), tensors))
