@@ -30,6 +30,10 @@ const ASKED_ELSEWHERE: [&str; 10] = [
 const OPTIONAL_NUMBERS: [&str; 3] =
     ["training.text_encoder_learning_rate", "training.lora_text_encoder_rank", "training.lora_text_encoder_alpha"];
 
+/// Paths that may be left unset (absent from the config, empty in the panel); typed
+/// paths are made absolute, as the wizard's other paths are.
+const OPTIONAL_PATHS: [&str; 1] = ["vae"];
+
 /// The values a choice setting cycles through (each parses as the key's type).
 pub fn choices(key: &str) -> Option<&'static [&'static str]> {
     Some(match key {
@@ -47,6 +51,7 @@ pub fn choices(key: &str) -> Option<&'static [&'static str]> {
 pub fn help(key: &str) -> &'static str {
     match key {
         "device" => "where to train: auto picks CUDA when a GPU is there",
+        "vae" => "a VAE in place of the model's (sd-vae-ft-mse folder, vae-ft-mse-840000-ema-pruned.safetensors); empty: the model's",
         "seed" => "seed of the training noise, timesteps and data order",
         "resolution" => "training size in pixels (512 for SD 1.x); images are resized and cropped to it",
         "training.batch_size" => "images per step: faster, more VRAM; images should divide by batch × accumulation",
@@ -138,6 +143,9 @@ fn kind_of(key: &str, v: &Value) -> Option<SettingKind> {
     if OPTIONAL_NUMBERS.contains(&key) {
         return Some(SettingKind::Number);
     }
+    if OPTIONAL_PATHS.contains(&key) {
+        return Some(SettingKind::Text);
+    }
     match v {
         Value::Bool(_) => Some(SettingKind::Switch),
         Value::Number(_) => Some(SettingKind::Number),
@@ -159,6 +167,12 @@ fn scalar_settings(config: &RunConfig) -> Vec<(String, Value)> {
     for (k, v) in &top {
         if let (Some(k), false) = (k.as_str(), v.is_mapping()) {
             push(k.to_string(), v);
+        }
+        // An unset optional path is not written; its row comes after the source's.
+        if k.as_str() == Some("source_checkpoint") {
+            for key in OPTIONAL_PATHS.iter().filter(|p| !top.contains_key(**p)) {
+                push(key.to_string(), &Value::Null);
+            }
         }
     }
     for section in ["training", "sampling"] {
@@ -210,6 +224,14 @@ pub fn apply(config: RunConfig, set: &BTreeMap<String, String>) -> Result<RunCon
             },
             None => &mut top,
         };
+        if OPTIONAL_PATHS.contains(&key.as_str()) {
+            let name = Value::String(name.to_string());
+            match text.trim() {
+                "" => map.remove(&name),
+                path => map.insert(name, Value::String(std::path::absolute(path).unwrap_or_else(|_| path.into()).display().to_string())),
+            };
+            continue;
+        }
         let current = map.get(name).ok_or_else(|| format!("`{key}` is not a setting"))?;
         let value = match kind_of(key, current) {
             Some(SettingKind::Text | SettingKind::Choice) => Value::String(text.clone()),
@@ -282,6 +304,15 @@ mod tests {
         for row in rows(&config(), &BTreeMap::new()) {
             assert!(!help(&row.key).is_empty(), "{} has no help line", row.key);
         }
+    }
+
+    #[test]
+    fn the_vae_row_is_an_optional_absolute_path() {
+        let keys: Vec<String> = rows(&config(), &BTreeMap::new()).into_iter().map(|r| r.key).collect();
+        assert_eq!(keys.first().map(String::as_str), Some("vae"), "{keys:?}");
+        assert_eq!(apply(config(), &set(&[("vae", "")])).unwrap().vae, None);
+        let vae = apply(config(), &set(&[("vae", "models/sd-vae-ft-mse")])).unwrap().vae.unwrap();
+        assert!(vae.is_absolute() && vae.ends_with("models/sd-vae-ft-mse"), "{}", vae.display());
     }
 
     #[test]
