@@ -339,7 +339,24 @@ impl Trainer {
             true => imagic_run::ImagicPlan::from_training(&config.training).total(),
             false => total_steps(wanted, batches, accumulation),
         };
-        if wanted == planned && newest.is_some() && step >= total {
+        // Names the newest checkpoint's damage and the earlier one left, for a resume that cannot load it.
+        let damaged = |e: &anyhow::Error, dir: &Path| {
+            let mut msg = crate::error::one_line(e).trim_end_matches('.').to_string();
+            if let Some((earlier, _)) = ckpt::list_checkpoints(run_dir).into_iter().rev().find(|(s, _)| *s < step) {
+                msg.push_str(&format!(
+                    "; to resume from the checkpoint of step {earlier} instead, move {} out of the checkpoints folder",
+                    dir.display()
+                ));
+            }
+            anyhow::anyhow!(msg)
+        };
+        if let (true, Some((_, dir))) = (wanted == planned && step >= total, &newest) {
+            // Nothing to train, but a damaged final checkpoint is still worth saying.
+            for file in std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()) {
+                if file.extension().is_some_and(|e| e == "safetensors") {
+                    crate::checkpoint::safetensors_file::SafetensorsFile::open(&file).map_err(|e| damaged(&e, dir))?;
+                }
+            }
             // The fewest epochs that still leave a step: n·batches ≥ (step + 1)·accumulation.
             let epochs_more = ((step + 1) * u64::from(accumulation.max(1))).div_ceil(batches.max(1));
             let more = if config.training.train_imagic_only {
@@ -372,14 +389,7 @@ impl Trainer {
         if let Err(e) = t.load_checkpoint(&dir, expected_total) {
             // A damaged newest checkpoint (disk fault, a copy cut short): say
             // which earlier one is left rather than silently going back to it.
-            let mut msg = crate::error::one_line(&e).trim_end_matches('.').to_string();
-            if let Some((earlier, _)) = ckpt::list_checkpoints(run_dir).into_iter().rev().find(|(s, _)| *s < step) {
-                msg.push_str(&format!(
-                    "; to resume from the checkpoint of step {earlier} instead, move {} out of the checkpoints folder",
-                    dir.display()
-                ));
-            }
-            return Err(anyhow::anyhow!(msg));
+            return Err(damaged(&e, &dir));
         }
         t.log.line(&format!("resumed from {} (step {step})", dir.display()));
         if wanted != planned {
