@@ -5,9 +5,10 @@
 //! Read from a diffusers `AutoencoderKL` folder (`config.json` and weights, as
 //! `stabilityai/sd-vae-ft-mse`), a diffusers model folder (its `vae/`), or a single
 //! file in the LDM layout: AUTOMATIC1111's `vae-ft-mse-840000-ema-pruned.safetensors` /
-//! `*.vae.pt` (`encoder.*`, `decoder.*`, no prefix) or a whole checkpoint
-//! (`first_stage_model.*`), or a diffusers VAE's weight file by itself. A folder brings its own config (its `scaling_factor` above
-//! all); a single file's tensors must fit the model's VAE config, as AUTOMATIC1111 loads them.
+//! `*.vae.pt` (`encoder.*`, `decoder.*`, no prefix), a whole checkpoint
+//! (`first_stage_model.*`) or a diffusers VAE's weight file by itself. A folder brings
+//! its own config (its `scaling_factor` above all); a single file's tensors must fit
+//! the model's VAE config, as AUTOMATIC1111 loads them.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -98,7 +99,8 @@ fn check_fits(
     }
     let (ours, theirs) = (config.block_out_channels.len(), model_config.block_out_channels.len());
     if ours != theirs {
-        bail!("the VAE {shown} downsamples {}× and this model's VAE {}×", 1 << (ours - 1), 1 << (theirs - 1));
+        let factor = |levels: usize| 1u64 << levels.saturating_sub(1).min(16);
+        bail!("the VAE {shown} downsamples {}× and this model's VAE {}×", factor(ours), factor(theirs));
     }
     // A single file was read with the model's config: its tensors must be the model's shapes.
     if !path.is_dir() {

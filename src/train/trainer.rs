@@ -218,8 +218,6 @@ pub struct Trainer {
     last_record_at: Option<Instant>,
 }
 
-/// Checks a fresh run's inputs and makes its directory: nothing is written
-/// until the config and every image have been read.
 /// Whether a run directory holds anything a later `resume` could use: a checkpoint
 /// or class images.
 fn made_anything(run_dir: &Path) -> bool {
@@ -242,6 +240,8 @@ fn walkdir_files(dir: &Path) -> impl Iterator<Item = PathBuf> {
     })
 }
 
+/// Checks a fresh run's inputs and makes its directory: nothing is written
+/// until the config and every image have been read.
 fn prepare_new_run_dir(config: &RunConfig) -> anyhow::Result<PathBuf> {
     let out = &config.output_dir;
     std::fs::create_dir_all(out)
@@ -339,6 +339,8 @@ impl Trainer {
             true => imagic_run::ImagicPlan::from_training(&config.training).total(),
             false => total_steps(wanted, batches, accumulation),
         };
+        // The fewest epochs that still leave a step: n·batches ≥ (step + 1)·accumulation.
+        let fewest = ((step + 1) * u64::from(accumulation.max(1))).div_ceil(batches.max(1));
         // Names the newest checkpoint's damage and the earlier one left, for a resume that cannot load it.
         let damaged = |e: &anyhow::Error, dir: &Path| {
             let mut msg = crate::error::one_line(e).trim_end_matches('.').to_string();
@@ -357,23 +359,17 @@ impl Trainer {
                     crate::checkpoint::safetensors_file::SafetensorsFile::open(&file).map_err(|e| damaged(&e, dir))?;
                 }
             }
-            // The fewest epochs that still leave a step: n·batches ≥ (step + 1)·accumulation.
-            let epochs_more = ((step + 1) * u64::from(accumulation.max(1))).div_ceil(batches.max(1));
             let more = if config.training.train_imagic_only {
                 String::new()
             } else {
-                format!("; `dreambooth resume {} --steps-per-image {epochs_more}` (or more) trains on", run_dir.display())
+                format!("; `dreambooth resume {} --steps-per-image {fewest}` (or more) trains on", run_dir.display())
             };
             return Err(AlreadyFinished { message: format!("{} has trained all its {total} steps{more}", run_dir.display()) }.into());
         }
-        if wanted != planned {
-            if step >= total {
-                // The fewest epochs that still leave a step: n·batches ≥ (step + 1)·accumulation.
-                let fewest = ((step + 1) * u64::from(accumulation.max(1))).div_ceil(batches.max(1));
-                return Err(usage(format!(
-                    "--steps-per-image {wanted} makes {total} steps and the run is at step {step} already: give {fewest} or more"
-                )));
-            }
+        if wanted != planned && step >= total {
+            return Err(usage(format!(
+                "--steps-per-image {wanted} makes {total} steps and the run is at step {step} already: give {fewest} or more"
+            )));
         }
         let device = crate::device::parse_device(&config.device, true)?;
         let mut t = Trainer::build(config, run_dir.to_path_buf(), lock, device, instances, options, newest.clone())?;

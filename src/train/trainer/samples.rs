@@ -104,7 +104,7 @@ impl Trainer {
 fn sample_prompts(c: &Concept) -> Vec<String> {
     let images = list_images(&c.instance_data_dir, "instance_data_dir").unwrap_or_default();
     if c.sample_prompts.is_empty() {
-        let words = images.first().map(|i| file_words(i)).unwrap_or_default();
+        let words = images.first().map(file_words).unwrap_or_default();
         return vec![crate::data::prompts::build(&c.instance_prompt, &words, c, Role::Instance)];
     }
     c.sample_prompts
