@@ -179,3 +179,29 @@ fn vram_command_prints_a_table_and_a_peak() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("12gb") && text.contains("cpu"), "{text}");
 }
+
+/// A run's own `vae` folder is sized from its own config; a single VAE file has the
+/// source VAE's shapes (training refuses any other), so it changes nothing.
+#[test]
+fn a_runs_vae_folder_is_sized_from_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let wide = dir.path().join("wide-vae");
+    std::fs::create_dir_all(&wide).unwrap();
+    let mut vae: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("vae/config.json")).unwrap()).unwrap();
+    vae["block_out_channels"] = serde_json::json!([64, 128]);
+    std::fs::write(wide.join("config.json"), vae.to_string()).unwrap();
+    let config = |vae_line: &str| {
+        let text = MINIMAL.replace("m.safetensors", &tiny().display().to_string()) + vae_line;
+        dreambooth::config::parse_run_config(&text, "a test config", dir.path()).unwrap()
+    };
+    let vae_params = |c: &dreambooth::config::RunConfig| {
+        let s = ModelShapes::for_run(c).unwrap();
+        count(&s.vae_encoder) + count(&s.vae_decoder)
+    };
+    let own = vae_params(&config(""));
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-vae.safetensors");
+    assert_eq!(vae_params(&config(&format!("vae: {}\n", file.display()))), own);
+    let wider = vae_params(&config(&format!("vae: {}\n", wide.display())));
+    assert!(wider > 3 * own, "{wider} parameters for a VAE twice as wide as {own}");
+}

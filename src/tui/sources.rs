@@ -41,7 +41,7 @@ impl Sources for DiskSources {
     /// Each preset's estimate for the chosen model; SD 1.5 shapes when its
     /// header cannot be read (the wizard validated the path already).
     fn presets(&self, config: &RunConfig) -> Vec<PresetChoice> {
-        let shapes = ModelShapes::from_checkpoint(&config.source_checkpoint).unwrap_or_else(|_| ModelShapes::sd15());
+        let shapes = ModelShapes::for_run(config).unwrap_or_else(|_| ModelShapes::sd15());
         rate_presets(config, &shapes)
             .into_iter()
             .map(|(name, estimated_bytes)| PresetChoice { name, estimated_bytes })

@@ -54,7 +54,7 @@ pub fn render(e: &Estimate, model: &str) -> String {
 /// `dreambooth vram CONFIG.yaml`.
 pub fn vram_command(config: &Path) -> anyhow::Result<()> {
     let c = crate::config::load_run_config(config)?;
-    let shapes = ModelShapes::from_checkpoint(&c.source_checkpoint)?;
+    let shapes = ModelShapes::for_run(&c)?;
     let e = estimate(&shapes, &Plan::from_config(&c));
     print!("{}", render(&e, &shapes.origin));
     let t = &c.training;

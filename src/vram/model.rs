@@ -68,6 +68,22 @@ impl ModelShapes {
         Self::from_configs(&UNetConfig::sd_v1_5(), &vae, &ClipConfig::sd_v1(), "Stable Diffusion 1.5 shapes")
     }
 
+    /// A run's model: its source's shapes, with the VAE of a `vae` folder's own config
+    /// (a single VAE file has the source VAE's shapes, which training checks).
+    pub fn for_run(config: &crate::config::RunConfig) -> anyhow::Result<Self> {
+        let mut shapes = Self::from_checkpoint(&config.source_checkpoint)?;
+        let folder_config = config.vae.as_deref().filter(|v| v.is_dir()).and_then(|v| {
+            [v.join("vae").join("config.json"), v.join("config.json")].into_iter().find(|p| p.is_file())
+        });
+        if let Some(path) = folder_config {
+            let vae: VaeConfig = crate::checkpoint::diffusers::read_json(&path)?;
+            (shapes.vae_encoder, shapes.vae_decoder) = vae_layers(&vae);
+            shapes.vae_factor = vae.downsampling_factor();
+            shapes.latent_channels = vae.latent_channels;
+        }
+        Ok(shapes)
+    }
+
     /// The source checkpoint's configs; parameter tensors from its index.
     pub fn from_checkpoint(path: &Path) -> anyhow::Result<Self> {
         if !path.exists() {
