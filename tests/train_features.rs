@@ -392,6 +392,12 @@ fn imagic_run_writes_its_files_and_learns_to_reconstruct_the_image() {
     let warnings: Vec<String> = named_events(&t.run_dir, "warning").iter().map(|w| w["message"].as_str().unwrap().to_string()).collect();
     assert!(warnings.iter().any(|w| w.ends_with(": `offset_noise` does not apply to it")), "{warnings:?}");
     assert!(warnings.iter().any(|w| w.contains("no class images are made")), "{warnings:?}");
+    // Its UNet stage cannot run without the UNet training: refused before anything starts.
+    let mut frozen = t.config.clone();
+    frozen.training.train_unet = false;
+    frozen.training.text_encoder_train_ratio = 0.5;
+    let refused = dreambooth::train::trainer::check_supported(&frozen).unwrap_err().to_string();
+    assert!(refused.contains("cannot be combined with `train_unet: false`"), "{refused}");
     assert!(!t.run_dir.join("class_images").exists(), "Imagic made class images");
     let example = &t.data.instances[0];
     let latents = tch::no_grad(|| t.sd.vae.encode(&example.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor);

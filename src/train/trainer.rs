@@ -60,6 +60,9 @@ pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
     if t.train_imagic_only && t.use_lora {
         return Err(usage("`training.train_imagic_only` fine-tunes the whole UNet; it cannot be combined with `use_lora`"));
     }
+    if t.train_imagic_only && !t.train_unet {
+        return Err(usage("`training.train_imagic_only` fine-tunes the UNet in its second stage; it cannot be combined with `train_unet: false`"));
+    }
     if t.use_lora && t.use_ema {
         return Err(usage(
             "`training.use_ema` cannot be combined with `use_lora`: EMA averages the UNet's weights, which a LoRA run leaves frozen",
