@@ -247,3 +247,33 @@ fn cuda_graph_bookkeeping_trains_as_a_plain_run() {
     assert_eq!(states, ["off", "captured"]);
     assert_bit_identical(&final_unet(&root.path().join("runs/plain")), &final_unet(&root.path().join("runs/graphs")));
 }
+
+/// Under `clip_skip: 2` the text encoder's last layer conditions nothing, gets no
+/// gradient and so no optimizer moments; a run that trains the text encoder resumes
+/// all the same (it was refused: "the optimizer state has no moments"), to the weights
+/// of a run never interrupted, with either optimizer.
+#[test]
+fn a_clip_skip_run_that_trains_the_text_encoder_resumes_exactly() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 2);
+    for optimizer in ["adamw", "adamw_8bit"] {
+        let training = format!(
+            "  steps_per_image: 2\n  learning_rate: 1.0e-3\n  clip_skip: 2\n  text_encoder_train_ratio: 1.0\n  optimizer: {optimizer}\n  save_model_every_n_epochs: 1\n"
+        );
+        let weights = |t: &Trainer| -> Vec<Tensor> {
+            t.params.unet.iter().chain(&t.params.text_encoder).map(|(_, p)| p.detach().copy()).collect()
+        };
+        let mut whole = Trainer::start(load(&write_config(root.path(), &format!("whole-{optimizer}"), &data, &training)), quiet()).unwrap();
+        assert_eq!(whole.run().unwrap(), Outcome::Finished);
+        let mut cut = Trainer::start(load(&write_config(root.path(), &format!("cut-{optimizer}"), &data, &training)), quiet()).unwrap();
+        cut.stop_at_step = Some(2);
+        assert_eq!(cut.run().unwrap(), Outcome::Stopped);
+        let run = cut.run_dir.clone();
+        drop(cut);
+        let mut resumed = Trainer::resume(&run, quiet()).unwrap();
+        assert_eq!(resumed.run().unwrap(), Outcome::Finished);
+        let (a, b) = (weights(&whole), weights(&resumed));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.equal(y)), "{optimizer}: the resumed run's weights differ");
+    }
+}

@@ -152,9 +152,14 @@ impl AdamW {
                     self.exp_avg.insert(key.clone(), m.to_device(p.device()).to_kind(p.kind()));
                     self.exp_avg_sq.insert(key.clone(), v.to_device(p.device()).to_kind(p.kind()));
                 }
-                (None, None) if step == 0 => {}
-                _ => anyhow::bail!("the optimizer state has no moments for `{key}`"),
+                // A parameter that never had a gradient has no moments (the text encoder's
+                // last layer under clip_skip 2, which the conditioning skips).
+                (None, None) => {}
+                _ => anyhow::bail!("the optimizer state of `{key}` has one moment of two"),
             }
+        }
+        if step > 0 && !self.params.is_empty() && self.exp_avg.is_empty() {
+            anyhow::bail!("the optimizer state has no moments at all, after {step} steps");
         }
         Ok(())
     }

@@ -488,17 +488,16 @@ impl AdamW8bit {
             let names: &[&str] = if quantized { &QUANTIZED_KEYS } else { &FP32_KEYS };
             let found: Vec<Option<&Tensor>> = names.iter().map(|n| tensors.get(&format!("{n}.{key}"))).collect();
             if found.iter().all(Option::is_none) {
-                if step == 0 {
-                    loaded.push(None);
-                    continue;
-                }
                 let other = if quantized { FP32_KEYS[0] } else { QUANTIZED_KEYS[0] };
                 if tensors.contains_key(&format!("{other}.{key}")) {
                     anyhow::bail!(
                         "the optimizer state of `{key}` was saved by the other optimizer (adamw vs adamw_8bit)"
                     );
                 }
-                anyhow::bail!("the optimizer state has no moments for `{key}`");
+                // A parameter that never had a gradient has no moments (the text encoder's
+                // last layer under clip_skip 2, which the conditioning skips).
+                loaded.push(None);
+                continue;
             }
             let mut ts = Vec::new();
             for (name, t) in names.iter().zip(found) {
@@ -522,6 +521,9 @@ impl AdamW8bit {
                 anyhow::bail!("{what} of `{key}` does not match the parameter's size");
             }
             loaded.push(Some(ts));
+        }
+        if step > 0 && !self.params.is_empty() && loaded.iter().all(Option::is_none) {
+            anyhow::bail!("the optimizer state has no moments at all, after {step} steps");
         }
         self.step = step;
         self.has_state = loaded.iter().map(Option::is_some).collect();
