@@ -42,10 +42,13 @@ pub fn load_preset(name: &str, base: &Path) -> anyhow::Result<Value> {
     )))
 }
 
-/// The value `preset` gives `training.<key>` (the working directory's presets, else the
+/// The `training` values `preset` sets (the working directory's presets, else the
 /// built-in ones), so a warning about a setting can tell the preset's from the user's own.
-pub fn training_value(preset: &str, key: &str) -> Option<Value> {
-    load_preset(preset, Path::new(".")).ok()?.get("training")?.get(key).cloned()
+pub fn training_values(preset: &str) -> Option<serde_yaml::Mapping> {
+    match load_preset(preset, Path::new(".")).ok()?.get("training")? {
+        Value::Mapping(m) => Some(m.clone()),
+        _ => None,
+    }
 }
 
 fn parse_preset(text: &str, origin: &str) -> anyhow::Result<Value> {

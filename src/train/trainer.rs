@@ -224,22 +224,14 @@ pub struct Trainer {
 /// Whether a run directory holds anything a later `resume` could use: a checkpoint
 /// or class images.
 fn made_anything(run_dir: &Path) -> bool {
-    let has_files = |dir: PathBuf| walkdir_files(&dir).next().is_some();
-    has_files(run_dir.join("checkpoints")) || has_files(run_dir.join("class_images"))
+    !ckpt::list_checkpoints(run_dir).is_empty() || holds_a_file(&run_dir.join("class_images"))
 }
 
-/// The files under `dir` (none when it does not exist).
-fn walkdir_files(dir: &Path) -> impl Iterator<Item = PathBuf> {
-    let mut stack = vec![dir.to_path_buf()];
-    std::iter::from_fn(move || {
-        while let Some(path) = stack.pop() {
-            if path.is_dir() {
-                stack.extend(std::fs::read_dir(&path).into_iter().flatten().flatten().map(|e| e.path()));
-            } else if path.is_file() {
-                return Some(path);
-            }
-        }
-        None
+/// Whether there is a file anywhere under `dir` (class images sit in per-concept folders).
+fn holds_a_file(dir: &Path) -> bool {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
+        let path = e.path();
+        if path.is_dir() { holds_a_file(&path) } else { path.is_file() }
     })
 }
 
@@ -691,30 +683,34 @@ impl Trainer {
         }
     }
 
-    /// Whether `training.<key>` is the user's own choice: neither the default nor their
+    /// The `training` keys that are the user's own choice: neither the default nor their
     /// preset's value (the 6gb/8gb presets set `text_encoder_learning_rate` for concepts
     /// that train the text encoder, and a run that does not should not be warned about
-    /// a value it never chose).
-    fn chosen_by_user(&self, key: &str) -> bool {
-        let value_of = |t: &crate::config::schema::Training| serde_yaml::to_value(t).ok().and_then(|v| v.get(key).cloned());
-        let ours = value_of(&self.config.training);
-        if ours.is_none() || ours == value_of(&crate::config::schema::Training::default()) {
-            return false;
-        }
-        let preset = self.config.preset.as_deref().and_then(|p| crate::config::presets::training_value(p, key));
-        let same = |a: &serde_yaml::Value, b: &serde_yaml::Value| match (a.as_f64(), b.as_f64()) {
-            (Some(x), Some(y)) => x == y,
-            _ => a == b,
+    /// a value it never chose). Read once for all the plan's warnings.
+    fn keys_chosen_by_user(&self) -> std::collections::BTreeSet<String> {
+        let mapping = |t: &crate::config::schema::Training| match serde_yaml::to_value(t) {
+            Ok(serde_yaml::Value::Mapping(m)) => m,
+            _ => serde_yaml::Mapping::new(),
         };
-        !matches!((&ours, &preset), (Some(a), Some(b)) if same(a, b))
+        let defaults = mapping(&crate::config::schema::Training::default());
+        let preset = self.config.preset.as_deref().and_then(|p| crate::config::presets::training_values(p));
+        let same = |a: &serde_yaml::Value, b: Option<&serde_yaml::Value>| match (a.as_f64(), b.and_then(serde_yaml::Value::as_f64)) {
+            (Some(x), Some(y)) => x == y,
+            _ => b == Some(a),
+        };
+        mapping(&self.config.training)
+            .into_iter()
+            .filter(|(k, v)| !same(v, defaults.get(k)) && !same(v, preset.as_ref().and_then(|p| p.get(k))))
+            .filter_map(|(k, _)| k.as_str().map(str::to_string))
+            .collect()
     }
 
     /// Settings the user chose that this run's other settings leave without effect:
     /// one warning each, so no key is silently ignored.
-    fn warn_about_settings_without_effect(&mut self) {
+    fn warn_about_settings_without_effect(&mut self, chosen_by_user: &std::collections::BTreeSet<String>) {
         let t = self.config.training.clone();
         let chosen = |keys: &[&str]| -> Vec<String> {
-            keys.iter().filter(|k| self.chosen_by_user(k)).map(|k| format!("`{k}`")).collect()
+            keys.iter().filter(|k| chosen_by_user.contains(**k)).map(|k| format!("`{k}`")).collect()
         };
         let mut warnings = Vec::new();
         let mut unless = |keys: Vec<String>, applies: bool, only: &str| {
@@ -743,6 +739,7 @@ impl Trainer {
 
     fn describe_plan(&mut self) {
         let t = self.config.training.clone();
+        let chosen_by_user = self.keys_chosen_by_user();
         let images = self.data.instances.len() as u64;
         if let Some(plan) = self.imagic_plan {
             if images > 1 {
@@ -753,7 +750,7 @@ impl Trainer {
             if t.text_encoder_train_ratio > 0.0 {
                 self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_train_ratio` does not apply to it");
             }
-            if self.chosen_by_user("text_encoder_learning_rate") {
+            if chosen_by_user.contains("text_encoder_learning_rate") {
                 self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_learning_rate` does not apply to it");
             }
             if t.mixed_precision != MixedPrecision::No {
@@ -763,7 +760,7 @@ impl Trainer {
             let unused: Vec<String> = ["batch_size", "gradient_accumulation_steps", "offset_noise", "min_snr_gamma",
                 "random_flip", "aspect_ratio_bucketing", "shuffle_tags"]
                 .into_iter()
-                .filter(|key| self.chosen_by_user(key))
+                .filter(|key| chosen_by_user.contains(*key))
                 .map(|key| format!("`{key}`"))
                 .collect();
             if !unused.is_empty() {
@@ -773,7 +770,7 @@ impl Trainer {
                     if unused.len() == 1 { "does" } else { "do" }
                 ));
             }
-            self.warn_about_settings_without_effect();
+            self.warn_about_settings_without_effect(&chosen_by_user);
             if self.config.concepts.iter().any(|c| !c.class_prompt.trim().is_empty()) {
                 self.warn("Imagic has no prior preservation: the class prompt is not used and no class images are made");
             }
@@ -814,8 +811,8 @@ impl Trainer {
                 if left_over > 0 { format!(", and {left_over} left-over micro-batches at the end are not trained") } else { String::new() }
             ));
         }
-        self.warn_about_settings_without_effect();
-        if self.chosen_by_user("text_encoder_learning_rate") && self.text_encoder_steps == 0 {
+        self.warn_about_settings_without_effect(&chosen_by_user);
+        if chosen_by_user.contains("text_encoder_learning_rate") && self.text_encoder_steps == 0 {
             self.warn("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)");
         }
         self.check_disk_room();
