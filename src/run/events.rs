@@ -4,7 +4,7 @@
 //! resume, done, error, ...) and their own fields.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -72,13 +72,20 @@ pub struct EventLog {
 }
 
 impl EventLog {
+    /// Opens for appending. A last line torn by a killed trainer is ended first,
+    /// so the next event starts a line of its own instead of being glued to the
+    /// torn one (and lost with it).
     pub fn open(run_dir: &Path) -> anyhow::Result<EventLog> {
         let path = run_dir.join("events.jsonl");
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
+        if ends_torn(&mut file).with_context(|| format!("cannot read {}", path.display()))? {
+            file.write_all(b"\n").with_context(|| format!("cannot write {}", path.display()))?;
+        }
         Ok(EventLog { path, file })
     }
 
@@ -95,25 +102,73 @@ impl EventLog {
     }
 }
 
-/// Every complete event of a run, in order. A torn last line (the trainer died
-/// mid-write) and lines that are not events are skipped.
-pub fn read_events(run_dir: &Path) -> anyhow::Result<Vec<Event>> {
-    let path = run_dir.join("events.jsonl");
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let mut events = Vec::new();
-    for line in BufReader::new(file).lines() {
-        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            if let Some(e) = Event::from_json(v) {
-                events.push(e);
-            }
-        }
+/// Whether a non-empty file's last byte is not a newline.
+fn ends_torn(file: &mut File) -> std::io::Result<bool> {
+    if file.metadata()?.len() == 0 {
+        return Ok(false);
     }
-    Ok(events)
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
+}
+
+/// Every complete event of a run, in order. A torn line (the trainer died
+/// mid-write, perhaps inside a multi-byte character of a prompt) and lines that
+/// are not events are skipped.
+pub fn read_events(run_dir: &Path) -> anyhow::Result<Vec<Event>> {
+    let mut tail = EventTail::default();
+    tail.read(run_dir)?;
+    Ok(tail.events)
+}
+
+/// The events of a run read so far; each `read` parses only what was appended
+/// since the last one, so a dashboard polling a run of 100 000 steps does not
+/// parse 13 MB twice a second. A line still being written waits for the rest.
+#[derive(Debug, Default)]
+pub struct EventTail {
+    /// The file read (its inode), and how far.
+    inode: u64,
+    offset: u64,
+    partial: Vec<u8>,
+    events: Vec<Event>,
+}
+
+impl EventTail {
+    pub fn read(&mut self, run_dir: &Path) -> anyhow::Result<&[Event]> {
+        let path = run_dir.join("events.jsonl");
+        let context = || format!("cannot read {}", path.display());
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                *self = EventTail::default();
+                return Ok(&self.events);
+            }
+            Err(e) => return Err(e).with_context(context),
+        };
+        // Another file (a run directory made again) is read from its start.
+        let metadata = file.metadata().with_context(context)?;
+        if std::os::unix::fs::MetadataExt::ino(&metadata) != self.inode || metadata.len() < self.offset {
+            *self = EventTail { inode: std::os::unix::fs::MetadataExt::ino(&metadata), ..EventTail::default() };
+        }
+        file.seek(SeekFrom::Start(self.offset)).with_context(context)?;
+        let mut bytes = std::mem::take(&mut self.partial);
+        let read = file.read_to_end(&mut bytes).with_context(context)?;
+        self.offset += read as u64;
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        self.partial = bytes.split_off(complete);
+        let parsed = bytes
+            .split(|&b| b == b'\n')
+            .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+            .filter_map(Event::from_json);
+        self.events.extend(parsed);
+        // A last line that is whole JSON lacks only its newline (written by hand).
+        if let Some(event) = serde_json::from_slice(&self.partial).ok().and_then(Event::from_json) {
+            self.events.push(event);
+            self.partial.clear();
+        }
+        Ok(&self.events)
+    }
 }
 
 #[cfg(test)]
@@ -142,5 +197,55 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_event_after_a_torn_line_is_kept_and_torn_characters_do_not_fail_the_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let prompt = "一张 sks 狗的照片";
+        let mut log = EventLog::open(dir.path()).unwrap();
+        log.write(&Event::named("sample", serde_json::json!({"prompts": [prompt]}))).unwrap();
+        drop(log);
+        // Killed in the middle of the second character of a prompt.
+        let torn = serde_json::to_string(&serde_json::json!({"event": "sample", "prompts": [prompt]})).unwrap();
+        let cut = torn.find('张').unwrap() + 1;
+        let mut f = OpenOptions::new().append(true).open(dir.path().join("events.jsonl")).unwrap();
+        f.write_all(&torn.as_bytes()[..cut]).unwrap();
+        drop(f);
+        let mut log = EventLog::open(dir.path()).unwrap();
+        log.write(&Event::named("start", serde_json::json!({"resumed_from": 2}))).unwrap();
+        drop(log);
+        let names: Vec<String> = read_events(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|e| match e {
+                Event::Named { name, .. } => name,
+                Event::Step(_) => "step".into(),
+            })
+            .collect();
+        assert_eq!(names, ["sample", "start"]);
+    }
+
+    #[test]
+    fn a_tail_reads_what_was_appended_and_waits_for_a_line_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tail = EventTail::default();
+        assert!(tail.read(dir.path()).unwrap().is_empty());
+        let mut log = EventLog::open(dir.path()).unwrap();
+        log.write(&Event::named("loading", serde_json::json!({}))).unwrap();
+        assert_eq!(tail.read(dir.path()).unwrap().len(), 1);
+        let line = serde_json::to_string(&serde_json::json!({"event": "start", "total_steps": 4})).unwrap();
+        let mut f = OpenOptions::new().append(true).open(dir.path().join("events.jsonl")).unwrap();
+        f.write_all(&line.as_bytes()[..10]).unwrap();
+        assert_eq!(tail.read(dir.path()).unwrap().len(), 1);
+        f.write_all(&line.as_bytes()[10..]).unwrap();
+        f.write_all(b"\n").unwrap();
+        assert_eq!(tail.read(dir.path()).unwrap().len(), 2);
+        assert_eq!(tail.read(dir.path()).unwrap().len(), 2);
+        // The directory made again from scratch: its new log is read from the start.
+        std::fs::remove_file(dir.path().join("events.jsonl")).unwrap();
+        std::fs::write(dir.path().join("events.jsonl"), b"{\"event\": \"loading\"}").unwrap();
+        assert_eq!(tail.read(dir.path()).unwrap().len(), 1);
+        assert_eq!(read_events(dir.path()).unwrap().len(), 1);
     }
 }

@@ -8,7 +8,7 @@ use image::DynamicImage;
 use ratatui_image::protocol::Protocol;
 
 use crate::config::RunConfig;
-use crate::run::events::{read_events, Event, StepRecord};
+use crate::run::events::{Event, EventTail, StepRecord};
 use crate::run::lock::RunLock;
 
 /// Steps left out of the ETA's speed: the first steps include compilation,
@@ -112,6 +112,8 @@ pub struct DashboardState {
     /// The previews panel shows the newest class images (class images are being
     /// made and no sample exists yet).
     pub previews_are_class_images: bool,
+    /// The run's events read so far (each refresh reads only what was appended).
+    events: EventTail,
 }
 
 impl DashboardState {
@@ -139,6 +141,7 @@ impl DashboardState {
             preparing: None,
             class_images: Vec::new(),
             previews_are_class_images: false,
+            events: EventTail::default(),
         };
         state.load_config();
         state.refresh(now);
@@ -163,14 +166,13 @@ impl DashboardState {
         if self.config.is_none() {
             self.load_config();
         }
-        let events = match read_events(&self.run_dir) {
-            Ok(events) => events,
-            Err(e) => {
-                self.notice = Some(crate::error::one_line(&e));
-                return;
-            }
-        };
-        self.apply_events(&events);
+        let mut events = std::mem::take(&mut self.events);
+        let read = events.read(&self.run_dir).map(|events| self.apply_events(events));
+        self.events = events;
+        if let Err(e) = read {
+            self.notice = Some(crate::error::one_line(&e));
+            return;
+        }
         if let Some((answer, sent_at)) = self.notice_answered_by {
             if self.log.iter().skip(sent_at).any(|l| l.kind == answer) {
                 self.notice = None;
