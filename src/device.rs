@@ -7,6 +7,10 @@ use crate::error::usage;
 pub fn parse_device(name: &str, from_config: bool) -> anyhow::Result<Device> {
     // Errors name where the choice came from: the flag or the config key.
     let asked = if from_config { format!("`device: {name}`") } else { format!("--device {name}") };
+    let no_cuda = || match unusable_gpu() {
+        Some(why) => usage(format!("{asked} was asked for but {why}")),
+        None => usage(format!("{asked} was asked for but no CUDA device is available (auto or cpu trains on the CPU)")),
+    };
     match name {
         "cpu" => Ok(Device::Cpu),
         "auto" => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
@@ -14,13 +18,16 @@ pub fn parse_device(name: &str, from_config: bool) -> anyhow::Result<Device> {
             if tch::Cuda::is_available() {
                 Ok(Device::Cuda(0))
             } else {
-                Err(usage(format!("{asked} was asked for but no CUDA device is available (auto or cpu trains on the CPU)")))
+                Err(no_cuda())
             }
         }
         other => {
             if let Some(n) = other.strip_prefix("cuda:") {
                 let n: usize = n.parse().map_err(|_| usage(format!("{asked}: the CUDA index is not a number")))?;
-                let count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+                if !tch::Cuda::is_available() {
+                    return Err(no_cuda());
+                }
+                let count = tch::Cuda::device_count() as usize;
                 if n >= count {
                     return Err(usage(format!("{asked}: there are only {count} CUDA devices")));
                 }
@@ -29,6 +36,42 @@ pub fn parse_device(name: &str, from_config: bool) -> anyhow::Result<Device> {
                 Err(usage(format!("{asked} is not one of cpu, cuda, cuda:N, auto")))
             }
         }
+    }
+}
+
+/// Why an NVIDIA GPU that the driver reports is out of libtorch's reach, or `None`
+/// (no GPU, or CUDA works). On a rented machine this is most often a driver older
+/// than the CUDA that PyTorch's wheels are built for: `auto` then trains on the
+/// CPU, which at SD sizes takes days, so it is said loudly.
+pub fn unusable_gpu() -> Option<String> {
+    if tch::Cuda::is_available() {
+        return None;
+    }
+    let gpu = crate::vram::probe()?;
+    Some(unusable_gpu_sentence(&gpu.name, crate::vram::probe::driver_versions()))
+}
+
+/// The CUDA version PyTorch 2.11.0's PyPI wheels are built for, and the oldest
+/// Linux driver that runs it (NVIDIA's CUDA 13.0 release notes).
+const WHEEL_CUDA: (i32, &str) = (13000, "580");
+
+fn unusable_gpu_sentence(name: &str, driver: Option<(String, i32)>) -> String {
+    let cuda = |v: i32| format!("{}.{}", v / 1000, (v % 1000) / 10);
+    match driver {
+        Some((version, supported)) if supported < WHEEL_CUDA.0 => format!(
+            "the {name} is out of libtorch's reach: its driver {version} supports CUDA {} and PyTorch 2.11.0 from PyPI \
+             is built for CUDA {}; update the driver to {} or newer, or build against a torch 2.11.0 for CUDA {} \
+             (README, \"A GPU the trainer does not use\")",
+            cuda(supported),
+            cuda(WHEEL_CUDA.0),
+            WHEEL_CUDA.1,
+            cuda(supported)
+        ),
+        Some((version, _)) => format!(
+            "the {name} (driver {version}) is out of libtorch's reach: this build of libtorch has no CUDA, or its CUDA \
+             libraries do not load (README, \"A GPU the trainer does not use\")"
+        ),
+        None => format!("the {name} is out of libtorch's reach (README, \"A GPU the trainer does not use\")"),
     }
 }
 
@@ -117,4 +160,20 @@ pub fn upload(t: &tch::Tensor, device: Device) -> tch::Tensor {
     // SAFETY: the shim returned a fresh tensor.
     let pinned = unsafe { tch::Tensor::from_ptr(pinned) };
     pinned.to_device_(device, t.kind(), true, false)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_old_driver_is_named_with_what_the_wheel_needs() {
+        let why = super::unusable_gpu_sentence("NVIDIA H100 80GB HBM3", Some(("535.104.05".into(), 12020)));
+        assert_eq!(
+            why,
+            "the NVIDIA H100 80GB HBM3 is out of libtorch's reach: its driver 535.104.05 supports CUDA 12.2 and \
+             PyTorch 2.11.0 from PyPI is built for CUDA 13.0; update the driver to 580 or newer, or build against a \
+             torch 2.11.0 for CUDA 12.2 (README, \"A GPU the trainer does not use\")"
+        );
+        let why = super::unusable_gpu_sentence("NVIDIA A10", Some(("580.65.06".into(), 13000)));
+        assert!(why.contains("has no CUDA, or its CUDA libraries do not load"), "{why}");
+    }
 }

@@ -325,6 +325,11 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         return Err(usage("--model-config does not apply to a run directory (its source model is read as it was for training)"));
     }
     let device = crate::device::parse_device(&args.device, false)?;
+    if args.device == "auto" && device == Device::Cpu {
+        if let Some(why) = crate::device::unusable_gpu() {
+            eprintln!("warning: --device auto samples on the CPU, because {why}");
+        }
+    }
     let mut loaded = if run_dir {
         // The run's checkpoint over its source model (with the run's VAE), as `export` would write it.
         crate::train::export::load_run_model(&args.model, args.step)?

@@ -16,6 +16,8 @@ struct Fixture {
     model: String,
     /// An RTX 4090 is found (else no GPU).
     gpu: bool,
+    /// Why libtorch cannot use it (an old driver), if so.
+    unusable: Option<&'static str>,
 }
 
 impl Sources for Fixture {
@@ -34,7 +36,7 @@ impl Sources for Fixture {
             .collect()
     }
     fn gpu(&self) -> Option<GpuInfo> {
-        self.gpu.then(|| GpuInfo { name: "NVIDIA GeForce RTX 4090".into(), total_bytes: 24 << 30 })
+        self.gpu.then(|| GpuInfo { name: "NVIDIA GeForce RTX 4090".into(), total_bytes: 24 << 30, unusable: self.unusable.map(String::from) })
     }
 }
 
@@ -52,7 +54,7 @@ fn setup() -> Setup {
     for name in ["1.png", "2.png", "3.png"] {
         image::RgbImage::new(8, 8).save(data.join(name)).unwrap();
     }
-    let state = WizardState::new(&root.path().join("runs"), Box::new(Fixture { model: model.display().to_string(), gpu: true }));
+    let state = WizardState::new(&root.path().join("runs"), Box::new(Fixture { model: model.display().to_string(), gpu: true, unusable: None }));
     Setup { root, state }
 }
 
@@ -77,7 +79,7 @@ fn to_vram_step(state: &mut WizardState, root: &Path, name: &str, prompt: &str) 
 /// The wizard on a machine without a GPU, at the VRAM step of a valid run.
 fn at_vram_without_gpu(root: &Path) -> WizardState {
     let model = root.join("v1-5.safetensors");
-    let mut state = WizardState::new(&root.join("runs"), Box::new(Fixture { model: model.display().to_string(), gpu: false }));
+    let mut state = WizardState::new(&root.join("runs"), Box::new(Fixture { model: model.display().to_string(), gpu: false, unusable: None }));
     to_vram_step(&mut state, root, "cpu-run", "a photo of sks dog");
     state
 }
@@ -99,6 +101,29 @@ fn a_cuda_device_without_a_gpu_is_refused() {
     assert_eq!(state.step, Step::Vram);
     let error = state.error.clone().unwrap_or_default();
     assert!(error.contains("`device: cuda` needs a CUDA GPU and this machine has none"), "{error}");
+}
+
+/// A GPU the driver reports but libtorch cannot use (a driver older than the wheel's
+/// CUDA) is said on the VRAM step, and `device: cuda` is refused with the reason.
+#[test]
+fn a_gpu_libtorch_cannot_use_is_said_and_cuda_is_refused() {
+    let Setup { root, .. } = setup();
+    let model = root.path().join("v1-5.safetensors");
+    let why = "the NVIDIA GeForce RTX 4090 is out of libtorch's reach: its driver 535.104.05 supports CUDA 12.2";
+    let fixture = Fixture { model: model.display().to_string(), gpu: true, unusable: Some(why) };
+    let mut state = WizardState::new(&root.path().join("runs"), Box::new(fixture));
+    to_vram_step(&mut state, root.path(), "old-driver", "a photo of sks dog");
+    let text = screen_sized(&state, 200, 30);
+    assert!(text.contains("Training runs on the CPU: the NVIDIA GeForce RTX 4090 is out of libtorch's reach"), "{text}");
+    state.apply(Action::ToggleAdvanced);
+    focus_setting(&mut state, "device");
+    while state.advanced_rows()[state.advanced_focus].value != "cuda" {
+        state.apply(Action::Right);
+    }
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Vram);
+    let error = state.error.clone().unwrap_or_default();
+    assert!(error.contains(&format!("`device: cuda` cannot train: {why}")), "{error}");
 }
 
 fn type_text(state: &mut WizardState, text: &str) {

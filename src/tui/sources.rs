@@ -49,6 +49,6 @@ impl Sources for DiskSources {
     }
 
     fn gpu(&self) -> Option<GpuInfo> {
-        probe().map(|g| GpuInfo { name: g.name, total_bytes: g.total_bytes })
+        probe().map(|g| GpuInfo { name: g.name, total_bytes: g.total_bytes, unusable: crate::device::unusable_gpu() })
     }
 }

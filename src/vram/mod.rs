@@ -75,6 +75,9 @@ pub fn vram_command(config: &Path) -> anyhow::Result<()> {
             gib(gpu.total_bytes as i64),
             gib(free as i64)
         );
+        if let Some(why) = crate::device::unusable_gpu() {
+            println!("warning: training runs on the CPU, because {why}");
+        }
     }
     Ok(())
 }
@@ -122,6 +125,9 @@ pub fn presets_command() -> anyhow::Result<()> {
             gib(g.used_bytes as i64)
         ),
         None => println!("No NVIDIA GPU found (no driver or no device): training runs on the CPU.\n"),
+    }
+    if let Some(why) = crate::device::unusable_gpu() {
+        println!("warning: training runs on the CPU, because {why}\n");
     }
     let rated = rate_presets(&reference_run(), &ModelShapes::sd15());
     println!("{:<6}  {:>6}  {:>22}  fits", "preset", "tier", "SD 1.5 at 512 needs");

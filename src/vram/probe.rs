@@ -28,6 +28,17 @@ pub fn probe() -> Option<GpuMemory> {
     .flatten()
 }
 
+/// The NVIDIA driver's version ("535.104.05") and the newest CUDA it supports
+/// (12.2 as 12020), or `None` without a driver.
+pub fn driver_versions() -> Option<(String, i32)> {
+    std::panic::catch_unwind(|| {
+        let nvml = nvml_wrapper::Nvml::init().ok()?;
+        Some((nvml.sys_driver_version().ok()?, nvml.sys_cuda_driver_version().ok()?))
+    })
+    .ok()
+    .flatten()
+}
+
 /// Samples the first GPU's busy share while it lives: NVML's utilisation, the
 /// share of each sample period (1/6 s to 1 s) in which a kernel ran. Well under
 /// 100 % while training means the GPU waits for the CPU to queue work.

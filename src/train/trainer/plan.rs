@@ -67,6 +67,11 @@ impl Trainer {
     pub(super) fn describe_plan(&mut self) {
         let t = self.config.training.clone();
         let chosen_by_user = self.keys_chosen_by_user();
+        if self.config.device == "auto" && self.device == tch::Device::Cpu {
+            if let Some(why) = crate::device::unusable_gpu() {
+                self.warn(&format!("`device: auto` trains on the CPU, because {why}"));
+            }
+        }
         let images = self.data.instances.len() as u64;
         if let Some(plan) = self.imagic_plan {
             if images > 1 {

@@ -48,6 +48,8 @@ pub struct PresetChoice {
 pub struct GpuInfo {
     pub name: String,
     pub total_bytes: u64,
+    /// Why libtorch cannot use it (`device::unusable_gpu`), when it cannot.
+    pub unusable: Option<String>,
 }
 
 /// What the wizard learns from the rest of the program (checkpoint discovery,
@@ -753,6 +755,9 @@ impl WizardState {
         // NVML found no GPU; libtorch is asked only then (it may see one NVML cannot).
         if config.device.starts_with("cuda") && self.gpu.is_none() && !tch::Cuda::is_available() {
             return Err(format!("`device: {}` needs a CUDA GPU and this machine has none; choose auto or cpu", config.device));
+        }
+        if let Some(why) = self.gpu.as_ref().and_then(|g| g.unusable.as_deref()).filter(|_| config.device.starts_with("cuda")) {
+            return Err(format!("`device: {}` cannot train: {why}", config.device));
         }
         Ok(())
     }

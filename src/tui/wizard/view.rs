@@ -200,6 +200,9 @@ fn draw_vram(frame: &mut Frame, area: Rect, state: &WizardState) {
         Some(g) => Line::from(format!("GPU: {} · {}", g.name, format_gib(g.total_bytes))),
         None => hint("No GPU detected: training runs on the CPU.".into()),
     }];
+    if let Some(why) = state.gpu.as_ref().and_then(|g| g.unusable.as_deref()) {
+        lines.push(Line::styled(format!("Training runs on the CPU: {why}"), Style::default().fg(Color::Yellow)));
+    }
     lines.push(Line::from(""));
     if state.presets.is_empty() {
         lines.push(hint("No presets available; the config's own settings are used.".into()));
