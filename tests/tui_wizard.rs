@@ -126,6 +126,22 @@ fn a_gpu_libtorch_cannot_use_is_said_and_cuda_is_refused() {
     assert!(error.contains(&format!("`device: cuda` cannot train: {why}")), "{error}");
 }
 
+/// Files the trainer will not read (an iPhone's .heic) are counted beside the
+/// folder, so the user converts them before training without them.
+#[test]
+fn the_concept_form_counts_files_that_are_not_read() {
+    let Setup { root, mut state } = setup();
+    std::fs::write(root.path().join("dog").join("IMG_0001.HEIC"), b"x").unwrap();
+    type_text(&mut state, "heic");
+    state.apply(Action::Next);
+    state.apply(Action::FocusNext);
+    state.apply(Action::Next);
+    state.apply(Action::AddConcept);
+    type_text(&mut state, &root.path().join("dog").display().to_string());
+    let text = screen_sized(&state, 200, 30);
+    assert!(text.contains("3 images; 1 other file is not read"), "{text}");
+}
+
 fn type_text(state: &mut WizardState, text: &str) {
     for c in text.chars() {
         state.apply(Action::Input(c));

@@ -95,8 +95,9 @@ pub fn load_instances(config: &RunConfig, buckets: &Buckets) -> anyhow::Result<V
         let examples = load_folder(&c.instance_data_dir, &what, |f| instance_prompt(c, f), i, buckets, None)?;
         if examples.is_empty() {
             return Err(usage(format!(
-                "{what} {} holds no images (png, jpg, jpeg, webp, bmp)",
-                c.instance_data_dir.display()
+                "{what} {} holds no images ({})",
+                c.instance_data_dir.display(),
+                crate::data::images::IMAGE_EXTENSIONS.join(", ")
             )));
         }
         all.extend(examples);

@@ -1,4 +1,5 @@
-//! Instance and class images: found in a folder, decoded (png, jpg, webp), EXIF
+//! Instance and class images: found in a folder, decoded (png, jpg, webp, bmp,
+//! tiff, gif: its first frame), EXIF
 //! rotation applied, grayscale/alpha made RGB, resized so the short side is the
 //! training resolution (bilinear) and centre-cropped, as diffusers' DreamBooth
 //! example does. Optional per-image captions in `<image>.txt`.
@@ -12,7 +13,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::usage;
 
-pub const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
+pub const IMAGE_EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif"];
 
 /// One training image with its optional caption (text of `<stem>.txt`).
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +57,61 @@ pub fn list_images(dir: &Path, what: &str) -> anyhow::Result<Vec<ImageFile>> {
         files.push(ImageFile { path, caption });
     }
     Ok(files)
+}
+
+/// What of `dir` [`list_images`] does not read: (files, subfolders), sorted, not
+/// counting captions and hidden files (`.DS_Store`); nothing for a folder that
+/// cannot be read.
+pub fn skipped_files(dir: &Path) -> (Vec<String>, Vec<String>) {
+    let mut files = Vec::new();
+    let mut folders = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return (files, folders) };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            folders.push(format!("{name}/"));
+        } else if !is_image(&path) && path.extension().is_none_or(|e| !e.eq_ignore_ascii_case("txt")) {
+            files.push(name);
+        }
+    }
+    files.sort();
+    folders.sort();
+    (files, folders)
+}
+
+/// A note for the log about what in `dir` is not read: files that are neither
+/// images of a known format nor captions (an iPhone's `.heic`, a `.psd`), and
+/// subfolders (not searched).
+pub fn skipped_files_note(dir: &Path, what: &str) -> Option<String> {
+    let (files, folders) = skipped_files(dir);
+    if files.is_empty() && folders.is_empty() {
+        return None;
+    }
+    let list = |names: &[String]| {
+        let shown: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
+        let more = if names.len() > 3 { format!(" and {} more", names.len() - 3) } else { String::new() };
+        format!("{}{more}", shown.join(", "))
+    };
+    let mut parts = Vec::new();
+    if !files.is_empty() {
+        let (formats, last) = IMAGE_EXTENSIONS.split_at(IMAGE_EXTENSIONS.len() - 1);
+        let (are, them) = if files.len() == 1 { ("file is", "it") } else { ("files are", "them") };
+        parts.push(format!(
+            "{} {are} skipped (not {} or {}; convert {them} to train on {them}): {}",
+            files.len(),
+            formats.join(", "),
+            last[0],
+            list(&files)
+        ));
+    }
+    if !folders.is_empty() {
+        parts.push(format!("subfolders are not searched: {}", list(&folders)));
+    }
+    Some(format!("{what} {}: {}", dir.display(), parts.join("; ")))
 }
 
 fn not_image(path: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
@@ -187,5 +243,43 @@ mod tests {
         let rgba = dir.path().join("a.png");
         image::RgbaImage::from_pixel(4, 4, image::Rgba([10, 20, 30, 0])).save(&rgba).unwrap();
         assert_eq!(*load_rgb(&rgba).unwrap().get_pixel(0, 0), image::Rgb([10, 20, 30]));
+    }
+
+    #[test]
+    fn tiff_and_the_first_frame_of_a_gif_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiff = dir.path().join("scan.TIF");
+        image::RgbImage::from_pixel(6, 4, image::Rgb([1, 2, 3])).save(&tiff).unwrap();
+        assert_eq!(*load_rgb(&tiff).unwrap().get_pixel(5, 3), image::Rgb([1, 2, 3]));
+        let gif = dir.path().join("clip.gif");
+        let frame = |v: u8| image::Frame::new(image::RgbaImage::from_pixel(4, 4, image::Rgba([v, v, v, 255])));
+        let mut encoder = image::codecs::gif::GifEncoder::new(std::fs::File::create(&gif).unwrap());
+        encoder.encode_frames([frame(255), frame(0)]).unwrap();
+        drop(encoder);
+        assert_eq!(*load_rgb(&gif).unwrap().get_pixel(0, 0), image::Rgb([255, 255, 255]));
+        assert_eq!(list_images(dir.path(), "instance_data_dir").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn what_is_not_read_is_named_and_hidden_files_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(skipped_files_note(dir.path(), "concepts[0].instance_data_dir"), None);
+        RgbImage::new(8, 8).save(dir.path().join("a.png")).unwrap();
+        std::fs::write(dir.path().join("a.txt"), "a dog").unwrap();
+        std::fs::write(dir.path().join(".DS_Store"), "x").unwrap();
+        assert_eq!(skipped_files_note(dir.path(), "concepts[0].instance_data_dir"), None);
+        for name in ["IMG_1.HEIC", "IMG_2.HEIC", "IMG_3.HEIC", "layers.psd"] {
+            std::fs::write(dir.path().join(name), "x").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("more")).unwrap();
+        let note = skipped_files_note(dir.path(), "concepts[0].instance_data_dir").unwrap();
+        assert_eq!(
+            note,
+            format!(
+                "concepts[0].instance_data_dir {}: 4 files are skipped (not png, jpg, jpeg, webp, bmp, tif, tiff or gif; \
+                 convert them to train on them): IMG_1.HEIC, IMG_2.HEIC, IMG_3.HEIC and 1 more; subfolders are not searched: more/",
+                dir.path().display()
+            )
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 
 use super::Trainer;
 use crate::config::schema::{LrScheduler, MixedPrecision, Training};
+use crate::data::images::skipped_files_note;
 use crate::train::checkpoint as ckpt;
 
 impl Trainer {
@@ -67,6 +68,15 @@ impl Trainer {
     pub(super) fn describe_plan(&mut self) {
         let t = self.config.training.clone();
         let chosen_by_user = self.keys_chosen_by_user();
+        for (i, c) in self.config.concepts.clone().iter().enumerate() {
+            let dirs = [(&Some(c.instance_data_dir.clone()), "instance_data_dir"), (&c.class_data_dir, "class_data_dir")];
+            for (dir, key) in dirs {
+                let note = dir.as_deref().and_then(|d| skipped_files_note(d, &format!("concepts[{i}].{key}")));
+                if let Some(note) = note {
+                    self.warn(&note);
+                }
+            }
+        }
         if self.config.device == "auto" && self.device == tch::Device::Cpu {
             if let Some(why) = crate::device::unusable_gpu() {
                 self.warn(&format!("`device: auto` trains on the CPU, because {why}"));

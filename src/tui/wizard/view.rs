@@ -147,7 +147,11 @@ fn draw_concepts(frame: &mut Frame, area: Rect, state: &WizardState) {
 fn draw_concept_form(frame: &mut Frame, area: Rect, state: &WizardState) {
     let Some(c) = state.concepts.get(state.concept_index) else { return };
     let images = match count_images(&c.instance_dir) {
-        Ok(n) => format!("{n} images"),
+        Ok(n) => match crate::data::images::skipped_files(std::path::Path::new(c.instance_dir.trim())).0.len() {
+            0 => format!("{n} images"),
+            1 => format!("{n} images; 1 other file is not read (not png, jpg, webp, bmp, tiff, gif)"),
+            skipped => format!("{n} images; {skipped} other files are not read (not png, jpg, webp, bmp, tiff, gif)"),
+        },
         Err(_) if c.instance_dir.trim().is_empty() => String::new(),
         Err(_) => "not a folder of images".into(),
     };
