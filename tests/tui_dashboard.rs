@@ -423,3 +423,23 @@ fn the_text_encoders_own_rate_is_shown() {
     assert!(text.contains("TE lr 2.500e-6 to step 25"), "{text}");
     settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_text_encoder_lr", text));
 }
+
+/// A live dashboard reads what the trainer appends between refreshes (only that),
+/// and a preview it could not read is read once it can be.
+#[test]
+fn refreshes_read_appended_events_and_retry_an_unreadable_preview() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    std::fs::write(run.join("samples/step-000040-0.png"), b"not a png yet").unwrap();
+    let mut state = DashboardState::load(&run, T0 + 60.0);
+    assert_eq!(state.last_step().unwrap().step, 40);
+    assert!(state.previews.iter().find(|p| p.name == "step-000040-0").unwrap().image.is_none());
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    let record = StepRecord { step: 41, epoch: 20, loss: 0.125, lr: 1e-6, it_s: 2.0, vram_bytes: 0, time: T0 + 61.0 };
+    writeln!(file, "{}", serde_json::to_string(&record).unwrap()).unwrap();
+    png(&run.join("samples/step-000040-0.png"), 40);
+    state.refresh(T0 + 62.0);
+    assert_eq!(state.last_step().unwrap().loss, 0.125);
+    assert_eq!(state.steps.len(), 41);
+    assert!(state.previews.iter().find(|p| p.name == "step-000040-0").unwrap().image.is_some());
+}

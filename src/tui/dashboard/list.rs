@@ -33,12 +33,46 @@ fn status_word(state: &DashboardState) -> String {
     }
 }
 
-/// The run directories under `dir` (folders holding a config.yaml), by name.
+/// Orders names as people number them: `dog-v2` before `dog-v10`.
+fn natural_order(a: &str, b: &str) -> std::cmp::Ordering {
+    // Runs of digits compare as numbers, everything else character by character.
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for (i, c) in s.char_indices().skip(1) {
+            let prev = s[..i].chars().next_back().is_some_and(|p| p.is_ascii_digit());
+            if prev != c.is_ascii_digit() {
+                out.push((prev, &s[start..i]));
+                start = i;
+            }
+        }
+        if !s.is_empty() {
+            out.push((s[start..].chars().next().is_some_and(|c| c.is_ascii_digit()), &s[start..]));
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for ((da, sa), (db, sb)) in ca.iter().zip(&cb) {
+        let order = if *da && *db {
+            let (ta, tb) = (sa.trim_start_matches('0'), sb.trim_start_matches('0'));
+            ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb))
+        } else {
+            sa.cmp(sb)
+        };
+        if order.is_ne() {
+            return order;
+        }
+    }
+    ca.len().cmp(&cb.len()).then_with(|| a.cmp(b))
+}
+
+/// The run directories under `dir` (folders holding a config.yaml), by name in
+/// natural order.
 pub fn run_lines(dir: &Path, now: f64) -> anyhow::Result<Vec<RunLine>> {
     let entries = std::fs::read_dir(dir).map_err(|e| usage(format!("cannot read the runs folder {}: {e}", dir.display())))?;
     let mut dirs: Vec<PathBuf> =
         entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("config.yaml").is_file()).collect();
-    dirs.sort();
+    dirs.sort_by(|a, b| natural_order(&a.to_string_lossy(), &b.to_string_lossy()));
     Ok(dirs
         .into_iter()
         .map(|run| {
@@ -94,4 +128,14 @@ pub fn runs_command(dir: &Path) -> anyhow::Result<()> {
     }
     print!("{}", format_table(&lines));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn numbered_runs_sort_by_their_numbers() {
+        let mut names = vec!["dog-v10", "dog-v2", "cat", "dog-v1", "dog-v02b", "dog", "dog-v2a"];
+        names.sort_by(|a, b| super::natural_order(a, b));
+        assert_eq!(names, ["cat", "dog", "dog-v1", "dog-v2", "dog-v2a", "dog-v02b", "dog-v10"]);
+    }
 }

@@ -314,16 +314,18 @@ impl DashboardState {
             paths = self.class_images.clone();
         }
         let newest: Vec<PathBuf> = paths.into_iter().rev().take(MAX_PREVIEWS).collect();
-        if newest.iter().eq(self.previews.iter().map(|p| &p.path)) {
+        let all_read = self.previews.iter().all(|p| p.image.is_some());
+        if all_read && newest.iter().eq(self.previews.iter().map(|p| &p.path)) {
             return;
         }
         let mut old: Vec<Preview> = std::mem::take(&mut self.previews);
         for path in newest {
-            if let Some(i) = old.iter().position(|p| p.path == path) {
+            if let Some(i) = old.iter().position(|p| p.path == path && p.image.is_some()) {
                 self.previews.push(old.swap_remove(i));
                 continue;
             }
-            // A sample being written can be unreadable for a moment; it is retried next refresh.
+            // Samples are renamed into place whole, but one that cannot be read now
+            // (damaged, or copied in by hand mid-write) is tried again next refresh.
             let image = image::open(&path).ok();
             let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             self.previews.push(Preview { path, name, image, protocol: None, prepared_for: (0, 0) });
