@@ -48,9 +48,7 @@ pub fn list_images(dir: &Path, what: &str) -> anyhow::Result<Vec<ImageFile>> {
     for path in paths {
         let caption_path = path.with_extension("txt");
         let caption = if caption_path.is_file() {
-            let text = std::fs::read_to_string(&caption_path)
-                .with_context(|| format!("cannot read the caption {}", caption_path.display()))?;
-            Some(text.trim().to_string())
+            Some(read_caption(&caption_path)?)
         } else {
             None
         };
@@ -112,6 +110,16 @@ pub fn skipped_files_note(dir: &Path, what: &str) -> Option<String> {
         parts.push(format!("subfolders are not searched: {}", list(&folders)));
     }
     Some(format!("{what} {}: {}", dir.display(), parts.join("; ")))
+}
+
+/// A caption's text, trimmed. Windows editors start UTF-8 files with a byte-order
+/// mark, which would otherwise become a token of every prompt made from it.
+fn read_caption(path: &Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read the caption {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        usage(format!("the caption {} is not UTF-8 text; save it as UTF-8", path.display()))
+    })?;
+    Ok(text.trim_start_matches('\u{feff}').trim().to_string())
 }
 
 fn not_image(path: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
@@ -188,7 +196,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         RgbImage::new(8, 8).save(dir.path().join("b.png")).unwrap();
         RgbImage::new(8, 8).save(dir.path().join("a.jpg")).unwrap();
-        std::fs::write(dir.path().join("a.txt"), "a dog, sitting \n").unwrap();
+        std::fs::write(dir.path().join("a.txt"), "\u{feff}a dog, sitting \r\n").unwrap();
         std::fs::write(dir.path().join("notes.md"), "x").unwrap();
         let files = list_images(dir.path(), "instance_data_dir").unwrap();
         let names: Vec<_> = files.iter().map(|f| f.path.file_name().unwrap().to_str().unwrap()).collect();
@@ -208,6 +216,10 @@ mod tests {
         std::fs::write(&fake, b"hello, I am text").unwrap();
         let err = load_rgb(&fake).unwrap_err().to_string();
         assert!(err.contains("fake.jpg") && err.contains("not a readable image"), "{err}");
+        RgbImage::new(8, 8).save(dir.path().join("latin1.png")).unwrap();
+        std::fs::write(dir.path().join("latin1.txt"), b"caf\xe9").unwrap();
+        let err = list_images(dir.path(), "instance_data_dir").unwrap_err().to_string();
+        assert!(err.contains("latin1.txt is not UTF-8 text; save it as UTF-8"), "{err}");
         let err = list_images(&dir.path().join("missing"), "instance_data_dir").unwrap_err().to_string();
         assert!(err.contains("does not exist"), "{err}");
     }
