@@ -113,6 +113,11 @@ pub struct GenerateArgs {
     /// own `training.clip_skip` (what its previews used), else 1.
     #[arg(long)]
     pub clip_skip: Option<i64>,
+    /// Prompt tokens the text encoder reads: 75, or 150 / 225 in 75-token windows as
+    /// AUTOMATIC1111 reads long prompts. Default: a run directory's own
+    /// `training.max_token_length` (what its previews used), else 75.
+    #[arg(long)]
+    pub max_token_length: Option<usize>,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]

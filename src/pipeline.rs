@@ -182,6 +182,18 @@ impl StableDiffusion {
         Ok(())
     }
 
+    /// What a prompt loses to the text encoder's reach, in words, or `None` when
+    /// it is read whole (diffusers' pipeline warns the same way).
+    pub fn cut_prompt_warning(&self, what: &str, prompt: &str) -> Option<String> {
+        let positions = self.text_config.max_position_embeddings as usize;
+        let readable = self.max_token_length.max(positions.saturating_sub(2));
+        let tokens = self.tokenizer.encode(prompt).len().saturating_sub(2);
+        (tokens > readable).then(|| {
+            let longer = if readable < 225 { "; --max-token-length 150 or 225 reads more" } else { "" };
+            format!("{what} has {tokens} tokens and the text encoder reads {readable}: the rest is cut{longer}")
+        })
+    }
+
     /// Prompt embeddings `[1, 77, hidden]` as the pipeline feeds the UNet
     /// (`[1, 2 + max_token_length, hidden]` past one window).
     pub fn encode_prompt(&self, prompt: &str, clip_skip: i64) -> Tensor {
@@ -307,6 +319,12 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         return Err(usage("--steps must be at least 1"));
     }
+    if !args.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        return Err(usage(format!("--out {}: generate writes PNG images; give a name ending in .png", args.out.display())));
+    }
+    if let Some(n) = args.max_token_length.filter(|n| ![75, 150, 225].contains(n)) {
+        return Err(usage(format!("--max-token-length {n} must be 75, 150 or 225")));
+    }
     if args.lora_weight.len() > args.lora.len() {
         return Err(usage(format!(
             "{} --lora-weight values for {} --lora files: give one weight per file, in the same order",
@@ -353,6 +371,16 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
             "--clip-skip {clip_skip} must be between 1 (the last layer) and the text encoder's {} layers",
             sd.text_config.num_hidden_layers
         )));
+    }
+    sd.max_token_length = match (args.max_token_length, &run_config) {
+        (Some(n), _) => n,
+        (None, Some(run)) => run.training.max_token_length as usize,
+        (None, None) => 75,
+    };
+    for (flag, text) in [("--prompt", &args.prompt), ("--negative", &args.negative)] {
+        if let Some(warning) = sd.cut_prompt_warning(flag, text) {
+            eprintln!("warning: {warning}");
+        }
     }
     for (i, lora) in args.lora.iter().enumerate() {
         let weight = args.lora_weight.get(i).copied().unwrap_or(1.0);

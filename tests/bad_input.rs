@@ -130,3 +130,32 @@ fn unknown_device() {
     assert_clear_error(code, &err, "--device tpu");
     assert_eq!(code, 2);
 }
+
+#[test]
+fn generate_names_what_it_cannot_write_and_what_a_prompt_loses() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("tiny-sd1");
+    let jpg = dir.path().join("o.jpg");
+    let (code, _, err) = run_cli(&["generate", "--model", m.to_str().unwrap(), "--prompt", "a dog", "--out", jpg.to_str().unwrap()]);
+    assert_clear_error(code, &err, "generate writes PNG images");
+    assert!(!jpg.exists());
+    let out = dir.path().join("o.png");
+    let (code, _, err) = run_cli(&[
+        "generate", "--model", m.to_str().unwrap(), "--prompt", "a dog", "--max-token-length", "100", "--out", out.to_str().unwrap(),
+    ]);
+    assert_clear_error(code, &err, "--max-token-length 100 must be 75, 150 or 225");
+    // 90 words: 90 tokens, of which the text encoder reads 75 (diffusers warns the same way).
+    let long = vec!["dog"; 90].join(" ");
+    let generate = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", m.to_str().unwrap(), "--prompt", &long, "--steps", "1", "--device", "cpu"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        run_cli(&args)
+    };
+    let (code, _, err) = generate(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: --prompt has 90 tokens and the text encoder reads 75: the rest is cut"), "{err}");
+    let (code, _, err) = generate(&["--max-token-length", "150"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "{err}");
+}

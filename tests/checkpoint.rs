@@ -160,6 +160,13 @@ fn sd2_single_file_without_sidecar_infers_all_but_prediction_type() {
     assert_eq!(given.scheduler_config.prediction_type, "v_prediction");
     assert_eq!(given.tokenizer, TokenizerSource::Folder(fixture("tiny-sd2").join("tokenizer")));
     same_model(&given, &folder, true);
+
+    // A folder that describes nothing would change nothing: refused, not ignored.
+    let empty = tempfile::tempdir().unwrap();
+    let err = one_line(&load_model(&file, Some(empty.path())).unwrap_err());
+    assert!(err.contains("holds none of unet/config.json"), "{err}");
+    let err = one_line(&load_model(&fixture("tiny-sd2"), Some(empty.path())).unwrap_err());
+    assert!(err.contains("holds none of unet/config.json"), "{err}");
 }
 
 #[test]

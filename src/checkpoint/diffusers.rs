@@ -50,6 +50,24 @@ pub fn read_configs(dir: &Path) -> anyhow::Result<FolderConfigs> {
     })
 }
 
+/// `read_configs` of a `--model-config` folder, which must describe something:
+/// a folder with none of the configs would silently change nothing.
+pub fn read_override_configs(dir: &Path) -> anyhow::Result<FolderConfigs> {
+    if !dir.is_dir() {
+        bail!("--model-config {} is not a folder", dir.display());
+    }
+    let configs = read_configs(dir)?;
+    let any = configs.unet.is_some() || configs.vae.is_some() || configs.text.is_some() || configs.scheduler.is_some() || configs.tokenizer.is_some();
+    if !any {
+        bail!(
+            "--model-config {} holds none of unet/config.json, vae/config.json, text_encoder/config.json, \
+             scheduler/scheduler_config.json or tokenizer/ (it takes a diffusers model folder)",
+            dir.display()
+        );
+    }
+    Ok(configs)
+}
+
 /// SD 2.x and SDXL are told apart from SD 1.x by their configs.
 pub fn architecture_of(dir: &Path, unet: &UNetConfig, text: &ClipConfig) -> Architecture {
     if dir.join("text_encoder_2").is_dir() || unet.addition_embed_type.is_some() {
@@ -74,10 +92,7 @@ pub fn load(dir: &Path, overrides: Option<&Path>) -> anyhow::Result<LoadedModel>
     }
     let mut configs = read_configs(dir)?;
     if let Some(o) = overrides {
-        if !o.is_dir() {
-            bail!("--model-config {} is not a folder", o.display());
-        }
-        let o = read_configs(o)?;
+        let o = read_override_configs(o)?;
         configs = FolderConfigs {
             unet: o.unet.or(configs.unet),
             vae: o.vae.or(configs.vae),

@@ -191,8 +191,7 @@ fn load_single_file(path: &Path, format: ModelFormat, model_config_dir: Option<&
     let layout = ldm::text_layout(&architecture);
 
     let overrides = match model_config_dir {
-        Some(dir) if !dir.is_dir() => bail!("--model-config {} is not a folder", dir.display()),
-        Some(dir) => Some(diffusers::read_configs(dir)?),
+        Some(dir) => Some(diffusers::read_override_configs(dir)?),
         None => None,
     };
     let fully_given = overrides.as_ref().is_some_and(|o| o.unet.is_some() && o.vae.is_some() && o.text.is_some());
