@@ -184,12 +184,13 @@ impl StableDiffusion {
 
     /// What a prompt loses to the text encoder's reach, in words, or `None` when
     /// it is read whole (diffusers' pipeline warns the same way).
-    pub fn cut_prompt_warning(&self, what: &str, prompt: &str) -> Option<String> {
+    /// `read_more` says how to raise the limit where it can be.
+    pub fn cut_prompt_warning(&self, what: &str, prompt: &str, read_more: &str) -> Option<String> {
         let positions = self.text_config.max_position_embeddings as usize;
         let readable = self.max_token_length.max(positions.saturating_sub(2));
         let tokens = self.tokenizer.encode(prompt).len().saturating_sub(2);
         (tokens > readable).then(|| {
-            let longer = if readable < 225 { "; --max-token-length 150 or 225 reads more" } else { "" };
+            let longer = if readable < 225 { format!("; {read_more} reads more") } else { String::new() };
             format!("{what} has {tokens} tokens and the text encoder reads {readable}: the rest is cut{longer}")
         })
     }
@@ -378,7 +379,7 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         (None, None) => 75,
     };
     for (flag, text) in [("--prompt", &args.prompt), ("--negative", &args.negative)] {
-        if let Some(warning) = sd.cut_prompt_warning(flag, text) {
+        if let Some(warning) = sd.cut_prompt_warning(flag, text, "--max-token-length 150 or 225") {
             eprintln!("warning: {warning}");
         }
     }

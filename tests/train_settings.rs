@@ -395,7 +395,7 @@ fn max_token_length_reads_long_captions_in_windows() {
     long.config.concepts[0].sample_prompts = vec!["sks thing on grass".into()];
     assert_eq!(long.previews().unwrap().len(), 1);
     let mut short = start("short", "  text_encoder_train_ratio: 1.0\n");
-    assert!(log(&short).contains("1 prompts are longer than the 77 tokens"), "{}", log(&short));
+    assert!(log(&short).contains("1 prompts are longer than the 75 tokens"), "{}", log(&short));
     assert_ne!(long_loss, short.train_step().unwrap());
     // The frozen encoder's path (its states cached) reads the windows too.
     start("frozen", "  max_token_length: 150\n").train_step().unwrap();
@@ -511,7 +511,16 @@ fn filewords_and_tokens_give_each_image_its_own_prompt() {
     let t = Trainer::start(load(&cfg_long), quiet()).unwrap();
     assert_eq!(t.data.instances[1].ids.len(), 77);
     let log = std::fs::read_to_string(t.run_dir.join("train.log")).unwrap();
-    assert!(log.contains("1 prompts are longer than the 77 tokens the text encoder reads"), "{log}");
+    assert!(log.contains("1 prompts are longer than the 75 tokens the text encoder reads"), "{log}");
+    // So is a preview prompt, which would otherwise draw less than it says.
+    let cfg_preview = write_config(root.path(), "long-preview", &data, "");
+    let yaml = std::fs::read_to_string(&cfg_preview)
+        .unwrap()
+        .replace("instance_prompt: a photo of sks thing", &format!("instance_prompt: a photo of sks thing\n    sample_prompts: [{long:?}]"));
+    std::fs::write(&cfg_preview, yaml).unwrap();
+    let t = Trainer::start(load(&cfg_preview), quiet()).unwrap();
+    let log = std::fs::read_to_string(t.run_dir.join("train.log")).unwrap();
+    assert!(log.contains("has 120 tokens and the text encoder reads 75: the rest is cut; `training.max_token_length: 150` or 225 reads more"), "{log}");
     std::fs::write(data.join("img-1.txt"), "sks thing, close-up").unwrap();
 
     // Captions a prompt does not ask for are not used, and the log says so.

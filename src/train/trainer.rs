@@ -586,7 +586,7 @@ impl Trainer {
             log.line(&format!(
                 "{} prompts are longer than the {} tokens the text encoder reads (`training.max_token_length`) and are cut there, e.g. {first:?}",
                 cut.len(),
-                max_tokens.max(positions.saturating_sub(2)) + 2
+                max_tokens.max(positions.saturating_sub(2))
             ));
         }
         if t.cache_latents {

@@ -122,6 +122,14 @@ impl Trainer {
             ));
             return;
         }
+        // Previews are drawn with the training's reach; a cut one would mislead.
+        let previews: Vec<String> = self.config.concepts.iter().flat_map(super::samples::sample_prompts).collect();
+        for prompt in previews {
+            let what = format!("the preview prompt {prompt:?}");
+            if let Some(warning) = self.sd.cut_prompt_warning(&what, &prompt, "`training.max_token_length: 150` or 225") {
+                self.warn(&warning);
+            }
+        }
         let frames = self.data.frame_counts();
         if frames.len() > 1 {
             let list: Vec<String> =

@@ -101,7 +101,7 @@ impl Trainer {
 /// images in turn, made an instance prompt as in training.
 /// A concept's preview prompts; without any, its instance prompt as the first image
 /// trains on it (the extension's blank "Sample Image Prompt", and what the wizard offers).
-fn sample_prompts(c: &Concept) -> Vec<String> {
+pub(super) fn sample_prompts(c: &Concept) -> Vec<String> {
     let images = list_images(&c.instance_data_dir, "instance_data_dir").unwrap_or_default();
     if c.sample_prompts.is_empty() {
         let words = images.first().map(file_words).unwrap_or_default();
