@@ -194,6 +194,11 @@ fn kill_9_then_resume_is_bit_identical_and_sigterm_checkpoints() {
     assert!(out_dir.join("unet/diffusion_pytorch_model.safetensors").is_file());
     let (code, _, err) = cli(&["export", r.join("runs/full").to_str().unwrap(), "--format", "lora", "--out", r.join("l").to_str().unwrap()]);
     assert_one_line_error(code, &err, "use_lora");
+    // A safetensors file under a .ckpt name would be unpickled by AUTOMATIC1111: refused.
+    let ckpt = r.join("full.ckpt");
+    let (code, _, err) = cli(&["export", r.join("runs/full").to_str().unwrap(), "--format", "ldm", "--out", ckpt.to_str().unwrap()]);
+    assert_one_line_error(code, &err, "writes a safetensors file; give a name ending in .safetensors");
+    assert!(!ckpt.exists());
 }
 
 #[test]

@@ -90,6 +90,14 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half:
     if out.exists() {
         return Err(usage(format!("{} already exists; choose a new path", out.display())));
     }
+    // The files are safetensors: a `.ckpt` name would make AUTOMATIC1111 unpickle them.
+    let single_file = matches!(format, "ldm" | "lora");
+    if single_file && !out.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) {
+        return Err(usage(format!(
+            "--out {}: --format {format} writes a safetensors file; give a name ending in .safetensors",
+            out.display()
+        )));
+    }
     // A single file's config sidecar (`out.yaml`) is written beside it when the model needs one.
     let sidecar = crate::checkpoint::ldm_yaml::sidecar_path(out);
     if format == "ldm" && sidecar.exists() {
