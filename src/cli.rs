@@ -59,7 +59,7 @@ pub enum Command {
         #[arg(long)]
         half: bool,
     },
-    /// Estimated peak VRAM of a run config, per component.
+    /// Estimated peak VRAM of a run config (or a run directory's), per component.
     Vram { config: PathBuf },
     /// The VRAM presets.
     Presets,

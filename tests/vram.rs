@@ -175,6 +175,13 @@ fn vram_command_prints_a_table_and_a_peak() {
     for needle in ["UNet down_blocks.0", "text encoder", "optimizer state", "activations saved for backward", "peak (allocated)"] {
         assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
+    // A run directory is estimated from its config.yaml.
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::copy(&path, run.join("config.yaml")).unwrap();
+    let from_run = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth")).arg("vram").arg(&run).output().unwrap();
+    assert!(from_run.status.success(), "{}", String::from_utf8_lossy(&from_run.stderr));
+    assert_eq!(String::from_utf8_lossy(&from_run.stdout), text);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dreambooth")).arg("presets").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("12gb") && text.contains("cpu"), "{text}");

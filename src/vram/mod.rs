@@ -53,6 +53,9 @@ pub fn render(e: &Estimate, model: &str) -> String {
 
 /// `dreambooth vram CONFIG.yaml`.
 pub fn vram_command(config: &Path) -> anyhow::Result<()> {
+    // A run directory is estimated from the config it trains with.
+    let in_run_dir = config.join("config.yaml");
+    let config = if config.is_dir() && in_run_dir.is_file() { in_run_dir.as_path() } else { config };
     let c = crate::config::load_run_config(config)?;
     let shapes = ModelShapes::for_run(&c)?;
     let e = estimate(&shapes, &Plan::from_config(&c));
