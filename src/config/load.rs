@@ -37,15 +37,47 @@ pub fn parse_run_config(text: &str, origin: &str, base: &Path) -> anyhow::Result
     }
     check_keys(&value, origin)?;
     // The path to a wrongly typed value (`training.learning_rate`) goes in the message.
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    serde_path_to_error::deserialize(value.clone()).map_err(move |e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
+        let inner = e.into_inner().to_string();
         if path == "." || path.is_empty() {
-            usage(format!("{origin}: {inner}"))
-        } else {
-            usage(format!("{origin}: `{path}`: {inner}"))
+            return usage(format!("{origin}: {inner}"));
         }
+        // serde_yaml words a non-name where a name belongs (`mixed_precision: true`)
+        // after its internals; the names the key takes say it better.
+        if inner.contains("Value::Tagged enum") {
+            if let Some((given, names)) = names_the_key_takes(value, &path) {
+                return usage(format!("{origin}: `{path}` is {given}, not one of {names}"));
+            }
+        }
+        usage(format!("{origin}: `{path}`: {inner}"))
     })
+}
+
+/// The value at a serde path such as `training.mixed_precision` or `concepts[0].x`.
+fn lookup_mut<'a>(value: &'a mut Value, path: &str) -> Option<&'a mut Value> {
+    let mut at = value;
+    for part in path.split('.') {
+        let (key, index) = match part.split_once('[') {
+            Some((key, rest)) => (key, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        at = at.get_mut(key)?;
+        if let Some(i) = index {
+            at = at.get_mut(i)?;
+        }
+    }
+    Some(at)
+}
+
+/// The value given at `path`, and the names that enum key accepts as serde lists
+/// them for an unknown one: the config is read again with a name no key takes there.
+fn names_the_key_takes(mut value: Value, path: &str) -> Option<(String, String)> {
+    let at = lookup_mut(&mut value, path)?;
+    let given = serde_json::to_string(at).ok()?;
+    *at = Value::String("\u{1}".into());
+    let err = serde_path_to_error::deserialize::<_, RunConfig>(value).err()?.into_inner().to_string();
+    err.split_once("expected one of ").map(|(_, names)| (given, names.to_string()))
 }
 
 /// `over`'s keys win; mappings merge recursively; lists and scalars replace.
@@ -214,6 +246,13 @@ mod tests {
         let err = parse_run_config(&text, "t.yaml", Path::new(".")).unwrap_err().to_string();
         assert!(err.contains("learning_rate"), "{err}");
         assert!(err.contains("t.yaml"), "{err}");
+        // A non-name where a name belongs is answered with the names, not serde's internals.
+        let text = format!("{MINIMAL}training:\n  mixed_precision: true\n");
+        let err = parse_run_config(&text, "t.yaml", Path::new(".")).unwrap_err().to_string();
+        assert_eq!(err, "t.yaml: `training.mixed_precision` is true, not one of `no`, `fp16`, `bf16`");
+        let text = format!("{MINIMAL}training:\n  attention: [a]\n");
+        let err = parse_run_config(&text, "t.yaml", Path::new(".")).unwrap_err().to_string();
+        assert_eq!(err, "t.yaml: `training.attention` is [\"a\"], not one of `default`, `xformers`, `flash_attention`");
     }
 
     #[test]
