@@ -534,11 +534,13 @@ fn full_disk_and_damaged_checkpoints_are_one_sentence_and_lose_nothing() {
     let unet = run.join("checkpoints/step-000006/unet.safetensors");
     let bytes = std::fs::read(&unet).unwrap();
     std::fs::write(&unet, &bytes[..bytes.len() / 3]).unwrap();
-    let (code, _, err) = cli(&["resume", run.to_str().unwrap(), "--plain"]);
+    let (code, out, err) = cli(&["resume", run.to_str().unwrap(), "--plain"]);
     let last = last_line(&err);
     assert_eq!(code, 1, "{err}");
     assert!(last.contains("step-000006/unet.safetensors is not a valid safetensors file"), "{last}");
     assert!(last.contains("to resume from the checkpoint of step 3 instead, move "), "{last}");
+    // Found from the file's header, before the model is loaded again.
+    assert!(!out.contains("precision:") && !err.contains("precision:"), "the model was loaded first:\n{out}{err}");
 }
 
 /// A run killed while it makes its class images (before its first checkpoint)

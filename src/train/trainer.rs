@@ -348,13 +348,17 @@ impl Trainer {
             }
             anyhow::anyhow!(msg)
         };
-        if let (true, Some((_, dir))) = (wanted == planned && step >= total, &newest) {
-            // Nothing to train, but a damaged final checkpoint is still worth saying.
+        // A cut-short file is found from its header now, before the model loads and
+        // the latents are encoded (minutes at SD sizes); also for a finished run,
+        // which has nothing to train but whose damaged final checkpoint is worth saying.
+        if let Some((_, dir)) = &newest {
             for file in std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()) {
                 if file.extension().is_some_and(|e| e == "safetensors") {
                     crate::checkpoint::safetensors_file::SafetensorsFile::open(&file).map_err(|e| damaged(&e, dir))?;
                 }
             }
+        }
+        if wanted == planned && step >= total && newest.is_some() {
             let more = if config.training.train_imagic_only {
                 String::new()
             } else {
