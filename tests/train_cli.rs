@@ -207,14 +207,25 @@ fn stop_checkpoints_a_detached_run_and_resume_finishes_it() {
     let r = root.path();
     let data = r.join("data");
     subject_images(&data, 2);
-    // Enough steps that the run is still going when `stop` arrives.
-    let cfg = write_config(r, "bg", &data, "  steps_per_image: 12\n");
+    // Enough steps that the run is still going when `stop` arrives; a setting
+    // without effect, and class images to make (after which output goes to train.log).
+    let cfg = write_config(r, "bg", &data, "  steps_per_image: 12\n  lr_power: 2.0\n");
+    let with_class = std::fs::read_to_string(&cfg).unwrap().replace(
+        "instance_prompt: a photo of sks thing\n",
+        "instance_prompt: a photo of sks thing\n    class_prompt: a photo of a thing\n    num_class_images: 2\n",
+    );
+    std::fs::write(&cfg, with_class).unwrap();
     let run = r.join("runs/bg");
     let (code, out, err) = cli(&["train", cfg.to_str().unwrap(), "--detach"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), run.display().to_string());
+    // The config's warnings reach the terminal the run was started from.
+    assert!(err.contains("warning: `lr_power` applies to `lr_scheduler: polynomial` only"), "{err}");
     wait_for("the first step record", Duration::from_secs(120), || run.join("events.jsonl").is_file() && step_count(&run) >= 1);
     assert!(dreambooth::run::lock::RunLock::is_held(&run), "the detached trainer does not hold the run");
+    let names = event_names(&run);
+    let first = |wanted: &str| names.iter().position(|n| n == wanted);
+    assert!(first("class_images").is_some() && first("warning") < first("class_images"), "said before the class images: {names:?}");
 
     let (code, out, err) = cli(&["stop", run.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");

@@ -73,6 +73,11 @@ fn detach(args: &[&std::ffi::OsStr], run_dir_hint: Option<&Path>) -> anyhow::Res
         return Ok(());
     }
     let dir = run_dir_hint.map(Path::to_path_buf).unwrap_or_default();
+    // The background trainer logs to the run only; the config's warnings, which it
+    // has given by now, belong on the terminal that started it too.
+    for warning in warnings_of_this_start(&dir) {
+        eprintln!("warning: {warning}");
+    }
     println!("{}", dir.display());
     eprintln!(
         "training in the background (process {}); follow it with `dreambooth attach {}`, stop it with `dreambooth stop {}`",
@@ -81,6 +86,20 @@ fn detach(args: &[&std::ffi::OsStr], run_dir_hint: Option<&Path>) -> anyhow::Res
         dir.display()
     );
     Ok(())
+}
+
+/// The `warning` events since the run's last `loading` (this start's).
+fn warnings_of_this_start(run_dir: &Path) -> Vec<String> {
+    use crate::run::events::Event;
+    let events = crate::run::events::read_events(run_dir).unwrap_or_default();
+    let since = events.iter().rposition(|e| matches!(e, Event::Named { name, .. } if name == "loading")).map_or(0, |i| i + 1);
+    events[since..]
+        .iter()
+        .filter_map(|e| match e {
+            Event::Named { name, fields } if name == "warning" => fields.get("message").and_then(|m| m.as_str()).map(String::from),
+            _ => None,
+        })
+        .collect()
 }
 
 fn finish(trainer: &mut Trainer) -> anyhow::Result<()> {

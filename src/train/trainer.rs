@@ -565,6 +565,10 @@ impl Trainer {
                 log.line(&note);
             }
         }
+        for warning in plan::early_warnings(&config, instances.len(), device) {
+            log.line(&format!("warning: {warning}"));
+            preparation.events.write(&Event::named("warning", serde_json::json!({ "message": warning })))?;
+        }
         let buckets = Buckets::for_run(&config, size_multiple);
         // The images were framed before the model was read, with the multiple its
         // configs give (64 for a single file); frame them again if the model needs another.

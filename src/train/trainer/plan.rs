@@ -1,121 +1,135 @@
-//! The plan a trainer logs when it starts (images, epochs, steps, buckets,
-//! checkpoint sizes) and its warnings: uneven batches, Imagic's unused keys,
-//! settings the user chose that the run's other settings leave without effect,
-//! too little disk for the checkpoints.
+//! What a trainer says when it starts. Warnings the config and the instance
+//! images settle (Imagic's unused keys, settings the user chose that the run's
+//! other settings leave without effect, files that are not read, a GPU libtorch
+//! cannot use) come before the class images are made, which can take minutes,
+//! so a mistake shows at once (and on the terminal of a `train --detach`, whose
+//! output moves to train.log when class images begin). The plan (images,
+//! epochs, steps, buckets, checkpoint sizes) and the warnings that need the
+//! prepared data (uneven batches, cut preview prompts, disk room) follow.
 
 use std::collections::BTreeSet;
 
 use super::Trainer;
-use crate::config::schema::{LrScheduler, MixedPrecision, Training};
+use crate::config::schema::{LrScheduler, MixedPrecision, RunConfig, Training};
 use crate::data::images::skipped_files_note;
 use crate::train::checkpoint as ckpt;
 
-impl Trainer {
-    /// The `training` keys that are the user's own choice: neither the default nor their
-    /// preset's value (the 6gb/8gb presets set `text_encoder_learning_rate` for concepts
-    /// that train the text encoder, and a run that does not should not be warned about
-    /// a value it never chose). Read once for all the plan's warnings.
-    fn keys_chosen_by_user(&self) -> BTreeSet<String> {
-        let mapping = |t: &Training| match serde_yaml::to_value(t) {
-            Ok(serde_yaml::Value::Mapping(m)) => m,
-            _ => serde_yaml::Mapping::new(),
-        };
-        let defaults = mapping(&Training::default());
-        let preset = self.config.preset.as_deref().and_then(|p| crate::config::presets::training_values(p));
-        let same = |a: &serde_yaml::Value, b: Option<&serde_yaml::Value>| match (a.as_f64(), b.and_then(serde_yaml::Value::as_f64)) {
-            (Some(x), Some(y)) => x == y,
-            _ => b == Some(a),
-        };
-        mapping(&self.config.training)
-            .into_iter()
-            .filter(|(k, v)| !same(v, defaults.get(k)) && !same(v, preset.as_ref().and_then(|p| p.get(k))))
-            .filter_map(|(k, _)| k.as_str().map(str::to_string))
-            .collect()
-    }
+/// The `training` keys that are the user's own choice: neither the default nor their
+/// preset's value (the 6gb/8gb presets set `text_encoder_learning_rate` for concepts
+/// that train the text encoder, and a run that does not should not be warned about
+/// a value it never chose).
+fn keys_chosen_by_user(config: &RunConfig) -> BTreeSet<String> {
+    let mapping = |t: &Training| match serde_yaml::to_value(t) {
+        Ok(serde_yaml::Value::Mapping(m)) => m,
+        _ => serde_yaml::Mapping::new(),
+    };
+    let defaults = mapping(&Training::default());
+    let preset = config.preset.as_deref().and_then(|p| crate::config::presets::training_values(p));
+    let same = |a: &serde_yaml::Value, b: Option<&serde_yaml::Value>| match (a.as_f64(), b.and_then(serde_yaml::Value::as_f64)) {
+        (Some(x), Some(y)) => x == y,
+        _ => b == Some(a),
+    };
+    mapping(&config.training)
+        .into_iter()
+        .filter(|(k, v)| !same(v, defaults.get(k)) && !same(v, preset.as_ref().and_then(|p| p.get(k))))
+        .filter_map(|(k, _)| k.as_str().map(str::to_string))
+        .collect()
+}
 
-    /// Settings the user chose that this run's other settings leave without effect:
-    /// one warning each, so no key is silently ignored.
-    fn warn_about_settings_without_effect(&mut self, chosen_by_user: &BTreeSet<String>) {
-        let t = self.config.training.clone();
-        let chosen = |keys: &[&str]| -> Vec<String> {
-            keys.iter().filter(|k| chosen_by_user.contains(**k)).map(|k| format!("`{k}`")).collect()
-        };
-        let mut warnings = Vec::new();
-        let mut unless = |keys: Vec<String>, applies: bool, only: &str| {
-            if !keys.is_empty() && !applies {
-                let verb = if keys.len() == 1 { "applies" } else { "apply" };
-                warnings.push(format!("{} {verb} to {only} only", keys.join(" and ")));
-            }
-        };
-        unless(chosen(&["lr_cycles"]), t.lr_scheduler == LrScheduler::CosineWithRestarts, "`lr_scheduler: cosine_with_restarts`");
-        unless(chosen(&["lr_power", "lr_end"]), t.lr_scheduler == LrScheduler::Polynomial, "`lr_scheduler: polynomial`");
-        // diffusers' `constant` has no warm-up (`constant_with_warmup` has).
-        unless(chosen(&["lr_warmup_steps"]), t.lr_scheduler != LrScheduler::Constant, "schedulers with a warm-up (not `constant`)");
-        unless(
-            chosen(&["lora_rank", "lora_alpha", "lora_text_encoder_rank", "lora_text_encoder_alpha", "lora_layers"]),
-            t.use_lora,
-            "LoRA runs (`use_lora: true`)",
-        );
-        unless(chosen(&["ema_decay"]), t.use_ema, "runs with `use_ema: true`");
-        // Only a fully trained text encoder has normalization layers that could move.
-        let full_text_encoder = self.text_encoder_steps > 0 && !t.use_lora && self.imagic_plan.is_none();
-        unless(chosen(&["freeze_clip_normalization"]), full_text_encoder, "runs that fine-tune the text encoder's weights");
-        for warning in warnings {
-            self.warn(&warning);
+/// Settings the user chose that this run's other settings leave without effect:
+/// one warning each, so no key is silently ignored.
+fn settings_without_effect(t: &Training, chosen_by_user: &BTreeSet<String>) -> Vec<String> {
+    let chosen = |keys: &[&str]| -> Vec<String> {
+        keys.iter().filter(|k| chosen_by_user.contains(**k)).map(|k| format!("`{k}`")).collect()
+    };
+    let mut warnings = Vec::new();
+    let mut unless = |keys: Vec<String>, applies: bool, only: &str| {
+        if !keys.is_empty() && !applies {
+            let verb = if keys.len() == 1 { "applies" } else { "apply" };
+            warnings.push(format!("{} {verb} to {only} only", keys.join(" and ")));
+        }
+    };
+    unless(chosen(&["lr_cycles"]), t.lr_scheduler == LrScheduler::CosineWithRestarts, "`lr_scheduler: cosine_with_restarts`");
+    unless(chosen(&["lr_power", "lr_end"]), t.lr_scheduler == LrScheduler::Polynomial, "`lr_scheduler: polynomial`");
+    // diffusers' `constant` has no warm-up (`constant_with_warmup` has).
+    unless(chosen(&["lr_warmup_steps"]), t.lr_scheduler != LrScheduler::Constant, "schedulers with a warm-up (not `constant`)");
+    unless(
+        chosen(&["lora_rank", "lora_alpha", "lora_text_encoder_rank", "lora_text_encoder_alpha", "lora_layers"]),
+        t.use_lora,
+        "LoRA runs (`use_lora: true`)",
+    );
+    unless(chosen(&["ema_decay"]), t.use_ema, "runs with `use_ema: true`");
+    // Only a fully trained text encoder has normalization layers that could move
+    // (its steps are the ratio's share, rounded up: any ratio above 0 trains it).
+    let full_text_encoder = t.text_encoder_train_ratio > 0.0 && !t.use_lora && !t.train_imagic_only;
+    unless(chosen(&["freeze_clip_normalization"]), full_text_encoder, "runs that fine-tune the text encoder's weights");
+    warnings
+}
+
+/// The warnings `config` and its instance images settle, before any class image
+/// is made. `device` is where the run trains.
+pub(super) fn early_warnings(config: &RunConfig, instance_images: usize, device: tch::Device) -> Vec<String> {
+    let t = &config.training;
+    let chosen_by_user = keys_chosen_by_user(config);
+    let mut warnings = Vec::new();
+    for (i, c) in config.concepts.iter().enumerate() {
+        let dirs = [(Some(&c.instance_data_dir), "instance_data_dir"), (c.class_data_dir.as_ref(), "class_data_dir")];
+        for (dir, key) in dirs {
+            warnings.extend(dir.and_then(|d| skipped_files_note(d, &format!("concepts[{i}].{key}"))));
         }
     }
+    if config.device == "auto" && device == tch::Device::Cpu {
+        if let Some(why) = crate::device::unusable_gpu() {
+            warnings.push(format!("`device: auto` trains on the CPU, because {why}"));
+        }
+    }
+    if t.train_imagic_only {
+        if instance_images > 1 {
+            warnings.push(format!(
+                "Imagic trains on a single image: only the first of the {instance_images} images of concepts[0] is used"
+            ));
+        }
+        if t.text_encoder_train_ratio > 0.0 {
+            warnings.push("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_train_ratio` does not apply to it".into());
+        }
+        if chosen_by_user.contains("text_encoder_learning_rate") {
+            warnings.push("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_learning_rate` does not apply to it".into());
+        }
+        if t.mixed_precision != MixedPrecision::No {
+            warnings.push("Imagic trains in float32: `mixed_precision` does not apply to it".into());
+        }
+        // Imagic's stages take one sample of the one image a step, with the paper's plain loss.
+        let unused: Vec<String> = ["batch_size", "gradient_accumulation_steps", "offset_noise", "min_snr_gamma",
+            "random_flip", "aspect_ratio_bucketing", "shuffle_tags"]
+            .into_iter()
+            .filter(|key| chosen_by_user.contains(*key))
+            .map(|key| format!("`{key}`"))
+            .collect();
+        if !unused.is_empty() {
+            warnings.push(format!(
+                "Imagic trains on one sample of one image a step with the paper's loss: {} {} not apply to it",
+                unused.join(", "),
+                if unused.len() == 1 { "does" } else { "do" }
+            ));
+        }
+        warnings.extend(settings_without_effect(t, &chosen_by_user));
+        if config.concepts.iter().any(|c| !c.class_prompt.trim().is_empty()) {
+            warnings.push("Imagic has no prior preservation: the class prompt is not used and no class images are made".into());
+        }
+        return warnings;
+    }
+    warnings.extend(settings_without_effect(t, &chosen_by_user));
+    if chosen_by_user.contains("text_encoder_learning_rate") && t.text_encoder_train_ratio <= 0.0 {
+        warnings.push("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)".into());
+    }
+    warnings
+}
 
+impl Trainer {
     pub(super) fn describe_plan(&mut self) {
         let t = self.config.training.clone();
-        let chosen_by_user = self.keys_chosen_by_user();
-        for (i, c) in self.config.concepts.clone().iter().enumerate() {
-            let dirs = [(&Some(c.instance_data_dir.clone()), "instance_data_dir"), (&c.class_data_dir, "class_data_dir")];
-            for (dir, key) in dirs {
-                let note = dir.as_deref().and_then(|d| skipped_files_note(d, &format!("concepts[{i}].{key}")));
-                if let Some(note) = note {
-                    self.warn(&note);
-                }
-            }
-        }
-        if self.config.device == "auto" && self.device == tch::Device::Cpu {
-            if let Some(why) = crate::device::unusable_gpu() {
-                self.warn(&format!("`device: auto` trains on the CPU, because {why}"));
-            }
-        }
         let images = self.data.instances.len() as u64;
         if let Some(plan) = self.imagic_plan {
-            if images > 1 {
-                self.warn(&format!(
-                    "Imagic trains on a single image: only the first of the {images} images of concepts[0] is used"
-                ));
-            }
-            if t.text_encoder_train_ratio > 0.0 {
-                self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_train_ratio` does not apply to it");
-            }
-            if chosen_by_user.contains("text_encoder_learning_rate") {
-                self.warn("Imagic optimises the prompt embedding, not the text encoder: `text_encoder_learning_rate` does not apply to it");
-            }
-            if t.mixed_precision != MixedPrecision::No {
-                self.warn("Imagic trains in float32: `mixed_precision` does not apply to it");
-            }
-            // Imagic's stages take one sample of the one image a step, with the paper's plain loss.
-            let unused: Vec<String> = ["batch_size", "gradient_accumulation_steps", "offset_noise", "min_snr_gamma",
-                "random_flip", "aspect_ratio_bucketing", "shuffle_tags"]
-                .into_iter()
-                .filter(|key| chosen_by_user.contains(*key))
-                .map(|key| format!("`{key}`"))
-                .collect();
-            if !unused.is_empty() {
-                self.warn(&format!(
-                    "Imagic trains on one sample of one image a step with the paper's loss: {} {} not apply to it",
-                    unused.join(", "),
-                    if unused.len() == 1 { "does" } else { "do" }
-                ));
-            }
-            self.warn_about_settings_without_effect(&chosen_by_user);
-            if self.config.concepts.iter().any(|c| !c.class_prompt.trim().is_empty()) {
-                self.warn("Imagic has no prior preservation: the class prompt is not used and no class images are made");
-            }
             self.log.line(&format!(
                 "Imagic: {} embedding steps, then {} UNet steps on one image, target text {:?}",
                 plan.embedding_steps, plan.unet_steps, self.data.instances[0].prompt
@@ -160,10 +174,6 @@ impl Trainer {
                 if t.gradient_accumulation_steps > 1 { " and accumulation carries across epoch boundaries" } else { "" },
                 if left_over > 0 { format!(", and {left_over} left-over micro-batches at the end are not trained") } else { String::new() }
             ));
-        }
-        self.warn_about_settings_without_effect(&chosen_by_user);
-        if chosen_by_user.contains("text_encoder_learning_rate") && self.text_encoder_steps == 0 {
-            self.warn("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)");
         }
         self.check_disk_room();
         let class_count: usize = self.data.classes.iter().map(Vec::len).sum();
