@@ -47,31 +47,51 @@ pub fn unusable_gpu() -> Option<String> {
     if tch::Cuda::is_available() {
         return None;
     }
+    // GPUs hidden on purpose (`CUDA_VISIBLE_DEVICES=` or -1) are not a fault.
+    if std::env::var("CUDA_VISIBLE_DEVICES").is_ok_and(|v| v.trim().is_empty() || v.trim() == "-1") {
+        return None;
+    }
     let gpu = crate::vram::probe()?;
-    Some(unusable_gpu_sentence(&gpu.name, crate::vram::probe::driver_versions()))
+    Some(unusable_gpu_sentence(&gpu.name, crate::vram::probe::driver_versions(), libtorch_cuda()))
 }
 
-/// The CUDA version PyTorch 2.11.0's PyPI wheels are built for, and the oldest
-/// Linux driver that runs it (NVIDIA's CUDA 13.0 release notes).
-const WHEEL_CUDA: (i32, &str) = (13000, "580");
+/// The CUDA runtime this libtorch was built with (13000 for PyPI's 2.11.0), 0
+/// when it has none. The runtime's own version needs no driver to read.
+fn libtorch_cuda() -> i64 {
+    std::panic::catch_unwind(tch::utils::version_cudart).unwrap_or(0)
+}
 
-fn unusable_gpu_sentence(name: &str, driver: Option<(String, i32)>) -> String {
-    let cuda = |v: i32| format!("{}.{}", v / 1000, (v % 1000) / 10);
+/// The oldest Linux driver of each CUDA major version (NVIDIA's release notes;
+/// later minor versions run on it through minor-version compatibility).
+fn oldest_driver(cuda_major: i64) -> Option<&'static str> {
+    match cuda_major {
+        11 => Some("450"),
+        12 => Some("525"),
+        13 => Some("580"),
+        _ => None,
+    }
+}
+
+fn unusable_gpu_sentence(name: &str, driver: Option<(String, i32)>, libtorch_cuda: i64) -> String {
+    let cuda = |v: i64| format!("{}.{}", v / 1000, (v % 1000) / 10);
+    let see = "(README, \"A GPU the trainer does not use\")";
     match driver {
-        Some((version, supported)) if supported < WHEEL_CUDA.0 => format!(
-            "the {name} is out of libtorch's reach: its driver {version} supports CUDA {} and PyTorch 2.11.0 from PyPI \
-             is built for CUDA {}; update the driver to {} or newer, or build against a torch 2.11.0 for CUDA {} \
-             (README, \"A GPU the trainer does not use\")",
-            cuda(supported),
-            cuda(WHEEL_CUDA.0),
-            WHEEL_CUDA.1,
-            cuda(supported)
-        ),
+        _ if libtorch_cuda <= 0 => format!("the {name} is out of libtorch's reach: this libtorch is built without CUDA {see}"),
+        Some((version, supported)) if i64::from(supported) / 1000 < libtorch_cuda / 1000 => {
+            let update = oldest_driver(libtorch_cuda / 1000).map_or(String::new(), |d| format!(" to {d} or newer"));
+            format!(
+                "the {name} is out of libtorch's reach: its driver {version} supports CUDA {} and this libtorch is built \
+                 for CUDA {}; update the driver{update}, or build against a torch 2.11.0 for CUDA {} {see}",
+                cuda(i64::from(supported)),
+                cuda(libtorch_cuda),
+                cuda(i64::from(supported))
+            )
+        }
         Some((version, _)) => format!(
-            "the {name} (driver {version}) is out of libtorch's reach: this build of libtorch has no CUDA, or its CUDA \
-             libraries do not load (README, \"A GPU the trainer does not use\")"
+            "the {name} (driver {version}) is out of libtorch's reach: its CUDA {} libraries do not load or see no device {see}",
+            cuda(libtorch_cuda)
         ),
-        None => format!("the {name} is out of libtorch's reach (README, \"A GPU the trainer does not use\")"),
+        None => format!("the {name} is out of libtorch's reach {see}"),
     }
 }
 
@@ -166,14 +186,19 @@ pub fn upload(t: &tch::Tensor, device: Device) -> tch::Tensor {
 mod tests {
     #[test]
     fn an_old_driver_is_named_with_what_the_wheel_needs() {
-        let why = super::unusable_gpu_sentence("NVIDIA H100 80GB HBM3", Some(("535.104.05".into(), 12020)));
+        let why = super::unusable_gpu_sentence("NVIDIA H100 80GB HBM3", Some(("535.104.05".into(), 12020)), 13000);
         assert_eq!(
             why,
-            "the NVIDIA H100 80GB HBM3 is out of libtorch's reach: its driver 535.104.05 supports CUDA 12.2 and \
-             PyTorch 2.11.0 from PyPI is built for CUDA 13.0; update the driver to 580 or newer, or build against a \
-             torch 2.11.0 for CUDA 12.2 (README, \"A GPU the trainer does not use\")"
+            "the NVIDIA H100 80GB HBM3 is out of libtorch's reach: its driver 535.104.05 supports CUDA 12.2 and this \
+             libtorch is built for CUDA 13.0; update the driver to 580 or newer, or build against a torch 2.11.0 for \
+             CUDA 12.2 (README, \"A GPU the trainer does not use\")"
         );
-        let why = super::unusable_gpu_sentence("NVIDIA A10", Some(("580.65.06".into(), 13000)));
-        assert!(why.contains("has no CUDA, or its CUDA libraries do not load"), "{why}");
+        // A 12.2 driver runs a CUDA 12.6 build (minor-version compatibility): another cause.
+        let why = super::unusable_gpu_sentence("NVIDIA A10", Some(("535.104.05".into(), 12020)), 12060);
+        assert!(why.contains("its CUDA 12.6 libraries do not load or see no device"), "{why}");
+        let why = super::unusable_gpu_sentence("NVIDIA A10", Some(("580.65.06".into(), 13000)), 0);
+        assert!(why.contains("this libtorch is built without CUDA"), "{why}");
+        // This build's own runtime is read without a driver (PyPI's 2.11.0: CUDA 13.0).
+        assert!(super::libtorch_cuda() >= 0);
     }
 }
