@@ -159,3 +159,11 @@ fn generate_names_what_it_cannot_write_and_what_a_prompt_loses() {
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("warning"), "{err}");
 }
+
+#[test]
+fn attach_to_a_folder_that_is_no_run_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run_cli(&["attach", dir.path().to_str().unwrap()]);
+    assert_clear_error(code, &err, "is not a run directory (it has no config.yaml)");
+    assert_eq!(code, 2);
+}
