@@ -362,6 +362,9 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     let mut sd = StableDiffusion::from_loaded(loaded, device, kind, GENERATE_ATTENTION)?;
     // A run samples as its previews did: with the layer it trained against, at its resolution.
     let run_config = if run_dir { Some(crate::config::load_run_config(&args.model.join("config.yaml"))?) } else { None };
+    for warning in run_config.iter().flat_map(|c| crate::run::source::changed_since_start(&args.model, c)) {
+        eprintln!("warning: {warning}");
+    }
     let clip_skip = match (args.clip_skip, &run_config) {
         (Some(n), _) => n,
         (None, Some(run)) => run.training.clip_skip,

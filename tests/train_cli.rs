@@ -657,3 +657,35 @@ fn sd2_ldm_exports_carry_their_config_and_generate_like_the_run() {
         assert!(!exported.exists());
     }
 }
+
+/// A source model replaced under the same path after the run started (a
+/// re-download, another fine-tune) is said on resume and export: the run's
+/// weights would sit over a different model.
+#[test]
+fn a_source_model_changed_since_the_start_is_said() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 1);
+    let model = r.join("model.safetensors");
+    std::fs::copy(fixture_model("tiny-sd1.safetensors"), &model).unwrap();
+    let cfg = write_config_over(&model, r, "src", &data, "  steps_per_image: 1\n  save_preview_every_n_epochs: 0\n");
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    let run = r.join("runs/src");
+    assert!(run.join("source.json").is_file());
+    let export = |name: &str| cli(&["export", run.to_str().unwrap(), "--format", "ldm", "--out", r.join(name).to_str().unwrap()]);
+    let (code, _, err) = export("same.safetensors");
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    // The last tensor's last byte changes: still a valid model, not the same one.
+    let mut bytes = std::fs::read(&model).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&model, &bytes).unwrap();
+    let (code, _, err) = export("changed.safetensors");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("is not the model this run started from"), "{err}");
+    let (code, out, err) = cli(&["resume", run.to_str().unwrap(), "--plain", "--steps-per-image", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(format!("{out}{err}").contains("warning: `source_checkpoint`"), "{out}{err}");
+}

@@ -4,3 +4,4 @@ pub mod control;
 pub mod disk;
 pub mod events;
 pub mod lock;
+pub mod source;

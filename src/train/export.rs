@@ -81,6 +81,9 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half:
         return Err(usage(format!("--format {format} is not one of ldm, diffusers, lora")));
     }
     let config = run_config(run_dir)?;
+    for warning in crate::run::source::changed_since_start(run_dir, &config) {
+        eprintln!("warning: {warning}");
+    }
     if format == "lora" && !config.training.use_lora {
         return Err(usage(format!(
             "{} is a full fine-tune; --format lora needs a run trained with use_lora (export it as diffusers or ldm)",

@@ -275,6 +275,10 @@ impl Trainer {
         let instances = dataset::load_instances(&config, &early_buckets(&config))?;
         let device = crate::device::parse_device(&config.device, true)?;
         let run_dir = prepare_new_run_dir(&config)?;
+        if let Err(e) = crate::run::source::record(&run_dir, &config) {
+            let _ = std::fs::remove_dir_all(&run_dir);
+            return Err(e);
+        }
         let lock = RunLock::acquire(&run_dir)?;
         let yaml = serde_yaml::to_string(&config)?;
         std::fs::write(run_dir.join("config.yaml"), yaml)
@@ -373,6 +377,9 @@ impl Trainer {
         }
         let device = crate::device::parse_device(&config.device, true)?;
         let mut t = Trainer::build(config, run_dir.to_path_buf(), lock, device, instances, options, newest.clone())?;
+        for warning in crate::run::source::changed_since_start(run_dir, &t.config) {
+            t.warn(&warning);
+        }
         let planned_total = total_steps(planned, t.batches_per_epoch, accumulation);
         let expected_total = if t.imagic_plan.is_some() { t.total_steps } else { planned_total };
         let Some((_, dir)) = newest else {
