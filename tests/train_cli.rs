@@ -689,3 +689,29 @@ fn a_source_model_changed_since_the_start_is_said() {
     assert_eq!(code, 0, "{err}");
     assert!(format!("{out}{err}").contains("warning: `source_checkpoint`"), "{out}{err}");
 }
+
+/// Resume counts a bucketed run's steps before the model loads; over a single
+/// file the side multiple comes from the file's own shapes (the tiny model's is 4,
+/// not SD's 64): counted with 64, this run of 9 steps "had trained all its 6".
+#[test]
+fn a_bucketed_run_over_a_single_file_resumes_to_its_own_step_count() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, w, h) in [("a", 96, 64), ("b", 64, 96), ("c", 64, 64)] {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, name.as_bytes()[0]])).save(data.join(format!("{name}.png"))).unwrap();
+    }
+    let training = "  steps_per_image: 3\n  batch_size: 2\n  aspect_ratio_bucketing: true\n  save_model_every_n_epochs: 1\n  save_preview_every_n_epochs: 0\n";
+    let cfg = write_config_over(&fixture_model("tiny-sd1.safetensors"), r, "buckets", &data, training);
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    let run = r.join("runs/buckets");
+    let steps: Vec<u64> = dreambooth::train::checkpoint::list_checkpoints(&run).iter().map(|c| c.0).collect();
+    assert_eq!(steps, [3, 6, 9], "three buckets, two images a batch: three batches an epoch");
+    std::fs::remove_dir_all(run.join("checkpoints/step-000009")).unwrap();
+    let (code, out, err) = cli(&["resume", run.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!format!("{out}{err}").contains("has trained all its"), "{out}{err}");
+    assert_eq!(dreambooth::train::checkpoint::list_checkpoints(&run).last().map(|c| c.0), Some(9));
+}

@@ -86,13 +86,21 @@ pub fn batches_per_epoch(frames: impl IntoIterator<Item = (u32, u32)>, batch_siz
     counts.values().map(|n| n.div_ceil(u64::from(batch_size.max(1)))).sum()
 }
 
-/// The side multiple a source model needs, read from a diffusers folder's
-/// configs without loading weights; 64 (SD 1.x/2.x) for a single file.
+/// The side multiple a source model needs, read without loading weights: a
+/// diffusers folder's configs, or a single file's as its tensor shapes give them
+/// (the run's total steps, counted before the model loads, depend on it under
+/// bucketing); 64 (SD 1.x/2.x) when they cannot be read (loading will say why).
 pub fn source_size_multiple(source: &Path) -> i64 {
-    let configs = source.is_dir().then(|| crate::checkpoint::diffusers::read_configs(source).ok()).flatten();
-    match configs.and_then(|c| Some((c.unet?, c.vae?))) {
-        Some((unet, vae)) => unet.size_multiple(&vae),
-        None => 64,
+    if source.is_dir() {
+        let configs = crate::checkpoint::diffusers::read_configs(source).ok();
+        return match configs.and_then(|c| Some((c.unet?, c.vae?))) {
+            Some((unet, vae)) => unet.size_multiple(&vae),
+            None => 64,
+        };
+    }
+    match crate::vram::model::single_file_configs(source) {
+        Ok((unet, vae, _)) => unet.size_multiple(&vae),
+        Err(_) => 64,
     }
 }
 

@@ -152,10 +152,15 @@ fn diffusers_shapes(dir: &Path) -> anyhow::Result<(Configs, RealParams)> {
     Ok(((unet, vae, text), real))
 }
 
-fn single_file_shapes(path: &Path, format: ModelFormat) -> anyhow::Result<(Configs, RealParams)> {
+/// A single file's configs as the loader reads them (tensor shapes from its
+/// index, then its sidecar `.yaml`), without reading a weight.
+pub fn single_file_configs(path: &Path) -> anyhow::Result<(UNetConfig, VaeConfig, ClipConfig)> {
+    let src = open_single_file(path, format_of(path)?)?;
+    Ok(configs_of(path, src.as_ref())?.0)
+}
+
+fn configs_of(path: &Path, src: &dyn crate::checkpoint::source::TensorSource) -> anyhow::Result<(Configs, Architecture)> {
     let shown = path.display();
-    let src = open_single_file(path, format)?;
-    let src = src.as_ref();
     let arch = ldm::detect(src);
     if let Architecture::Unknown(what) = &arch {
         bail!("{shown} is not a Stable Diffusion 1.x/2.x checkpoint: {what}");
@@ -169,6 +174,13 @@ fn single_file_shapes(path: &Path, format: ModelFormat) -> anyhow::Result<(Confi
         yaml.apply_vae(&mut vae)?;
         yaml.apply_text(&mut text, inferred.stored_text_layers);
     }
+    Ok(((unet, vae, text), arch))
+}
+
+fn single_file_shapes(path: &Path, format: ModelFormat) -> anyhow::Result<(Configs, RealParams)> {
+    let src = open_single_file(path, format)?;
+    let src = src.as_ref();
+    let ((unet, vae, text), arch) = configs_of(path, src)?;
     let planned = |plan: Vec<ldm::Mapped>| -> Vec<Param> {
         plan.into_iter()
             .filter_map(|m| {
