@@ -377,9 +377,6 @@ impl Trainer {
         }
         let device = crate::device::parse_device(&config.device, true)?;
         let mut t = Trainer::build(config, run_dir.to_path_buf(), lock, device, instances, options, newest.clone())?;
-        for warning in crate::run::source::changed_since_start(run_dir, &t.config) {
-            t.warn(&warning);
-        }
         let planned_total = total_steps(planned, t.batches_per_epoch, accumulation);
         let expected_total = if t.imagic_plan.is_some() { t.total_steps } else { planned_total };
         let Some((_, dir)) = newest else {
@@ -572,7 +569,7 @@ impl Trainer {
                 log.line(&note);
             }
         }
-        for warning in plan::early_warnings(&config, instances.len(), device) {
+        for warning in plan::early_warnings(&config, run_dir, instances.len(), device) {
             log.line(&format!("warning: {warning}"));
             preparation.events.write(&Event::named("warning", serde_json::json!({ "message": warning })))?;
         }

@@ -1,7 +1,7 @@
 //! What a trainer says when it starts. Warnings the config and the instance
 //! images settle (Imagic's unused keys, settings the user chose that the run's
 //! other settings leave without effect, files that are not read, a GPU libtorch
-//! cannot use) come before the class images are made, which can take minutes,
+//! cannot use, a source model replaced since the run began) come before the class images are made, which can take minutes,
 //! so a mistake shows at once (and on the terminal of a `train --detach`, whose
 //! output moves to train.log when class images begin). The plan (images,
 //! epochs, steps, buckets, checkpoint sizes) and the warnings that need the
@@ -68,10 +68,11 @@ fn settings_without_effect(t: &Training, chosen_by_user: &BTreeSet<String>) -> V
 
 /// The warnings `config` and its instance images settle, before any class image
 /// is made. `device` is where the run trains.
-pub(super) fn early_warnings(config: &RunConfig, instance_images: usize, device: tch::Device) -> Vec<String> {
+pub(super) fn early_warnings(config: &RunConfig, run_dir: &std::path::Path, instance_images: usize, device: tch::Device) -> Vec<String> {
     let t = &config.training;
     let chosen_by_user = keys_chosen_by_user(config);
-    let mut warnings = Vec::new();
+    // A resumed run whose source was replaced since it started.
+    let mut warnings = crate::run::source::changed_since_start(run_dir, config);
     for (i, c) in config.concepts.iter().enumerate() {
         let dirs = [(Some(&c.instance_data_dir), "instance_data_dir"), (c.class_data_dir.as_ref(), "class_data_dir")];
         for (dir, key) in dirs {
