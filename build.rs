@@ -21,8 +21,11 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/foreach_shim.cpp");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    println!("cargo:rustc-check-cfg=cfg(libtorch_cuda)");
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-lc10_cuda,--as-needed");
+        // device.rs asks libtorch for its CUDA version only where it can answer.
+        println!("cargo:rustc-cfg=libtorch_cuda");
     }
     let include = lib.parent().expect("libtorch lib/ has a parent").join("include");
     // The same C++ ABI as the libtorch we link (PyPI wheels say so through Python).
