@@ -164,9 +164,7 @@ pub fn resume_command(run_dir: &Path, detach_flag: bool, plain: bool, steps_per_
 
 /// Sends stop and waits until the trainer has checkpointed and let go of the run.
 pub fn stop_command(run_dir: &Path) -> anyhow::Result<()> {
-    if !run_dir.join("config.yaml").is_file() {
-        return Err(usage(format!("{} is not a run directory (it has no config.yaml)", run_dir.display())));
-    }
+    crate::run::require_run_dir(run_dir)?;
     if !RunLock::is_held(run_dir) {
         return Err(usage(format!("no trainer is running on {}", run_dir.display())));
     }

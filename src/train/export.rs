@@ -48,11 +48,8 @@ fn trained_weights(config: &RunConfig, dir: &Path) -> anyhow::Result<(TensorMap,
 
 /// The run's config (from its `config.yaml`).
 fn run_config(run_dir: &Path) -> anyhow::Result<RunConfig> {
-    let config_path = run_dir.join("config.yaml");
-    if !config_path.is_file() {
-        return Err(usage(format!("{} is not a run directory (it has no config.yaml)", run_dir.display())));
-    }
-    crate::config::load_run_config(&config_path)
+    crate::run::require_run_dir(run_dir)?;
+    crate::config::load_run_config(&run_dir.join("config.yaml"))
 }
 
 /// Whether `path` is a run directory (what `generate --model` treats as one).

@@ -306,10 +306,8 @@ impl Trainer {
     /// run goes on from its last checkpoint). The new count is written into the
     /// run's config.yaml once the checkpoint has loaded.
     pub fn resume_with(run_dir: &Path, options: TrainOptions, steps_per_image: Option<u32>) -> anyhow::Result<Trainer> {
+        crate::run::require_run_dir(run_dir)?;
         let config_path = run_dir.join("config.yaml");
-        if !config_path.is_file() {
-            return Err(usage(format!("{} is not a run directory (it has no config.yaml)", run_dir.display())));
-        }
         let mut config = crate::config::load_run_config(&config_path)?;
         let planned = config.training.steps_per_image;
         if let Some(n) = steps_per_image.filter(|&n| n != planned) {

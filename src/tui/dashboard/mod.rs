@@ -124,13 +124,7 @@ pub fn prepare_previews(state: &mut DashboardState, picker: &Picker, screen: Rec
 /// Runs the dashboard on the terminal until the user detaches (or stops and
 /// the run ends). The terminal is restored on every way out.
 pub fn run(run_dir: &Path) -> anyhow::Result<()> {
-    if !run_dir.is_dir() {
-        return Err(crate::error::usage(format!("{} is not a run directory", run_dir.display())));
-    }
-    // Its config.yaml is the run's first file (written as the directory is made).
-    if !run_dir.join("config.yaml").is_file() {
-        return Err(crate::error::usage(format!("{} is not a run directory (it has no config.yaml)", run_dir.display())));
-    }
+    crate::run::require_run_dir(run_dir)?;
     let live = watch(run_dir)?;
     // Printed after the terminal is restored, so it stays on screen.
     if live {
