@@ -15,7 +15,7 @@ use std::path::Path;
 
 use dreambooth::checkpoint::load_model;
 use dreambooth::model::attention::AttentionBackend;
-use dreambooth::model::clip::ClipTextTransformer;
+use dreambooth::conditioning::{SizeIds, TextConditioner};
 use dreambooth::model::unet::UNet2DConditionModel;
 use dreambooth::model::weights::Weights;
 use dreambooth::train::adamw::{AdamW, AdamWConfig};
@@ -55,16 +55,17 @@ fn main() -> anyhow::Result<()> {
     let unet_w = Weights::new("UNet", std::mem::take(&mut loaded.unet), Device::Cpu, Kind::Float);
     let unet = UNet2DConditionModel::new(&unet_w, &loaded.unet_config, AttentionBackend::Default)?;
     unet_w.release();
-    let text_w = Weights::new("text encoder", std::mem::take(&mut loaded.text_encoder), Device::Cpu, Kind::Float);
-    let clip = ClipTextTransformer::new(&text_w, &loaded.text_config)?;
-    text_w.release();
+    let uses_text_time = loaded.architecture.uses_text_time();
+    let (text, stores) =
+        TextConditioner::build(std::mem::take(&mut loaded.text_encoders), uses_text_time, false, Device::Cpu, Kind::Float, Path::new(model))?;
+    stores.iter().for_each(Weights::release);
     let params = unet_w.parameters();
     for (_, p) in &params {
         let _ = p.shallow_clone().set_requires_grad(true);
     }
     let mut adamw = AdamW::new(unet_w.parameters(), AdamWConfig::default());
-    let ids = Tensor::from_slice(&[49406i64; 77]).view([1, 77]).repeat([batch, 1]);
-    let states = tch::no_grad(|| clip.forward(&ids, 1));
+    let ids = Tensor::from_slice(&text.tokenize("")).view([1, -1]).repeat([batch, 1]);
+    let states = tch::no_grad(|| text.conditioning(&text.encode_ids(&ids, 1), &[SizeIds::plain(resolution, resolution)]));
     let latent = resolution / factor;
     let latents = Tensor::randn([batch, loaded.unet_config.in_channels, latent, latent], (Kind::Float, Device::Cpu));
 

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::checkpoint::export_diffusers::{write_diffusers_folder, ModelParts};
+use crate::checkpoint::export_diffusers::write_diffusers_folder;
+use crate::checkpoint::{Architecture, LoadedModel, LoadedTextEncoder, ModelFormat, TokenizerSource};
 use crate::checkpoint::single_file_scheduler;
 use crate::model::config::{ClipConfig, PerBlock, UNetConfig, VaeConfig};
 use crate::model::init::{random_clip, random_unet, random_vae};
-use crate::tokenizer::ClipTokenizer;
 
 /// Seed of the demo model's weights: the same model on every machine.
 const DEMO_WEIGHTS_SEED: u64 = 20261125;
@@ -58,22 +58,25 @@ pub fn ensure_demo_model(dir: &Path) -> anyhow::Result<PathBuf> {
     let unet = random_unet(&unet_config, DEMO_WEIGHTS_SEED)?;
     let vae = random_vae(&vae_config, DEMO_WEIGHTS_SEED + 1)?;
     let text_encoder = random_clip(&text_config, DEMO_WEIGHTS_SEED + 2)?;
-    let tokenizer = ClipTokenizer::openai()?;
-    let write_tokenizer = |d: &Path| tokenizer.save_folder(d);
-    write_diffusers_folder(
-        dir,
-        &ModelParts {
-            unet_config: &unet_config,
-            vae_config: &vae_config,
-            text_config: &text_config,
-            scheduler_config: &single_file_scheduler(),
-            unet: &unet,
-            vae: &vae,
-            text_encoder: &text_encoder,
-            write_tokenizer: &write_tokenizer,
-        },
-    )
-    .context("cannot write the demo model")?;
+    let role = Architecture::Sd1.text_encoders()[0];
+    let model = LoadedModel {
+        unet_config,
+        vae_config,
+        scheduler_config: single_file_scheduler(),
+        unet,
+        vae,
+        text_encoders: vec![LoadedTextEncoder {
+            role,
+            config: text_config,
+            tokenizer: TokenizerSource::for_role(&role),
+            tensors: text_encoder,
+        }],
+        force_zeros_for_empty_prompt: false,
+        architecture: Architecture::Sd1,
+        source: dir.to_path_buf(),
+        format: ModelFormat::Diffusers,
+    };
+    write_diffusers_folder(dir, &model).context("cannot write the demo model")?;
     Ok(dir.to_path_buf())
 }
 

@@ -1,51 +1,61 @@
 //! Text-to-image sampling (previews, class images, `generate`), step for step as
-//! diffusers' `StableDiffusionPipeline`: CLIP-encode the prompt and the negative
-//! prompt, draw the initial latents from the CPU generator seeded with the seed,
-//! run the sampler with classifier-free guidance, decode with the VAE.
+//! diffusers' `StableDiffusionPipeline` and `StableDiffusionXLPipeline`: encode
+//! the prompt and the negative prompt (the family's conditioner), draw the
+//! initial latents from the CPU generator seeded with the seed, run the sampler
+//! with classifier-free guidance, decode with the VAE.
 
 use std::path::Path;
 
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{load_model, LoadedModel, TokenizerSource};
+use crate::checkpoint::{load_model, Architecture, LoadedModel};
+use crate::conditioning::{PromptEmbeds, SizeIds, TextConditioner};
 use crate::error::usage;
 use crate::model::attention::AttentionBackend;
-use crate::model::clip::ClipTextTransformer;
-use crate::model::config::{ClipConfig, UNetConfig, VaeConfig};
+use crate::model::config::{UNetConfig, VaeConfig};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
 use crate::model::weights::Weights;
 use crate::rng::CpuRng;
 use crate::scheduler::config::SchedulerConfig;
 use crate::scheduler::build_sampler;
-use crate::tokenizer::ClipTokenizer;
 
-/// A loaded Stable Diffusion model, ready to sample.
+/// A loaded Stable Diffusion model (any family), ready to sample.
 pub struct StableDiffusion {
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextTransformer,
+    /// The family's tokenizers and text encoders.
+    pub text: TextConditioner,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
     pub unet_config: UNetConfig,
     pub vae_config: VaeConfig,
-    pub text_config: ClipConfig,
     pub scheduler_config: SchedulerConfig,
+    pub architecture: Architecture,
     pub device: Device,
-    /// Kind of the UNet and text encoder; the VAE stays in float32 (SD's VAE
+    /// Kind of the UNet and text encoders; the VAE stays in float32 (SD's VAE
     /// overflows in fp16, diffusers' `force_upcast`).
     pub kind: Kind,
-    /// Prompt tokens the text encoder reads (`training.max_token_length`; 75 =
-    /// one window, as diffusers).
-    pub max_token_length: usize,
 }
 
 /// The tensors of each network by checkpoint key (diffusers names; the text
-/// encoder's without `text_model.`), shared with the modules that use them.
+/// encoders' without `text_model.`), shared with the modules that use them.
 pub struct ModelParameters {
     pub unet: Vec<(String, Tensor)>,
-    pub text_encoder: Vec<(String, Tensor)>,
+    /// Each text encoder's, under its role's name (`text_encoder`, `text_encoder_2`), in the family's order.
+    pub text_encoders: Vec<(&'static str, Vec<(String, Tensor)>)>,
     pub vae: Vec<(String, Tensor)>,
+}
+
+impl ModelParameters {
+    /// The tensors of the text encoder called `name` (empty when the model has none).
+    pub fn text_encoder(&self, name: &str) -> &[(String, Tensor)] {
+        self.text_encoders.iter().find(|(n, _)| *n == name).map_or(&[], |(_, list)| list.as_slice())
+    }
+
+    /// Every text encoder's tensors, with the encoder's name.
+    pub fn text_tensors(&self) -> impl Iterator<Item = (&'static str, &(String, Tensor))> {
+        self.text_encoders.iter().flat_map(|(name, list)| list.iter().map(move |p| (*name, p)))
+    }
 }
 
 /// One text-to-image request.
@@ -61,13 +71,6 @@ pub struct SampleRequest {
     pub height: i64,
     /// A1111's clip skip: 1 = last layer.
     pub clip_skip: i64,
-}
-
-fn build_tokenizer(source: &TokenizerSource) -> anyhow::Result<ClipTokenizer> {
-    match source {
-        TokenizerSource::Folder(dir) => ClipTokenizer::from_folder(dir),
-        TokenizerSource::OpenAi { pad_token } => ClipTokenizer::openai()?.with_pad_token(pad_token),
-    }
 }
 
 /// Builds a module's weights and refuses checkpoints carrying tensors the model
@@ -105,44 +108,42 @@ impl StableDiffusion {
         attention: AttentionBackend,
     ) -> anyhow::Result<(Self, ModelParameters)> {
         let source = m.source.clone();
-        let tokenizer = build_tokenizer(&m.tokenizer)?;
-        if tokenizer.vocab_size() as i64 > m.text_config.vocab_size {
-            anyhow::bail!(
-                "{}: the tokenizer has {} tokens but the text encoder only {}",
-                source.display(),
-                tokenizer.vocab_size(),
-                m.text_config.vocab_size
-            );
+        let uses_text_time = m.architecture.uses_text_time();
+        let (text, text_stores) =
+            TextConditioner::build(m.text_encoders, uses_text_time, m.force_zeros_for_empty_prompt, device, kind, &source)?;
+        let mut text_encoders = Vec::with_capacity(text_stores.len());
+        for (encoder, w) in text.encoders.iter().zip(&text_stores) {
+            check_all_used(w, &encoder.role.name.replace('_', " "), &source)?;
+            text_encoders.push((encoder.role.name, w.parameters()));
         }
-        let text_w = Weights::new("text encoder", m.text_encoder, device, kind);
-        let text_encoder = ClipTextTransformer::new(&text_w, &m.text_config)
-            .with_context(|| format!("{}: cannot build the text encoder", source.display()))?;
-        check_all_used(&text_w, "text encoder", &source)?;
         let unet_w = Weights::new("UNet", m.unet, device, kind);
         let unet = UNet2DConditionModel::new(&unet_w, &m.unet_config, attention)
             .with_context(|| format!("{}: cannot build the UNet", source.display()))?;
         check_all_used(&unet_w, "UNet", &source)?;
+        if uses_text_time != unet.added.is_some() {
+            anyhow::bail!(
+                "{}: the UNet config {} SDXL's added conditions, which a {} model {}",
+                source.display(),
+                if unet.added.is_some() { "has" } else { "lacks" },
+                m.architecture,
+                if uses_text_time { "needs" } else { "does not have" }
+            );
+        }
         let vae_w = Weights::new("VAE", m.vae, device, Kind::Float);
         let vae = AutoencoderKL::new(&vae_w, &m.vae_config)
             .with_context(|| format!("{}: cannot build the VAE", source.display()))?;
         check_all_used(&vae_w, "VAE", &source)?;
-        let parameters = ModelParameters {
-            unet: unet_w.parameters(),
-            text_encoder: text_w.parameters(),
-            vae: vae_w.parameters(),
-        };
+        let parameters = ModelParameters { unet: unet_w.parameters(), text_encoders, vae: vae_w.parameters() };
         let sd = StableDiffusion {
-            tokenizer,
-            text_encoder,
+            text,
             unet,
             vae,
             unet_config: m.unet_config,
             vae_config: m.vae_config,
-            text_config: m.text_config,
             scheduler_config: m.scheduler_config,
+            architecture: m.architecture,
             device,
             kind,
-            max_token_length: 75,
         };
         Ok((sd, parameters))
     }
@@ -150,7 +151,15 @@ impl StableDiffusion {
     /// Adds a kohya LoRA file into the UNet and text-encoder weights (`scale` 1 =
     /// the file's own strength); returns the number of layers it changed.
     pub fn merge_lora(&mut self, path: &Path, scale: f64) -> anyhow::Result<usize> {
-        crate::model::lora::merge_lora(&mut self.unet, &mut self.text_encoder, path, scale)
+        let mut texts = self.text.lora_targets();
+        crate::model::lora::merge_lora(&mut self.unet, &mut texts, path, scale)
+    }
+
+    /// Attaches adapters holding a kohya file's values, unmerged (to resume a LoRA
+    /// run); returns them, requiring grad, in `kind`.
+    pub fn attach_lora_file(&mut self, path: &Path, kind: Kind) -> anyhow::Result<crate::model::lora::LoraNetwork> {
+        let mut texts = self.text.lora_targets();
+        crate::model::lora::attach_lora_file(&mut self.unet, &mut texts, path, kind)
     }
 
     /// Pixels per latent: the VAE's factor.
@@ -184,54 +193,46 @@ impl StableDiffusion {
 
     /// What a prompt loses to the text encoder's reach, in words, or `None` when
     /// it is read whole (diffusers' pipeline warns the same way).
-    /// `read_more` says how to raise the limit where it can be.
     pub fn cut_prompt_warning(&self, what: &str, prompt: &str, read_more: &str) -> Option<String> {
-        let positions = self.text_config.max_position_embeddings as usize;
-        let readable = self.max_token_length.max(positions.saturating_sub(2));
-        let tokens = self.tokenizer.encode(prompt).len().saturating_sub(2);
-        (tokens > readable).then(|| {
-            let longer = if readable < 225 { format!("; {read_more} reads more") } else { String::new() };
-            format!("{what} has {tokens} tokens and the text encoder reads {readable}: the rest is cut{longer}")
-        })
+        self.text.cut_prompt_warning(what, prompt, read_more)
     }
 
-    /// Prompt embeddings `[1, 77, hidden]` as the pipeline feeds the UNet
-    /// (`[1, 2 + max_token_length, hidden]` past one window).
-    pub fn encode_prompt(&self, prompt: &str, clip_skip: i64) -> Tensor {
-        let positions = self.text_config.max_position_embeddings;
-        let ids = self.tokenizer.encode_chunked(prompt, self.max_token_length, positions as usize);
-        let ids = Tensor::from_slice(&ids).view([1, -1]).to_device(self.device);
-        // In the UNet's dtype: a trainer may keep a frozen text encoder in half precision.
-        self.text_encoder.forward_chunks(&ids, clip_skip, positions).to_kind(self.kind)
+    /// A prompt's text conditioning `[1, 77, width]` as the pipeline feeds the UNet
+    /// (`[1, 2 + max_token_length, width]` past one window), in the UNet's dtype
+    /// (a trainer may keep a frozen text encoder in half precision).
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: i64) -> PromptEmbeds {
+        self.text.encode_prompt(prompt, clip_skip, self.device, self.kind)
     }
 
     /// Runs the sampler; returns the image as float32 `[H, W, 3]` in [0, 1] on the CPU.
     /// `on_step(i, n)` is called after each denoising step.
     pub fn text_to_image(&self, req: &SampleRequest, on_step: impl FnMut(usize, usize)) -> anyhow::Result<Tensor> {
         let cond = tch::no_grad(|| self.encode_prompt(&req.prompt, req.clip_skip));
-        self.text_to_image_with_embeddings(req, &cond, on_step)
+        self.text_to_image_with_embeddings(req, &cond, SizeIds::plain(req.height, req.width), on_step)
     }
 
-    /// [`text_to_image`](Self::text_to_image) conditioned on a given prompt
-    /// embedding `[1, 77, hidden]` (Imagic's interpolated one) instead of
-    /// `req.prompt`; the negative prompt is still encoded from `req.negative`.
+    /// [`text_to_image`](Self::text_to_image) conditioned on given prompt embeddings
+    /// (Imagic's interpolated one) instead of `req.prompt`, and SDXL's size ids
+    /// `sizes`; the negative prompt is still encoded from `req.negative`.
     pub fn text_to_image_with_embeddings(
         &self,
         req: &SampleRequest,
-        cond: &Tensor,
+        cond: &PromptEmbeds,
+        sizes: SizeIds,
         mut on_step: impl FnMut(usize, usize),
     ) -> anyhow::Result<Tensor> {
         self.check_size(req.width, req.height)?;
         let mut sampler = build_sampler(&req.sampler, &self.scheduler_config, req.steps)?;
         let _guard = tch::no_grad_guard();
-        let cond = cond.to_device(self.device).to_kind(self.kind);
+        let cond = cond.map(|t| t.to_device(self.device).to_kind(self.kind));
         let guided = req.guidance > 1.0;
-        let context = if guided {
-            let uncond = self.encode_prompt(&req.negative, req.clip_skip);
-            Tensor::cat(&[uncond, cond], 0)
+        let text = if guided {
+            let uncond = self.text.encode_negative(&req.negative, req.clip_skip, &cond);
+            PromptEmbeds::cat(&[uncond, cond])
         } else {
             cond
         };
+        let context = self.text.conditioning(&text, &[sizes]);
 
         // The first randn draw of a CPU generator seeded with the seed, as diffusers
         // with torch.Generator("cpu").manual_seed(seed): exact on any device. The
@@ -247,10 +248,7 @@ impl StableDiffusion {
             let model_in = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
             let model_in = sampler.scale_model_input(&model_in, i);
             let t_batch = Tensor::from_slice(&[t as f32]).to_device(self.device).expand([model_in.size()[0]], false);
-            let out = self
-                .unet
-                .forward(&model_in.to_kind(self.kind), &t_batch, &context)
-                .to_kind(Kind::Float);
+            let out = self.unet.forward(&model_in.to_kind(self.kind), &t_batch, &context).to_kind(Kind::Float);
             let noise_pred = if guided {
                 let parts = out.chunk(2, 0);
                 &parts[0] + (&parts[1] - &parts[0]) * req.guidance
@@ -260,7 +258,14 @@ impl StableDiffusion {
             latents = sampler.step(&noise_pred, i, &latents, &mut rng);
             on_step(i + 1, n);
         }
-        Ok(self.decode_latents(&latents))
+        let image = self.decode_latents(&latents);
+        if image.isnan().any().int64_value(&[]) != 0 {
+            anyhow::bail!(
+                "the VAE decoded NaN pixels (the latents hold {}): the model or its VAE overflowed; an fp16 VAE of SDXL needs an fp16-safe VAE (`--vae`)",
+                if latents.isnan().any().int64_value(&[]) != 0 { "NaN values too" } else { "finite values" }
+            );
+        }
+        Ok(image)
     }
 
     /// Latents to an image `[H, W, 3]` in [0, 1], float32 on the CPU (first of the batch).
@@ -370,13 +375,13 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
         (None, Some(run)) => run.training.clip_skip,
         (None, None) => 1,
     };
-    if clip_skip < 1 || clip_skip > sd.text_config.num_hidden_layers {
+    if clip_skip < 1 || clip_skip > sd.text.layers() {
         return Err(usage(format!(
             "--clip-skip {clip_skip} must be between 1 (the last layer) and the text encoder's {} layers",
-            sd.text_config.num_hidden_layers
+            sd.text.layers()
         )));
     }
-    sd.max_token_length = match (args.max_token_length, &run_config) {
+    sd.text.max_token_length = match (args.max_token_length, &run_config) {
         (Some(n), _) => n,
         (None, Some(run)) => run.training.max_token_length as usize,
         (None, None) => 75,

@@ -78,7 +78,7 @@ fn same_configs(got: &LoadedModel, want: &LoadedModel, compare_spacing: bool) {
     assert_eq!(g.use_post_quant_conv, w.use_post_quant_conv);
     assert_eq!(g.mid_block_add_attention, w.mid_block_add_attention);
 
-    let (g, w) = (&got.text_config, &want.text_config);
+    let (g, w) = (&got.text_encoders[0].config, &want.text_encoders[0].config);
     assert_eq!(g.vocab_size, w.vocab_size);
     assert_eq!(g.hidden_size, w.hidden_size);
     assert_eq!(g.intermediate_size, w.intermediate_size);
@@ -110,7 +110,7 @@ fn same_model(got: &LoadedModel, want: &LoadedModel, compare_spacing: bool) {
     same_configs(got, want, compare_spacing);
     same_tensors("UNet", &got.unet, &want.unet);
     same_tensors("VAE", &got.vae, &want.vae);
-    same_tensors("text encoder", &got.text_encoder, &want.text_encoder);
+    same_tensors("text encoder", &got.text_encoders[0].tensors, &want.text_encoders[0].tensors);
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn sd1_single_file_is_inferred_without_sidecar() {
     let single = load("tiny-sd1.safetensors");
     assert_eq!(single.format, ModelFormat::SingleFileSafetensors);
     assert_eq!(single.architecture, Architecture::Sd1);
-    assert_eq!(single.tokenizer, TokenizerSource::OpenAi { pad_token: "<|endoftext|>".into() });
+    assert_eq!(single.text_encoders[0].tokenizer, TokenizerSource::OpenAi { pad_token: "<|endoftext|>".into() });
     same_model(&single, &folder, true);
 }
 
@@ -137,9 +137,9 @@ fn sd2_single_file_with_sidecar_matches_the_folder() {
     let single = load("tiny-sd2.safetensors");
     assert_eq!(single.architecture, Architecture::Sd2);
     assert_eq!(single.scheduler_config.prediction_type, "v_prediction");
-    assert_eq!(single.tokenizer, TokenizerSource::OpenAi { pad_token: "!".into() });
+    assert_eq!(single.text_encoders[0].tokenizer, TokenizerSource::OpenAi { pad_token: "!".into() });
     // The file's last OpenCLIP block is not part of SD 2's text encoder.
-    assert!(!single.text_encoder.keys().any(|k| k.starts_with("encoder.layers.2.")));
+    assert!(!single.text_encoders[0].tensors.keys().any(|k| k.starts_with("encoder.layers.2.")));
     same_model(&single, &folder, false);
 }
 
@@ -158,7 +158,7 @@ fn sd2_single_file_without_sidecar_infers_all_but_prediction_type() {
     // --model-config: the folder's configs, tokenizer and scheduler win.
     let given = load_model(&file, Some(&fixture("tiny-sd2"))).unwrap_or_else(|e| panic!("{}", one_line(&e)));
     assert_eq!(given.scheduler_config.prediction_type, "v_prediction");
-    assert_eq!(given.tokenizer, TokenizerSource::Folder(fixture("tiny-sd2").join("tokenizer")));
+    assert_eq!(given.text_encoders[0].tokenizer, TokenizerSource::Folder(fixture("tiny-sd2").join("tokenizer")));
     same_model(&given, &folder, true);
 
     // A folder that describes nothing would change nothing: refused, not ignored.
@@ -173,8 +173,8 @@ fn sd2_single_file_without_sidecar_infers_all_but_prediction_type() {
 fn fp16_folder_keeps_its_dtype() {
     let m = load("tiny-sd2");
     assert_eq!(m.format, ModelFormat::Diffusers);
-    assert!(m.unet.values().chain(m.vae.values()).chain(m.text_encoder.values()).all(|t| t.kind() == Kind::Half));
-    assert_eq!(m.tokenizer, TokenizerSource::Folder(fixture("tiny-sd2").join("tokenizer")));
+    assert!(m.unet.values().chain(m.vae.values()).chain(m.text_encoders[0].tensors.values()).all(|t| t.kind() == Kind::Half));
+    assert_eq!(m.text_encoders[0].tokenizer, TokenizerSource::Folder(fixture("tiny-sd2").join("tokenizer")));
     assert_eq!(m.scheduler_config.prediction_type, "v_prediction");
 }
 
@@ -182,7 +182,7 @@ fn fp16_folder_keeps_its_dtype() {
 fn text_encoder_keys_come_without_prefix_either_way() {
     for name in ["tiny-sd1", "tiny-sd2", "tiny-sd1.safetensors", "tiny-sd2.safetensors"] {
         let m = load(name);
-        let te = &m.text_encoder;
+        let te = &m.text_encoders[0].tensors;
         assert!(te.contains_key("embeddings.token_embedding.weight"), "{name}");
         assert!(te.contains_key("final_layer_norm.weight"), "{name}");
         assert!(!te.keys().any(|k| k.starts_with("text_model.") || k.ends_with("position_ids")), "{name}");

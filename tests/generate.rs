@@ -107,7 +107,7 @@ fn clip_skip_matches_diffusers() {
     let refs = reference("clip_skip");
     let sd = StableDiffusion::load(&model("tiny-sd1"), None, Device::Cpu, AttentionBackend::Default).unwrap();
     for (prompt, key) in [("a photo of sks dog", "embeds.prompt"), ("blurry", "embeds.negative")] {
-        let got = tch::no_grad(|| sd.encode_prompt(prompt, 2));
+        let got = tch::no_grad(|| sd.encode_prompt(prompt, 2)).hidden;
         let diff = max_abs_diff(&got, &refs[key]);
         assert!(diff < 1e-5, "{key}: max abs diff {diff}");
     }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use dreambooth::model::unet::Conditioning;
 use std::collections::HashMap;
 
 use common::{model, reference};
@@ -34,14 +35,15 @@ fn tiny(lora: bool) -> Models {
     let m = load_model(&model("tiny-sd1"), None).unwrap();
     let uw = Weights::new("UNet", m.unet, Device::Cpu, Kind::Float);
     let mut unet = UNet2DConditionModel::new(&uw, &m.unet_config, AttentionBackend::Default).unwrap();
-    let cw = Weights::new("text encoder", m.text_encoder, Device::Cpu, Kind::Float);
-    let mut clip = ClipTextTransformer::new(&cw, &m.text_config).unwrap();
+    let text = m.text_encoders.into_iter().next().unwrap();
+    let cw = Weights::new("text encoder", text.tensors, Device::Cpu, Kind::Float);
+    let mut clip = ClipTextTransformer::new(&cw, &text.config, false).unwrap();
     let mut params: Vec<(String, Tensor)> = Vec::new();
     if lora {
         let mut rng = CpuRng::new(9);
         let spec = LoraSpec { rank: 2, alpha: 2.0, targets: LoraTargets::ATTENTION, kind: Kind::Float };
         let mut net = lora::attach_unet_lora(&mut unet, &spec, &mut rng).unwrap();
-        net.extend(lora::attach_text_lora(&mut clip, &spec, &mut rng).unwrap());
+        net.extend(lora::attach_text_lora(&mut clip, "lora_te_", &spec, &mut rng).unwrap());
         let _g = tch::no_grad_guard();
         for m in &net.modules {
             m.up.shallow_clone().copy_(&(rng.randn(&m.up.size()) * 0.1));
@@ -70,7 +72,7 @@ fn grads_with(checkpointing: bool, lora: bool, precision: MixedPrecision) -> (Ha
     let autocast = Precision::new(precision, Device::Cpu);
     let out = autocast.autocast(|| {
         let context = m.clip.forward(&r["text.ids"], 1);
-        m.unet.forward(&r["unet.sample"], &r["unet.timestep"], &context)
+        m.unet.forward(&r["unet.sample"], &r["unet.timestep"], &Conditioning::text(context.shallow_clone()))
     });
     let target = r["unet.sample"].shallow_clone();
     (out.to_kind(Kind::Float) - target).square().mean(Kind::Float).backward();
@@ -145,7 +147,7 @@ fn no_recomputation_without_gradients() {
     let r = reference("tiny-sd1");
     let before = block_runs();
     let _g = tch::no_grad_guard();
-    let _ = m.unet.forward(&r["unet.sample"], &r["unet.timestep"], &r["unet.encoder_hidden_states"]);
+    let _ = m.unet.forward(&r["unet.sample"], &r["unet.timestep"], &Conditioning::text(r["unet.encoder_hidden_states"].shallow_clone()));
     assert_eq!(block_runs(), before, "sampling must take the plain path");
 }
 
@@ -172,7 +174,7 @@ fn medium() -> (UNet2DConditionModel, ClipTextTransformer, Vec<Tensor>) {
     let uw = Weights::random("UNet", 1, Device::Cpu, Kind::Float);
     let unet = UNet2DConditionModel::new(&uw, &ucfg, AttentionBackend::Default).unwrap();
     let cw = Weights::random("text encoder", 2, Device::Cpu, Kind::Float);
-    let clip = ClipTextTransformer::new(&cw, &ccfg).unwrap();
+    let clip = ClipTextTransformer::new(&cw, &ccfg, false).unwrap();
     let params = uw.parameters().into_iter().chain(cw.parameters()).map(|(_, t)| t.set_requires_grad(true)).collect();
     (unet, clip, params)
 }
@@ -202,7 +204,7 @@ fn memory_child() {
     let base = status_kb("VmRSS:");
     let start = std::time::Instant::now();
     let context = clip.forward(&ids, 1);
-    let out = unet.forward(&sample, &t, &context);
+    let out = unet.forward(&sample, &t, &Conditioning::text(context.shallow_clone()));
     (out - &sample).square().mean(Kind::Float).backward();
     let peak = status_kb("VmHWM:");
     let grads_kb: i64 = params.iter().map(|p| p.grad().numel() as i64 * 4 / 1024).sum();

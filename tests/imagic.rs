@@ -56,7 +56,7 @@ fn setup() -> Setup {
     let blue = (1.0 - &disc) * (1.0 - &xs / 31.0 * 2.0);
     let image = Tensor::stack(&[red, green, blue], 0).unsqueeze(0);
     let latents = imagic::encode_latents(&sd.vae, sd.vae_config.scaling_factor, &image, &mut CpuRng::new(5));
-    let target = tch::no_grad(|| sd.encode_prompt(PROMPT, 1));
+    let target = tch::no_grad(|| sd.encode_prompt(PROMPT, 1)).hidden;
     Setup { sd, unet, unet_params, schedule, latents, target }
 }
 

@@ -6,6 +6,7 @@
 
 mod common;
 
+use dreambooth::model::unet::Conditioning;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -36,12 +37,12 @@ fn rel_diff(a: &Tensor, want: &Tensor) -> f64 {
 
 fn unet_out(sd: &StableDiffusion, r: &std::collections::HashMap<String, Tensor>) -> Tensor {
     let _g = tch::no_grad_guard();
-    sd.unet.forward(&r["unet.sample"], &r["unet.timestep"], &r["unet.encoder_hidden_states"])
+    sd.unet.forward(&r["unet.sample"], &r["unet.timestep"], &Conditioning::text(r["unet.encoder_hidden_states"].shallow_clone()))
 }
 
 fn text_out(sd: &StableDiffusion, r: &std::collections::HashMap<String, Tensor>) -> Tensor {
     let _g = tch::no_grad_guard();
-    sd.text_encoder.forward(&r["text.ids"], 1)
+    sd.text.first().model.forward(&r["text.ids"], 1)
 }
 
 fn request() -> SampleRequest {
@@ -63,7 +64,7 @@ fn unmerged_adapters_match_diffusers_peft() {
     let r = refs();
     let mut sd = load_sd1();
     assert!(rel_diff(&unet_out(&sd, &r), &r["unet.out.base"]) < 1e-5, "the base UNet differs");
-    let net = lora::attach_lora_file(&mut sd.unet, &mut sd.text_encoder, &lora_file(), Kind::Float).unwrap();
+    let net = sd.attach_lora_file(&lora_file(), Kind::Float).unwrap();
     // 6 transformers × (8 attention + 2 feed-forward + proj_in/out) + 45 LoCon layers
     // (every resnet's conv1/conv2/time_emb_proj/conv_shortcut, the resampler convs); text: 3 layers × 6.
     assert_eq!(net.modules.len(), 6 * 12 + 45 + 3 * 6, "modules in the file");
@@ -127,7 +128,7 @@ fn saved_names_are_kohya_names_and_round_trip() {
     let wide = LoraTargets::of(dreambooth::config::schema::LoraLayers::All);
     let spec = LoraSpec { rank: 4, alpha: 2.0, targets: wide, kind: Kind::Float };
     let mut net = lora::attach_unet_lora(&mut sd.unet, &spec, &mut rng).unwrap();
-    net.extend(lora::attach_text_lora(&mut sd.text_encoder, &LoraSpec { alpha: 8.0, ..spec }, &mut rng).unwrap());
+    net.extend(lora::attach_text_lora(&mut sd.text.encoders[0].model, "lora_te_", &LoraSpec { alpha: 8.0, ..spec }, &mut rng).unwrap());
     // Fresh `up`s are zero; give them values so the round trip means something.
     {
         let _g = tch::no_grad_guard();
@@ -151,7 +152,7 @@ fn saved_names_are_kohya_names_and_round_trip() {
     let want_unet = unet_out(&sd, &r);
     let want_text = text_out(&sd, &r);
     let mut fresh = load_sd1();
-    let loaded = lora::attach_lora_file(&mut fresh.unet, &mut fresh.text_encoder, &path, Kind::Float).unwrap();
+    let loaded = fresh.attach_lora_file(&path, Kind::Float).unwrap();
     assert_eq!(loaded.modules.len(), net.modules.len());
     assert_eq!(max_abs_diff(&unet_out(&fresh, &r), &want_unet), 0.0);
     assert_eq!(max_abs_diff(&text_out(&fresh, &r), &want_text), 0.0);
@@ -167,15 +168,15 @@ fn only_lora_tensors_get_gradients() {
     let mut rng = CpuRng::new(5);
     let spec = LoraSpec { rank: 2, alpha: 2.0, targets: LoraTargets::ATTENTION, kind: Kind::Float };
     let mut net = lora::attach_unet_lora(&mut sd.unet, &spec, &mut rng).unwrap();
-    net.extend(lora::attach_text_lora(&mut sd.text_encoder, &spec, &mut rng).unwrap());
+    net.extend(lora::attach_text_lora(&mut sd.text.encoders[0].model, "lora_te_", &spec, &mut rng).unwrap());
     // UNet: 4 projections × 2 attentions × 6 transformers (2 down, 1 mid, 3 up); text: 4 × 3 layers.
     assert_eq!(net.modules.len(), 4 * 2 * 6 + 4 * 3);
     let trainable = net.trainable();
     assert_eq!(trainable.len(), 2 * net.modules.len());
 
     let r = refs();
-    let context = sd.text_encoder.forward(&r["text.ids"], 1);
-    let out = sd.unet.forward(&r["unet.sample"], &r["unet.timestep"], &context);
+    let context = sd.text.first().model.forward(&r["text.ids"], 1);
+    let out = sd.unet.forward(&r["unet.sample"], &r["unet.timestep"], &Conditioning::text(context));
     out.square().mean(Kind::Float).backward();
 
     for (name, t) in &trainable {
@@ -187,7 +188,7 @@ fn only_lora_tensors_get_gradients() {
             assert!(g.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} has a zero gradient");
         }
     }
-    for (path, layer) in lora::unet_layers(&mut sd.unet).into_iter().chain(lora::clip_layers(&mut sd.text_encoder)) {
+    for (path, layer) in lora::unet_layers(&mut sd.unet).into_iter().chain(lora::clip_layers(&mut sd.text.encoders[0].model)) {
         let w = match &layer {
             lora::LayerMut::Linear(l) => l.weight.shallow_clone(),
             lora::LayerMut::Conv(c) => c.weight.shallow_clone(),

@@ -1,6 +1,7 @@
 //! The three networks against diffusers/transformers outputs on the tiny fixture
 //! models (tests/fixtures/reference/<model>.safetensors, made by make_fixtures.py).
 
+use dreambooth::model::unet::Conditioning;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -77,7 +78,7 @@ fn text_encoder_matches(model: &str) {
     let r = reference(model);
     let w = weights(model, "text_encoder", "model.safetensors", "text encoder");
     let cfg: ClipConfig = config(model, "text_encoder");
-    let clip = ClipTextTransformer::new(&w, &cfg).expect("text encoder builds");
+    let clip = ClipTextTransformer::new(&w, &cfg, false).expect("text encoder builds");
     assert!(w.unused_keys().is_empty(), "unused text encoder keys: {:?}", w.unused_keys());
     let ids = &r["text.ids"];
     tch::no_grad(|| {
@@ -91,7 +92,7 @@ fn unet_matches(model: &str) {
     let (w, cfg) = unet_weights(model);
     let unet = UNet2DConditionModel::new(&w, &cfg, AttentionBackend::Default).expect("UNet builds");
     assert!(w.unused_keys().is_empty(), "unused UNet keys: {:?}", w.unused_keys());
-    let out = tch::no_grad(|| unet.forward(&r["unet.sample"], &r["unet.timestep"], &r["unet.encoder_hidden_states"]));
+    let out = tch::no_grad(|| unet.forward(&r["unet.sample"], &r["unet.timestep"], &Conditioning::text(r["unet.encoder_hidden_states"].shallow_clone())));
     check(&format!("{model} unet.out"), &out, &r["unet.out"], 1e-4);
 }
 
@@ -149,7 +150,7 @@ fn sd1_unet_gradients_match_diffusers() {
     for p in params.values() {
         let _ = p.set_requires_grad(true);
     }
-    let pred = unet.forward(&r["train.noisy_latents"], &r["train.timesteps"], &r["train.encoder_hidden_states"]);
+    let pred = unet.forward(&r["train.noisy_latents"], &r["train.timesteps"], &Conditioning::text(r["train.encoder_hidden_states"].shallow_clone()));
     check("train.model_pred", &pred.detach(), &r["train.model_pred"], 1e-4);
     let loss = pred.mse_loss(&r["train.target"], tch::Reduction::Mean);
     check("train.loss", &loss.detach(), &r["train.loss"], 1e-5);
@@ -174,8 +175,8 @@ fn every_fixture_key_is_used_and_time_embedding_takes_floats() {
     tch::no_grad(|| {
         let sample = r["unet.sample"].narrow(0, 0, 1);
         let ehs = r["unet.encoder_hidden_states"].narrow(0, 0, 1);
-        let a = unet.forward(&sample, &Tensor::from(999.0f32), &ehs);
-        let b = unet.forward(&sample, &Tensor::from_slice(&[999i64]), &ehs);
+        let a = unet.forward(&sample, &Tensor::from(999.0f32), &Conditioning::text(ehs.shallow_clone()));
+        let b = unet.forward(&sample, &Tensor::from_slice(&[999i64]), &Conditioning::text(ehs.shallow_clone()));
         check("scalar float timestep", &a, &b, 1e-6);
         check("batch of one vs reference", &a, &r["unet.out"].narrow(0, 0, 1), 1e-4);
     });
@@ -251,7 +252,7 @@ fn random_weights_match_the_checkpoint_layout() {
             unet.forward(
                 &Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)),
                 &Tensor::from(500i64),
-                &Tensor::randn([1, 77, cross], (Kind::Float, Device::Cpu)),
+                &Conditioning::text(Tensor::randn([1, 77, cross], (Kind::Float, Device::Cpu))),
             )
         });
         assert_eq!(out.size(), vec![1, 4, 8, 8]);
@@ -271,13 +272,13 @@ fn modules_run_in_bfloat16() {
         Weights::new(name, read_safetensors(&path, "text_model."), Device::Cpu, Kind::BFloat16)
     };
     tch::no_grad(|| {
-        let clip = ClipTextTransformer::new(&load("text_encoder", "model.safetensors", "text encoder"), &config(model, "text_encoder")).unwrap();
+        let clip = ClipTextTransformer::new(&load("text_encoder", "model.safetensors", "text encoder"), &config(model, "text_encoder"), false).unwrap();
         let hidden = clip.forward(&r["text.ids"], 1);
         assert_eq!(hidden.kind(), Kind::BFloat16);
         check("bf16 text.hidden", &hidden.to_kind(Kind::Float), &r["text.hidden"], 0.15);
 
         let unet = UNet2DConditionModel::new(&load("unet", "diffusion_pytorch_model.safetensors", "UNet"), &config(model, "unet"), AttentionBackend::Default).unwrap();
-        let out = unet.forward(&bf(&r["unet.sample"]), &r["unet.timestep"], &bf(&r["unet.encoder_hidden_states"]));
+        let out = unet.forward(&bf(&r["unet.sample"]), &r["unet.timestep"], &Conditioning::text(bf(&r["unet.encoder_hidden_states"])));
         assert_eq!(out.kind(), Kind::BFloat16);
         check("bf16 unet.out", &out.to_kind(Kind::Float), &r["unet.out"], 0.15);
 

@@ -124,12 +124,12 @@ fn lora_trains_only_adapters_saves_kohya_files_and_resumes_exactly() {
     let cfg = write_config(root.path(), "lora-steps", &data, training);
     let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
     let snap = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.detach().copy())).collect::<Vec<_>>();
-    let (unet0, text0, adapters0) = (snap(&t.params.unet), snap(&t.params.text_encoder), snap(t.trainable()));
+    let (unet0, text0, adapters0) = (snap(&t.params.unet), snap(&t.params.text_encoder("text_encoder")), snap(t.trainable()));
     assert!(adapters0.iter().any(|(k, _)| k.starts_with("lora_unet_")) && adapters0.iter().any(|(k, _)| k.starts_with("lora_te_")));
     t.train_step().unwrap();
     t.train_step().unwrap();
     assert_bit_identical(&unet0, &snap(&t.params.unet));
-    assert_bit_identical(&text0, &snap(&t.params.text_encoder));
+    assert_bit_identical(&text0, &snap(&t.params.text_encoder("text_encoder")));
     let moved = adapters0.iter().zip(t.trainable()).filter(|((_, a), (_, b))| !a.equal(b)).count();
     assert!(moved > adapters0.len() / 2, "only {moved} of {} adapter tensors trained", adapters0.len());
     let dir = t.checkpoint().unwrap();
@@ -211,7 +211,7 @@ fn frozen_networks_are_stored_in_bf16_under_mixed_precision() {
     };
     let mut t = Trainer::start(with_previews("lora-bf16", lora), quiet()).unwrap();
     assert_eq!(kinds(&t.params.unet), bf16);
-    assert_eq!(kinds(&t.params.text_encoder), bf16);
+    assert_eq!(kinds(&t.params.text_encoder("text_encoder")), bf16);
     assert_eq!(kinds(&t.params.vae), fp32);
     assert_eq!(kinds(t.trainable()), fp32);
     let adapters0: Vec<Tensor> = t.trainable().iter().map(|(_, p)| p.detach().copy()).collect();
@@ -227,7 +227,7 @@ fn frozen_networks_are_stored_in_bf16_under_mixed_precision() {
     let full = "  steps_per_image: 1\n  mixed_precision: bf16\n  save_preview_every_n_epochs: 1\n";
     let mut t = Trainer::start(with_previews("full-bf16", full), quiet()).unwrap();
     assert_eq!(kinds(&t.params.unet), fp32);
-    assert_eq!(kinds(&t.params.text_encoder), bf16);
+    assert_eq!(kinds(&t.params.text_encoder("text_encoder")), bf16);
     t.run().unwrap();
     assert!(t.run_dir.join("samples/step-000001-0.png").is_file());
     drop(t);
@@ -235,11 +235,11 @@ fn frozen_networks_are_stored_in_bf16_under_mixed_precision() {
     // A text encoder that trains stays float32; so does everything without mixed precision.
     let te = "  steps_per_image: 1\n  mixed_precision: bf16\n  text_encoder_train_ratio: 0.5\n";
     let t = Trainer::start(load(&write_config(root.path(), "te-bf16", &data, te)), quiet()).unwrap();
-    assert_eq!(kinds(&t.params.text_encoder), fp32);
+    assert_eq!(kinds(&t.params.text_encoder("text_encoder")), fp32);
     drop(t);
     let t = Trainer::start(load(&write_config(root.path(), "lora-fp32", &data, "  use_lora: true\n")), quiet()).unwrap();
     assert_eq!(kinds(&t.params.unet), fp32);
-    assert_eq!(kinds(&t.params.text_encoder), fp32);
+    assert_eq!(kinds(&t.params.text_encoder("text_encoder")), fp32);
 }
 
 #[test]
@@ -265,10 +265,10 @@ fn first_gradients(t: &Trainer, data: &Path) -> Vec<(String, Tensor)> {
     let schedule = dreambooth::scheduler::NoiseSchedule::new(&t.sd.scheduler_config).unwrap();
     let prediction = PredictionType::from_config(&t.sd.scheduler_config).unwrap();
     let latents = tch::no_grad(|| t.sd.vae.encode(&example.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor);
-    let ehs = t.sd.encode_prompt("a photo of sks thing", 1);
+    let ehs = dreambooth::model::unet::Conditioning::text(t.sd.encode_prompt("a photo of sks thing", 1).hidden);
     let noise = draw_noise(&mut dreambooth::rng::CpuRng::new(5), &latents.size(), 1000, 0.0);
     let weights = ExampleWeights::all_instance(1);
-    let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, encoder_hidden_states: &ehs, coefficients: &weights.coefficients_tensor() };
+    let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, conditioning: &ehs, coefficients: &weights.coefficients_tensor() };
     denoising_loss(&t.sd.unet, &schedule, prediction, 0.0, &inputs, &|f| f()).loss.backward();
     let out = t.trainable().iter().map(|(k, p)| (k.clone(), p.grad().copy())).collect();
     for (_, p) in t.trainable() {
@@ -295,7 +295,7 @@ fn gradient_checkpointing_gives_the_same_gradients_and_weights() {
                 t.train_step().unwrap();
             }
             let mut w: Vec<(String, Tensor)> = t.trainable().iter().map(|(k, t)| (k.clone(), t.detach().copy())).collect();
-            w.extend(t.params.unet.iter().chain(&t.params.text_encoder).map(|(k, t)| (k.clone(), t.detach().copy())));
+            w.extend(t.params.unet.iter().chain(t.params.text_encoder("text_encoder")).map(|(k, t)| (k.clone(), t.detach().copy())));
             weights.push(w);
         }
         assert!(grads[0].iter().all(|(_, g)| g.defined()), "{name}: a trainable tensor got no gradient");
@@ -401,7 +401,7 @@ fn imagic_run_writes_its_files_and_learns_to_reconstruct_the_image() {
     assert!(!t.run_dir.join("class_images").exists(), "Imagic made class images");
     let example = &t.data.instances[0];
     let latents = tch::no_grad(|| t.sd.vae.encode(&example.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor);
-    let target = tch::no_grad(|| t.sd.encode_prompt("a photo of sks thing", 1));
+    let target = tch::no_grad(|| t.sd.encode_prompt("a photo of sks thing", 1)).hidden;
     let before = reconstruction_loss(&t, &latents, &target);
     assert_eq!(t.run().unwrap(), dreambooth::train::trainer::Outcome::Finished);
     let run = t.run_dir.clone();

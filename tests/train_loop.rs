@@ -262,7 +262,7 @@ fn a_clip_skip_run_that_trains_the_text_encoder_resumes_exactly() {
             "  steps_per_image: 2\n  learning_rate: 1.0e-3\n  clip_skip: 2\n  text_encoder_train_ratio: 1.0\n  optimizer: {optimizer}\n  save_model_every_n_epochs: 1\n"
         );
         let weights = |t: &Trainer| -> Vec<Tensor> {
-            t.params.unet.iter().chain(&t.params.text_encoder).map(|(_, p)| p.detach().copy()).collect()
+            t.params.unet.iter().chain(t.params.text_encoder("text_encoder")).map(|(_, p)| p.detach().copy()).collect()
         };
         let mut whole = Trainer::start(load(&write_config(root.path(), &format!("whole-{optimizer}"), &data, &training)), quiet()).unwrap();
         assert_eq!(whole.run().unwrap(), Outcome::Finished);

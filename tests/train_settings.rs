@@ -50,10 +50,10 @@ fn text_encoder_stops_after_its_ratio_and_layer_norms_can_stay_frozen() {
     let root = tempfile::tempdir().unwrap();
     let mut t = trainer(root.path(), "te", 1, "  steps_per_image: 4\n  text_encoder_train_ratio: 0.5\n  freeze_clip_normalization: true\n");
     assert_eq!(t.text_encoder_steps, 2);
-    let start = snapshot(&t.params.text_encoder);
+    let start = snapshot(t.params.text_encoder("text_encoder"));
     t.train_step().unwrap();
     t.train_step().unwrap();
-    let mid = snapshot(&t.params.text_encoder);
+    let mid = snapshot(t.params.text_encoder("text_encoder"));
     assert!(t.cached_text_states().is_empty(), "a training text encoder's output was cached");
     let (n, total) = changed(&start, &mid, &|k| !k.contains("layer_norm"));
     assert!(n > total / 2, "text encoder trained only {n} of {total} tensors");
@@ -61,7 +61,7 @@ fn text_encoder_stops_after_its_ratio_and_layer_norms_can_stay_frozen() {
     assert_eq!(n, 0, "layer norms changed under freeze_clip_normalization");
     t.train_step().unwrap();
     t.train_step().unwrap();
-    let (n, _) = changed(&mid, &snapshot(&t.params.text_encoder), &|_| true);
+    let (n, _) = changed(&mid, &snapshot(t.params.text_encoder("text_encoder")), &|_| true);
     assert_eq!(n, 0, "the text encoder kept training after its ratio");
     // Frozen from step 3: its output for the one prompt is computed once, from
     // the trained weights.
@@ -69,8 +69,8 @@ fn text_encoder_stops_after_its_ratio_and_layer_norms_can_stay_frozen() {
     assert_eq!(cached.len(), 1);
     let (ids, states) = cached.iter().next().unwrap();
     assert_eq!(ids, &t.data.instances[0].ids);
-    let fresh = tch::no_grad(|| t.sd.text_encoder.forward(&Tensor::from_slice(ids).view([1, -1]), 1));
-    assert!(states.equal(&fresh), "cached text states differ from the trained text encoder's output");
+    let fresh = tch::no_grad(|| t.sd.text.first().model.forward(&Tensor::from_slice(ids).view([1, -1]), 1));
+    assert!(states.hidden.equal(&fresh), "cached text states differ from the trained text encoder's output");
 }
 
 /// `text_encoder_learning_rate`: AdamW's first update is linear in the rate, so
@@ -82,14 +82,14 @@ fn text_encoder_learning_rate_sets_the_text_encoders_own_step() {
     let base = "  steps_per_image: 2\n  text_encoder_train_ratio: 1\n";
     let mut same = trainer(root.path(), "te-lr-same", 1, base);
     let mut own = trainer(root.path(), "te-lr-own", 1, &format!("{base}  text_encoder_learning_rate: 2.5e-5\n"));
-    let start = snapshot(&same.params.text_encoder);
+    let start = snapshot(same.params.text_encoder("text_encoder"));
     same.train_step().unwrap();
     own.train_step().unwrap();
     let (n, total) = changed(&same.params.unet, &own.params.unet, &|_| true);
     assert_eq!(n, 0, "{n} of {total} UNet tensors differ: the UNet's rate changed");
     let mut largest = 0f64;
     let mut off = 0f64;
-    for (((key, a), (_, b)), (_, p)) in same.params.text_encoder.iter().zip(&own.params.text_encoder).zip(&start) {
+    for (((key, a), (_, b)), (_, p)) in same.params.text_encoder("text_encoder").iter().zip(own.params.text_encoder("text_encoder")).zip(&start) {
         let (step_same, step_own) = (a - p, b - p);
         largest = largest.max(step_same.abs().max().double_value(&[]));
         off = off.max((&step_own - &step_same * 0.25).abs().max().double_value(&[]));
@@ -247,7 +247,7 @@ fn lora_layers_choose_the_adapted_layers_and_all_of_them_train() {
         let file = dir.join("lora.safetensors");
         let mut fresh = dreambooth::pipeline::StableDiffusion::load(&t.config.source_checkpoint, None, tch::Device::Cpu, Default::default()).unwrap();
         let loaded =
-            dreambooth::model::lora::attach_lora_file(&mut fresh.unet, &mut fresh.text_encoder, &file, tch::Kind::Float).unwrap();
+            fresh.attach_lora_file(&file, tch::Kind::Float).unwrap();
         assert_eq!(loaded.modules.len(), trained, "{layers}: the file's adapters");
         counts.push(trained);
     }
@@ -374,7 +374,7 @@ fn max_token_length_reads_long_captions_in_windows() {
     let ids = Tensor::from_slice(&long.data.instances[0].ids).view([1, -1]);
     assert_eq!(ids.size(), [1, 154]);
     let _guard = tch::no_grad_guard();
-    let te = &long.sd.text_encoder;
+    let te = &long.sd.text.first().model;
     let joined = te.forward_chunks(&ids, 1, 77);
     assert_eq!(joined.size()[..2], [1, 152]);
     let window = |j: i64| te.forward(&ids.narrow(1, 77 * j, 77), 1);

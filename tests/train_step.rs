@@ -36,7 +36,7 @@ fn one_step_matches(name: &str, reference_grads: bool) {
     let prediction = PredictionType::from_config(&sd.scheduler_config).unwrap();
 
     // The prompt embeddings the UNet is conditioned on.
-    let ehs = tch::no_grad(|| sd.text_encoder.forward(&r["train.ids"], 1));
+    let ehs = tch::no_grad(|| sd.text.first().model.forward(&r["train.ids"], 1));
     let d = max_abs_diff(&ehs, &r["train.encoder_hidden_states"]);
     assert!(d < 1e-4, "{name}: text encoder differs by {d}");
 
@@ -48,7 +48,7 @@ fn one_step_matches(name: &str, reference_grads: bool) {
         latents: &r["train.latents"],
         noise: &r["train.noise"],
         timesteps: &r["train.timesteps"],
-        encoder_hidden_states: &r["train.encoder_hidden_states"],
+        conditioning: &dreambooth::model::unet::Conditioning::text(r["train.encoder_hidden_states"].shallow_clone()),
         coefficients: &weights.coefficients_tensor(),
     };
     let out = denoising_loss(&sd.unet, &schedule, prediction, 0.0, &inputs, &no_autocast);

@@ -37,34 +37,18 @@ use source::TensorSource;
 pub enum TokenizerSource {
     /// A diffusers `tokenizer/` folder (`vocab.json`, `merges.txt`, its special tokens).
     Folder(PathBuf),
-    /// OpenAI's CLIP vocabulary; SD 1.x pads with `<|endoftext|>`, SD 2.x with `!`.
+    /// OpenAI's CLIP vocabulary with a pad token: `<|endoftext|>` (SD 1.x, SDXL's
+    /// first encoder) or `!` (SD 2.x, SDXL's second).
     OpenAi { pad_token: String },
 }
 
 impl TokenizerSource {
-    pub fn for_architecture(arch: &Architecture) -> Self {
-        let pad = if *arch == Architecture::Sd2 { "!" } else { "<|endoftext|>" };
-        TokenizerSource::OpenAi { pad_token: pad.into() }
+    pub fn for_role(role: &TextEncoderRole) -> Self {
+        TokenizerSource::OpenAi { pad_token: role.pad_token.into() }
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Architecture {
-    Sd1,
-    Sd2,
-    /// Not something this program can load; says what it seems to be.
-    Unknown(String),
-}
-
-impl fmt::Display for Architecture {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Architecture::Sd1 => write!(f, "SD 1.x"),
-            Architecture::Sd2 => write!(f, "SD 2.x"),
-            Architecture::Unknown(what) => write!(f, "unknown ({what})"),
-        }
-    }
-}
+pub use crate::model::family::{Architecture, TextEncoderRole};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ModelFormat {
@@ -83,21 +67,43 @@ impl fmt::Display for ModelFormat {
     }
 }
 
+/// One text encoder of a model, with its tokenizer.
+pub struct LoadedTextEncoder {
+    pub role: TextEncoderRole,
+    pub config: ClipConfig,
+    pub tokenizer: TokenizerSource,
+    /// transformers keys without the `text_model.` prefix (a projected encoder's
+    /// `text_projection.weight` as it is).
+    pub tensors: HashMap<String, Tensor>,
+}
+
 pub struct LoadedModel {
     pub unet_config: UNetConfig,
     pub vae_config: VaeConfig,
-    pub text_config: ClipConfig,
     pub scheduler_config: SchedulerConfig,
-    pub tokenizer: TokenizerSource,
     /// diffusers keys (`down_blocks.0.attentions.0...`)
     pub unet: HashMap<String, Tensor>,
     /// diffusers keys
     pub vae: HashMap<String, Tensor>,
-    /// transformers keys without the `text_model.` prefix
-    pub text_encoder: HashMap<String, Tensor>,
+    /// The family's text encoders, in its order (`Architecture::text_encoders`).
+    pub text_encoders: Vec<LoadedTextEncoder>,
+    /// SDXL's `force_zeros_for_empty_prompt` (`model_index.json`): an empty
+    /// negative prompt conditions on zeros instead of its encoding.
+    pub force_zeros_for_empty_prompt: bool,
     pub architecture: Architecture,
     pub source: PathBuf,
     pub format: ModelFormat,
+}
+
+impl LoadedModel {
+    /// The text encoder of that name (`text_encoder`, `text_encoder_2`).
+    pub fn text_encoder(&self, name: &str) -> Option<&LoadedTextEncoder> {
+        self.text_encoders.iter().find(|t| t.role.name == name)
+    }
+
+    pub fn text_encoder_mut(&mut self, name: &str) -> Option<&mut LoadedTextEncoder> {
+        self.text_encoders.iter_mut().find(|t| t.role.name == name)
+    }
 }
 
 impl fmt::Debug for LoadedModel {
@@ -108,7 +114,7 @@ impl fmt::Debug for LoadedModel {
             .field("architecture", &self.architecture)
             .field("unet_tensors", &self.unet.len())
             .field("vae_tensors", &self.vae.len())
-            .field("text_encoder_tensors", &self.text_encoder.len())
+            .field("text_encoder_tensors", &self.text_encoders.iter().map(|t| t.tensors.len()).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -206,7 +212,8 @@ fn load_single_file(path: &Path, format: ModelFormat, model_config_dir: Option<&
         None => Default::default(),
     };
     let mut scheduler_config = single_file_scheduler();
-    let mut tokenizer = TokenizerSource::for_architecture(&architecture);
+    let role = architecture.text_encoders()[0];
+    let mut tokenizer = TokenizerSource::for_role(&role);
 
     let sidecar = ldm_yaml::sidecar_path(path);
     if sidecar.is_file() {
@@ -232,12 +239,11 @@ fn load_single_file(path: &Path, format: ModelFormat, model_config_dir: Option<&
     Ok(LoadedModel {
         unet_config,
         vae_config,
-        text_config,
         scheduler_config,
-        tokenizer,
         unet,
         vae,
-        text_encoder,
+        text_encoders: vec![LoadedTextEncoder { role, config: text_config, tokenizer, tensors: text_encoder }],
+        force_zeros_for_empty_prompt: false,
         architecture,
         source: path.to_path_buf(),
         format,

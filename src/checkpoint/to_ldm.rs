@@ -23,9 +23,11 @@ pub fn to_ldm(m: &LoadedModel) -> anyhow::Result<Vec<(String, Tensor)>> {
         m.unet_config.layers_per_block.at(level) as usize
     })?;
     out.extend(vae_to_ldm(&m.vae, m.vae_config.block_out_channels.len())?);
+    let text = &m.text_encoders[0];
     out.extend(match m.architecture {
-        Architecture::Sd2 => text_to_open_clip(&m.text_encoder)?,
-        _ => text_to_hf_clip(&m.text_encoder, m.text_config.max_position_embeddings),
+        Architecture::Sd2 => text_to_open_clip(&text.tensors)?,
+        Architecture::Sd1 => text_to_hf_clip(&text.tensors, text.config.max_position_embeddings),
+        _ => anyhow::bail!("writing a {} model in the single-file layout is not supported yet", m.architecture),
     });
     Ok(out)
 }
@@ -192,7 +194,7 @@ mod tests {
         // The reference tower's last block, which SD 2 never runs and diffusers
         // folders do not keep, is written as zeros; its projection head is left out.
         let m = load_model(&fixture("tiny-sd2"), None).unwrap();
-        let layers = m.text_config.num_hidden_layers;
+        let layers = m.text_encoders[0].config.num_hidden_layers;
         let last = format!("{OPEN_CLIP}transformer.resblocks.{layers}.");
         matches_reference(
             "tiny-sd2",

@@ -10,8 +10,9 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use super::buckets::Buckets;
-use super::images::{list_images, load_rgb, resize_cover_crop, to_tensor, ImageFile};
+use super::images::{list_images, load_rgb, resize_cover_crop, to_tensor, CoverCrop, ImageFile};
 use super::prompts::{self, Role};
+use crate::conditioning::{SizeIds, TextConditioner};
 use crate::config::schema::{Concept, RunConfig};
 use crate::error::usage;
 use crate::rng::CpuRng;
@@ -24,6 +25,11 @@ pub struct Example {
     pub concept: usize,
     /// Token ids of `prompt` (filled by [`Dataset::tokenize`]).
     pub ids: Vec<i64>,
+    /// SDXL's size and crop ids: the image's own size, where its frame was cut
+    /// from the scaled image, the frame's size (unflipped; see [`Example::size_ids`]).
+    pub sizes: SizeIds,
+    /// The width the image was scaled to before its frame was cut (to mirror the crop).
+    pub scaled_width: i64,
     /// `cache_latents`: (mean, std) of the VAE's latent distribution, as is and flipped.
     pub cached: Option<[(Tensor, Tensor); 2]>,
 }
@@ -42,6 +48,16 @@ impl Example {
     pub fn frame(&self) -> (u32, u32) {
         let size = self.pixels.size();
         (size[2] as u32, size[1] as u32)
+    }
+
+    /// Its size ids as trained: a flipped image's crop is counted from the
+    /// other side, as kohya's SDXL trainer counts it.
+    pub fn size_ids(&self, flipped: bool) -> SizeIds {
+        let mut ids = self.sizes;
+        if flipped {
+            ids.crop_top_left.1 = self.scaled_width - self.sizes.crop_top_left.1 - self.sizes.target.1;
+        }
+        ids
     }
 }
 
@@ -65,8 +81,15 @@ pub fn load_folder(
         .map(|f| {
             let img = load_rgb(&f.path)?;
             let (width, height) = buckets.frame_for(img.width(), img.height());
+            let cover = CoverCrop::of(img.width(), img.height(), width, height);
+            let sizes = SizeIds {
+                original: (i64::from(img.height()), i64::from(img.width())),
+                crop_top_left: (i64::from(cover.top), i64::from(cover.left)),
+                target: (i64::from(height), i64::from(width)),
+            };
+            let scaled_width = i64::from(cover.resized.0);
             let img = resize_cover_crop(&img, width, height);
-            Ok(Example { pixels: to_tensor(&img), prompt: prompt_of(&f), concept, ids: Vec::new(), cached: None })
+            Ok(Example { pixels: to_tensor(&img), prompt: prompt_of(&f), concept, ids: Vec::new(), sizes, scaled_width, cached: None })
         })
         .collect()
 }
@@ -123,12 +146,11 @@ impl Dataset {
     /// Fills every example's token ids for a text encoder of `positions`
     /// positions reading `max_token_length` tokens; returns the distinct prompts
     /// longer than that, which are cut there.
-    pub fn tokenize(&mut self, tokenizer: &crate::tokenizer::ClipTokenizer, positions: usize, max_token_length: usize) -> Vec<String> {
+    pub fn tokenize(&mut self, text: &TextConditioner) -> Vec<String> {
         let mut cut = Vec::new();
-        let readable = max_token_length.max(positions.saturating_sub(2)) + 2;
         for e in self.instances.iter_mut().chain(self.classes.iter_mut().flatten()) {
-            e.ids = tokenizer.encode_chunked(&e.prompt, max_token_length, positions);
-            if tokenizer.encode(&e.prompt).len() > readable && !cut.contains(&e.prompt) {
+            e.ids = text.tokenize(&e.prompt);
+            if text.is_cut(&e.prompt) && !cut.contains(&e.prompt) {
                 cut.push(e.prompt.clone());
             }
         }

@@ -157,11 +157,27 @@ pub fn resize_center_crop(img: &RgbImage, size: u32) -> RgbImage {
 /// `width`×`height` cut out: the frame of an aspect-ratio bucket.
 pub fn resize_cover_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let (w, h) = img.dimensions();
-    let scale = (width as f64 / w as f64).max(height as f64 / h as f64);
-    let (nw, nh) = (((w as f64 * scale).round() as u32).max(width), ((h as f64 * scale).round() as u32).max(height));
-    let resized = image::imageops::resize(img, nw, nh, FilterType::Triangle);
-    let (x, y) = ((nw - width) / 2, (nh - height) / 2);
-    image::imageops::crop_imm(&resized, x, y, width, height).to_image()
+    let cover = CoverCrop::of(w, h, width, height);
+    let resized = image::imageops::resize(img, cover.resized.0, cover.resized.1, FilterType::Triangle);
+    image::imageops::crop_imm(&resized, cover.left, cover.top, width, height).to_image()
+}
+
+/// Where [`resize_cover_crop`] puts an image: the size it is scaled to
+/// (width, height) and the crop's top-left corner in that scaled image (what
+/// SDXL's crop ids say, as diffusers' and kohya's SDXL trainers count them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoverCrop {
+    pub resized: (u32, u32),
+    pub top: u32,
+    pub left: u32,
+}
+
+impl CoverCrop {
+    pub fn of(w: u32, h: u32, width: u32, height: u32) -> Self {
+        let scale = (width as f64 / w as f64).max(height as f64 / h as f64);
+        let (nw, nh) = (((w as f64 * scale).round() as u32).max(width), ((h as f64 * scale).round() as u32).max(height));
+        CoverCrop { resized: (nw, nh), top: (nh - height) / 2, left: (nw - width) / 2 }
+    }
 }
 
 /// An image's width and height as [`load_rgb`] will return it (EXIF rotation

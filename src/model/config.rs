@@ -53,7 +53,12 @@ pub struct UNetConfig {
     pub resnet_time_scale_shift: String,
     pub center_input_sample: bool,
     pub class_embed_type: Option<String>,
+    /// `text_time` for SDXL: a pooled text embedding and six size/crop ids enter the time embedding.
     pub addition_embed_type: Option<String>,
+    /// Sinusoidal channels per time id (SDXL: 256).
+    pub addition_time_embed_dim: Option<i64>,
+    /// Width of `add_embedding`'s input: pooled text width + 6 × `addition_time_embed_dim` (SDXL: 2816).
+    pub projection_class_embeddings_input_dim: Option<i64>,
 }
 
 impl Default for UNetConfig {
@@ -95,6 +100,8 @@ impl Default for UNetConfig {
             center_input_sample: false,
             class_embed_type: None,
             addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
         }
     }
 }
@@ -117,6 +124,24 @@ impl UNetConfig {
     /// Stable Diffusion 1.5's UNet.
     pub fn sd_v1_5() -> Self {
         UNetConfig { cross_attention_dim: PerBlock::One(768), ..Default::default() }
+    }
+
+    /// Stable Diffusion XL base 1.0's UNet.
+    pub fn sdxl() -> Self {
+        UNetConfig {
+            sample_size: 128,
+            down_block_types: vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into()],
+            up_block_types: vec!["CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into(), "UpBlock2D".into()],
+            block_out_channels: vec![320, 640, 1280],
+            cross_attention_dim: PerBlock::One(2048),
+            transformer_layers_per_block: PerBlock::Each(vec![1, 2, 10]),
+            attention_head_dim: PerBlock::Each(vec![5, 10, 20]),
+            use_linear_projection: true,
+            addition_embed_type: Some("text_time".into()),
+            addition_time_embed_dim: Some(256),
+            projection_class_embeddings_input_dim: Some(2816),
+            ..Default::default()
+        }
     }
 
     /// Stable Diffusion 2.1's UNet (768-v and 512-base share it).
@@ -229,6 +254,19 @@ impl ClipConfig {
             num_hidden_layers: 12,
             num_attention_heads: 12,
             projection_dim: 768,
+            ..Default::default()
+        }
+    }
+
+    /// OpenCLIP ViT-bigG/14 text tower with its projection, SDXL's second encoder (all 32 layers).
+    pub fn sdxl_g() -> Self {
+        ClipConfig {
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            hidden_act: "gelu".into(),
+            projection_dim: 1280,
             ..Default::default()
         }
     }

@@ -35,6 +35,6 @@ pub fn random_vae(cfg: &VaeConfig, seed: u64) -> Result<HashMap<String, Tensor>>
 /// Float32 CPU weights of a CLIP text encoder with `cfg`, by key without `text_model.`.
 pub fn random_clip(cfg: &ClipConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
     let w = Weights::random("text encoder", seed, Device::Cpu, Kind::Float);
-    ClipTextTransformer::new(&w, cfg)?;
+    ClipTextTransformer::new(&w, cfg, false)?;
     Ok(collect(&w))
 }

@@ -28,8 +28,12 @@ use crate::rng::CpuRng;
 
 /// Key prefix of UNet modules in a kohya file.
 pub const UNET_PREFIX: &str = "lora_unet_";
-/// Key prefix of text-encoder modules in a kohya file (followed by `text_model_`).
-pub const TEXT_PREFIX: &str = "lora_te_";
+
+/// What every text encoder's kohya prefix starts with (`lora_te_`, SDXL's `lora_te1_` / `lora_te2_`).
+pub const TEXT_PREFIX_STEM: &str = "lora_te";
+
+/// The text encoders a LoRA may adapt: each with its kohya prefix.
+pub type TextEncoders<'a> = [(&'static str, &'a mut ClipTextTransformer)];
 
 /// The low-rank update of one layer.
 #[derive(Debug)]
@@ -393,10 +397,10 @@ pub fn attach_unet_lora(unet: &mut UNet2DConditionModel, spec: &LoraSpec, rng: &
     attach(unet_layers(unet), UNET_PREFIX, spec, rng)
 }
 
-/// Puts fresh adapters on the text encoder's attention projections (and MLP with
-/// `feed_forward`); returns them, requiring grad.
-pub fn attach_text_lora(clip: &mut ClipTextTransformer, spec: &LoraSpec, rng: &mut CpuRng) -> Result<LoraNetwork> {
-    attach(clip_layers(clip), TEXT_PREFIX, spec, rng)
+/// Puts fresh adapters on a text encoder's attention projections (and MLP with
+/// `feed_forward`), named behind its kohya `prefix`; returns them, requiring grad.
+pub fn attach_text_lora(clip: &mut ClipTextTransformer, prefix: &str, spec: &LoraSpec, rng: &mut CpuRng) -> Result<LoraNetwork> {
+    attach(clip_layers(clip), prefix, spec, rng)
 }
 
 // ---- Reading kohya files -----------------------------------------------------------
@@ -463,7 +467,7 @@ fn adapter_for(path: &Path, name: &str, m: &FileModule, layer: &LayerMut<'_>) ->
 /// Matches each module of a kohya file to its layer; calls `apply` on each pair.
 fn for_each_module(
     unet: &mut UNet2DConditionModel,
-    clip: &mut ClipTextTransformer,
+    texts: &mut TextEncoders<'_>,
     path: &Path,
     mut apply: impl FnMut(&str, LoraAdapter, &mut LayerMut<'_>) -> Result<()>,
 ) -> Result<usize> {
@@ -472,8 +476,10 @@ fn for_each_module(
     for (p, l) in unet_layers(unet) {
         layers.insert(kohya_name(UNET_PREFIX, &p), l);
     }
-    for (p, l) in clip_layers(clip) {
-        layers.insert(kohya_name(TEXT_PREFIX, &p), l);
+    for (prefix, clip) in texts.iter_mut() {
+        for (p, l) in clip_layers(clip) {
+            layers.insert(kohya_name(prefix, &p), l);
+        }
     }
     for (name, m) in &modules {
         let layer = match layers.get_mut(name) {
@@ -494,12 +500,12 @@ fn for_each_module(
 /// layers changed. The file is checked completely before any weight changes.
 pub fn merge_lora(
     unet: &mut UNet2DConditionModel,
-    clip: &mut ClipTextTransformer,
+    texts: &mut TextEncoders<'_>,
     path: &Path,
     scale: f64,
 ) -> Result<usize> {
     let mut deltas: Vec<(Tensor, Tensor)> = Vec::new();
-    let count = for_each_module(unet, clip, path, |_, adapter, layer| {
+    let count = for_each_module(unet, texts, path, |_, adapter, layer| {
         let w = layer.weight();
         deltas.push((w.shallow_clone(), adapter.delta(&w.size(), scale)));
         Ok(())
@@ -516,12 +522,12 @@ pub fn merge_lora(
 /// run a LoRA unmerged); returns them, requiring grad, in `kind`.
 pub fn attach_lora_file(
     unet: &mut UNet2DConditionModel,
-    clip: &mut ClipTextTransformer,
+    texts: &mut TextEncoders<'_>,
     path: &Path,
     kind: Kind,
 ) -> Result<LoraNetwork> {
     let mut net = LoraNetwork::default();
-    for_each_module(unet, clip, path, |name, adapter, layer| {
+    for_each_module(unet, texts, path, |name, adapter, layer| {
         let device = layer.weight().device();
         let down = adapter.down.to_kind(kind).to_device(device).set_requires_grad(true);
         let up = adapter.up.to_kind(kind).to_device(device).set_requires_grad(true);
@@ -562,7 +568,7 @@ mod tests {
             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
         );
         assert_eq!(
-            kohya_name(TEXT_PREFIX, "text_model.encoder.layers.0.self_attn.q_proj"),
+            kohya_name("lora_te_", "text_model.encoder.layers.0.self_attn.q_proj"),
             "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
         );
     }

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod checkpointing;
 pub mod clip;
 pub mod config;
+pub mod family;
 pub mod init;
 pub mod lora;
 pub mod nn;

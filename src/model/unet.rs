@@ -1,4 +1,4 @@
-//! diffusers' `UNet2DConditionModel` as Stable Diffusion 1.x and 2.x use it.
+//! diffusers' `UNet2DConditionModel` as Stable Diffusion 1.x, 2.x and XL use it.
 //! Every struct spells a level of the checkpoint key tree
 //! (`down_blocks.{i}.attentions.{j}.transformer_blocks.{k}.attn1.to_q`), and each
 //! block has its own `forward`, so gradient checkpointing per block and LoRA on
@@ -55,6 +55,71 @@ impl TimestepEmbedding {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.linear_2.forward(&self.act.forward(&self.linear_1.forward(x)))
+    }
+}
+
+/// SDXL's added conditions (`addition_embed_type: text_time`).
+#[derive(Debug)]
+pub struct TextTime {
+    /// The second text encoder's pooled, projected embedding `[batch, projection_dim]` (`text_embeds`).
+    pub text_embeds: Tensor,
+    /// Original height and width, crop top and left, target height and width, `[batch, 6]` (`time_ids`).
+    pub time_ids: Tensor,
+}
+
+/// What the UNet is conditioned on besides the sample and the timestep: the
+/// text encoders' states and, for SDXL, the added conditions.
+#[derive(Debug)]
+pub struct Conditioning {
+    /// `[batch, seq, cross_attention_dim]`
+    pub encoder_hidden_states: Tensor,
+    pub text_time: Option<TextTime>,
+}
+
+impl Conditioning {
+    /// Text states alone (SD 1.x and 2.x).
+    pub fn text(encoder_hidden_states: Tensor) -> Self {
+        Conditioning { encoder_hidden_states, text_time: None }
+    }
+
+    pub fn shallow_clone(&self) -> Self {
+        self.map(Tensor::shallow_clone)
+    }
+
+    /// Each tensor through `f` (a device move, a cast, a detach).
+    pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
+        Conditioning {
+            encoder_hidden_states: f(&self.encoder_hidden_states),
+            text_time: self.text_time.as_ref().map(|tt| TextTime { text_embeds: f(&tt.text_embeds), time_ids: f(&tt.time_ids) }),
+        }
+    }
+
+    /// The batches one after another (classifier-free guidance's [negative, prompt]).
+    pub fn cat(parts: &[&Conditioning]) -> Self {
+        let states: Vec<&Tensor> = parts.iter().map(|c| &c.encoder_hidden_states).collect();
+        let text_time = parts.iter().map(|c| c.text_time.as_ref()).collect::<Option<Vec<_>>>().map(|tts| TextTime {
+            text_embeds: Tensor::cat(&tts.iter().map(|t| &t.text_embeds).collect::<Vec<_>>(), 0),
+            time_ids: Tensor::cat(&tts.iter().map(|t| &t.time_ids).collect::<Vec<_>>(), 0),
+        });
+        Conditioning { encoder_hidden_states: Tensor::cat(&states, 0), text_time }
+    }
+}
+
+/// `add_time_proj` and `add_embedding`: SDXL's pooled text and size/crop ids,
+/// embedded and added to the time embedding.
+#[derive(Debug)]
+pub struct AddedEmbedding {
+    pub add_time_proj: Timesteps,
+    pub add_embedding: TimestepEmbedding,
+}
+
+impl AddedEmbedding {
+    /// `[batch, time_embed_dim]` in `like`'s dtype.
+    pub fn forward(&self, tt: &TextTime, like: &Tensor) -> Tensor {
+        let batch = tt.text_embeds.size()[0];
+        let time_embeds = self.add_time_proj.forward(&tt.time_ids.to_kind(Kind::Float).reshape([-1])).reshape([batch, -1]);
+        let add_embeds = Tensor::cat(&[tt.text_embeds.to_kind(time_embeds.kind()), time_embeds], -1).to_kind(like.kind());
+        self.add_embedding.forward(&add_embeds)
     }
 }
 
@@ -361,6 +426,8 @@ impl UpBlock {
 pub struct UNet2DConditionModel {
     pub time_proj: Timesteps,
     pub time_embedding: TimestepEmbedding,
+    /// SDXL's added embedding (`addition_embed_type: text_time`).
+    pub added: Option<AddedEmbedding>,
     pub conv_in: Conv2d,
     pub down_blocks: Vec<DownBlock>,
     pub mid_block: Option<MidBlock>,
@@ -389,10 +456,7 @@ impl UNet2DConditionModel {
 
     fn build(w: &Weights, cfg: &UNetConfig, backend: AttentionBackend) -> Result<Self> {
         if let Some(t) = &cfg.class_embed_type {
-            anyhow::bail!("class_embed_type `{t}` is not supported (Stable Diffusion 1.x/2.x have none)");
-        }
-        if let Some(t) = &cfg.addition_embed_type {
-            anyhow::bail!("addition_embed_type `{t}` is not supported (Stable Diffusion 1.x/2.x have none)");
+            anyhow::bail!("class_embed_type `{t}` is not supported (Stable Diffusion 1.x, 2.x and XL have none)");
         }
         let n = cfg.down_block_types.len();
         if n == 0 || cfg.block_out_channels.len() != n || cfg.up_block_types.len() != n {
@@ -540,10 +604,25 @@ impl UNet2DConditionModel {
             prev_out = out_ch;
         }
 
+        let added = match cfg.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let (Some(time_dim), Some(in_dim)) = (cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim) else {
+                    anyhow::bail!("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim in the UNet config");
+                };
+                Some(AddedEmbedding {
+                    add_time_proj: Timesteps { num_channels: time_dim, flip_sin_to_cos: cfg.flip_sin_to_cos, freq_shift: cfg.freq_shift },
+                    add_embedding: TimestepEmbedding::new(&w.pp("add_embedding"), in_dim, temb_dim, act)?,
+                })
+            }
+            Some(other) => anyhow::bail!("addition_embed_type `{other}` is not supported (SDXL's is text_time)"),
+        };
+
         check_groups(w, "conv_norm_out", groups, channels[0])?;
         Ok(UNet2DConditionModel {
             time_proj: Timesteps { num_channels: channels[0], flip_sin_to_cos: cfg.flip_sin_to_cos, freq_shift: cfg.freq_shift },
             time_embedding: TimestepEmbedding::new(&w.pp("time_embedding"), channels[0], temb_dim, act)?,
+            added,
             conv_in: Conv2d::new(&w.pp("conv_in"), cfg.in_channels, channels[0], 3, 1, 1)?,
             down_blocks,
             mid_block,
@@ -575,10 +654,16 @@ impl UNet2DConditionModel {
     }
 
     /// Predicts the noise (or v) for `sample` `[batch, in_channels, h, w]` at
-    /// `timestep`, conditioned on `encoder_hidden_states` `[batch, seq, cross_dim]`.
-    pub fn forward(&self, sample: &Tensor, timestep: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
+    /// `timestep`, conditioned on `cond` (text states `[batch, seq, cross_dim]`,
+    /// and SDXL's added conditions, which an SDXL UNet cannot do without).
+    pub fn forward(&self, sample: &Tensor, timestep: &Tensor, cond: &Conditioning) -> Tensor {
         let batch = sample.size()[0];
-        let temb = self.time_embedding_for(timestep, batch, sample);
+        let encoder_hidden_states = &cond.encoder_hidden_states;
+        let mut temb = self.time_embedding_for(timestep, batch, sample);
+        if let Some(added) = &self.added {
+            let tt = cond.text_time.as_ref().expect("an SDXL UNet is always given its pooled text and size ids");
+            temb = temb + added.forward(tt, sample);
+        }
         let sample = if self.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
 
         let mut h = self.conv_in.forward(&sample);

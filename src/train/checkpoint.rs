@@ -42,7 +42,8 @@ pub struct CheckpointContents<'a> {
     /// The UNet's weights (a full fine-tune; a LoRA run saves `lora` instead).
     pub unet: Option<Vec<(String, Tensor)>>,
     pub lora: Option<&'a crate::model::lora::LoraNetwork>,
-    pub text_encoder: Option<Vec<(String, Tensor)>>,
+    /// Each trained text encoder's weights, by its name (`text_encoder`, `text_encoder_2`).
+    pub text_encoders: Vec<(&'static str, Vec<(String, Tensor)>)>,
     pub ema_unet: Option<Vec<(String, Tensor)>>,
     /// Imagic's (target, optimised) embeddings and target text.
     pub imagic: Option<(&'a Tensor, &'a Tensor, &'a str)>,
@@ -81,8 +82,8 @@ pub fn write_checkpoint(run_dir: &Path, c: &CheckpointContents) -> anyhow::Resul
         if let Some(lora) = c.lora {
             lora.save(&tmp.join(LORA_FILE), &Default::default())?;
         }
-        if let Some(te) = &c.text_encoder {
-            write_safetensors(&tmp.join("text_encoder.safetensors"), te, None)?;
+        for (name, te) in &c.text_encoders {
+            write_safetensors(&tmp.join(format!("{name}.safetensors")), te, None)?;
         }
         if let Some((target, optimized, prompt)) = c.imagic {
             super::imagic::save_embeddings(&tmp.join(IMAGIC_FILE), target, optimized, prompt)?;

@@ -127,12 +127,14 @@ pub struct GraphInputs {
     pub noise: Tensor,
     pub timesteps: Tensor,
     pub ids: Tensor,
+    /// SDXL's size and crop ids `[batch, 6]` (unused by SD 1.x/2.x).
+    pub time_ids: Tensor,
     pub coefficients: Tensor,
 }
 
 impl GraphInputs {
-    fn tensors(&self) -> [&Tensor; 5] {
-        [&self.latents, &self.noise, &self.timesteps, &self.ids, &self.coefficients]
+    fn tensors(&self) -> [&Tensor; 6] {
+        [&self.latents, &self.noise, &self.timesteps, &self.ids, &self.time_ids, &self.coefficients]
     }
 
     /// Tensors with `from`'s shapes and dtypes on `device`, holding its values.
@@ -143,6 +145,7 @@ impl GraphInputs {
             noise: on(&from.noise),
             timesteps: on(&from.timesteps),
             ids: on(&from.ids),
+            time_ids: on(&from.time_ids),
             coefficients: on(&from.coefficients),
         }
     }

@@ -13,37 +13,49 @@ use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{find_checkpoint, read_tensors, LORA_FILE};
-use crate::checkpoint::export_diffusers::{write_diffusers_folder, ModelParts};
+use crate::checkpoint::export_diffusers::write_diffusers_folder;
 use crate::checkpoint::ldm::{self, Transform};
 use crate::checkpoint::safetensors_file::SafetensorsFile;
 use crate::checkpoint::write::write_safetensors;
-use crate::checkpoint::{format_of, load_model, open_single_file, LoadedModel, ModelFormat, TokenizerSource};
+use crate::checkpoint::{format_of, load_model, open_single_file, LoadedModel, ModelFormat};
 use crate::config::RunConfig;
 use crate::error::usage;
 use crate::model::attention::AttentionBackend;
 use crate::pipeline::StableDiffusion;
-use crate::tokenizer::ClipTokenizer;
 
 type TensorMap = HashMap<String, Tensor>;
 
-/// The trained UNet (EMA when present) and text encoder (when it trained) of a
-/// checkpoint, by diffusers key. A LoRA run's adapters are merged (strength 1)
-/// into the source model's UNet and text encoder, which are returned whole.
-fn trained_weights(config: &RunConfig, dir: &Path) -> anyhow::Result<(TensorMap, Option<TensorMap>)> {
+/// What a checkpoint trained, by diffusers key: the UNet (EMA when present) and
+/// each text encoder that trained, by the encoder's name.
+struct TrainedWeights {
+    unet: TensorMap,
+    text_encoders: Vec<(String, TensorMap)>,
+}
+
+/// The trained weights of a checkpoint. A LoRA run's adapters are merged
+/// (strength 1) into the source model's UNet and text encoders, which are
+/// returned whole.
+fn trained_weights(config: &RunConfig, dir: &Path) -> anyhow::Result<TrainedWeights> {
     let lora = dir.join(LORA_FILE);
+    let map = |v: Vec<(String, Tensor)>| v.into_iter().collect::<HashMap<_, _>>();
     if config.training.use_lora {
         let loaded = load_model(&config.source_checkpoint, None)?;
         let (mut sd, params) =
             StableDiffusion::from_loaded_with_parameters(loaded, Device::Cpu, Kind::Float, AttentionBackend::Default)?;
         sd.merge_lora(&lora, 1.0)?;
-        let map = |v: Vec<(String, Tensor)>| v.into_iter().collect::<HashMap<_, _>>();
-        return Ok((map(params.unet), Some(map(params.text_encoder))));
+        let text_encoders = params.text_encoders.into_iter().map(|(name, v)| (name.to_string(), map(v))).collect();
+        return Ok(TrainedWeights { unet: map(params.unet), text_encoders });
     }
     let ema = dir.join("ema_unet.safetensors");
     let unet = if ema.is_file() { read_tensors(&ema)? } else { read_tensors(&dir.join("unet.safetensors"))? };
-    let te = dir.join("text_encoder.safetensors");
-    let text = if te.is_file() { Some(read_tensors(&te)?) } else { None };
-    Ok((unet, text))
+    let mut text_encoders = Vec::new();
+    for role in crate::checkpoint::Architecture::all_text_encoder_names() {
+        let file = dir.join(format!("{role}.safetensors"));
+        if file.is_file() {
+            text_encoders.push((role.to_string(), read_tensors(&file)?));
+        }
+    }
+    Ok(TrainedWeights { unet, text_encoders })
 }
 
 /// The run's config (from its `config.yaml`).
@@ -63,11 +75,14 @@ pub fn is_run_dir(path: &Path) -> bool {
 pub fn load_run_model(run_dir: &Path, step: Option<u64>) -> anyhow::Result<LoadedModel> {
     let config = run_config(run_dir)?;
     let (_, dir) = find_checkpoint(run_dir, step)?;
-    let (unet, text) = trained_weights(&config, &dir)?;
+    let trained = trained_weights(&config, &dir)?;
     let mut m = crate::checkpoint::vae::load_model_with_vae(&config.source_checkpoint, config.vae.as_deref())?;
-    merge_into(&mut m.unet, unet, "UNet")?;
-    if let Some(t) = text {
-        merge_into(&mut m.text_encoder, t, "text encoder")?;
+    merge_into(&mut m.unet, trained.unet, "UNet")?;
+    for (name, t) in trained.text_encoders {
+        let Some(base) = m.text_encoder_mut(&name) else {
+            anyhow::bail!("the checkpoint has a {name}, which the source model does not");
+        };
+        merge_into(&mut base.tensors, t, &name.replace('_', " "))?;
     }
     Ok(m)
 }
@@ -120,7 +135,8 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half:
         "diffusers" => {
             let mut m = load_run_model(run_dir, step)?;
             if half {
-                for part in [&mut m.unet, &mut m.vae, &mut m.text_encoder] {
+                let texts = m.text_encoders.iter_mut().map(|t| &mut t.tensors);
+                for part in [&mut m.unet, &mut m.vae].into_iter().chain(texts) {
                     *part = to_half(part.drain().collect()).into_iter().collect();
                 }
             }
@@ -145,10 +161,10 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half:
             }
         }
         _ => {
-            let (unet, text) = trained_weights(&config, &dir)?;
+            let trained = trained_weights(&config, &dir)?;
             // The run's own VAE, when it had one, replaces the file's.
             let vae = config.vae.as_deref().map(|v| crate::checkpoint::vae::load_vae(v, &Default::default())).transpose()?;
-            export_ldm(&config.source_checkpoint, unet, text, vae.map(|(_, t)| t), out, half)?;
+            export_ldm(&config.source_checkpoint, trained, vae.map(|(_, t)| t), out, half)?;
             // The source's own config goes with the copy of its layout.
             let source_sidecar = crate::checkpoint::ldm_yaml::sidecar_path(&config.source_checkpoint);
             if source_sidecar.is_file() {
@@ -172,24 +188,7 @@ fn merge_into(base: &mut HashMap<String, Tensor>, trained: HashMap<String, Tenso
 }
 
 fn export_diffusers(m: LoadedModel, out: &Path) -> anyhow::Result<()> {
-    let tokenizer = match &m.tokenizer {
-        TokenizerSource::Folder(dir) => ClipTokenizer::from_folder(dir)?,
-        TokenizerSource::OpenAi { pad_token } => ClipTokenizer::openai()?.with_pad_token(pad_token)?,
-    };
-    let write_tokenizer = |d: &Path| tokenizer.save_folder(d);
-    write_diffusers_folder(
-        out,
-        &ModelParts {
-            unet_config: &m.unet_config,
-            vae_config: &m.vae_config,
-            text_config: &m.text_config,
-            scheduler_config: &m.scheduler_config,
-            unet: &m.unet,
-            vae: &m.vae,
-            text_encoder: &m.text_encoder,
-            write_tokenizer: &write_tokenizer,
-        },
-    )
+    write_diffusers_folder(out, &m)
 }
 
 /// Float tensors as float16; integer buffers (`position_ids`) unchanged.
@@ -204,8 +203,7 @@ fn to_half(list: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
 
 fn export_ldm(
     source: &Path,
-    unet: HashMap<String, Tensor>,
-    text: Option<HashMap<String, Tensor>>,
+    trained: TrainedWeights,
     vae: Option<HashMap<String, Tensor>>,
     out: &Path,
     half: bool,
@@ -265,8 +263,11 @@ fn export_ldm(
     if let (Some(vae), Some(plan)) = (&vae, vae_plan) {
         put(plan, vae)?;
     }
-    put(ldm::unet_plan(src)?, &unet)?;
-    if let Some(text) = &text {
+    put(ldm::unet_plan(src)?, &trained.unet)?;
+    for (name, text) in &trained.text_encoders {
+        if name != "text_encoder" {
+            anyhow::bail!("writing a trained {name} into {}'s layout is not supported yet", source.display());
+        }
         let layers = text.keys().filter(|k| k.ends_with("self_attn.q_proj.weight")).count() as i64;
         put(ldm::text_plan(src, ldm::text_layout(&arch), layers)?, text)?;
     }

@@ -24,7 +24,7 @@ use super::adamw::{AdamW, AdamWConfig};
 use super::optimizer::Optimizer;
 use crate::checkpoint::safetensors_file::SafetensorsFile;
 use crate::checkpoint::write::write_safetensors;
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{Conditioning, UNet2DConditionModel};
 use crate::model::vae::AutoencoderKL;
 use crate::rng::CpuRng;
 use crate::scheduler::{NoiseSchedule, SchedulerConfig};
@@ -88,7 +88,7 @@ impl<'a> Denoiser<'a> {
         };
         let kind = self.unet_kind();
         let context = embedding.to_kind(kind).expand([batch, -1, -1], false);
-        let prediction = self.unet.forward(&noisy.to_kind(kind), &timesteps.to_kind(Kind::Float), &context);
+        let prediction = self.unet.forward(&noisy.to_kind(kind), &timesteps.to_kind(Kind::Float), &Conditioning::text(context));
         prediction.to_kind(Kind::Float).mse_loss(&target, tch::Reduction::Mean)
     }
 

@@ -13,7 +13,8 @@ use crate::pipeline::{ModelParameters, StableDiffusion};
 use crate::rng::CpuRng;
 
 pub const UNET_PREFIX: &str = "unet.";
-pub const TEXT_PREFIX: &str = "text_encoder.";
+/// What every text encoder's optimizer prefix starts with (`text_encoder.`, `text_encoder_2.`).
+pub const TEXT_PREFIX_STEM: &str = "text_encoder";
 
 /// CLIP's normalisation layers (layer_norm1/2 of each layer, final_layer_norm).
 pub fn is_clip_norm(key: &str) -> bool {
@@ -52,7 +53,7 @@ pub fn half_storage(training: &Training) -> HalfStorage {
 
 /// Whether an optimizer key belongs to the text encoder (full weights or adapters).
 pub fn is_text_encoder_key(key: &str) -> bool {
-    key.starts_with(TEXT_PREFIX) || key.starts_with(lora::TEXT_PREFIX)
+    key.starts_with(TEXT_PREFIX_STEM) || key.starts_with(lora::TEXT_PREFIX_STEM)
 }
 
 /// What a run trains: the optimizer's tensors by key, and the adapters they
@@ -87,7 +88,9 @@ pub fn choose_trainable_parameters(
         if training.text_encoder_train_ratio > 0.0 && !training.train_imagic_only {
             let (rank, alpha) = training.text_encoder_lora();
             let text_spec = LoraSpec { rank: i64::from(rank), alpha, ..spec };
-            net.extend(lora::attach_text_lora(&mut sd.text_encoder, &text_spec, &mut rng)?);
+            for encoder in &mut sd.text.encoders {
+                net.extend(lora::attach_text_lora(&mut encoder.model, encoder.role.kohya_prefix, &text_spec, &mut rng)?);
+            }
         }
         if net.modules.is_empty() {
             return Err(crate::error::usage(
@@ -104,10 +107,9 @@ pub fn choose_trainable_parameters(
     if training.text_encoder_train_ratio > 0.0 && !training.train_imagic_only {
         out.extend(
             params
-                .text_encoder
-                .iter()
-                .filter(|(k, _)| !(training.freeze_clip_normalization && is_clip_norm(k)))
-                .map(|(k, t)| (format!("{TEXT_PREFIX}{k}"), t.shallow_clone())),
+                .text_tensors()
+                .filter(|(_, (k, _))| !(training.freeze_clip_normalization && is_clip_norm(k)))
+                .map(|(name, (k, t))| (format!("{name}.{k}"), t.shallow_clone())),
         );
     }
     Ok(TrainableSet { params: out, lora: None })
@@ -116,7 +118,9 @@ pub fn choose_trainable_parameters(
 /// Turns gradients on for `trainable` and off for everything else in `params`.
 pub fn set_trainable(params: &ModelParameters, trainable: &[(String, Tensor)]) {
     let keys: std::collections::HashSet<&str> = trainable.iter().map(|(k, _)| k.as_str()).collect();
-    for (prefix, list) in [(UNET_PREFIX, &params.unet), (TEXT_PREFIX, &params.text_encoder), ("vae.", &params.vae)] {
+    let texts = params.text_encoders.iter().map(|(name, list)| (format!("{name}."), list));
+    let lists = [(UNET_PREFIX.to_string(), &params.unet), ("vae.".to_string(), &params.vae)].into_iter().chain(texts);
+    for (prefix, list) in lists {
         for (k, t) in list.iter() {
             let on = keys.contains(format!("{prefix}{k}").as_str());
             let _ = t.set_requires_grad(on);

@@ -6,7 +6,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{Conditioning, UNet2DConditionModel};
 use crate::rng::CpuRng;
 use crate::scheduler::{NoiseSchedule, SchedulerConfig};
 
@@ -83,7 +83,8 @@ pub struct LossInputs<'a> {
     pub latents: &'a Tensor,
     pub noise: &'a Tensor,
     pub timesteps: &'a Tensor,
-    pub encoder_hidden_states: &'a Tensor,
+    /// What the UNet is conditioned on (text states, SDXL's added conditions).
+    pub conditioning: &'a Conditioning,
     /// Per-example loss coefficients (`ExampleWeights::coefficients_tensor`).
     pub coefficients: &'a Tensor,
 }
@@ -115,7 +116,7 @@ pub fn denoising_loss(
         PredictionType::VPrediction => schedule.velocity(inputs.latents, &noise, &timesteps),
     };
     let model_pred =
-        autocast(&|| unet.forward(&noisy, &timesteps, inputs.encoder_hidden_states)).to_kind(Kind::Float);
+        autocast(&|| unet.forward(&noisy, &timesteps, inputs.conditioning)).to_kind(Kind::Float);
     let per_example = (&model_pred - &target).square().mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
     let per_example = if min_snr_gamma > 0.0 {
         let snr = schedule.snr(&timesteps);

@@ -28,6 +28,7 @@ use super::precision::{LossScaler, Precision};
 use super::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
 use crate::config::schema::{MixedPrecision, RunConfig};
 use crate::model::lora::LoraNetwork;
+use crate::conditioning::{PromptEmbeds, SizeIds};
 use crate::data::buckets::Buckets;
 use crate::data::dataset::{self, next_batch, BatchPlan, DataState, Dataset};
 use crate::error::usage;
@@ -214,7 +215,7 @@ pub struct Trainer {
     /// same every step (no dropout, fixed weights), so each is computed once, as
     /// diffusers' `--pre_compute_text_embeddings` does; emptied whenever the text
     /// encoder's weights change (end of its training phase, checkpoint load).
-    frozen_text_states: HashMap<Vec<i64>, Tensor>,
+    frozen_text_states: HashMap<Vec<i64>, PromptEmbeds>,
     /// The step whose loss is not read yet (with `defer_loss_readback`).
     pending_step: Option<PendingStep>,
     /// When the last step record was written (its interval is the step's time
@@ -552,6 +553,12 @@ impl Trainer {
         }
         // Float32 master weights; mixed precision is autocast around the forward pass.
         let (mut sd, params) = StableDiffusion::from_loaded_with_parameters(loaded, device, Kind::Float, t.attention)?;
+        if t.train_imagic_only && sd.architecture.uses_text_time() {
+            return Err(usage(format!(
+                "`training.train_imagic_only` optimises SD 1.x/2.x prompt embeddings; this is an {} model",
+                sd.architecture
+            )));
+        }
         let size_multiple = sd.size_multiple();
         if config.resolution % size_multiple != 0 {
             return Err(usage(format!(
@@ -581,7 +588,7 @@ impl Trainer {
             classes,
             prior_weights: config.concepts.iter().map(|c| c.prior_loss_weight).collect(),
         };
-        let positions = sd.text_config.max_position_embeddings as usize;
+        let positions = sd.text.window();
         let max_tokens = t.max_token_length as usize;
         if max_tokens > positions.saturating_sub(2) && !max_tokens.is_multiple_of(positions.saturating_sub(2).max(1)) {
             return Err(usage(format!(
@@ -590,8 +597,8 @@ impl Trainer {
             )));
         }
         // Class images were made as `generate` makes images; previews follow training.
-        sd.max_token_length = max_tokens;
-        let cut = data.tokenize(&sd.tokenizer, positions, max_tokens);
+        sd.text.max_token_length = max_tokens;
+        let cut = data.tokenize(&sd.text);
         if let Some(first) = cut.first() {
             log.line(&format!(
                 "{} prompts are longer than the {} tokens the text encoder reads (`training.max_token_length`) and are cut there, e.g. {first:?}",
@@ -626,7 +633,9 @@ impl Trainer {
                 sd.kind = kind;
             }
             if half.text_encoder {
-                cast_parameters(&params.text_encoder, kind);
+                for (_, list) in &params.text_encoders {
+                    cast_parameters(list, kind);
+                }
             }
             let which = match (half.unet, half.text_encoder) {
                 (true, true) => "the frozen base UNet and text encoder are",
@@ -639,7 +648,7 @@ impl Trainer {
             // Recompute each block's activations in backward instead of keeping them.
             sd.unet.set_gradient_checkpointing(true);
             if t.text_encoder_train_ratio > 0.0 {
-                sd.text_encoder.set_gradient_checkpointing(true);
+                sd.text.set_gradient_checkpointing(true);
             }
         }
         let optimizer = Optimizer::from_training(trainable.params, t);
@@ -735,30 +744,33 @@ impl Trainer {
         }
     }
 
-    /// One micro-batch's text encoder, UNet, loss (÷ `accum`) and backward, from
+    /// One micro-batch's text encoders, UNet, loss (÷ `accum`) and backward, from
     /// inputs on the device or the CPU; returns the detached loss. The same code
     /// runs eagerly and under CUDA graph capture, so it queues only device work.
-    /// `text_states`: the frozen text encoder's output for the batch, when cached.
-    fn forward_backward(&self, b: &GraphInputs, text_states: Option<&Tensor>, te_training: bool, accum: u32) -> Tensor {
+    /// `text_states`: the frozen text encoders' output for the batch, when cached.
+    fn forward_backward(&self, b: &GraphInputs, text_states: Option<&PromptEmbeds>, te_training: bool, accum: u32) -> Tensor {
         let t = &self.config.training;
         let precision = self.precision;
-        let positions = self.sd.text_config.max_position_embeddings;
-        let ehs = match text_states {
+        let text = match text_states {
             Some(states) => states.shallow_clone(),
             None => {
                 let ids = b.ids.to_device(self.device);
                 if te_training {
-                    precision.autocast(|| self.sd.text_encoder.forward_chunks(&ids, t.clip_skip, positions)).to_kind(Kind::Float)
+                    precision.autocast(|| self.sd.text.encode_ids(&ids, t.clip_skip)).map(|s| s.to_kind(Kind::Float))
                 } else {
-                    tch::no_grad(|| self.sd.text_encoder.forward_chunks(&ids, t.clip_skip, positions))
+                    tch::no_grad(|| self.sd.text.encode_ids(&ids, t.clip_skip))
                 }
             }
         };
+        let mut conditioning = self.sd.text.conditioning(&text, &[]);
+        if let Some(tt) = &mut conditioning.text_time {
+            tt.time_ids = b.time_ids.to_device(self.device).to_kind(tt.text_embeds.kind());
+        }
         let inputs = LossInputs {
             latents: &b.latents,
             noise: &b.noise,
             timesteps: &b.timesteps,
-            encoder_hidden_states: &ehs,
+            conditioning: &conditioning,
             coefficients: &b.coefficients,
         };
         let out = denoising_loss(&self.sd.unet, &self.schedule, self.prediction, t.min_snr_gamma, &inputs, &|f| {
@@ -775,9 +787,9 @@ impl Trainer {
         loss.detach()
     }
 
-    /// The frozen text encoder's hidden states for a micro-batch's prompts, one
+    /// The frozen text encoders' conditioning for a micro-batch's prompts, one
     /// row per example, each encoded once and then taken from the cache.
-    fn frozen_text_states(&mut self, item_ids: &[Vec<i64>], plan: &BatchPlan) -> Tensor {
+    fn frozen_text_states(&mut self, item_ids: &[Vec<i64>], plan: &BatchPlan) -> PromptEmbeds {
         // Thousands of distinct captions would hold hundreds of MB on the card:
         // past this many prompts, new ones are encoded each time they come.
         const MAX_CACHED_PROMPTS: usize = 512;
@@ -790,19 +802,18 @@ impl Trainer {
                 continue;
             }
             let input = crate::device::upload(&Tensor::from_slice(ids).view([1, -1]), self.device);
-            let positions = self.sd.text_config.max_position_embeddings;
-            let states = self.sd.text_encoder.forward_chunks(&input, clip_skip, positions);
+            let states = self.sd.text.encode_ids(&input, clip_skip);
             // A shuffled prompt seldom comes twice: not worth the memory.
             if shuffled.is_none() && self.frozen_text_states.len() < MAX_CACHED_PROMPTS {
                 self.frozen_text_states.insert(ids.clone(), states.shallow_clone());
             }
             rows.push(states);
         }
-        Tensor::cat(&rows, 0)
+        PromptEmbeds::cat(&rows)
     }
 
-    /// The frozen text encoder's cached hidden states, by token ids.
-    pub fn cached_text_states(&self) -> &HashMap<Vec<i64>, Tensor> {
+    /// The frozen text encoders' cached conditioning, by token ids.
+    pub fn cached_text_states(&self) -> &HashMap<Vec<i64>, PromptEmbeds> {
         &self.frozen_text_states
     }
 
@@ -845,16 +856,17 @@ impl Trainer {
             let plan =
                 next_batch(&self.data, &mut self.data_state, &mut self.data_rng, t.batch_size as usize, t.random_flip, t.shuffle_tags);
             let latents = self.latents(&plan);
-            let positions = self.sd.text_config.max_position_embeddings as usize;
             let item_ids: Vec<Vec<i64>> = plan
                 .items
                 .iter()
                 .zip(&plan.shuffled)
                 .map(|(&(c, k, i, _), shuffled)| match shuffled {
-                    Some(prompt) => self.sd.tokenizer.encode_chunked(prompt, t.max_token_length as usize, positions),
+                    Some(prompt) => self.sd.text.tokenize(prompt),
                     None => self.data.example(c, k, i).ids.clone(),
                 })
                 .collect();
+            let sizes: Vec<SizeIds> =
+                plan.items.iter().map(|&(c, k, i, flip)| self.data.example(c, k, i).size_ids(flip)).collect();
             let ids = Tensor::from_slice(&item_ids.concat()).view([plan.items.len() as i64, -1]);
             let noise = draw_noise(&mut self.noise_rng, &latents.size(), self.schedule.num_train_timesteps(), t.offset_noise);
             let weights = ExampleWeights {
@@ -866,6 +878,7 @@ impl Trainer {
                 noise: up(&noise.noise),
                 timesteps: up(&noise.timesteps),
                 ids: up(&ids),
+                time_ids: up(&SizeIds::tensor(&sizes)),
                 coefficients: up(&weights.coefficients_tensor()),
             };
             // A captured graph runs the text encoder inside it, reading the ids it

@@ -154,7 +154,7 @@ pub fn eval_loss(t: &dreambooth::train::trainer::Trainer, dir: &std::path::Path)
     let examples = dreambooth::data::dataset::load_folder(dir, "eval", |_| "a photo of sks thing".into(), 0, &dreambooth::data::buckets::Buckets::square(64), None).unwrap();
     let schedule = dreambooth::scheduler::NoiseSchedule::new(&t.sd.scheduler_config).unwrap();
     let prediction = PredictionType::from_config(&t.sd.scheduler_config).unwrap();
-    let ehs = t.sd.encode_prompt("a photo of sks thing", 1);
+    let ehs = dreambooth::model::unet::Conditioning::text(t.sd.encode_prompt("a photo of sks thing", 1).hidden);
     let mut rng = dreambooth::rng::CpuRng::new(99);
     let mut total = 0.0;
     let mut n = 0.0;
@@ -163,7 +163,7 @@ pub fn eval_loss(t: &dreambooth::train::trainer::Trainer, dir: &std::path::Path)
         for _ in 0..8 {
             let noise = draw_noise(&mut rng, &latents.size(), 1000, 0.0);
             let weights = ExampleWeights::all_instance(1);
-            let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, encoder_hidden_states: &ehs, coefficients: &weights.coefficients_tensor() };
+            let inputs = LossInputs { latents: &latents, noise: &noise.noise, timesteps: &noise.timesteps, conditioning: &ehs, coefficients: &weights.coefficients_tensor() };
             total += denoising_loss(&t.sd.unet, &schedule, prediction, 0.0, &inputs, &|f| f()).loss.double_value(&[]);
             n += 1.0;
         }

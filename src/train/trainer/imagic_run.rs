@@ -128,7 +128,7 @@ impl Trainer {
             let scaling = self.sd.vae_config.scaling_factor;
             let latents = imagic::encode_latents(&self.sd.vae, scaling, &pixels.to_device(vae_device), &mut self.noise_rng)
                 .to_device(self.device);
-            let target = tch::no_grad(|| self.sd.encode_prompt(&prompt, t.clip_skip));
+            let target = tch::no_grad(|| self.sd.encode_prompt(&prompt, t.clip_skip)).hidden;
             let stage = EmbeddingOptimization::new(&target);
             self.imagic = Some((stage.target.shallow_clone(), stage.optimized()));
             self.imagic_progress = Some(ImagicProgress { latents, embedding: Some(stage) });

@@ -32,7 +32,8 @@ impl Trainer {
         let weights = match &self.lora {
             Some(lora) => bytes(&lora.trainable()),
             None => {
-                let text = if self.text_encoder_steps > 0 { bytes(&self.params.text_encoder) } else { 0 };
+                let text =
+                    if self.text_encoder_steps > 0 { self.params.text_encoders.iter().map(|(_, list)| bytes(list)).sum() } else { 0 };
                 bytes(&self.params.unet) + text
             }
         };
@@ -64,7 +65,11 @@ impl Trainer {
         let full = self.lora.is_none();
         let contents = CheckpointContents {
             unet: full.then(|| copy(&self.params.unet)),
-            text_encoder: (full && self.text_encoder_steps > 0).then(|| copy(&self.params.text_encoder)),
+            text_encoders: if full && self.text_encoder_steps > 0 {
+                self.params.text_encoders.iter().map(|(name, list)| (*name, copy(list))).collect()
+            } else {
+                Vec::new()
+            },
             lora: self.lora.as_ref(),
             ema_unet: self.ema.as_ref().map(|e| copy(&e.shadow)),
             imagic: self.imagic.as_ref().map(|(target, optimized)| (target, optimized, self.config.concepts[0].instance_prompt.as_str())),
@@ -93,10 +98,12 @@ impl Trainer {
             let unet_path = dir.join("unet.safetensors");
             ckpt::load_into(&self.params.unet, &ckpt::read_tensors(&unet_path)?, &unet_path)?;
         }
-        let te_path = dir.join("text_encoder.safetensors");
-        if te_path.is_file() {
-            ckpt::load_into(&self.params.text_encoder, &ckpt::read_tensors(&te_path)?, &te_path)?;
-            self.frozen_text_states.clear();
+        for (name, list) in &self.params.text_encoders {
+            let te_path = dir.join(format!("{name}.safetensors"));
+            if te_path.is_file() {
+                ckpt::load_into(list, &ckpt::read_tensors(&te_path)?, &te_path)?;
+                self.frozen_text_states.clear();
+            }
         }
         if let Some(ema) = &mut self.ema {
             let path = dir.join("ema_unet.safetensors");

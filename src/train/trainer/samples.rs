@@ -15,6 +15,7 @@ use crate::data::buckets::Buckets;
 use crate::data::dataset;
 use crate::data::images::list_images;
 use crate::data::prompts::{file_words, uses_filewords, Role};
+use crate::conditioning::SizeIds;
 use crate::pipeline::{save_png, SampleRequest, StableDiffusion};
 use crate::run::events::Event;
 use crate::train::checkpoint as ckpt;
@@ -66,7 +67,8 @@ impl Trainer {
             let image = match &self.imagic {
                 Some((target, optimized)) => {
                     let cond = crate::train::imagic::interpolate(target, optimized, super::imagic_run::PREVIEW_ETA);
-                    self.sd.text_to_image_with_embeddings(&req, &cond, |_, _| {})
+                    let cond = crate::conditioning::PromptEmbeds { hidden: cond, pooled: None };
+                    self.sd.text_to_image_with_embeddings(&req, &cond, SizeIds::plain(req.height, req.width), |_, _| {})
                 }
                 None => self.sd.text_to_image(&req, |_, _| {}),
             };
