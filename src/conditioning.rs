@@ -204,10 +204,17 @@ impl TextConditioner {
     /// What the UNet takes: the text conditioning, with SDXL's pooled embedding
     /// and `sizes` (one row per batch row) as its added conditions.
     pub fn conditioning(&self, text: &PromptEmbeds, sizes: &[SizeIds]) -> Conditioning {
+        self.conditioning_with_ids(text, &SizeIds::tensor(sizes))
+    }
+
+    /// [`conditioning`](Self::conditioning) with the size ids as a `[batch or 1, 6]`
+    /// tensor (a training batch's, already on the device).
+    pub fn conditioning_with_ids(&self, text: &PromptEmbeds, time_ids: &Tensor) -> Conditioning {
         let text_time = self.uses_text_time.then(|| {
             let pooled = text.pooled.as_ref().expect("an SDXL conditioner pools its second encoder");
             let batch = pooled.size()[0];
-            let ids = SizeIds::tensor(sizes).to_device(pooled.device()).to_kind(pooled.kind());
+            // Float32 whatever the encoders' dtype: bf16 would round a size like 1917.
+            let ids = time_ids.to_device(pooled.device()).to_kind(Kind::Float);
             let time_ids = if ids.size()[0] == batch { ids } else { ids.expand([batch, 6], false).contiguous() };
             TextTime { text_embeds: pooled.shallow_clone(), time_ids }
         });

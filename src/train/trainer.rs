@@ -762,10 +762,7 @@ impl Trainer {
                 }
             }
         };
-        let mut conditioning = self.sd.text.conditioning(&text, &[]);
-        if let Some(tt) = &mut conditioning.text_time {
-            tt.time_ids = b.time_ids.to_device(self.device).to_kind(tt.text_embeds.kind());
-        }
+        let conditioning = self.sd.text.conditioning_with_ids(&text, &b.time_ids);
         let inputs = LossInputs {
             latents: &b.latents,
             noise: &b.noise,
