@@ -126,10 +126,12 @@ pub struct GenerateArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
-    #[arg(long, default_value = "ddim")]
-    pub scheduler: String,
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
+    /// The sampler. Default: the model family's (ddim for SD 1.x/2.x, euler for SDXL, as its pipeline).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Classifier-free guidance scale. Default: the family's pipeline default (7.5; SDXL 5.0).
+    #[arg(long)]
+    pub guidance: Option<f64>,
     /// Image width. Default: a run directory's `resolution` (what its previews used), else the model's native size.
     #[arg(long)]
     pub width: Option<i64>,
@@ -154,7 +156,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     };
     match command {
-        Command::Generate(args) => crate::pipeline::generate_command(&args),
+        Command::Generate(args) => crate::commands::generate::generate_command(&args),
         Command::Models { dirs } => crate::checkpoint::models_command(&dirs),
         Command::Demo { dir, plain } => crate::demo::demo_command(&dir, plain),
         Command::Wizard { runs_dir } => wizard(&runs_dir.unwrap_or_else(|| PathBuf::from("runs"))),

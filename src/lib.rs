@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+pub mod commands;
 pub mod conditioning;
 pub mod config;
 pub mod data;

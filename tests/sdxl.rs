@@ -268,3 +268,23 @@ fn one_training_step_through_unet_and_both_encoders_matches_diffusers() {
     });
     close("train.loss_after_step1", &after, &r["train.loss_after_step1"], 1e-4);
 }
+
+/// `generate` on an SDXL folder draws with the family's defaults (euler,
+/// guidance 5.0), as `StableDiffusionXLPipeline` does, and writes the reference image.
+#[test]
+fn generate_command_uses_sdxl_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("img.png");
+    let m = model("tiny-sdxl");
+    let (code, _, err) = common::run_cli(&[
+        "generate", "--model", m.to_str().unwrap(), "--prompt", "a photo of sks dog", "--negative", "blurry",
+        "--seed", "0", "--steps", "8", "--width", "48", "--height", "32", "--device", "cpu", "--out", out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "stderr: {err}");
+    assert!(err.contains("of euler"), "stderr: {err}");
+    let png = image::open(&out).unwrap().to_rgb8();
+    assert_eq!((png.width(), png.height()), (48, 32));
+    let got = Tensor::from_slice(png.as_raw()).view([32, 48, 3]).to_kind(Kind::Float) / 255.0;
+    let d = max_abs_diff(&got, &reference("tiny-sdxl")["image.euler.seed0"]);
+    assert!(d <= 2.5 / 255.0, "png differs by {d}");
+}

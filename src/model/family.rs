@@ -107,6 +107,15 @@ impl Architecture {
         *self == Architecture::Sdxl
     }
 
+    /// The sampler and guidance scale `generate` uses unless told: what the
+    /// family's diffusers pipeline does by default (SDXL's scheduler is Euler).
+    pub fn default_sampling(&self) -> (&'static str, f64) {
+        match self {
+            Architecture::Sdxl => ("euler", 5.0),
+            _ => ("ddim", 7.5),
+        }
+    }
+
     /// The image side the family's models are made for, when nothing else says.
     pub fn default_resolution(&self) -> i64 {
         match self {
