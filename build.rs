@@ -7,6 +7,7 @@
 //    src/shim/train_shim.cpp: autocast on the CPU, src/shim/foreach_shim.cpp:
 //    multi-tensor optimizer kernels for CUDA,
 //    src/shim/checkpoint_shim.cpp: the autograd function behind gradient checkpointing,
+//    src/shim/fused_shim.cpp: the gradient-ready hook of `training.fused_backward`,
 //    and src/shim/cuda_shim.cpp: CUDA allocator statistics (only where libtorch has
 //    CUDA and the CUDA runtime headers that the PyPI wheel's nvidia packages ship).
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/cuda_shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/train_shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/foreach_shim.cpp");
+    println!("cargo:rerun-if-changed=src/shim/fused_shim.cpp");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     println!("cargo:rustc-check-cfg=cfg(libtorch_cuda)");
@@ -48,7 +50,7 @@ fn main() {
     };
     let mut shim = cc::Build::new();
     base(&mut shim);
-    shim.file("src/shim/torch_shim.cpp").file("src/shim/checkpoint_shim.cpp").file("src/shim/train_shim.cpp").file("src/shim/foreach_shim.cpp").compile("dreambooth_torch_shim");
+    shim.file("src/shim/torch_shim.cpp").file("src/shim/checkpoint_shim.cpp").file("src/shim/train_shim.cpp").file("src/shim/foreach_shim.cpp").file("src/shim/fused_shim.cpp").compile("dreambooth_torch_shim");
     // The CUDA statistics shim with CUDA where it compiles, else its no-CUDA form.
     let mut cuda = cc::Build::new();
     base(&mut cuda);

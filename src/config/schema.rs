@@ -163,6 +163,10 @@ pub struct Training {
     pub mixed_precision: MixedPrecision,
     pub attention: AttentionBackend,
     pub gradient_checkpointing: bool,
+    /// Update each trained tensor as soon as its gradient is complete in the
+    /// backward pass and free that gradient at once (kohya's fused backward
+    /// pass): the whole set of gradients never exists.
+    pub fused_backward: bool,
     pub set_grads_to_none: bool,
     pub cache_latents: bool,
     pub offset_noise: f64,
@@ -222,6 +226,7 @@ impl Default for Training {
             mixed_precision: MixedPrecision::Bf16,
             attention: AttentionBackend::Default,
             gradient_checkpointing: false,
+            fused_backward: false,
             set_grads_to_none: true,
             cache_latents: true,
             offset_noise: 0.0,

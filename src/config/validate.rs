@@ -107,6 +107,15 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
     if t.train_imagic_only && t.max_token_length != 75 {
         return Err("`training.max_token_length` applies to DreamBooth prompts; Imagic optimises one 77-token embedding".into());
     }
+    if t.fused_backward && t.gradient_accumulation_steps > 1 {
+        return Err("`training.fused_backward` updates the weights inside each backward pass, so it cannot accumulate gradients over micro-batches: set `gradient_accumulation_steps: 1`".into());
+    }
+    if t.fused_backward && t.max_grad_norm > 0.0 {
+        return Err("`training.fused_backward` never holds all gradients at once, so it cannot clip their global norm: set `max_grad_norm: 0`".into());
+    }
+    if t.fused_backward && t.mixed_precision == super::schema::MixedPrecision::Fp16 {
+        return Err("`training.fused_backward` cannot skip a step whose fp16 gradients overflowed (it has already applied them): use `mixed_precision: bf16` or 'no'".into());
+    }
     if t.pause_after_n_epochs > 0 && t.pause_seconds == 0 {
         return Err("`training.pause_after_n_epochs` is set but `training.pause_seconds` is 0".into());
     }

@@ -56,36 +56,49 @@ impl AdamW {
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();
         self.step += 1;
-        let c = self.config;
-        let step = self.step as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(step);
-        let bias_correction2 = 1.0 - c.beta2.powi(step);
-        let bias_correction2_sqrt = bias_correction2.sqrt();
         if super::foreach::applies(self.params.first().map(|(_, p)| p)) {
             self.fused_step(lr);
             return;
         }
-        for ((key, param), scale) in self.params.iter().zip(&self.lr_scales) {
-            let grad = param.grad();
-            if !grad.defined() {
-                continue;
-            }
-            let lr = lr * scale;
-            let step_size = lr / bias_correction1;
-            let mut param = param.shallow_clone();
-            let exp_avg = self.exp_avg.entry(key.clone()).or_insert_with(|| param.zeros_like());
-            let exp_avg_sq = self.exp_avg_sq.entry(key.clone()).or_insert_with(|| param.zeros_like());
-            if c.weight_decay != 0.0 {
-                let _ = param.g_mul_scalar_(1.0 - lr * c.weight_decay);
-            }
-            let _ = exp_avg.lerp_(&grad, 1.0 - c.beta1);
-            // addcmul_(grad, grad, value) computes (value * grad) * grad.
-            let _ = exp_avg_sq.g_mul_scalar_(c.beta2);
-            let _ = exp_avg_sq.g_add_(&((&grad * (1.0 - c.beta2)) * &grad));
-            let denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt) + c.eps;
-            // addcdiv_(exp_avg, denom, value) computes (value * exp_avg) / denom.
-            let _ = param.g_add_(&((&*exp_avg * -step_size) / denom));
+        for i in 0..self.params.len() {
+            self.update_param(i, lr);
         }
+    }
+
+    /// Starts an optimizer step whose parameters are then updated one by one
+    /// with [`update_param`](Self::update_param) (`training.fused_backward`).
+    pub fn begin_step(&mut self) {
+        self.step += 1;
+    }
+
+    /// Updates parameter `i` from its current `.grad()` as [`step`](Self::step)
+    /// would in this step (none: left alone).
+    pub fn update_param(&mut self, i: usize, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        let c = self.config;
+        let step = self.step as i32;
+        let bias_correction1 = 1.0 - c.beta1.powi(step);
+        let bias_correction2_sqrt = (1.0 - c.beta2.powi(step)).sqrt();
+        let (key, param) = &self.params[i];
+        let grad = param.grad();
+        if !grad.defined() {
+            return;
+        }
+        let lr = lr * self.lr_scales[i];
+        let step_size = lr / bias_correction1;
+        let mut param = param.shallow_clone();
+        let exp_avg = self.exp_avg.entry(key.clone()).or_insert_with(|| param.zeros_like());
+        let exp_avg_sq = self.exp_avg_sq.entry(key.clone()).or_insert_with(|| param.zeros_like());
+        if c.weight_decay != 0.0 {
+            let _ = param.g_mul_scalar_(1.0 - lr * c.weight_decay);
+        }
+        let _ = exp_avg.lerp_(&grad, 1.0 - c.beta1);
+        // addcmul_(grad, grad, value) computes (value * grad) * grad.
+        let _ = exp_avg_sq.g_mul_scalar_(c.beta2);
+        let _ = exp_avg_sq.g_add_(&((&grad * (1.0 - c.beta2)) * &grad));
+        let denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt) + c.eps;
+        // addcdiv_(exp_avg, denom, value) computes (value * exp_avg) / denom.
+        let _ = param.g_add_(&((&*exp_avg * -step_size) / denom));
     }
 
     /// The same update as fused multi-tensor kernels (CUDA), one per learning

@@ -253,6 +253,8 @@ pub struct AdamW8bit {
     params: Vec<(String, Tensor)>,
     /// Formed at the first use, when the parameters are on their final device.
     groups: Vec<Group>,
+    /// Each parameter's (group, member) in `groups`.
+    member_of: Vec<(usize, usize)>,
     /// Set by `with_group_numel`; else by device (see `GROUP_NUMEL`).
     group_numel: Option<i64>,
     /// Whether each parameter has moments of its own yet (it had a gradient at a
@@ -274,7 +276,7 @@ impl AdamW8bit {
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> AdamW8bit {
         let has_state = vec![false; params.len()];
         let lr_scales = vec![1.0; params.len()];
-        AdamW8bit { config, params, groups: Vec::new(), group_numel: None, has_state, maps: Vec::new(), lr_scales, step: 0 }
+        AdamW8bit { config, params, groups: Vec::new(), member_of: Vec::new(), group_numel: None, has_state, maps: Vec::new(), lr_scales, step: 0 }
     }
 
     /// The same optimizer with parameter `i` stepping at `scales[i]` × the step's learning rate.
@@ -361,6 +363,13 @@ impl AdamW8bit {
         for g in &groups {
             self.maps_index(g.device);
         }
+        let mut member_of = vec![(0, 0); self.params.len()];
+        for (g, group) in groups.iter().enumerate() {
+            for (m, member) in group.members.iter().enumerate() {
+                member_of[member.param] = (g, m);
+            }
+        }
+        self.member_of = member_of;
         self.groups = groups;
     }
 
@@ -401,6 +410,40 @@ impl AdamW8bit {
                 self.step_members(g, &grads, scalars);
             }
         }
+    }
+
+    /// Starts an optimizer step whose parameters are then updated one by one
+    /// with [`update_param`](Self::update_param) (`training.fused_backward`).
+    pub fn begin_step(&mut self) {
+        self.ensure_groups();
+        self.step += 1;
+    }
+
+    /// Updates parameter `i` from its current `.grad()` as [`step`](Self::step)
+    /// would in this step (none: left alone); the group's other members' moments
+    /// are untouched.
+    pub fn update_param(&mut self, i: usize, lr: f64) {
+        let _guard = tch::no_grad_guard();
+        if !self.params[i].1.grad().defined() {
+            return;
+        }
+        let (g, m) = self.member_of[i];
+        let c = self.config;
+        let step = self.step as i32;
+        let correction1 = 1.0 - c.beta1.powi(step);
+        let correction2 = (1.0 - c.beta2.powi(step)).sqrt();
+        let lr = lr * self.groups[g].lr_scale;
+        let scalars = StepScalars { config: c, lr, correction2, step_size: -lr * correction2 / correction1 };
+        self.ensure_moments(g);
+        self.has_state[i] = true;
+        let group = &self.groups[g];
+        let member = &group.members[m];
+        let mut param = self.params[i].1.shallow_clone();
+        let mut moments = group.member_moments(member);
+        let grad = param.grad().to_kind(Kind::Float).reshape([-1]);
+        let flat = param.to_kind(Kind::Float).reshape([-1]);
+        let updated = update_span(&mut moments, &grad, &flat, self.maps_for(group.device), scalars);
+        param.copy_(&updated.reshape(param.size()).to_kind(param.kind()));
     }
 
     /// The whole group at once: gradients and parameters gathered into flat

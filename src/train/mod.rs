@@ -4,6 +4,7 @@ pub mod lr_schedule;
 pub mod adamw;
 pub mod adamw8bit;
 pub mod foreach;
+pub mod fused;
 pub mod cuda_graph;
 pub mod commands;
 pub mod optimizer;

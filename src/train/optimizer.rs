@@ -39,6 +39,11 @@ impl Optimizer {
         Optimizer::new(training.optimizer, params, config).with_lr_scales(scales)
     }
 
+    /// An optimizer of no parameters (a stand-in while the real one is lent out).
+    pub fn empty() -> Optimizer {
+        Optimizer::AdamW(AdamW::new(Vec::new(), AdamWConfig::default()))
+    }
+
     /// The same optimizer with parameter `i` stepping at `scales[i]` × the step's learning rate.
     pub fn with_lr_scales(self, scales: Vec<f64>) -> Optimizer {
         match self {
@@ -80,6 +85,22 @@ impl Optimizer {
         match self {
             Optimizer::AdamW(o) => o.step(lr),
             Optimizer::AdamW8bit(o) => o.step(lr),
+        }
+    }
+
+    /// Starts a step applied parameter by parameter (`training.fused_backward`).
+    pub fn begin_step(&mut self) {
+        match self {
+            Optimizer::AdamW(o) => o.begin_step(),
+            Optimizer::AdamW8bit(o) => o.begin_step(),
+        }
+    }
+
+    /// Updates parameter `i` (an index into [`params`](Self::params)) from its gradient.
+    pub fn update_param(&mut self, i: usize, lr: f64) {
+        match self {
+            Optimizer::AdamW(o) => o.update_param(i, lr),
+            Optimizer::AdamW8bit(o) => o.update_param(i, lr),
         }
     }
 

@@ -21,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 use super::checkpoint as ckpt;
 use super::cuda_graph::{GraphInputs, StepGraphs};
 use super::ema::Ema;
+use super::fused::FusedBackward;
 use super::lr_schedule::LrSchedule;
 use super::modules;
 use super::optimizer::Optimizer;
@@ -210,6 +211,8 @@ pub struct Trainer {
     /// CUDA graphs for the micro-batches (`DREAMBOOTH_CUDA_GRAPHS=1` on CUDA,
     /// without fp16 loss scaling; see train::cuda_graph).
     graphs: Option<StepGraphs>,
+    /// `training.fused_backward`: the hooks that update each tensor in the backward pass.
+    fused: Option<FusedBackward>,
     /// A frozen text encoder's output for each prompt (token ids) it has encoded.
     /// While the text encoder does not train, a prompt's hidden states are the
     /// same every step (no dropout, fixed weights), so each is computed once, as
@@ -487,6 +490,7 @@ impl Trainer {
         let prediction = PredictionType::from_config(&sd.scheduler_config)?;
         let seed = config.seed;
         let text_encoder_steps = modules::text_encoder_steps(t, total);
+        let fused = if t.fused_backward && imagic_plan.is_none() { Some(FusedBackward::install(&optimizer)?) } else { None };
         let mut trainer = Trainer {
             data_state: DataState::new(config.concepts.len()),
             run_dir,
@@ -528,6 +532,7 @@ impl Trainer {
             pending_step: None,
             last_record_at: None,
             graphs: None,
+            fused,
             frozen_text_states: HashMap::new(),
             config,
         };
@@ -668,6 +673,8 @@ impl Trainer {
             Some("fp16 loss scaling changes the scale between steps (use bf16)")
         } else if self.imagic_plan.is_some() {
             Some("Imagic runs its own loop")
+        } else if self.fused.is_some() {
+            Some("`fused_backward` updates the weights inside the backward pass")
         } else {
             None
         };
@@ -884,11 +891,23 @@ impl Trainer {
             let mut graphs = self.graphs.take();
             let grads_ready = graphs.is_some()
                 && self.optimizer.params().iter().all(|(_, p)| !p.requires_grad() || p.grad().defined());
-            let loss = {
-                let compute = |b: &GraphInputs| self.forward_backward(b, text_states.as_ref(), te_training, accum);
-                match graphs.as_mut() {
-                    Some(g) => g.run(&batch, te_training, grads_ready, &compute),
-                    None => compute(&batch),
+            let loss = match self.fused.take() {
+                Some(mut fused) => {
+                    // The optimizer steps inside the backward pass, through the hooks;
+                    // it is out of `self` meanwhile, which the pass only reads.
+                    let lr = self.lr_schedule.lr_at(self.step);
+                    let mut optimizer = std::mem::replace(&mut self.optimizer, Optimizer::empty());
+                    let loss = fused.run(&mut optimizer, lr, || self.forward_backward(&batch, text_states.as_ref(), te_training, accum));
+                    self.optimizer = optimizer;
+                    self.fused = Some(fused);
+                    loss?
+                }
+                None => {
+                    let compute = |b: &GraphInputs| self.forward_backward(b, text_states.as_ref(), te_training, accum);
+                    match graphs.as_mut() {
+                        Some(g) => g.run(&batch, te_training, grads_ready, &compute),
+                        None => compute(&batch),
+                    }
                 }
             };
             if let Some(why) = graphs.as_mut().and_then(StepGraphs::take_failure) {
@@ -910,7 +929,10 @@ impl Trainer {
             if t.max_grad_norm > 0.0 {
                 clip_grad_norm(self.optimizer.params(), t.max_grad_norm);
             }
-            self.optimizer.step(lr);
+            // A fused step updated each tensor during its backward pass.
+            if self.fused.is_none() {
+                self.optimizer.step(lr);
+            }
             if let Some(ema) = &mut self.ema {
                 ema.update(&self.params.unet);
             }
