@@ -162,14 +162,24 @@ impl Dataset {
     }
 
     /// Encodes every image (and its mirror image) once with `encode`, which returns
-    /// the latent distribution's (mean, std) for a `[1, 3, H, W]` batch.
-    pub fn cache_latents(&mut self, encode: &dyn Fn(&Tensor) -> (Tensor, Tensor)) {
+    /// the latent distribution's (mean, std) for a `[1, 3, H, W]` batch. A VAE
+    /// that overflows gives NaN latents, which would train a run to NaN: that is
+    /// an error naming the first image it happened to.
+    pub fn cache_latents(&mut self, encode: &dyn Fn(&Tensor) -> (Tensor, Tensor)) -> anyhow::Result<()> {
         for e in self.instances.iter_mut().chain(self.classes.iter_mut().flatten()) {
             let x = e.pixels.unsqueeze(0);
             let plain = encode(&x);
             let flipped = encode(&x.flip([3]));
+            let finite = [&plain.0, &plain.1, &flipped.0, &flipped.1].iter().all(|t| t.isfinite().all().int64_value(&[]) != 0);
+            if !finite {
+                anyhow::bail!(
+                    "the VAE encoded an image prompted {:?} to NaN or infinite latents: the VAE overflowed (an SDXL VAE in fp16 does; use an fp16-safe `vae` or keep it in float32)",
+                    e.prompt
+                );
+            }
             e.cached = Some([plain, flipped]);
         }
+        Ok(())
     }
 }
 

@@ -618,7 +618,7 @@ impl Trainer {
                 let dist = vae.encode(&x.to_device(device));
                 (dist.mean, dist.std)
             };
-            data.cache_latents(&encode);
+            data.cache_latents(&encode)?;
             if device.is_cuda() {
                 move_parameters(&params.vae, Device::Cpu);
                 log.line("latents cached; the VAE is off the GPU until previews need it");
