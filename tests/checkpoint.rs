@@ -249,7 +249,7 @@ fn unrelated_safetensors_is_an_unknown_architecture() {
     let w = Tensor::zeros([3, 4], (Kind::Float, tch::Device::Cpu));
     Tensor::write_safetensors(&[("fc.weight", &w), ("fc.bias", &w.get(0))], &p).unwrap();
     let msg = error_of(&p, None);
-    assert!(msg.contains("classifier.safetensors is not a Stable Diffusion 1.x/2.x checkpoint"), "{msg}");
+    assert!(msg.contains("classifier.safetensors is not a Stable Diffusion 1.x/2.x or SDXL checkpoint"), "{msg}");
 }
 
 #[test]

@@ -1,19 +1,22 @@
 //! Single-file checkpoints in the original latent-diffusion layout (what
 //! AUTOMATIC1111 and most model sites use): `model.diffusion_model.*` (UNet),
 //! `first_stage_model.*` (VAE), `cond_stage_model.transformer.*` (SD 1.x, a
-//! transformers CLIP) or `cond_stage_model.model.*` (SD 2.x, OpenCLIP).
+//! transformers CLIP) or `cond_stage_model.model.*` (SD 2.x, OpenCLIP); SDXL's
+//! Stability-AI (`sgm`) layout keeps the UNet and VAE there and its two text
+//! encoders under `conditioner.embedders.0.transformer.*` (transformers CLIP)
+//! and `conditioner.embedders.1.model.*` (OpenCLIP bigG with its projection).
 //!
-//! Two jobs: read the architecture off the tensor shapes (Stable Diffusion's
-//! conventions fill in what shapes cannot say: SD 1.x uses 8 heads, SD 2.x and
-//! CLIP a head size of 64), and map every key to its diffusers name. The
-//! mapping follows the file's own block structure, so it does not depend on
+//! Two jobs: read the architecture off the tensor shapes (the family's
+//! conventions fill in what shapes cannot say: SD 1.x uses 8 heads, SD 2.x,
+//! SDXL and CLIP a head size of 64), and map every key to its diffusers name.
+//! The mapping follows the file's own block structure, so it does not depend on
 //! the config and works the same when a sidecar or `--model-config` overrides it.
 
 use std::collections::BTreeSet;
 
 use anyhow::{bail, Context};
 
-use super::ldm_names::{unet_blocks, vae_blocks, Inner, Naming, Table, UnetLayout};
+use super::ldm_names::{added_embedding_blocks, unet_blocks, vae_blocks, Inner, Naming, Table, UnetLayout};
 use super::source::TensorSource;
 use super::Architecture;
 use crate::model::config::{ClipConfig, PerBlock, UNetConfig, VaeConfig};
@@ -22,6 +25,12 @@ pub const UNET: &str = "model.diffusion_model.";
 pub const VAE: &str = "first_stage_model.";
 pub const HF_CLIP: &str = "cond_stage_model.transformer.";
 pub const OPEN_CLIP: &str = "cond_stage_model.model.";
+/// SDXL's first text encoder (CLIP ViT-L, transformers keys).
+pub const SGM_HF_CLIP: &str = "conditioner.embedders.0.transformer.";
+/// SDXL's second text encoder (OpenCLIP bigG).
+pub const SGM_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
+/// What an SDXL refiner keeps its only text encoder (OpenCLIP bigG) under.
+const SGM_REFINER_OPEN_CLIP: &str = "conditioner.embedders.0.model.";
 
 /// How a stored tensor becomes the diffusers one.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,6 +40,9 @@ pub enum Transform {
     Conv1x1ToLinear,
     /// One third (0 = q, 1 = k, 2 = v) of OpenCLIP's fused `in_proj` along dim 0.
     ThirdOf(i64),
+    /// A matrix transposed: OpenCLIP applies its `text_projection` as `x @ P`
+    /// (`[width, projection]`), transformers' Linear as `x @ Wᵀ`.
+    Transpose,
 }
 
 /// One diffusers tensor and where it comes from.
@@ -41,21 +53,83 @@ pub struct Mapped {
     pub transform: Transform,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum TextLayout {
-    /// transformers' CLIPTextModel keys under `cond_stage_model.transformer.` (SD 1.x).
+/// How a text encoder's keys are spelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextKeys {
+    /// transformers' CLIPTextModel keys (`text_model.` optional).
     HfClip,
-    /// OpenCLIP's text tower under `cond_stage_model.model.` (SD 2.x).
+    /// OpenCLIP's text tower (`transformer.resblocks.N`, q/k/v fused in `in_proj`).
     OpenClip,
+}
+
+/// Token ids a text encoder's config carries (transformers pools at the first
+/// `eos_token_id`, or at the highest id when it is the legacy 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenIds {
+    pub bos: i64,
+    pub eos: i64,
+    pub pad: i64,
+}
+
+/// Where and how a single file keeps one of the family's text encoders.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextLayout {
+    pub keys: TextKeys,
+    /// Key prefix of the encoder in the file.
+    pub prefix: &'static str,
+    /// The diffusers encoder stops one block short of the stored tower (SD 2
+    /// conditions on OpenCLIP's penultimate layer; diffusers drops the last).
+    pub drops_last_block: bool,
+    /// OpenCLIP's `text_projection` belongs to the encoder (SDXL's pooled output).
+    pub projection: bool,
+    /// The ids the family's hub configs carry.
+    pub ids: TokenIds,
+}
+
+impl TextLayout {
+    /// SD 1.x: OpenAI CLIP ViT-L, padding with `<|endoftext|>`.
+    pub const SD1: TextLayout = TextLayout {
+        keys: TextKeys::HfClip,
+        prefix: HF_CLIP,
+        drops_last_block: false,
+        projection: false,
+        ids: TokenIds { bos: 49406, eos: 49407, pad: 49407 },
+    };
+    /// SD 2.x: OpenCLIP ViT-H without its last block, padding with "!".
+    pub const SD2: TextLayout = TextLayout {
+        keys: TextKeys::OpenClip,
+        prefix: OPEN_CLIP,
+        drops_last_block: true,
+        projection: false,
+        ids: TokenIds { bos: 49406, eos: 49407, pad: 0 },
+    };
+    /// SDXL's first encoder, every layer kept (the pipeline picks the penultimate
+    /// at run time); the legacy ids of SDXL's hub configs.
+    pub const SDXL_1: TextLayout = TextLayout {
+        keys: TextKeys::HfClip,
+        prefix: SGM_HF_CLIP,
+        drops_last_block: false,
+        projection: false,
+        ids: TokenIds { bos: 0, eos: 2, pad: 1 },
+    };
+    /// SDXL's second encoder: every block kept (the pooled output needs the last)
+    /// and the projection.
+    pub const SDXL_2: TextLayout = TextLayout {
+        keys: TextKeys::OpenClip,
+        prefix: SGM_OPEN_CLIP,
+        drops_last_block: false,
+        projection: true,
+        ids: TokenIds { bos: 0, eos: 2, pad: 1 },
+    };
 }
 
 /// What the file's keys alone say about it (cheap: no shapes needed beyond a few).
 pub fn detect(src: &dyn TensorSource) -> Architecture {
     let has_prefix = |p: &str| src.index().range(p.to_string()..).next().is_some_and(|(k, _)| k.starts_with(p));
     if has_prefix("conditioner.embedders.") {
-        return Architecture::Unknown("SDXL (not supported)".into());
+        return detect_sgm(has_prefix);
     }
-    if !has_prefix(UNET) && (has_prefix("lora_unet_") || has_prefix("lora_te_")) {
+    if !has_prefix(UNET) && (has_prefix("lora_unet_") || has_prefix("lora_te")) {
         return Architecture::Unknown("a LoRA (kohya keys), not a model: apply it with `generate --lora` over its base model".into());
     }
     if !has_prefix(UNET) && src.index().contains_key("encoder.conv_in.weight") && src.index().contains_key("decoder.conv_in.weight") {
@@ -76,12 +150,33 @@ pub fn detect(src: &dyn TensorSource) -> Architecture {
     }
 }
 
-pub fn text_layout(arch: &Architecture) -> TextLayout {
-    if *arch == Architecture::Sd2 {
-        TextLayout::OpenClip
-    } else {
-        TextLayout::HfClip
+/// A Stability-AI (`sgm`) file: SDXL base when it has both of its text encoders.
+fn detect_sgm(has_prefix: impl Fn(&str) -> bool) -> Architecture {
+    let unknown = |what: &str| Architecture::Unknown(what.into());
+    if !has_prefix(UNET) {
+        return unknown("no UNet (`model.diffusion_model.*`) in it");
     }
+    if has_prefix(SGM_HF_CLIP) && has_prefix(SGM_OPEN_CLIP) {
+        Architecture::Sdxl
+    } else if has_prefix(SGM_REFINER_OPEN_CLIP) && !has_prefix(SGM_HF_CLIP) {
+        unknown("an SDXL refiner (its only text encoder is OpenCLIP bigG; not supported)")
+    } else {
+        unknown("a Stability-AI model without SDXL's two text encoders (`conditioner.embedders.0.transformer.*`, `conditioner.embedders.1.model.*`; not supported)")
+    }
+}
+
+/// Where the family keeps its text encoders, in the order of `Architecture::text_encoders`.
+pub fn text_layouts(arch: &Architecture) -> &'static [TextLayout] {
+    match arch {
+        Architecture::Sd2 => &[TextLayout::SD2],
+        Architecture::Sdxl => &[TextLayout::SDXL_1, TextLayout::SDXL_2],
+        _ => &[TextLayout::SD1],
+    }
+}
+
+/// The family's first (for SD 1.x/2.x, only) text encoder layout.
+pub fn text_layout(arch: &Architecture) -> TextLayout {
+    text_layouts(arch)[0]
 }
 
 // ----------------------------------------------------------------------------
@@ -189,26 +284,99 @@ fn unet_structure(src: &dyn TensorSource) -> anyhow::Result<UnetStructure> {
 // Configs from shapes
 // ----------------------------------------------------------------------------
 
-/// The architecture the shapes and SD conventions give.
+/// The architecture the shapes and the family's conventions give.
 #[derive(Debug, Clone)]
 pub struct Inferred {
     pub unet: UNetConfig,
     pub vae: VaeConfig,
+    /// The first (for SD 1.x/2.x, only) text encoder.
     pub text: ClipConfig,
     /// Text encoder blocks stored in the file (the config may use fewer: SD 2's penultimate layer).
     pub stored_text_layers: i64,
+    /// SDXL's second text encoder (every stored block).
+    pub text_2: Option<ClipConfig>,
 }
+
+impl Inferred {
+    /// The text encoder configs in the family's order.
+    pub fn text_encoders(&self) -> Vec<&ClipConfig> {
+        std::iter::once(&self.text).chain(&self.text_2).collect()
+    }
+}
+
+/// The family's head width, which no shape tells: SDXL's and SD 2's UNets
+/// and every CLIP use heads 64 wide (SD 1.x's UNet has 8 heads at every width).
+const HEAD_WIDTH: i64 = 64;
 
 pub fn infer(src: &dyn TensorSource, arch: &Architecture) -> anyhow::Result<Inferred> {
-    let unet = infer_unet(src, arch)?;
-    let vae = infer_vae(src)?;
-    let (text, stored_text_layers) = infer_text(src, text_layout(arch))?;
-    Ok(Inferred { unet, vae, text, stored_text_layers })
+    let mut inferred = infer_shapes(src, arch)?;
+    set_conventional_heads(src, arch, &mut inferred)?;
+    Ok(inferred)
 }
 
-fn infer_unet(src: &dyn TensorSource, arch: &Architecture) -> anyhow::Result<UNetConfig> {
-    let s = unet_structure(src)?;
+/// Everything `infer` gives but the head counts (1 everywhere): what the shapes
+/// say and the family's defaults. For looking at a model whose widths break
+/// the family's head convention (tiny test models); not for building one.
+pub fn infer_shapes(src: &dyn TensorSource, arch: &Architecture) -> anyhow::Result<Inferred> {
+    let layouts = text_layouts(arch);
+    let (text, stored_text_layers) = infer_text(src, layouts[0])?;
+    let text_2 = match layouts.get(1) {
+        Some(layout) => Some(infer_text(src, *layout)?.0),
+        None => None,
+    };
+    // SDXL's added embedding takes the projected pooled output of its second encoder.
+    let pooled_width = text_2.as_ref().map(|t| t.projection_dim);
+    let unet = infer_unet(src, arch, pooled_width)?;
+    let mut vae = infer_vae(src)?;
+    if *arch == Architecture::Sdxl {
+        // SDXL's VAE config (`stabilityai/sdxl-vae`).
+        vae.scaling_factor = 0.13025;
+        vae.sample_size = 1024;
+    }
+    Ok(Inferred { unet, vae, text, stored_text_layers, text_2 })
+}
+
+/// Head counts by the family's convention; a width the convention does not
+/// divide is refused (the configs must then come from `--model-config`).
+fn set_conventional_heads(src: &dyn TensorSource, arch: &Architecture, inferred: &mut Inferred) -> anyhow::Result<()> {
     let shown = src.path().display();
+    let unet = &mut inferred.unet;
+    let channels = &unet.block_out_channels;
+    // diffusers' `attention_head_dim` holds the number of heads for SD 1.x/2.x and SDXL.
+    unet.attention_head_dim = match arch {
+        Architecture::Sd2 => {
+            for c in channels {
+                if c % HEAD_WIDTH != 0 {
+                    bail!("{shown}: UNet width {c} is not a multiple of SD 2's head size 64; give a sidecar .yaml or --model-config");
+                }
+            }
+            PerBlock::Each(channels.iter().map(|c| c / HEAD_WIDTH).collect())
+        }
+        Architecture::Sdxl => {
+            // Only levels with attention have heads (SDXL's first level has none).
+            let attention = |i: usize| unet.down_block_types.get(i).is_some_and(|t| t.starts_with("CrossAttn"));
+            for (i, c) in channels.iter().enumerate() {
+                if attention(i) && c % HEAD_WIDTH != 0 {
+                    bail!("{shown}: UNet width {c} is not a multiple of SDXL's head width 64; give --model-config");
+                }
+            }
+            PerBlock::Each(channels.iter().map(|c| (c / HEAD_WIDTH).max(1)).collect())
+        }
+        _ => PerBlock::One(8),
+    };
+    let texts = std::iter::once(&mut inferred.text).chain(inferred.text_2.as_mut());
+    for text in texts {
+        let hidden = text.hidden_size;
+        if hidden % HEAD_WIDTH != 0 {
+            bail!("{shown}: text encoder width {hidden} is not a multiple of CLIP's head size 64; give --model-config");
+        }
+        text.num_attention_heads = hidden / HEAD_WIDTH;
+    }
+    Ok(())
+}
+
+fn infer_unet(src: &dyn TensorSource, arch: &Architecture, pooled_width: Option<i64>) -> anyhow::Result<UNetConfig> {
+    let s = unet_structure(src)?;
     let block_out_channels: Vec<i64> = s.levels.iter().map(|l| l.channels).collect();
     let down_block_types =
         s.levels.iter().map(|l| if l.depth > 0 { "CrossAttnDownBlock2D" } else { "DownBlock2D" }.to_string()).collect();
@@ -224,7 +392,7 @@ fn infer_unet(src: &dyn TensorSource, arch: &Architecture) -> anyhow::Result<UNe
         .map(|(k, _)| format!("{UNET}input_blocks.{k}.1."))
         .unwrap_or_else(|| format!("{UNET}middle_block.1."));
     let proj_in = shape(src, &format!("{first_attn}proj_in.weight"))
-        .context("the UNet has no attention layers (not an SD 1.x/2.x UNet?)")?;
+        .context("the UNet has no attention layers (not an SD UNet?)")?;
     let use_linear_projection = proj_in.len() == 2;
     let cross_attention_dim = dim(src, &format!("{first_attn}transformer_blocks.0.attn2.to_k.weight"), 1)?;
 
@@ -234,23 +402,15 @@ fn infer_unet(src: &dyn TensorSource, arch: &Architecture) -> anyhow::Result<UNe
         _ => PerBlock::Each(s.levels.iter().map(|l| l.depth.max(1) as i64).collect()),
     };
 
-    // diffusers' `attention_head_dim` holds the number of heads for SD 1.x/2.x.
-    let attention_head_dim = match arch {
-        Architecture::Sd2 => {
-            for c in &block_out_channels {
-                if c % 64 != 0 {
-                    bail!("{shown}: UNet width {c} is not a multiple of SD 2's head size 64; give a sidecar .yaml or --model-config");
-                }
-            }
-            PerBlock::Each(block_out_channels.iter().map(|c| c / 64).collect())
-        }
-        _ => PerBlock::One(8),
+    let added = match (arch, pooled_width) {
+        (Architecture::Sdxl, Some(pooled)) => Some(added_embedding(src, pooled)?),
+        _ => None,
     };
 
     Ok(UNetConfig {
         in_channels: dim(src, &format!("{UNET}input_blocks.0.0.weight"), 1)?,
         out_channels: dim(src, &format!("{UNET}out.2.weight"), 0)?,
-        sample_size: 64,
+        sample_size: if *arch == Architecture::Sdxl { 128 } else { 64 },
         down_block_types,
         mid_block_type: Some(if s.mid_depth > 0 { "UNetMidBlock2DCrossAttn" } else { "UNetMidBlock2D" }.into()),
         up_block_types,
@@ -258,13 +418,30 @@ fn infer_unet(src: &dyn TensorSource, arch: &Architecture) -> anyhow::Result<UNe
         layers_per_block: PerBlock::One(s.layers_per_block as i64),
         cross_attention_dim: PerBlock::One(cross_attention_dim),
         transformer_layers_per_block,
-        attention_head_dim,
+        attention_head_dim: PerBlock::One(1),
         num_attention_heads: None,
         use_linear_projection,
         // The original SD 2 code computes attention scores in float32.
         upcast_attention: *arch == Architecture::Sd2,
+        addition_embed_type: added.map(|_| "text_time".to_string()),
+        addition_time_embed_dim: added.map(|(time, _)| time),
+        projection_class_embeddings_input_dim: added.map(|(_, input)| input),
         ..UNetConfig::default()
     })
+}
+
+/// SDXL's added embedding: (channels per size id, input width). Its input is the
+/// pooled text embedding and six size/crop ids of one sinusoidal width each.
+fn added_embedding(src: &dyn TensorSource, pooled: i64) -> anyhow::Result<(i64, i64)> {
+    let input = dim(src, &format!("{UNET}label_emb.0.0.weight"), 1)?;
+    let ids = input - pooled;
+    if ids <= 0 || ids % 6 != 0 {
+        bail!(
+            "{}: the UNet's added embedding takes {input} values, not the pooled text width {pooled} plus six size ids of one width",
+            src.path().display()
+        );
+    }
+    Ok((ids / 6, input))
 }
 
 fn infer_vae(src: &dyn TensorSource) -> anyhow::Result<VaeConfig> {
@@ -291,64 +468,64 @@ fn infer_vae(src: &dyn TensorSource) -> anyhow::Result<VaeConfig> {
     })
 }
 
-/// `cond_stage_model.transformer.text_model.` or, in older files, without `text_model.`.
-fn hf_clip_prefix(src: &dyn TensorSource) -> String {
-    let with = format!("{HF_CLIP}text_model.");
+/// `<prefix>text_model.` or, in older files, `<prefix>` alone.
+fn hf_clip_prefix(src: &dyn TensorSource, prefix: &str) -> String {
+    let with = format!("{prefix}text_model.");
     if src.has(&format!("{with}embeddings.token_embedding.weight")) {
         with
     } else {
-        HF_CLIP.to_string()
+        prefix.to_string()
     }
 }
 
+/// The encoder's config from its shapes (heads: 1, set by the convention later)
+/// and the blocks stored.
 fn infer_text(src: &dyn TensorSource, layout: TextLayout) -> anyhow::Result<(ClipConfig, i64)> {
     let shown = src.path().display();
-    let head_size = 64;
-    let (token, position, layers, fc1, act, pad, projection_dim) = match layout {
-        TextLayout::HfClip => {
-            let p = hf_clip_prefix(src);
+    let (token, position, layers, fc1, act, projection_dim) = match layout.keys {
+        TextKeys::HfClip => {
+            let p = hf_clip_prefix(src, layout.prefix);
             (
                 format!("{p}embeddings.token_embedding.weight"),
                 format!("{p}embeddings.position_embedding.weight"),
                 contiguous(src, &indices(src, &format!("{p}encoder.layers.")), "text encoder layers")?,
                 format!("{p}encoder.layers.0.mlp.fc1.weight"),
                 "quick_gelu",
-                49407, // OpenAI CLIP pads with <|endoftext|>
                 None,
             )
         }
-        TextLayout::OpenClip => (
-            format!("{OPEN_CLIP}token_embedding.weight"),
-            format!("{OPEN_CLIP}positional_embedding"),
-            contiguous(src, &indices(src, &format!("{OPEN_CLIP}transformer.resblocks.")), "OpenCLIP resblocks")?,
-            format!("{OPEN_CLIP}transformer.resblocks.0.mlp.c_fc.weight"),
-            "gelu",
-            0, // SD 2's tokenizer pads with "!"
-            src.shape(&format!("{OPEN_CLIP}text_projection")).and_then(|s| s.get(1).copied()),
-        ),
+        TextKeys::OpenClip => {
+            let p = layout.prefix;
+            (
+                format!("{p}token_embedding.weight"),
+                format!("{p}positional_embedding"),
+                contiguous(src, &indices(src, &format!("{p}transformer.resblocks.")), "OpenCLIP resblocks")?,
+                format!("{p}transformer.resblocks.0.mlp.c_fc.weight"),
+                "gelu",
+                src.shape(&format!("{p}text_projection")).and_then(|s| s.get(1).copied()),
+            )
+        }
     };
     if layers == 0 {
         bail!("{shown} has no text encoder layers");
     }
-    let hidden = dim(src, &token, 1)?;
-    if hidden % head_size != 0 {
-        bail!("{shown}: text encoder width {hidden} is not a multiple of CLIP's head size 64; give --model-config");
+    if layout.projection && projection_dim.is_none() {
+        bail!("{shown} has no `{}text_projection` (the pooled text embedding needs it)", layout.prefix);
     }
-    // SD 2 conditions on OpenCLIP's penultimate layer: the last block is not used.
-    let used_layers = match layout {
-        TextLayout::HfClip => layers as i64,
-        TextLayout::OpenClip => layers as i64 - 1,
-    };
+    let hidden = dim(src, &token, 1)?;
+    let used_layers = if layout.drops_last_block { layers as i64 - 1 } else { layers as i64 };
     let config = ClipConfig {
         vocab_size: dim(src, &token, 0)?,
         hidden_size: hidden,
         intermediate_size: dim(src, &fc1, 0)?,
         num_hidden_layers: used_layers,
-        num_attention_heads: hidden / head_size,
+        num_attention_heads: 1,
         max_position_embeddings: dim(src, &position, 0)?,
         hidden_act: act.into(),
         projection_dim: projection_dim.unwrap_or(hidden),
-        pad_token_id: pad,
+        pad_token_id: layout.ids.pad,
+        bos_token_id: layout.ids.bos,
+        eos_token_id: layout.ids.eos,
         ..ClipConfig::default()
     };
     Ok((config, layers as i64))
@@ -358,7 +535,6 @@ fn infer_text(src: &dyn TensorSource, layout: TextLayout) -> anyhow::Result<(Cli
 // Key mapping
 // ----------------------------------------------------------------------------
 
-/// Longest `prefix.` of `key` (cut at dots) found in `table`.
 /// Diffusers UNet keys for every `model.diffusion_model.*` tensor.
 pub fn unet_plan(src: &dyn TensorSource) -> anyhow::Result<Vec<Mapped>> {
     let s = unet_structure(src)?;
@@ -367,12 +543,14 @@ pub fn unet_plan(src: &dyn TensorSource) -> anyhow::Result<Vec<Mapped>> {
         up_attention: s.up_attention.clone(),
         mid_attention: s.mid_depth > 0,
     };
-    let table = Table::new(unet_blocks(&layout), Naming::Ldm);
+    let mut blocks = unet_blocks(&layout);
+    blocks.extend(added_embedding_blocks());
+    let table = Table::new(blocks, Naming::Ldm);
     let mut plan = Vec::new();
     for key in src.index().keys().filter(|k| k.starts_with(UNET)) {
         let (target, _) = table.rename(&key[UNET.len()..]).ok_or_else(|| {
             anyhow::anyhow!(
-                "{} has a UNet tensor `{key}` that SD 1.x/2.x UNets do not have (an unsupported model type?)",
+                "{} has a UNet tensor `{key}` that SD 1.x/2.x and SDXL UNets do not have (an unsupported model type?)",
                 src.path().display()
             )
         })?;
@@ -417,14 +595,15 @@ fn rename_first<'a>(rest: &'a str, renames: &[(&str, &'a str)]) -> Option<(&'a s
     renames.iter().find_map(|(from, to)| rest.strip_prefix(from).map(|tail| (*to, tail)))
 }
 
-/// transformers CLIPTextModel keys (without `text_model.`) for the text encoder's
-/// tensors, keeping the first `layers` blocks.
+/// transformers CLIPTextModel keys (without `text_model.`; a projected encoder's
+/// `text_projection.weight` as it is) for the text encoder's tensors, keeping
+/// the first `layers` blocks.
 pub fn text_plan(src: &dyn TensorSource, layout: TextLayout, layers: i64) -> anyhow::Result<Vec<Mapped>> {
     let mut plan = Vec::new();
     let layer_of = |rest: &str, prefix: &str| -> Option<i64> { rest.strip_prefix(prefix)?.split('.').next()?.parse().ok() };
-    match layout {
-        TextLayout::HfClip => {
-            let p = hf_clip_prefix(src);
+    match layout.keys {
+        TextKeys::HfClip => {
+            let p = hf_clip_prefix(src, layout.prefix);
             for key in src.index().keys().filter(|k| k.starts_with(&p)) {
                 let rest = &key[p.len()..];
                 let keep = match layer_of(rest, "encoder.layers.") {
@@ -439,7 +618,8 @@ pub fn text_plan(src: &dyn TensorSource, layout: TextLayout, layers: i64) -> any
                 }
             }
         }
-        TextLayout::OpenClip => {
+        TextKeys::OpenClip => {
+            let prefix = layout.prefix;
             let fixed = [
                 ("token_embedding.weight", "embeddings.token_embedding.weight"),
                 ("positional_embedding", "embeddings.position_embedding.weight"),
@@ -453,14 +633,19 @@ pub fn text_plan(src: &dyn TensorSource, layout: TextLayout, layers: i64) -> any
                 ("mlp.c_fc.", "mlp.fc1."),
                 ("mlp.c_proj.", "mlp.fc2."),
             ];
-            for key in src.index().keys().filter(|k| k.starts_with(OPEN_CLIP)) {
-                let rest = &key[OPEN_CLIP.len()..];
+            for key in src.index().keys().filter(|k| k.starts_with(prefix)) {
+                let rest = &key[prefix.len()..];
                 if let Some((_, to)) = fixed.iter().find(|(from, _)| *from == rest) {
                     plan.push(Mapped { target: to.to_string(), source: key.clone(), transform: Transform::Same });
                     continue;
                 }
+                if layout.projection && rest == "text_projection" {
+                    let target = "text_projection.weight".to_string();
+                    plan.push(Mapped { target, source: key.clone(), transform: Transform::Transpose });
+                    continue;
+                }
                 let Some(i) = layer_of(rest, "transformer.resblocks.") else {
-                    continue; // text_projection, logit_scale, attn_mask: not part of CLIPTextModel
+                    continue; // logit_scale, attn_mask (and SD 2's unused text_projection): not part of the encoder
                 };
                 if i >= layers {
                     continue;
@@ -520,9 +705,17 @@ mod tests {
 
     /// Full-size SD 1.5 / SD 2.1 layouts (testdata/make_ldm_shapes.py).
     fn real_layout(name: &str) -> (IndexOnly, serde_json::Value) {
-        let gz = include_bytes!("testdata/ldm_shapes.json.gz");
+        layout_from(include_bytes!("testdata/ldm_shapes.json.gz"), name)
+    }
+
+    /// Full-size SDXL base 1.0 in Stability-AI's layout (testdata/make_sdxl_shapes.py).
+    fn real_sdxl_layout() -> (IndexOnly, serde_json::Value) {
+        layout_from(include_bytes!("testdata/sdxl_shapes.json.gz"), "sdxl")
+    }
+
+    fn layout_from(gz: &[u8], name: &str) -> (IndexOnly, serde_json::Value) {
         let mut text = String::new();
-        flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text).unwrap();
+        flate2::read::GzDecoder::new(gz).read_to_string(&mut text).unwrap();
         let all: serde_json::Value = serde_json::from_str(&text).unwrap();
         let index = all[name]
             .as_object()
@@ -590,7 +783,7 @@ mod tests {
         same_text(&inferred.text, &ClipConfig::sd_v1());
         assert_eq!(targets(&unet_plan(&src).unwrap()), keys(&diffusers["unet"]));
         assert_eq!(targets(&vae_plan(&src).unwrap()), keys(&diffusers["vae"]));
-        let text = text_plan(&src, TextLayout::HfClip, inferred.text.num_hidden_layers).unwrap();
+        let text = text_plan(&src, TextLayout::SD1, inferred.text.num_hidden_layers).unwrap();
         assert_eq!(targets(&text), keys(&diffusers["text_encoder"]));
     }
 
@@ -608,8 +801,52 @@ mod tests {
         let vae = vae_plan(&src).unwrap();
         assert_eq!(targets(&vae), keys(&diffusers["vae"]));
         assert_eq!(vae.iter().filter(|m| m.transform == Transform::Conv1x1ToLinear).count(), 8); // q, k, v, proj_out of two mid blocks
-        let text = text_plan(&src, TextLayout::OpenClip, inferred.text.num_hidden_layers).unwrap();
+        let text = text_plan(&src, TextLayout::SD2, inferred.text.num_hidden_layers).unwrap();
         assert_eq!(targets(&text), keys(&diffusers["text_encoder"]));
+    }
+
+    #[test]
+    fn full_size_sdxl_is_recognised_and_mapped() {
+        let (src, diffusers) = real_sdxl_layout();
+        let arch = detect(&src);
+        assert_eq!(arch, Architecture::Sdxl);
+        let inferred = infer(&src, &arch).unwrap();
+        let want = UNetConfig::sdxl();
+        same_unet(&inferred.unet, &want);
+        assert_eq!(inferred.unet.addition_embed_type, want.addition_embed_type);
+        assert_eq!(inferred.unet.addition_time_embed_dim, want.addition_time_embed_dim);
+        assert_eq!(inferred.unet.projection_class_embeddings_input_dim, want.projection_class_embeddings_input_dim);
+        assert_eq!(inferred.unet.sample_size, 128);
+        same_vae(&inferred.vae, &VaeConfig::default());
+        assert_eq!(inferred.vae.scaling_factor, 0.13025);
+        same_text(&inferred.text, &ClipConfig::sd_v1());
+        let text_2 = inferred.text_2.as_ref().unwrap();
+        same_text(text_2, &ClipConfig::sdxl_g());
+        assert_eq!(text_2.projection_dim, 1280);
+        for t in [&inferred.text, text_2] {
+            assert_eq!((t.bos_token_id, t.eos_token_id, t.pad_token_id), (0, 2, 1), "SDXL's hub configs' ids");
+        }
+        assert_eq!(targets(&unet_plan(&src).unwrap()), keys(&diffusers["unet"]));
+        assert_eq!(targets(&vae_plan(&src).unwrap()), keys(&diffusers["vae"]));
+        let text = text_plan(&src, TextLayout::SDXL_1, inferred.text.num_hidden_layers).unwrap();
+        assert_eq!(targets(&text), keys(&diffusers["text_encoder"]));
+        let text_2_plan = text_plan(&src, TextLayout::SDXL_2, text_2.num_hidden_layers).unwrap();
+        assert_eq!(targets(&text_2_plan), keys(&diffusers["text_encoder_2"]));
+        assert_eq!(text_2_plan.iter().filter(|m| m.transform == Transform::Transpose).count(), 1, "text_projection");
+        assert_eq!(text_2_plan.iter().filter(|m| matches!(m.transform, Transform::ThirdOf(_))).count(), 32 * 6);
+    }
+
+    #[test]
+    fn an_sdxl_refiner_is_named_and_refused() {
+        let (mut src, _) = real_sdxl_layout();
+        let refiner: BTreeMap<String, TensorInfo> = std::mem::take(&mut src.index)
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("conditioner."))
+            .chain([(format!("{SGM_REFINER_OPEN_CLIP}token_embedding.weight"), TensorInfo { shape: vec![49408, 1280], kind: Kind::Half })])
+            .collect();
+        src.index = refiner;
+        let Architecture::Unknown(what) = detect(&src) else { panic!("a refiner is not loadable") };
+        assert!(what.contains("SDXL refiner"), "{what}");
     }
 
     #[test]

@@ -116,6 +116,16 @@ pub fn unet_blocks(layout: &UnetLayout) -> Vec<Block> {
     blocks
 }
 
+/// SDXL's added embedding (pooled text and size ids → time embedding), which
+/// the Stability-AI layout keeps as a class-label embedding. Not part of
+/// [`unet_blocks`], whose callers name SD 1.x/2.x blocks; no SD 1.x/2.x UNet has it.
+pub fn added_embedding_blocks() -> Vec<Block> {
+    vec![
+        block("label_emb.0.0.", "add_embedding.linear_1.", Inner::Same),
+        block("label_emb.0.2.", "add_embedding.linear_2.", Inner::Same),
+    ]
+}
+
 /// Every VAE block (prefixes without `first_stage_model.`) for `levels`
 /// levels of at most `resnets` resnets each, on either side.
 pub fn vae_blocks(levels: usize, resnets: usize) -> Vec<Block> {

@@ -126,15 +126,38 @@ pub fn single_file_scheduler() -> SchedulerConfig {
     SchedulerConfig { timestep_spacing: Some("leading".into()), ..SchedulerConfig::stable_diffusion() }
 }
 
+/// A single file's noise schedule when nothing says otherwise: SDXL base's
+/// (`stabilityai/stable-diffusion-xl-base-1.0`'s `scheduler_config.json`:
+/// Euler, SD's betas, `leading` spacing, epsilon), SD's otherwise.
+pub fn single_file_scheduler_for(architecture: &Architecture) -> SchedulerConfig {
+    match architecture {
+        Architecture::Sdxl => SchedulerConfig {
+            class_name: Some("EulerDiscreteScheduler".into()),
+            interpolation_type: Some("linear".into()),
+            use_karras_sigmas: Some(false),
+            ..single_file_scheduler()
+        },
+        _ => single_file_scheduler(),
+    }
+}
+
 /// The image size a model was made for (512 for SD 1.x and SD 2 base, 768 for
-/// SD 2's v models), from what its config files state: a diffusers folder's
-/// UNet and VAE configs, a single file's sidecar `.yaml`. None when nothing
-/// states it (a bare single file) or a config cannot be read. Cheap: no weights.
+/// SD 2's v models, 1024 for SDXL), from what its config files state: a
+/// diffusers folder's UNet and VAE configs, a single file's sidecar `.yaml`;
+/// an SDXL single file (whose Stability-AI config states no size) is 1024.
+/// None when nothing states it (a bare SD single file) or a config cannot be
+/// read. Cheap: no weights.
 pub fn native_resolution(source: &Path) -> Option<i64> {
     let (unet, vae) = if source.is_dir() {
         let configs = diffusers::read_configs(source).ok()?;
         (configs.unet?, configs.vae?)
     } else {
+        let sdxl = format_of(source)
+            .and_then(|format| open_single_file(source, format))
+            .is_ok_and(|src| ldm::detect(src.as_ref()) == Architecture::Sdxl);
+        if sdxl {
+            return Some(Architecture::Sdxl.default_resolution());
+        }
         let yaml = ldm_yaml::LdmYaml::read(&ldm_yaml::sidecar_path(source)).ok()?;
         let (mut unet, mut vae) = (UNetConfig::default(), VaeConfig::default());
         yaml.apply_unet(&mut unet).ok()?;
@@ -192,62 +215,90 @@ fn load_single_file(path: &Path, format: ModelFormat, model_config_dir: Option<&
     let src = src.as_ref();
     let architecture = ldm::detect(src);
     if let Architecture::Unknown(what) = &architecture {
-        bail!("{shown} is not a Stable Diffusion 1.x/2.x checkpoint: {what}");
+        bail!("{shown} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint: {what}");
     }
-    let layout = ldm::text_layout(&architecture);
+    let roles = architecture.text_encoders();
+    let layouts = ldm::text_layouts(&architecture);
 
     let overrides = match model_config_dir {
         Some(dir) => Some(diffusers::read_override_configs(dir)?),
         None => None,
     };
-    let fully_given = overrides.as_ref().is_some_and(|o| o.unet.is_some() && o.vae.is_some() && o.text.is_some());
+    let fully_given = overrides
+        .as_ref()
+        .is_some_and(|o| o.unet.is_some() && o.vae.is_some() && roles.iter().all(|r| given_text(o, r.name).0.is_some()));
     let inferred = match ldm::infer(src, &architecture) {
         Ok(i) => Some(i),
-        // Shapes that break SD's conventions are fine when the configs are given.
+        // Shapes that break the family's conventions are fine when the configs are given.
         Err(_) if fully_given => None,
         Err(e) => return Err(e.context(format!("cannot infer the architecture of {shown}; give --model-config"))),
     };
-    let (mut unet_config, mut vae_config, mut text_config) = match &inferred {
-        Some(i) => (i.unet.clone(), i.vae.clone(), i.text.clone()),
+    let (mut unet_config, mut vae_config) = match &inferred {
+        Some(i) => (i.unet.clone(), i.vae.clone()),
         None => Default::default(),
     };
-    let mut scheduler_config = single_file_scheduler();
-    let role = architecture.text_encoders()[0];
-    let mut tokenizer = TokenizerSource::for_role(&role);
+    let mut text_configs: Vec<ClipConfig> = match &inferred {
+        Some(i) => i.text_encoders().into_iter().cloned().collect(),
+        None => vec![ClipConfig::default(); roles.len()],
+    };
+    let mut scheduler_config = single_file_scheduler_for(&architecture);
+    let mut tokenizers: Vec<TokenizerSource> = roles.iter().map(TokenizerSource::for_role).collect();
 
     let sidecar = ldm_yaml::sidecar_path(path);
     if sidecar.is_file() {
         let yaml = ldm_yaml::LdmYaml::read(&sidecar)?;
         yaml.apply_unet(&mut unet_config)?;
         yaml.apply_vae(&mut vae_config)?;
-        if let Some(i) = &inferred {
-            yaml.apply_text(&mut text_config, i.stored_text_layers);
+        // The latent-diffusion `cond_stage_config` describes SD 1.x/2.x's one encoder.
+        if let (Some(i), false) = (&inferred, architecture == Architecture::Sdxl) {
+            yaml.apply_text(&mut text_configs[0], i.stored_text_layers);
         }
         yaml.apply_scheduler(&mut scheduler_config)?;
     }
+    let mut force_zeros_for_empty_prompt = architecture == Architecture::Sdxl;
     if let Some(o) = overrides {
+        for (i, role) in roles.iter().enumerate() {
+            let (config, tokenizer) = given_text(&o, role.name);
+            if let Some(c) = config {
+                text_configs[i] = c.clone();
+            }
+            if let Some(t) = tokenizer {
+                tokenizers[i] = TokenizerSource::Folder(t.clone());
+            }
+        }
         unet_config = o.unet.unwrap_or(unet_config);
         vae_config = o.vae.unwrap_or(vae_config);
-        text_config = o.text.unwrap_or(text_config);
         scheduler_config = o.scheduler.unwrap_or(scheduler_config);
-        tokenizer = o.tokenizer.map(TokenizerSource::Folder).unwrap_or(tokenizer);
+        force_zeros_for_empty_prompt = o.force_zeros_for_empty_prompt.unwrap_or(force_zeros_for_empty_prompt);
     }
 
     let unet = materialize(src, &ldm::unet_plan(src)?)?;
     let vae = materialize(src, &ldm::vae_plan(src)?)?;
-    let text_encoder = materialize(src, &ldm::text_plan(src, layout, text_config.num_hidden_layers)?)?;
+    let mut text_encoders = Vec::with_capacity(roles.len());
+    for ((role, layout), (config, tokenizer)) in roles.iter().zip(layouts).zip(text_configs.into_iter().zip(tokenizers)) {
+        let tensors = materialize(src, &ldm::text_plan(src, *layout, config.num_hidden_layers)?)?;
+        text_encoders.push(LoadedTextEncoder { role: *role, config, tokenizer, tensors });
+    }
     Ok(LoadedModel {
         unet_config,
         vae_config,
         scheduler_config,
         unet,
         vae,
-        text_encoders: vec![LoadedTextEncoder { role, config: text_config, tokenizer, tensors: text_encoder }],
-        force_zeros_for_empty_prompt: false,
+        text_encoders,
+        force_zeros_for_empty_prompt,
         architecture,
         source: path.to_path_buf(),
         format,
     })
+}
+
+/// The config and tokenizer folder `--model-config` gives the text encoder called `name`.
+fn given_text<'a>(o: &'a diffusers::FolderConfigs, name: &str) -> (Option<&'a ClipConfig>, Option<&'a PathBuf>) {
+    match name {
+        "text_encoder_2" => (o.text_2.as_ref(), o.tokenizer_2.as_ref()),
+        _ => (o.text.as_ref(), o.tokenizer.as_ref()),
+    }
 }
 
 /// Reads the planned tensors, each stored tensor once.
@@ -271,6 +322,10 @@ pub(super) fn materialize(src: &dyn TensorSource, plan: &[Mapped]) -> anyhow::Re
             Transform::Conv1x1ToLinear => match t.size().as_slice() {
                 [o, i, 1, 1] => t.reshape([*o, *i]),
                 _ => return Err(bad("is not a 1×1 convolution")),
+            },
+            Transform::Transpose => match t.size().as_slice() {
+                [_, _] => t.tr().contiguous(),
+                _ => return Err(bad("is not a matrix")),
             },
             Transform::ThirdOf(part) => {
                 let n = t.size().first().copied().unwrap_or(0);

@@ -4,31 +4,42 @@
 //! `model.diffusion_model.`, the VAE under `first_stage_model.` (attention as
 //! 1×1 convolutions), the text encoder under `cond_stage_model.transformer.`
 //! (SD 1.x) or as OpenCLIP's text tower under `cond_stage_model.model.` (SD 2.x,
-//! q/k/v fused into `in_proj`). The inverse of `ldm.rs`'s plans (both read
-//! `ldm_names.rs`); the block numbering follows the model's own structure, so
-//! tiny models map like real ones.
+//! q/k/v fused into `in_proj`). SDXL goes in Stability-AI's layout (as the
+//! released `sd_xl_base_1.0.safetensors`): its added embedding as `label_emb.0`,
+//! the first text encoder under `conditioner.embedders.0.transformer.`, the
+//! second as OpenCLIP bigG under `conditioner.embedders.1.model.` with every
+//! block and its projection. The inverse of `ldm.rs`'s plans (both read
+//! `ldm_names.rs`, and the text layouts of `ldm::text_layouts`); the block
+//! numbering follows the model's own structure, so tiny models map like real ones.
 
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::bail;
 use tch::{Kind, Tensor};
 
-use super::ldm::{HF_CLIP, OPEN_CLIP, UNET, VAE};
-use super::ldm_names::{unet_blocks, vae_blocks, Inner, Naming, Table, UnetLayout};
+use super::ldm::{text_layouts, TextKeys, TextLayout, UNET, VAE};
+use super::ldm_names::{added_embedding_blocks, unet_blocks, vae_blocks, Inner, Naming, Table, UnetLayout};
 use super::{Architecture, LoadedModel};
 
 /// Every tensor of `m` under its LDM key.
 pub fn to_ldm(m: &LoadedModel) -> anyhow::Result<Vec<(String, Tensor)>> {
+    if let Architecture::Unknown(what) = &m.architecture {
+        bail!("a model that is {what} has no single-file layout");
+    }
     let mut out = unet_to_ldm(&m.unet, m.unet_config.block_out_channels.len(), |level| {
         m.unet_config.layers_per_block.at(level) as usize
     })?;
     out.extend(vae_to_ldm(&m.vae, m.vae_config.block_out_channels.len())?);
-    let text = &m.text_encoders[0];
-    out.extend(match m.architecture {
-        Architecture::Sd2 => text_to_open_clip(&text.tensors)?,
-        Architecture::Sd1 => text_to_hf_clip(&text.tensors, text.config.max_position_embeddings),
-        _ => anyhow::bail!("writing a {} model in the single-file layout is not supported yet", m.architecture),
-    });
+    let layouts = text_layouts(&m.architecture);
+    if layouts.len() != m.text_encoders.len() {
+        bail!("a {} model has {} text encoders, not {}", m.architecture, layouts.len(), m.text_encoders.len());
+    }
+    for (layout, text) in layouts.iter().zip(&m.text_encoders) {
+        out.extend(match layout.keys {
+            TextKeys::HfClip => text_to_hf_clip(&text.tensors, layout.prefix, text.config.max_position_embeddings),
+            TextKeys::OpenClip => text_to_open_clip(&text.tensors, layout)?,
+        });
+    }
     Ok(out)
 }
 
@@ -42,12 +53,14 @@ fn unet_to_ldm(unet: &HashMap<String, Tensor>, levels: usize, layers: impl Fn(us
         up_attention: (0..levels).map(|level| has_prefix(unet, &format!("up_blocks.{level}.attentions."))).collect(),
         mid_attention: has_prefix(unet, "mid_block.attentions.0."),
     };
-    let table = Table::new(unet_blocks(&layout), Naming::Diffusers);
+    let mut blocks = unet_blocks(&layout);
+    blocks.extend(added_embedding_blocks());
+    let table = Table::new(blocks, Naming::Diffusers);
     let mut out = Vec::with_capacity(unet.len());
     for (key, t) in sorted(unet) {
         let (name, _) = table
             .rename(key)
-            .ok_or_else(|| anyhow::anyhow!("the UNet tensor `{key}` has no place in an SD 1.x/2.x LDM checkpoint"))?;
+            .ok_or_else(|| anyhow::anyhow!("the UNet tensor `{key}` has no place in an SD 1.x/2.x or SDXL LDM checkpoint"))?;
         out.push((format!("{UNET}{name}"), t.shallow_clone()));
     }
     Ok(out)
@@ -75,21 +88,33 @@ fn vae_to_ldm(vae: &HashMap<String, Tensor>, levels: usize) -> anyhow::Result<Ve
     Ok(out)
 }
 
-/// SD 1.x: transformers' CLIPTextModel keys as they are, with the
-/// `position_ids` buffer real SD 1.x checkpoints carry.
-fn text_to_hf_clip(text: &HashMap<String, Tensor>, positions: i64) -> Vec<(String, Tensor)> {
+/// SD 1.x and SDXL's first encoder: transformers' CLIPTextModel keys as they
+/// are under `prefix`, with the `position_ids` buffer real checkpoints carry.
+fn text_to_hf_clip(text: &HashMap<String, Tensor>, prefix: &str, positions: i64) -> Vec<(String, Tensor)> {
     let mut out: Vec<(String, Tensor)> =
-        sorted(text).map(|(k, t)| (format!("{HF_CLIP}text_model.{k}"), t.shallow_clone())).collect();
-    out.push((format!("{HF_CLIP}text_model.embeddings.position_ids"), Tensor::arange(positions, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0)));
+        sorted(text).map(|(k, t)| (format!("{prefix}text_model.{k}"), t.shallow_clone())).collect();
+    out.push((format!("{prefix}text_model.embeddings.position_ids"), Tensor::arange(positions, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0)));
     out
 }
 
-/// SD 2.x: OpenCLIP's text tower. diffusers keeps only the layers SD 2 uses
-/// (the penultimate cut); SD 2's loaders run the file's tower without its last
+/// OpenCLIP's `logit_scale` as OpenCLIP initialises it, ln(1/0.07): image-text
+/// matching only, never read for conditioning, but part of the tower's keys.
+const OPEN_CLIP_LOGIT_SCALE: f64 = 2.659_260_036_932_778_5;
+
+/// OpenCLIP's text tower under `layout.prefix`.
+///
+/// SD 2.x (`drops_last_block`): diffusers keeps only the layers SD 2 uses (the
+/// penultimate cut); SD 2's loaders run the file's tower without its last
 /// block, so one more is written after them, all zeros: never run at the
 /// penultimate layer, and an identity block (its norms give 0) if something
 /// runs it. The projection head, which conditioning never uses, is left out.
-fn text_to_open_clip(text: &HashMap<String, Tensor>) -> anyhow::Result<Vec<(String, Tensor)>> {
+///
+/// SDXL (`projection`): every block as it is, and the projection head, whose
+/// pooled output conditions the UNet: `text_projection` as OpenCLIP stores it
+/// (`[width, projection]`, the transpose of transformers' Linear weight) and
+/// its `logit_scale`.
+fn text_to_open_clip(text: &HashMap<String, Tensor>, layout: &TextLayout) -> anyhow::Result<Vec<(String, Tensor)>> {
+    let prefix = layout.prefix;
     const FIXED: [(&str, &str); 4] = [
         ("embeddings.token_embedding.weight", "token_embedding.weight"),
         ("embeddings.position_embedding.weight", "positional_embedding"),
@@ -107,13 +132,18 @@ fn text_to_open_clip(text: &HashMap<String, Tensor>) -> anyhow::Result<Vec<(Stri
     let mut fused: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
     for (key, t) in sorted(text) {
         if let Some((_, to)) = FIXED.iter().find(|(from, _)| from == key) {
-            out.push((format!("{OPEN_CLIP}{to}"), t.shallow_clone()));
+            out.push((format!("{prefix}{to}"), t.shallow_clone()));
             continue;
         }
-        let unknown = || anyhow::anyhow!("the text encoder tensor `{key}` has no place in an SD 2.x OpenCLIP text tower");
+        if layout.projection && key == "text_projection.weight" {
+            out.push((format!("{prefix}text_projection"), t.tr().contiguous()));
+            out.push((format!("{prefix}logit_scale"), Tensor::scalar_tensor(OPEN_CLIP_LOGIT_SCALE, (t.kind(), t.device()))));
+            continue;
+        }
+        let unknown = || anyhow::anyhow!("the text encoder tensor `{key}` has no place in an OpenCLIP text tower");
         let rest = key.strip_prefix("encoder.layers.").ok_or_else(unknown)?;
         let (layer, inner) = rest.split_once('.').ok_or_else(unknown)?;
-        let block = format!("{OPEN_CLIP}transformer.resblocks.{layer}.");
+        let block = format!("{prefix}transformer.resblocks.{layer}.");
         if let Some((part, wb)) = ["q", "k", "v"].iter().enumerate().find_map(|(i, p)| {
             inner.strip_prefix(&format!("self_attn.{p}_proj.")).map(|wb| (i, wb))
         }) {
@@ -129,13 +159,16 @@ fn text_to_open_clip(text: &HashMap<String, Tensor>) -> anyhow::Result<Vec<(Stri
         };
         out.push((key, Tensor::cat(&[q, k, v], 0)));
     }
-    let resblocks = format!("{OPEN_CLIP}transformer.resblocks.");
+    if layout.projection && !text.contains_key("text_projection.weight") {
+        bail!("the text encoder has no `text_projection.weight`, which its OpenCLIP tower needs");
+    }
+    let resblocks = format!("{prefix}transformer.resblocks.");
     let layers = out
         .iter()
         .filter_map(|(k, _)| k.strip_prefix(&resblocks)?.split('.').next()?.parse::<usize>().ok())
         .max()
         .map_or(0, |last| last + 1);
-    if layers > 0 {
+    if layout.drops_last_block && layers > 0 {
         let last = format!("{resblocks}{}.", layers - 1);
         let unused: Vec<(String, Tensor)> = out
             .iter()
@@ -155,6 +188,7 @@ fn sorted(map: &HashMap<String, Tensor>) -> impl Iterator<Item = (&String, &Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::ldm::OPEN_CLIP;
     use crate::checkpoint::{load_model, open_single_file, ModelFormat};
     use std::path::PathBuf;
 
@@ -187,6 +221,14 @@ mod tests {
     fn sd1_folder_converts_to_the_reference_single_file() {
         // The reference also carries a few LatentDiffusion schedule buffers, which loaders ignore.
         matches_reference("tiny-sd1", "tiny-sd1.safetensors", |k| !k.contains('.'), |_| false);
+    }
+
+    #[test]
+    fn sdxl_folder_converts_to_the_reference_stability_layout() {
+        // Every key of the reference (verified with diffusers' from_single_file), every
+        // value equal once rounded to its float16: the bigG tower whole, its projection
+        // transposed, `logit_scale` and the first encoder's `position_ids` as written there.
+        matches_reference("tiny-sdxl", "tiny-sdxl.safetensors", |_| false, |_| false);
     }
 
     #[test]

@@ -248,6 +248,9 @@ fn export_ldm(
                     let s = t.size();
                     tensors.insert(m.source.clone(), t.reshape([s[0], s[1], 1, 1]).to_kind(kind));
                 }
+                Transform::Transpose => {
+                    tensors.insert(m.source.clone(), t.tr().contiguous().to_kind(kind));
+                }
                 Transform::ThirdOf(part) => fused.entry(m.source.clone()).or_default().push((part, t.to_kind(kind))),
             }
         }
@@ -264,12 +267,15 @@ fn export_ldm(
         put(plan, vae)?;
     }
     put(ldm::unet_plan(src)?, &trained.unet)?;
+    // Each trained encoder goes back where the file keeps it (SDXL's second in OpenCLIP's layout).
+    let layouts = arch.text_encoders().iter().map(|role| role.name).zip(ldm::text_layouts(&arch));
+    let layouts: HashMap<&str, ldm::TextLayout> = layouts.map(|(name, layout)| (name, *layout)).collect();
     for (name, text) in &trained.text_encoders {
-        if name != "text_encoder" {
-            anyhow::bail!("writing a trained {name} into {}'s layout is not supported yet", source.display());
-        }
+        let Some(layout) = layouts.get(name.as_str()) else {
+            anyhow::bail!("the checkpoint has a trained {name}, which {} does not have", source.display());
+        };
         let layers = text.keys().filter(|k| k.ends_with("self_attn.q_proj.weight")).count() as i64;
-        put(ldm::text_plan(src, ldm::text_layout(&arch), layers)?, text)?;
+        put(ldm::text_plan(src, *layout, layers)?, text)?;
     }
     let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
     let list = if half { to_half(list) } else { list };

@@ -189,6 +189,7 @@ fn single_file_shapes(path: &Path, format: ModelFormat) -> anyhow::Result<(Confi
                     ldm::Transform::Same => {}
                     ldm::Transform::Conv1x1ToLinear => shape.truncate(2),
                     ldm::Transform::ThirdOf(_) => shape[0] /= 3,
+                    ldm::Transform::Transpose => shape.reverse(),
                 }
                 Some(Param { key: m.target, shape })
             })
