@@ -152,14 +152,14 @@ impl StableDiffusion {
     /// the file's own strength); returns the number of layers it changed.
     pub fn merge_lora(&mut self, path: &Path, scale: f64) -> anyhow::Result<usize> {
         let mut texts = self.text.lora_targets();
-        crate::model::lora::merge_lora(&mut self.unet, &mut texts, path, scale)
+        crate::model::lora::merge_lora(&mut self.unet, &self.architecture, &mut texts, path, scale)
     }
 
     /// Attaches adapters holding a kohya file's values, unmerged (to resume a LoRA
     /// run); returns them, requiring grad, in `kind`.
     pub fn attach_lora_file(&mut self, path: &Path, kind: Kind) -> anyhow::Result<crate::model::lora::LoraNetwork> {
         let mut texts = self.text.lora_targets();
-        crate::model::lora::attach_lora_file(&mut self.unet, &mut texts, path, kind)
+        crate::model::lora::attach_lora_file(&mut self.unet, &self.architecture, &mut texts, path, kind)
     }
 
     /// Pixels per latent: the VAE's factor.

@@ -42,7 +42,7 @@ fn tiny(lora: bool) -> Models {
     if lora {
         let mut rng = CpuRng::new(9);
         let spec = LoraSpec { rank: 2, alpha: 2.0, targets: LoraTargets::ATTENTION, kind: Kind::Float };
-        let mut net = lora::attach_unet_lora(&mut unet, &spec, &mut rng).unwrap();
+        let mut net = lora::attach_unet_lora(&mut unet, &m.architecture, &spec, &mut rng).unwrap();
         net.extend(lora::attach_text_lora(&mut clip, "lora_te_", &spec, &mut rng).unwrap());
         let _g = tch::no_grad_guard();
         for m in &net.modules {

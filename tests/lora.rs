@@ -127,7 +127,7 @@ fn saved_names_are_kohya_names_and_round_trip() {
     let mut rng = CpuRng::new(3);
     let wide = LoraTargets::of(dreambooth::config::schema::LoraLayers::All);
     let spec = LoraSpec { rank: 4, alpha: 2.0, targets: wide, kind: Kind::Float };
-    let mut net = lora::attach_unet_lora(&mut sd.unet, &spec, &mut rng).unwrap();
+    let mut net = lora::attach_unet_lora(&mut sd.unet, &sd.architecture, &spec, &mut rng).unwrap();
     net.extend(lora::attach_text_lora(&mut sd.text.encoders[0].model, "lora_te_", &LoraSpec { alpha: 8.0, ..spec }, &mut rng).unwrap());
     // Fresh `up`s are zero; give them values so the round trip means something.
     {
@@ -167,7 +167,7 @@ fn only_lora_tensors_get_gradients() {
     let mut sd = load_sd1();
     let mut rng = CpuRng::new(5);
     let spec = LoraSpec { rank: 2, alpha: 2.0, targets: LoraTargets::ATTENTION, kind: Kind::Float };
-    let mut net = lora::attach_unet_lora(&mut sd.unet, &spec, &mut rng).unwrap();
+    let mut net = lora::attach_unet_lora(&mut sd.unet, &sd.architecture, &spec, &mut rng).unwrap();
     net.extend(lora::attach_text_lora(&mut sd.text.encoders[0].model, "lora_te_", &spec, &mut rng).unwrap());
     // UNet: 4 projections × 2 attentions × 6 transformers (2 down, 1 mid, 3 up); text: 4 × 3 layers.
     assert_eq!(net.modules.len(), 4 * 2 * 6 + 4 * 3);

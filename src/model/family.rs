@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use super::lora_names::{KohyaLoraFormat, UnetLoraNaming};
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Architecture {
     Sd1,
@@ -114,6 +116,17 @@ impl Architecture {
             Architecture::Sdxl => ("euler", 5.0),
             _ => ("ddim", 7.5),
         }
+    }
+
+    /// How kohya's LoRA files name this family's UNet modules, and the
+    /// `ss_base_model_version` they carry.
+    pub fn kohya_lora(&self) -> KohyaLoraFormat {
+        let (unet_naming, base_model_version) = match self {
+            Architecture::Sdxl => (UnetLoraNaming::Ldm, "sdxl_base_v1-0"),
+            Architecture::Sd2 => (UnetLoraNaming::Diffusers, "sd_v2"),
+            _ => (UnetLoraNaming::Diffusers, "sd_v1"),
+        };
+        KohyaLoraFormat { unet_naming, base_model_version }
     }
 
     /// The image side the family's models are made for, when nothing else says.

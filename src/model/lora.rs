@@ -7,17 +7,21 @@
 //! as peft and kohya do, so a freshly attached adapter leaves the model unchanged.
 //!
 //! Files use kohya's names, which AUTOMATIC1111, ComfyUI and diffusers read: the
-//! diffusers module path with dots turned into underscores behind `lora_unet_` or
-//! `lora_te_text_model_`, each with `.lora_down.weight`, `.lora_up.weight` and a scalar
-//! `.alpha` (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha`).
+//! module path with dots turned into underscores behind `lora_unet_` or the text
+//! encoder's prefix, each with `.lora_down.weight`, `.lora_up.weight` and a scalar
+//! `.alpha` (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha`);
+//! the UNet path is the one the model's family uses in kohya's files (`lora_names`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use tch::{Kind, Tensor};
 
 use super::clip::{ClipAttention, ClipTextTransformer};
+use super::family::Architecture;
+pub use super::lora_names::{kohya_name, UNET_PREFIX};
+use super::lora_names::{families_naming, UnetNamer};
 use super::nn::{Conv2d, Linear};
 use super::resnet::ResnetBlock2D;
 use super::unet::{CrossAttention, Projection, Transformer2DModel, UNet2DConditionModel};
@@ -25,9 +29,6 @@ use crate::checkpoint::safetensors_file::SafetensorsFile;
 use crate::checkpoint::source::TensorSource;
 use crate::checkpoint::write::write_safetensors;
 use crate::rng::CpuRng;
-
-/// Key prefix of UNet modules in a kohya file.
-pub const UNET_PREFIX: &str = "lora_unet_";
 
 /// What every text encoder's kohya prefix starts with (`lora_te_`, SDXL's `lora_te1_` / `lora_te2_`).
 pub const TEXT_PREFIX_STEM: &str = "lora_te";
@@ -199,9 +200,16 @@ pub struct LoraModule {
 #[derive(Debug, Default)]
 pub struct LoraNetwork {
     pub modules: Vec<LoraModule>,
+    /// kohya's `ss_base_model_version` of the model they sit on (`sd_v1`, `sdxl_base_v1-0`).
+    pub base_model_version: Option<&'static str>,
 }
 
 impl LoraNetwork {
+    /// No adapters yet, for a model of `family`.
+    pub fn for_family(family: &Architecture) -> LoraNetwork {
+        LoraNetwork { modules: Vec::new(), base_model_version: Some(family.kohya_lora().base_model_version) }
+    }
+
     /// The trainable tensors by kohya key (`….lora_down.weight`, `….lora_up.weight`).
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
         self.modules
@@ -225,10 +233,14 @@ impl LoraNetwork {
     }
 
     /// Writes the kohya file atomically, with kohya's `ss_network_*` metadata so
-    /// A1111's and ComfyUI's loaders see a plain LoRA.
+    /// A1111's and ComfyUI's loaders see a plain LoRA, and `ss_base_model_version`
+    /// so they can warn when it is applied to another family's model.
     pub fn save(&self, path: &Path, extra_metadata: &BTreeMap<String, String>) -> Result<()> {
         let mut meta = BTreeMap::new();
         meta.insert("ss_network_module".to_string(), "networks.lora".to_string());
+        if let Some(version) = self.base_model_version {
+            meta.insert("ss_base_model_version".to_string(), version.to_string());
+        }
         if let Some(m) = self.modules.first() {
             meta.insert("ss_network_dim".to_string(), m.down.size()[0].to_string());
             meta.insert("ss_network_alpha".to_string(), m.alpha.to_string());
@@ -244,6 +256,7 @@ impl LoraNetwork {
 
     pub fn extend(&mut self, other: LoraNetwork) {
         self.modules.extend(other.modules);
+        self.base_model_version = self.base_model_version.or(other.base_model_version);
     }
 }
 
@@ -357,19 +370,45 @@ pub fn clip_layers(clip: &mut ClipTextTransformer) -> Layers<'_> {
     out
 }
 
-/// kohya's module name for a module path: `lora_unet_` + path with `_` for `.`.
-pub fn kohya_name(prefix: &str, path: &str) -> String {
-    format!("{prefix}{}", path.replace('.', "_"))
+// ---- kohya's names for the layers ------------------------------------------------
+
+/// A layer with its module path (which says what the layer is) and its kohya name.
+struct NamedLayer<'a> {
+    path: String,
+    name: String,
+    layer: LayerMut<'a>,
+}
+
+/// Every layer of the UNet with the name `family`'s kohya files give it.
+fn unet_named_layers<'a>(unet: &'a mut UNet2DConditionModel, family: &Architecture) -> Result<Vec<NamedLayer<'a>>> {
+    let namer = UnetNamer::new(family.kohya_lora().unet_naming, unet);
+    unet_layers(unet)
+        .into_iter()
+        .map(|(path, layer)| {
+            let name = namer
+                .name(&path)
+                .ok_or_else(|| anyhow!("the UNet layer `{path}` has no name in {family} LoRA files"))?;
+            Ok(NamedLayer { path, name, layer })
+        })
+        .collect()
+}
+
+/// Every layer of a text encoder with its kohya name behind `prefix`.
+fn clip_named_layers<'a>(clip: &'a mut ClipTextTransformer, prefix: &str) -> Vec<NamedLayer<'a>> {
+    clip_layers(clip)
+        .into_iter()
+        .map(|(path, layer)| NamedLayer { name: kohya_name(prefix, &path), path, layer })
+        .collect()
 }
 
 // ---- Attaching fresh adapters for training -----------------------------------------
 
-fn attach(layers: Layers<'_>, prefix: &str, spec: &LoraSpec, rng: &mut CpuRng) -> Result<LoraNetwork> {
+fn attach(layers: Vec<NamedLayer<'_>>, spec: &LoraSpec, rng: &mut CpuRng) -> Result<LoraNetwork> {
     if spec.rank <= 0 {
         bail!("the LoRA rank must be positive, not {}", spec.rank);
     }
     let mut net = LoraNetwork::default();
-    for (path, mut layer) in layers {
+    for NamedLayer { path, name, mut layer } in layers {
         if !spec.targets.wants(role_of(&path)) {
             continue;
         }
@@ -381,7 +420,7 @@ fn attach(layers: Layers<'_>, prefix: &str, spec: &LoraSpec, rng: &mut CpuRng) -
         let down = (rng.rand(&down_shape) * (2.0 * bound) - bound).to_kind(spec.kind).to_device(device).set_requires_grad(true);
         let up = Tensor::zeros(up_shape.as_slice(), (spec.kind, device)).set_requires_grad(true);
         net.modules.push(LoraModule {
-            name: kohya_name(prefix, &path),
+            name,
             down: down.shallow_clone(),
             up: up.shallow_clone(),
             alpha: spec.alpha,
@@ -391,16 +430,24 @@ fn attach(layers: Layers<'_>, prefix: &str, spec: &LoraSpec, rng: &mut CpuRng) -
     Ok(net)
 }
 
-/// Puts fresh adapters on the UNet layers `spec.targets` names; returns them,
-/// requiring grad, for the optimizer (the base weights are left as they are).
-pub fn attach_unet_lora(unet: &mut UNet2DConditionModel, spec: &LoraSpec, rng: &mut CpuRng) -> Result<LoraNetwork> {
-    attach(unet_layers(unet), UNET_PREFIX, spec, rng)
+/// Puts fresh adapters on the UNet layers `spec.targets` names, named as
+/// `family`'s kohya files name them; returns them, requiring grad, for the
+/// optimizer (the base weights are left as they are).
+pub fn attach_unet_lora(
+    unet: &mut UNet2DConditionModel,
+    family: &Architecture,
+    spec: &LoraSpec,
+    rng: &mut CpuRng,
+) -> Result<LoraNetwork> {
+    let mut net = attach(unet_named_layers(unet, family)?, spec, rng)?;
+    net.base_model_version = Some(family.kohya_lora().base_model_version);
+    Ok(net)
 }
 
 /// Puts fresh adapters on a text encoder's attention projections (and MLP with
 /// `feed_forward`), named behind its kohya `prefix`; returns them, requiring grad.
 pub fn attach_text_lora(clip: &mut ClipTextTransformer, prefix: &str, spec: &LoraSpec, rng: &mut CpuRng) -> Result<LoraNetwork> {
-    attach(clip_layers(clip), prefix, spec, rng)
+    attach(clip_named_layers(clip, prefix), spec, rng)
 }
 
 // ---- Reading kohya files -----------------------------------------------------------
@@ -464,31 +511,39 @@ fn adapter_for(path: &Path, name: &str, m: &FileModule, layer: &LayerMut<'_>) ->
     Ok(LoraAdapter { down: down.shallow_clone(), up: up.shallow_clone(), alpha })
 }
 
-/// Matches each module of a kohya file to its layer; calls `apply` on each pair.
+/// Why no layer of a `family` model is called `name`: a name in another
+/// family's style says which, otherwise the file is for some other model.
+fn unknown_module(path: &Path, name: &str, family: &Architecture) -> anyhow::Error {
+    let ours = family.kohya_lora().unet_naming.families();
+    match families_naming(name) {
+        Some(theirs) if theirs != ours => anyhow!(
+            "{}: `{name}` is named as in an {theirs} LoRA and names no layer of this {family} model (a LoRA for another model family?)",
+            path.display()
+        ),
+        _ => anyhow!(
+            "{}: `{name}` names no layer of this model's UNet or text encoders (a LoRA for another architecture?)",
+            path.display()
+        ),
+    }
+}
+
+/// Matches each module of a kohya file to its layer (named as `family`'s files
+/// name them); calls `apply` on each pair.
 fn for_each_module(
     unet: &mut UNet2DConditionModel,
+    family: &Architecture,
     texts: &mut TextEncoders<'_>,
     path: &Path,
     mut apply: impl FnMut(&str, LoraAdapter, &mut LayerMut<'_>) -> Result<()>,
 ) -> Result<usize> {
     let modules = read_kohya(path)?;
     let mut layers: HashMap<String, LayerMut<'_>> = HashMap::new();
-    for (p, l) in unet_layers(unet) {
-        layers.insert(kohya_name(UNET_PREFIX, &p), l);
-    }
-    for (prefix, clip) in texts.iter_mut() {
-        for (p, l) in clip_layers(clip) {
-            layers.insert(kohya_name(prefix, &p), l);
-        }
+    let text_layers = texts.iter_mut().flat_map(|(prefix, clip)| clip_named_layers(clip, prefix));
+    for named in unet_named_layers(unet, family)?.into_iter().chain(text_layers) {
+        layers.insert(named.name, named.layer);
     }
     for (name, m) in &modules {
-        let layer = match layers.get_mut(name) {
-            Some(l) => l,
-            None => bail!(
-                "{}: `{name}` names no layer of this model's UNet or text encoder (a LoRA for another architecture?)",
-                path.display()
-            ),
-        };
+        let layer = layers.get_mut(name).ok_or_else(|| unknown_module(path, name, family))?;
         let adapter = adapter_for(path, name, m, layer)?;
         apply(name, adapter, layer)?;
     }
@@ -500,12 +555,13 @@ fn for_each_module(
 /// layers changed. The file is checked completely before any weight changes.
 pub fn merge_lora(
     unet: &mut UNet2DConditionModel,
+    family: &Architecture,
     texts: &mut TextEncoders<'_>,
     path: &Path,
     scale: f64,
 ) -> Result<usize> {
     let mut deltas: Vec<(Tensor, Tensor)> = Vec::new();
-    let count = for_each_module(unet, texts, path, |_, adapter, layer| {
+    let count = for_each_module(unet, family, texts, path, |_, adapter, layer| {
         let w = layer.weight();
         deltas.push((w.shallow_clone(), adapter.delta(&w.size(), scale)));
         Ok(())
@@ -522,12 +578,13 @@ pub fn merge_lora(
 /// run a LoRA unmerged); returns them, requiring grad, in `kind`.
 pub fn attach_lora_file(
     unet: &mut UNet2DConditionModel,
+    family: &Architecture,
     texts: &mut TextEncoders<'_>,
     path: &Path,
     kind: Kind,
 ) -> Result<LoraNetwork> {
-    let mut net = LoraNetwork::default();
-    for_each_module(unet, texts, path, |name, adapter, layer| {
+    let mut net = LoraNetwork::for_family(family);
+    for_each_module(unet, family, texts, path, |name, adapter, layer| {
         let device = layer.weight().device();
         let down = adapter.down.to_kind(kind).to_device(device).set_requires_grad(true);
         let up = adapter.up.to_kind(kind).to_device(device).set_requires_grad(true);
@@ -539,8 +596,7 @@ pub fn attach_lora_file(
         });
         layer.set_lora(LoraAdapter { down, up, alpha: adapter.alpha });
         Ok(())
-    })
-    .with_context(|| format!("cannot load the LoRA {}", path.display()))?;
+    })?;
     Ok(net)
 }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod family;
 pub mod init;
 pub mod lora;
+pub mod lora_names;
 pub mod nn;
 pub mod resnet;
 pub mod unet;

@@ -81,9 +81,9 @@ pub fn choose_trainable_parameters(
             kind: Kind::Float,
         };
         let mut rng = CpuRng::new(seed);
-        let mut net = LoraNetwork::default();
+        let mut net = LoraNetwork::for_family(&sd.architecture);
         if training.train_unet {
-            net.extend(lora::attach_unet_lora(&mut sd.unet, &spec, &mut rng)?);
+            net.extend(lora::attach_unet_lora(&mut sd.unet, &sd.architecture, &spec, &mut rng)?);
         }
         if training.text_encoder_train_ratio > 0.0 && !training.train_imagic_only {
             let (rank, alpha) = training.text_encoder_lora();
