@@ -1,14 +1,18 @@
 //! VRAM-tier presets: YAML fragments under `presets/` that a config names with
 //! `preset:`. The project's own presets are built into the binary; a
 //! `presets/<name>.yaml` beside the config (or in the working directory) wins.
+//! Each preset is made for a model family: the plain tiers (`12gb`) for SD
+//! 1.x/2.x at 512–768, the `sdxl-` tiers for SDXL at 1024, `cpu` for any.
 
 use std::path::Path;
 
 use serde_yaml::Value;
 
 use crate::error::usage;
+use crate::model::family::Architecture;
 
-/// (name, YAML text) of the presets shipped with the program, smallest tier first.
+/// (name, YAML text) of the presets shipped with the program, smallest tier
+/// first within each family.
 pub const BUILTIN: &[(&str, &str)] = &[
     ("cpu", include_str!("../../presets/cpu.yaml")),
     ("6gb", include_str!("../../presets/6gb.yaml")),
@@ -17,7 +21,28 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("16gb", include_str!("../../presets/16gb.yaml")),
     ("24gb", include_str!("../../presets/24gb.yaml")),
     ("48gb", include_str!("../../presets/48gb.yaml")),
+    ("sdxl-12gb", include_str!("../../presets/sdxl-12gb.yaml")),
+    ("sdxl-16gb", include_str!("../../presets/sdxl-16gb.yaml")),
+    ("sdxl-24gb", include_str!("../../presets/sdxl-24gb.yaml")),
+    ("sdxl-48gb", include_str!("../../presets/sdxl-48gb.yaml")),
 ];
+
+/// The prefix of the presets made for SDXL.
+const SDXL_PREFIX: &str = "sdxl-";
+
+/// Whether preset `name` is made for models of `family`: `sdxl-*` for SDXL,
+/// the others for SD 1.x/2.x, `cpu` for every family.
+pub fn is_for_family(name: &str, family: &Architecture) -> bool {
+    if name == "cpu" {
+        return true;
+    }
+    name.starts_with(SDXL_PREFIX) == (*family == Architecture::Sdxl)
+}
+
+/// The built-in presets made for `family`, in `BUILTIN`'s order.
+pub fn builtin_for(family: &Architecture) -> impl Iterator<Item = &'static str> + '_ {
+    BUILTIN.iter().map(|(name, _)| *name).filter(move |name| is_for_family(name, family))
+}
 
 pub fn load_preset(name: &str, base: &Path) -> anyhow::Result<Value> {
     if name.contains('/') || name.contains('\\') || name.is_empty() {

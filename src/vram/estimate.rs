@@ -4,12 +4,15 @@
 //! optimizer step, the per-step VAE encode, preview sampling).
 //!
 //! Assumptions, as our trainer trains: trained weights are float32 masters; under mixed
-//! precision autocast keeps one half-precision copy of each for the step;
-//! networks that never train are stored in the half dtype under mixed
-//! precision (a LoRA run's base UNet, a frozen text encoder), float32 otherwise;
-//! gradients are float32; prior preservation doubles the batch.
+//! precision autocast caches a half-precision copy of each through the forward
+//! pass, after which only the copies autograd saved (layers not checkpointed)
+//! remain; networks that never train are stored in the half dtype under mixed
+//! precision (a LoRA run's base UNet, frozen text encoders), float32 otherwise;
+//! gradients are float32; prior preservation doubles the batch; frozen text
+//! encoders' output is cached per prompt.
 //! The backward pass is simulated layer by layer in reverse: each layer's saved
-//! activations are freed as its parameters' gradients appear.
+//! activations are freed as its parameters' gradients appear (and, with
+//! `fused_backward`, each gradient is applied and freed at once).
 
 use super::activations::{checkpointed, largest_tensor, output, saved, ActSettings};
 use super::model::ModelShapes;
@@ -43,6 +46,27 @@ pub struct Plan {
     pub half_storage: HalfStorage,
     /// 75-token windows a prompt is read in (`training.max_token_length` ÷ 75).
     pub token_windows: i64,
+    /// `training.fused_backward`: each tensor is updated as its gradient is
+    /// ready and the gradient freed, so the whole set never exists at once.
+    pub fused_backward: bool,
+    /// Prompts whose frozen text-encoder output the trainer keeps on the device.
+    pub cached_prompts: i64,
+}
+
+/// The most prompts whose frozen text states the trainer keeps (its cache's cap).
+const MAX_CACHED_PROMPTS: i64 = 512;
+
+/// Distinct prompts a run conditions on: each concept's instance prompt and
+/// (with prior preservation) class prompt, or the cache's cap where
+/// `[filewords]` gives each image words of its own.
+fn cached_prompt_count(c: &RunConfig) -> i64 {
+    let prompts = |p: &str| if p.contains("[filewords]") { MAX_CACHED_PROMPTS } else { 1 };
+    let n: i64 = c
+        .concepts
+        .iter()
+        .map(|k| prompts(&k.instance_prompt) + if k.class_prompt.trim().is_empty() { 0 } else { prompts(&k.class_prompt) })
+        .sum();
+    n.min(MAX_CACHED_PROMPTS)
 }
 
 impl Plan {
@@ -69,6 +93,9 @@ impl Plan {
             previews: t.save_preview_every_n_epochs > 0,
             half_storage: half_storage(t),
             token_windows: (i64::from(t.max_token_length) / 75).max(1),
+            // Imagic's stages step as usual.
+            fused_backward: t.fused_backward && !t.train_imagic_only,
+            cached_prompts: cached_prompt_count(c),
         }
     }
 
@@ -166,6 +193,39 @@ fn trained_by_layer(layers: &[Layer], plan: &Plan, lora_rank: i64) -> Vec<Vec<Pa
     layers.iter().map(|l| if plan.use_lora { lora_params(l, lora_rank, &targets) } else { l.params.clone() }).collect()
 }
 
+/// Bytes of the optimizer's working copies while it updates `numel` elements at once.
+fn update_temporaries(opt: Optimizer, numel: u64) -> u64 {
+    match opt {
+        // The moments' new values and the update, float32.
+        Optimizer::Adamw => 3 * 4 * numel,
+        // The gathered gradients and weights, both dequantised moments and the
+        // update's temporaries: ~7 float32 copies.
+        Optimizer::Adamw8bit => 7 * 4 * numel,
+    }
+}
+
+/// A layer of the training step's forward pass, with what training it costs.
+struct StepLayer<'a> {
+    layer: &'a Layer,
+    /// Bytes of its trained tensors' gradients (fp32).
+    grads: u64,
+    /// Elements of its largest trained tensor.
+    largest: u64,
+    /// Bytes of autocast's half-precision copies of its trained float32 weights.
+    cast: u64,
+}
+
+impl<'a> StepLayer<'a> {
+    fn new(layer: &'a Layer, trained: &[Param], casts: bool) -> Self {
+        StepLayer {
+            layer,
+            grads: numel(trained) * 4,
+            largest: trained.iter().map(Param::numel).max().unwrap_or(0),
+            cast: if casts { numel(trained) * 2 } else { 0 },
+        }
+    }
+}
+
 pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
     // A copy of the shapes only for long prompts: the wizard re-rates every preset on each change.
     let windowed;
@@ -185,11 +245,18 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
     // --- which tensors train, and in which dtype each part is stored.
     let unet_trained: Vec<Vec<Param>> =
         if plan.train_unet { trained_by_layer(&m.unet, plan, plan.lora_rank) } else { vec![Vec::new(); m.unet.len()] };
-    let text_trained: Vec<Vec<Param>> = if plan.train_text_encoder {
-        trained_by_layer(&m.text, plan, plan.lora_text_encoder_rank)
-    } else {
-        vec![Vec::new(); m.text.len()]
-    };
+    // Every text encoder of the family trains when the text encoder does.
+    let text_trained: Vec<Vec<Vec<Param>>> = m
+        .text_encoders
+        .iter()
+        .map(|e| {
+            if plan.train_text_encoder {
+                trained_by_layer(&e.layers, plan, plan.lora_text_encoder_rank)
+            } else {
+                vec![Vec::new(); e.layers.len()]
+            }
+        })
+        .collect();
     // Trained weights are float32 masters; the networks that never train are stored
     // in the half dtype under mixed precision (train::modules::half_storage).
     let (unet_half, text_half) = (plan.half_storage.unet, plan.half_storage.text_encoder);
@@ -202,10 +269,14 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         resident += b;
         push(&mut rows, "resident", format!("UNet {group}"), format!("{:.1} M params, {unet_dtype}", n as f64 / 1e6), b);
     }
-    let text_n: u64 = m.text.iter().map(|l| numel(&l.params)).sum();
-    let b = text_n * text_weight_bytes;
-    resident += b;
-    push(&mut rows, "resident", "text encoder".into(), format!("{:.1} M params, {text_dtype}", text_n as f64 / 1e6), b);
+    let mut text_n = 0u64;
+    for e in &m.text_encoders {
+        let n: u64 = e.layers.iter().map(|l| numel(&l.params)).sum();
+        text_n += n;
+        let b = n * text_weight_bytes;
+        resident += b;
+        push(&mut rows, "resident", e.label(), format!("{:.1} M params, {text_dtype}", n as f64 / 1e6), b);
+    }
     let vae_n: u64 = m.vae_encoder.iter().chain(&m.vae_decoder).map(|l| numel(&l.params)).sum();
     let vae_bytes = vae_n * 4;
     if plan.cache_latents {
@@ -214,8 +285,29 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         resident += vae_bytes;
         push(&mut rows, "resident", "VAE".into(), format!("{:.1} M params, fp32", vae_n as f64 / 1e6), vae_bytes);
     }
+    // Frozen text encoders: the trainer encodes each prompt once and keeps its
+    // states (and SDXL's pooled embedding) on the device.
+    let context_len = m
+        .unet
+        .iter()
+        .find_map(|l| match l.kind {
+            LayerKind::TransformerBlock { context_len, .. } => Some(context_len),
+            _ => None,
+        })
+        .unwrap_or(77);
+    if !plan.train_text_encoder && plan.cached_prompts > 0 {
+        let width: i64 = m.text_encoders.iter().map(|e| e.hidden_size()).sum();
+        let pooled: i64 = m.text_encoders.iter().filter_map(|e| e.pooled_width()).sum();
+        let per_prompt = (context_len * width + pooled) as u64 * text_weight_bytes;
+        let b = per_prompt * plan.cached_prompts as u64;
+        resident += b;
+        let what = if pooled > 0 { "text states + pooled embedding" } else { "text states" };
+        let prompts = if plan.cached_prompts == 1 { "1 prompt's".to_string() } else { format!("{} prompts'", plan.cached_prompts) };
+        let detail = format!("{prompts} frozen encoder output, {text_dtype}");
+        push(&mut rows, "resident", format!("cached {what}"), detail, b);
+    }
 
-    let trained: Vec<&Param> = unet_trained.iter().chain(&text_trained).flatten().collect();
+    let trained: Vec<&Param> = unet_trained.iter().chain(text_trained.iter().flatten()).flatten().collect();
     let trained_n: u64 = trained.iter().map(|p| p.numel()).sum();
     if plan.use_lora {
         let b = trained_n * 4;
@@ -253,7 +345,7 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         push(&mut rows, "resident", "EMA copy".into(), "fp32 copy of the trained UNet weights".into(), ema);
     }
     // What `Trainer::checkpoint` writes: the adapters of a LoRA run, else the
-    // float32 UNet and (when it trains) text encoder; the EMA; the optimizer state.
+    // float32 UNet and (when they train) text encoders; the EMA; the optimizer state.
     let unet_n: u64 = m.unet.iter().map(|l| numel(&l.params)).sum();
     let saved_weights = if plan.use_lora {
         trained_n * 4
@@ -261,13 +353,36 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         unet_n * 4 + if plan.train_text_encoder { text_n * 4 } else { 0 }
     };
     let checkpoint_bytes = saved_weights + ema + opt;
-    let grads_total = trained_n * 4;
-    if !plan.set_grads_to_none {
+
+    // --- the training step: text encoders then UNet forward, backward in reverse.
+    // The layers that keep activations: the text encoders' only when they train
+    // (and only those they run), the UNet's when anything trains through it.
+    // Under autocast each trained float32 weight gets a half-precision copy (a
+    // LoRA run's base is stored in the half dtype already; its adapters are small).
+    let casts = plan.half() && !plan.use_lora;
+    let step_layer = |layer, trained: &[Param]| StepLayer::new(layer, trained, casts);
+    let mut seq: Vec<StepLayer> = Vec::new();
+    if plan.train_text_encoder {
+        for (e, trained) in m.text_encoders.iter().zip(&text_trained) {
+            for (i, (l, t)) in e.layers.iter().zip(trained).enumerate() {
+                if e.runs(i) {
+                    seq.push(step_layer(l, t));
+                }
+            }
+        }
+    }
+    if plan.train_unet || plan.train_text_encoder {
+        for (l, t) in m.unet.iter().zip(&unet_trained) {
+            seq.push(step_layer(l, t));
+        }
+    }
+    // Tensors that never run get no gradient.
+    let grads_total: u64 = seq.iter().map(|s| s.grads).sum();
+    if !plan.set_grads_to_none && !plan.fused_backward {
         resident += grads_total;
         push(&mut rows, "resident", "gradients".into(), "fp32, kept between steps (set_grads_to_none: false)".into(), grads_total);
     }
 
-    // --- the training step: text encoder then UNet forward, backward in reverse.
     let latent = plan.resolution / m.vae_factor.max(1);
     let act = ActSettings {
         batch: plan.batch,
@@ -276,55 +391,64 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         mixed: plan.half(),
         sdpa: plan.attention != AttentionBackend::Default,
     };
-    let mut step_rows = Vec::new();
-    // Autocast's cached half copies of float32 trained weights, alive from forward to backward.
-    let cast_copies = if plan.half() && !plan.use_lora { trained_n * 2 } else { 0 };
-    if cast_copies > 0 {
-        step_rows.push(("autocast weight copies".to_string(), format!("{dt} copies of the fp32 trained weights"), cast_copies));
-    }
-    // The sequence of layers that keep activations: the text encoder only when it trains.
-    let mut seq: Vec<(&Layer, u64)> = Vec::new();
-    if plan.train_text_encoder {
-        for (l, t) in m.text.iter().zip(&text_trained) {
-            seq.push((l, numel(t) * 4));
-        }
-    }
-    let unet_has_grad = plan.train_unet || plan.train_text_encoder;
-    if unet_has_grad {
-        for (l, t) in m.unet.iter().zip(&unet_trained) {
-            seq.push((l, numel(t) * 4));
-        }
-    }
     let ckpt = plan.gradient_checkpointing;
-    let kept = |l: &Layer| if ckpt && l.checkpointable { checkpointed(&l.kind, &act) } else { saved(&l.kind, &act) };
-    let activations: u64 = seq.iter().map(|(l, _)| kept(l)).sum();
+    let checkpointed_layer = |l: &Layer| ckpt && l.checkpointable;
+    let kept = |l: &Layer| if checkpointed_layer(l) { checkpointed(&l.kind, &act) } else { saved(&l.kind, &act) };
+    let activations: u64 = seq.iter().map(|s| kept(s.layer)).sum();
     let no_attn = ActSettings { sdpa: true, ..act };
     let attention_part: u64 = if act.sdpa {
         0
     } else {
         // Summed before subtracting: at 8×8 latents SDPA's own output copy
         // outweighs the small score matrices, so a layer's difference can be negative.
-        let kept_layers = || seq.iter().filter(|(l, _)| !(ckpt && l.checkpointable));
-        let explicit: u64 = kept_layers().map(|(l, _)| saved(&l.kind, &act)).sum();
-        let fused: u64 = kept_layers().map(|(l, _)| saved(&l.kind, &no_attn)).sum();
+        let kept_layers = || seq.iter().filter(|s| !checkpointed_layer(s.layer));
+        let explicit: u64 = kept_layers().map(|s| saved(&s.layer.kind, &act)).sum();
+        let fused: u64 = kept_layers().map(|s| saved(&s.layer.kind, &no_attn)).sum();
         explicit.saturating_sub(fused)
     };
+    // A fused step updates one tensor at a time, inside the backward pass.
+    let fused_update = |s: &StepLayer| 4 * s.largest + update_temporaries(plan.optimizer, s.largest);
+    // The end of the forward pass: every kept activation, and autocast's cache
+    // holding every weight copy (it is cleared when the forward pass leaves autocast).
+    let cast_copies: u64 = seq.iter().map(|s| s.cast).sum();
+    let mut peak_step = activations + cast_copies;
     // Walk backward: at layer i the earlier layers' activations are still held,
-    // later layers' gradients already exist (set_grads_to_none) and layer i
-    // needs its own activations (recomputed when checkpointed) and working buffers.
-    let mut peak_step = activations;
+    // and so are the weight copies of the layers not checkpointed (autograd saved
+    // them; a checkpointed layer casts its weights again when it recomputes);
+    // later layers' gradients already exist (set_grads_to_none; a fused step has
+    // applied and freed them), and layer i needs its own activations
+    // (recomputed when checkpointed) and working buffers.
     let mut held = activations;
+    let mut held_casts: u64 = seq.iter().filter(|s| !checkpointed_layer(s.layer)).map(|s| s.cast).sum();
     let mut grads_made = 0u64;
-    for (l, g) in seq.iter().rev() {
-        let recompute = if ckpt && l.checkpointable { saved(&l.kind, &act) } else { 0 };
+    let mut largest_update = 0u64;
+    for s in seq.iter().rev() {
+        let l = s.layer;
+        let recompute = if checkpointed_layer(l) { saved(&l.kind, &act) + s.cast } else { 0 };
         let work = 2 * largest_tensor(&l.kind, &act) + output(&l.kind, &act);
-        let fresh_grads = if plan.set_grads_to_none { grads_made + g } else { 0 };
-        peak_step = peak_step.max(held + recompute + work + fresh_grads);
+        let fresh_grads = if plan.fused_backward {
+            fused_update(s)
+        } else if plan.set_grads_to_none {
+            grads_made + s.grads
+        } else {
+            0
+        };
+        largest_update = largest_update.max(fused_update(s));
+        peak_step = peak_step.max(held + held_casts + recompute + work + fresh_grads);
         held -= kept(l);
-        grads_made += g;
+        if !checkpointed_layer(l) {
+            held_casts -= s.cast;
+        }
+        grads_made += s.grads;
     }
-    let grads_live = if plan.set_grads_to_none { grads_total } else { 0 };
+    let grads_live = if plan.set_grads_to_none && !plan.fused_backward { grads_total } else { 0 };
     peak_step = peak_step.max(grads_live);
+
+    let mut step_rows = Vec::new();
+    if cast_copies > 0 {
+        let detail = format!("{dt} copies of the fp32 trained weights, cached through the forward pass");
+        step_rows.push(("autocast weight copies".to_string(), detail, cast_copies));
+    }
     let what_ckpt = if ckpt { "gradient checkpointing on" } else { "no checkpointing" };
     step_rows.push((
         "activations saved for backward".into(),
@@ -336,11 +460,14 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
     } else {
         step_rows.push(("attention score matrices".into(), "none kept (SDPA back end)".into(), 0));
     }
-    if plan.set_grads_to_none {
+    if plan.fused_backward {
+        let detail = "fused_backward: one tensor's fp32 gradient and update at a time".to_string();
+        step_rows.push(("gradient + optimizer update".into(), detail, largest_update));
+    } else if plan.set_grads_to_none {
         step_rows.push(("gradients".into(), "fp32, made during backward, freed after the step".into(), grads_total));
     }
     let listed: u64 = step_rows.iter().map(|r| r.2).sum::<u64>();
-    let step_total = cast_copies + peak_step;
+    let step_total = peak_step;
     for (what, detail, b) in step_rows {
         push(&mut rows, "training step", what, detail, b);
     }
@@ -351,32 +478,32 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         detail: if balance >= 0 {
             "gradients of outputs, recomputed segments".into()
         } else {
-            "activations freed as gradients appear".into()
+            "activations and weight copies freed as gradients appear".into()
         },
         bytes: balance,
     });
+    let mut phases = vec![("training step", step_total)];
 
-    // --- optimizer step: all gradients plus per-tensor temporaries.
-    let largest = trained.iter().map(|p| p.numel()).max().unwrap_or(0);
-    let (temps, unit_name) = match plan.optimizer {
-        Optimizer::Adamw => (3 * 4 * largest, "largest tensor's working copies"),
-        // On CUDA the 8-bit update runs on flat groups of parameters: the
-        // gathered gradients and weights, both dequantised moments and the
-        // update's temporaries, ~7 float32 copies of a group.
-        Optimizer::Adamw8bit => {
-            let group = (crate::train::adamw8bit::GROUP_NUMEL as u64).min(trained_n).max(largest);
-            (7 * 4 * group, "a parameter group's working copies")
-        }
-    };
-    let opt_step = grads_live + temps;
-    push(&mut rows, "optimizer step", "gradients + update temporaries".into(), unit_name.into(), opt_step);
+    // --- optimizer step: all gradients plus per-tensor temporaries (a fused step has none).
+    if !plan.fused_backward {
+        let largest = trained.iter().map(|p| p.numel()).max().unwrap_or(0);
+        let (group, unit_name) = match plan.optimizer {
+            Optimizer::Adamw => (largest, "largest tensor's working copies"),
+            // On CUDA the 8-bit update runs on flat groups of parameters.
+            Optimizer::Adamw8bit => {
+                ((crate::train::adamw8bit::GROUP_NUMEL as u64).min(trained_n).max(largest), "a parameter group's working copies")
+            }
+        };
+        let opt_step = grads_live + update_temporaries(plan.optimizer, group);
+        push(&mut rows, "optimizer step", "gradients + update temporaries".into(), unit_name.into(), opt_step);
+        phases.push(("optimizer step", opt_step));
+    }
 
     // --- VAE encode each step (latents not cached): no grad, a few live tensors.
     let pixel = ActSettings { height: plan.resolution, width: plan.resolution, ..act };
     let inference_peak = |layers: &[Layer], s: &ActSettings| -> u64 {
         layers.iter().map(|l| 2 * largest_tensor(&l.kind, s) + output(&l.kind, s)).max().unwrap_or(0)
     };
-    let mut phases = vec![("training step", step_total), ("optimizer step", opt_step)];
     if !plan.cache_latents {
         let enc = inference_peak(&m.vae_encoder, &pixel);
         push(&mut rows, "VAE encode", "encoder activations".into(), "no grad, each step".into(), enc);

@@ -9,7 +9,8 @@ pub mod shapes;
 
 use std::path::Path;
 
-use crate::config::presets::{load_preset, BUILTIN};
+use crate::config::presets::{builtin_for, load_preset};
+use crate::model::family::Architecture;
 use crate::config::schema::RunConfig;
 pub use estimate::{estimate, with_cuda_overhead, Estimate, Plan};
 pub use model::ModelShapes;
@@ -85,9 +86,10 @@ pub fn vram_command(config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The tier a preset is named after, in bytes (`12gb` → 12 GiB); `None` for `cpu`.
+/// The tier a preset is named after, in bytes (`12gb`, `sdxl-12gb` → 12 GiB); `None` for `cpu`.
 pub fn tier_bytes(name: &str) -> Option<u64> {
-    name.strip_suffix("gb").and_then(|n| n.parse::<u64>().ok()).map(|n| n << 30)
+    let tier = name.rsplit('-').next().unwrap_or(name);
+    tier.strip_suffix("gb").and_then(|n| n.parse::<u64>().ok()).map(|n| n << 30)
 }
 
 /// `config` with `preset`'s settings over its own (the estimate of "this run under that preset").
@@ -100,17 +102,20 @@ pub fn with_preset(config: &RunConfig, preset: &str) -> anyhow::Result<RunConfig
     Ok(c)
 }
 
-/// A minimal SD 1.5 run at 512 with one instance concept (no prior preservation).
-fn reference_run() -> RunConfig {
-    let text = "name: x\nsource_checkpoint: x\nconcepts:\n  - instance_data_dir: x\n    instance_prompt: a photo of sks dog\n";
-    crate::config::parse_run_config(text, "the reference run", Path::new(".")).expect("the reference run parses")
+/// A minimal run at the family's own size with one instance concept (no prior preservation).
+fn reference_run(family: &Architecture) -> RunConfig {
+    let text = format!(
+        "name: x\nsource_checkpoint: x\nresolution: {}\nconcepts:\n  - instance_data_dir: x\n    instance_prompt: a photo of sks dog\n",
+        family.default_resolution()
+    );
+    crate::config::parse_run_config(&text, "the reference run", Path::new(".")).expect("the reference run parses")
 }
 
-/// Every built-in preset with its estimated peak (card memory needed) for `config` on `shapes`.
+/// The built-in presets made for the family of `shapes`, each with its estimated
+/// peak (card memory needed) for `config` on `shapes`.
 pub fn rate_presets(config: &RunConfig, shapes: &ModelShapes) -> Vec<(String, u64)> {
-    BUILTIN
-        .iter()
-        .filter_map(|(name, _)| {
+    builtin_for(&shapes.family)
+        .filter_map(|name| {
             let c = with_preset(config, name).ok()?;
             Some((name.to_string(), with_cuda_overhead(estimate(shapes, &Plan::from_config(&c)).peak)))
         })
@@ -132,20 +137,26 @@ pub fn presets_command() -> anyhow::Result<()> {
     if let Some(why) = crate::device::unusable_gpu() {
         println!("warning: training runs on the CPU, because {why}\n");
     }
-    let rated = rate_presets(&reference_run(), &ModelShapes::sd15());
-    println!("{:<6}  {:>6}  {:>22}  fits", "preset", "tier", "SD 1.5 at 512 needs");
-    for (name, need) in rated {
-        let tier = tier_bytes(&name).map(|b| format!("{} GB", b >> 30)).unwrap_or_else(|| "CPU".into());
-        let fits = match (&gpu, tier_bytes(&name)) {
-            (None, None) => "yes (CPU)",
-            (None, Some(_)) => "-",
-            (Some(_), None) => "",
-            (Some(g), Some(_)) if need <= g.total_bytes => "yes",
-            (Some(_), Some(_)) => "no",
-        };
-        println!("{name:<6}  {tier:>6}  {:>22}  {fits}", gib(need as i64));
+    // Each family's presets, rated on its usual model at its own size.
+    for (family, model) in [(Architecture::Sd1, "SD 1.5"), (Architecture::Sdxl, "SDXL")] {
+        let rated = rate_presets(&reference_run(&family), &ModelShapes::reference_for(&family));
+        let needs = format!("{model} at {} needs", family.default_resolution());
+        println!("{:<9}  {:>6}  {needs:>20}  fits", "preset", "tier");
+        for (name, need) in rated {
+            let tier = tier_bytes(&name).map(|b| format!("{} GB", b >> 30)).unwrap_or_else(|| "CPU".into());
+            let fits = match (&gpu, tier_bytes(&name)) {
+                (None, None) => "yes (CPU)",
+                (None, Some(_)) => "-",
+                (Some(_), None) => "",
+                (Some(g), Some(_)) if need <= g.total_bytes => "yes",
+                (Some(_), Some(_)) => "no",
+            };
+            println!("{name:<9}  {tier:>6}  {:>20}  {fits}", gib(need as i64));
+        }
+        println!();
     }
-    println!("\nA config picks one with `preset: NAME`; its own keys override the preset's.");
+    println!("SD 1.x/2.x models take the plain tiers, SDXL models the sdxl- ones; cpu suits either.");
+    println!("A config picks one with `preset: NAME`; its own keys override the preset's.");
     println!("`dreambooth vram CONFIG.yaml` estimates a run's own peak, component by component.");
     Ok(())
 }

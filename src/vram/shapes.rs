@@ -124,6 +124,13 @@ pub fn unet_layers(cfg: &UNetConfig) -> Vec<Layer> {
     let l = b.layer("time_embedding", LayerKind::Small, false);
     l.linear("linear_1", ch[0], temb, true);
     l.linear("linear_2", temb, temb, true);
+    // SDXL's added embedding: the pooled text embedding and six size/crop ids
+    // (sinusoids without parameters) projected into the time embedding.
+    if let (Some("text_time"), Some(input)) = (cfg.addition_embed_type.as_deref(), cfg.projection_class_embeddings_input_dim) {
+        let l = b.layer("add_embedding", LayerKind::Small, false);
+        l.linear("linear_1", input, temb, true);
+        l.linear("linear_2", temb, temb, true);
+    }
 
     let resnet = |b: &mut Builder, name: String, cin: i64, cout: i64, scale: i64| {
         let l = b.layer(&name, LayerKind::Resnet { cin, cout, scale }, true);
@@ -317,8 +324,10 @@ fn vae_mid(b: &mut Builder, name: &str, c: i64, scale: i64, attention: bool) {
     l.resnet(c, c, None);
 }
 
-/// The CLIP text transformer's layers (keys without the `text_model.` prefix).
-pub fn clip_layers(cfg: &ClipConfig) -> Vec<Layer> {
+/// The CLIP text transformer's layers (keys without the `text_model.` prefix),
+/// with `text_projection` (no bias) when `projected` (SDXL's second encoder,
+/// whose projected pooled output is the UNet's `text_embeds`).
+pub fn clip_layers(cfg: &ClipConfig, projected: bool) -> Vec<Layer> {
     let h = cfg.hidden_size;
     let i = cfg.intermediate_size;
     let tokens = cfg.max_position_embeddings;
@@ -340,6 +349,11 @@ pub fn clip_layers(cfg: &ClipConfig) -> Vec<Layer> {
     let l = b.layer("final_layer_norm", LayerKind::Small, false);
     l.norm("", h);
     fix_conv_keys(l);
+    if projected {
+        let l = b.layer("text_projection", LayerKind::Small, false);
+        l.linear("", h, cfg.projection_dim, false);
+        fix_conv_keys(l);
+    }
     b.layers
 }
 
