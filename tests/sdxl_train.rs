@@ -126,3 +126,55 @@ fn examples_carry_their_size_and_crop_ids() {
     assert_eq!(d.sizes.target, (64, 64));
     assert_eq!(d.size_ids(true).crop_top_left, (0, 100 - 18 - 64));
 }
+
+/// The whole command line on SDXL: `train` a LoRA run and a full run (text
+/// encoders too), `export` each (kohya LoRA, one sgm-layout file, a diffusers
+/// folder), and every export draws with `generate` what the run directory draws.
+/// (That diffusers loads these exports to the same images is checked by hand with
+/// tests/fixtures/check_sdxl_exports_with_diffusers.py; see benches/README.md.)
+#[test]
+fn sdxl_runs_export_to_files_that_draw_like_the_run() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 2);
+    let bin = env!("CARGO_BIN_EXE_dreambooth");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).env("OMP_NUM_THREADS", "2").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let pixels = |png: &std::path::Path| image::open(png).unwrap().to_rgb8().into_raw();
+    let draw = |model: &std::path::Path, png: &str, extra: &[&str]| {
+        let out = r.join(png);
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of sks thing", "--seed", "4",
+            "--steps", "4", "--width", "48", "--height", "32", "--device", "cpu", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        cli(&args);
+        pixels(&out)
+    };
+    let folder = sdxl();
+    let folder_config = ["--model-config", folder.to_str().unwrap()];
+    let base = draw(&folder, "base.png", &[]);
+    for (name, training) in [
+        ("lora", "  steps_per_image: 2\n  use_lora: true\n  learning_rate: 1.0e-2\n  text_encoder_train_ratio: 1.0\n"),
+        ("full", "  steps_per_image: 2\n  learning_rate: 1.0e-3\n  text_encoder_train_ratio: 1.0\n"),
+    ] {
+        let cfg = write_config_over(&folder, r, name, &data, training);
+        cli(&["train", cfg.to_str().unwrap(), "--plain"]);
+        let run = r.join("runs").join(name);
+        let trained = draw(&run, &format!("{name}-run.png"), &[]);
+        assert_ne!(trained, base, "{name}: training changed nothing");
+        let ldm = r.join(format!("{name}-ldm.safetensors"));
+        cli(&["export", run.to_str().unwrap(), "--format", "ldm", "--out", ldm.to_str().unwrap()]);
+        assert_eq!(draw(&ldm, &format!("{name}-ldm.png"), &folder_config), trained, "{name}: the ldm export draws otherwise");
+        let diffusers = r.join(format!("{name}-diffusers"));
+        cli(&["export", run.to_str().unwrap(), "--format", "diffusers", "--out", diffusers.to_str().unwrap()]);
+        assert_eq!(draw(&diffusers, &format!("{name}-diffusers.png"), &[]), trained, "{name}: the diffusers export draws otherwise");
+        if name == "lora" {
+            let lora = r.join("lora.safetensors");
+            cli(&["export", run.to_str().unwrap(), "--format", "lora", "--out", lora.to_str().unwrap()]);
+            let with_lora = draw(&folder, "with-lora.png", &["--lora", lora.to_str().unwrap()]);
+            assert_eq!(with_lora, trained, "generate --lora draws otherwise");
+        }
+    }
+}

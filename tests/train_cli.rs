@@ -715,3 +715,20 @@ fn a_bucketed_run_over_a_single_file_resumes_to_its_own_step_count() {
     assert!(!format!("{out}{err}").contains("has trained all its"), "{out}{err}");
     assert_eq!(dreambooth::train::checkpoint::list_checkpoints(&run).last().map(|c| c.0), Some(9));
 }
+
+/// People keep their run config as `my-dog.yaml` beside `my-dog.safetensors`:
+/// an SD 1.x export writes no config sidecar, so that file is no obstacle and
+/// stays as it was (only a model that needs its sidecar refuses the name).
+#[test]
+fn an_ldm_export_that_writes_no_sidecar_leaves_a_yaml_of_that_name_alone() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let (run, exported) = train_and_export_ldm(r, "sd1", &fixture_model("tiny-sd1"));
+    assert!(!exported.with_extension("yaml").exists());
+    let out = r.join("my-dog.safetensors");
+    std::fs::write(r.join("my-dog.yaml"), "name: my-dog\n").unwrap();
+    let (code, _, err) = cli(&["export", run.to_str().unwrap(), "--format", "ldm", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.is_file());
+    assert_eq!(std::fs::read_to_string(r.join("my-dog.yaml")).unwrap(), "name: my-dog\n");
+}

@@ -113,10 +113,15 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half:
             out.display()
         )));
     }
-    // A single file's config sidecar (`out.yaml`) is written beside it when the model needs one.
+    // A single file's config sidecar (`out.yaml`) is written beside it when the model needs one;
+    // a file of that name is refused only then (people keep their run config under it).
     let sidecar = crate::checkpoint::ldm_yaml::sidecar_path(out);
-    if format == "ldm" && sidecar.exists() {
-        return Err(usage(format!("{} already exists (the exported file's config goes there); choose a new path", sidecar.display())));
+    if format == "ldm" && sidecar.exists() && ldm_export_writes_sidecar(&config)? {
+        return Err(usage(format!(
+            "{} already exists, and this model's exported file needs its config there (AUTOMATIC1111 reads it); \
+             give --out another name, or move that file",
+            sidecar.display()
+        )));
     }
     let (_, dir) = find_checkpoint(run_dir, step)?;
     match format {
@@ -150,7 +155,7 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half:
             write_safetensors(out, &if half { to_half(list) } else { list }, None)?;
             // SD 2 (v-prediction above all) cannot be told from a single file's tensors.
             let sd2 = model.architecture == crate::checkpoint::Architecture::Sd2;
-            if sd2 || model.scheduler_config.prediction_type != "epsilon" {
+            if ldm_export_writes_sidecar(&config)? {
                 let yaml = crate::checkpoint::ldm_yaml::ldm_config_yaml(
                     &model.unet_config,
                     &model.vae_config,
@@ -174,6 +179,27 @@ pub fn export(run_dir: &Path, format: &str, out: &Path, step: Option<u64>, half:
         }
     }
     Ok(out.to_path_buf())
+}
+
+/// Whether `export --format ldm` of a run writes a config sidecar beside the file:
+/// over a single file, when the source has one (it is copied); over a diffusers
+/// folder, for SD 2 and any SD 1.x/2.x model not predicting epsilon, whose
+/// schedule a single file's tensors cannot say. SDXL's LDM config format is
+/// another (sgm), which is not written: an SDXL export carries none.
+fn ldm_export_writes_sidecar(config: &RunConfig) -> anyhow::Result<bool> {
+    let source = &config.source_checkpoint;
+    if format_of(source)? != ModelFormat::Diffusers {
+        return Ok(crate::checkpoint::ldm_yaml::sidecar_path(source).is_file());
+    }
+    let configs = crate::checkpoint::diffusers::read_configs(source)?;
+    let (Some(unet), Some(text)) = (&configs.unet, &configs.text) else { return Ok(false) };
+    let arch = crate::checkpoint::diffusers::architecture_of(source, unet, text);
+    let v_prediction = configs.scheduler.as_ref().is_some_and(|s| s.prediction_type != "epsilon");
+    Ok(match arch {
+        crate::checkpoint::Architecture::Sd2 => true,
+        crate::checkpoint::Architecture::Sd1 => v_prediction,
+        _ => false,
+    })
 }
 
 fn merge_into(base: &mut HashMap<String, Tensor>, trained: HashMap<String, Tensor>, what: &str) -> anyhow::Result<()> {
