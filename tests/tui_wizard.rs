@@ -576,3 +576,75 @@ fn a_768_model_trains_at_its_own_resolution() {
     type_text(&mut state, "640");
     assert_eq!(state.build_config().unwrap().resolution, 640);
 }
+
+/// An SDXL model found on disk (the tiny SDXL folder): the model step names its
+/// family, the VRAM step offers the SDXL presets (and cpu) with this run's
+/// estimates, an SDXL preset trains at 1024, and a preset that freezes the text
+/// encoders for memory wins over the ratio the person kind recommends.
+#[test]
+fn an_sdxl_model_gets_the_sdxl_presets() {
+    let Setup { root, .. } = setup();
+    let r = root.path();
+    let sdxl = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-sdxl");
+    let sources = dreambooth::tui::sources::DiskSources { dirs: vec![sdxl.clone()] };
+    let mut state = WizardState::new(&r.join("runs"), Box::new(sources));
+    assert_eq!(state.models.len(), 1);
+    assert_eq!(state.models[0].architecture, "SDXL");
+    type_text(&mut state, "xl-dog");
+    state.apply(Action::Next);
+    state.apply(Action::FocusNext);
+    assert_eq!(state.source, sdxl.display().to_string());
+    let text = screen_sized(&state, 120, 24);
+    assert!(text.contains("SDXL model, made for 64×64 images: the VRAM step offers SDXL presets."), "{text}");
+    state.apply(Action::Next);
+    state.apply(Action::AddConcept);
+    type_text(&mut state, &r.join("dog").display().to_string());
+    state.apply(Action::FocusNext);
+    type_text(&mut state, "a photo of sks dog");
+    state.apply(Action::Next);
+    state.apply(Action::Next);
+    state.apply(Action::Next);
+    assert_eq!(state.step, Step::Vram, "{:?}", state.error);
+
+    let names: Vec<&str> = state.presets.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["cpu", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb", "sdxl-48gb"]);
+    assert!(state.presets.iter().all(|p| p.estimated_bytes > 0));
+    let text = screen_sized(&state, 120, 24);
+    assert!(text.contains("Presets for SDXL models, with this run's estimated peak:") && text.contains("sdxl-24gb"), "{text}");
+
+    let choose = |state: &mut WizardState, name: &str| {
+        for _ in 0..state.presets.len() {
+            if state.preset_index.and_then(|i| state.presets.get(i)).is_some_and(|p| p.name == name) {
+                return;
+            }
+            state.apply(Action::FocusNext);
+        }
+        panic!("no preset {name}");
+    };
+    choose(&mut state, "sdxl-24gb");
+    let config = state.build_config().unwrap();
+    assert_eq!(config.resolution, 1024);
+    assert!(config.training.fused_backward && !config.training.use_lora);
+    assert_eq!(config.training.text_encoder_train_ratio, 0.0, "the preset's frozen encoders win over the person kind's 0.7");
+    let yaml = state.yaml().unwrap();
+    assert!(yaml.contains("preset: sdxl-24gb") && !yaml.contains("text_encoder_train_ratio"), "{yaml}");
+    state.apply(Action::Back);
+    assert_eq!(state.step, Step::Training);
+    let text = screen_sized(&state, 120, 24);
+    assert!(text.contains("Text encoder frozen: preset sdxl-24gb freezes it to fit its memory."), "{text}");
+    state.apply(Action::Next);
+
+    // A preset with room for the text encoders keeps the kind's ratio.
+    choose(&mut state, "sdxl-16gb");
+    let config = state.build_config().unwrap();
+    assert!(config.training.use_lora && config.training.text_encoder_train_ratio == 0.7);
+    // A ratio typed in the settings panel wins over a freezing preset.
+    choose(&mut state, "sdxl-12gb");
+    state.apply(Action::ToggleAdvanced);
+    focus_setting(&mut state, "training.text_encoder_train_ratio");
+    while !state.advanced_rows()[state.advanced_focus].value.is_empty() {
+        state.apply(Action::Backspace);
+    }
+    type_text(&mut state, "0.5");
+    assert_eq!(state.build_config().unwrap().training.text_encoder_train_ratio, 0.5, "{:?}", state.error);
+}

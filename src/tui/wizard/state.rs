@@ -10,6 +10,7 @@ use serde_yaml::{Mapping, Value};
 
 use super::settings::{self, SettingKind, SettingRow};
 use crate::config::schema::{Concept, LrScheduler, RunConfig, Sampling, Training};
+use crate::model::family::Architecture;
 
 /// The config checks `train` makes before it starts (values, then combinations
 /// this build refuses), so the wizard never saves a run that cannot start.
@@ -304,6 +305,8 @@ pub struct WizardState {
     epoch_plan: std::cell::RefCell<Option<EpochPlan>>,
     /// The source model's native resolution, by the source path it was read for.
     native_resolution: std::cell::RefCell<Option<(String, Option<i64>)>>,
+    /// The source model's family, by the source path it was read for.
+    source_family: std::cell::RefCell<Option<(String, Option<Architecture>)>>,
 }
 
 impl WizardState {
@@ -341,6 +344,7 @@ impl WizardState {
             sources,
             epoch_plan: Default::default(),
             native_resolution: Default::default(),
+            source_family: Default::default(),
         }
     }
 
@@ -959,12 +963,56 @@ impl WizardState {
         size
     }
 
+    /// The source model's family (SD 1.x, SD 2.x, SDXL), read once per source;
+    /// None while the path is not a model this program reads.
+    pub fn source_family(&self) -> Option<Architecture> {
+        let source = self.source.trim().to_string();
+        if let Some((read_for, family)) = self.source_family.borrow().as_ref() {
+            if *read_for == source {
+                return family.clone();
+            }
+        }
+        let family = if source.is_empty() { None } else { crate::vram::model::family_of(&absolute(&source)).ok() };
+        *self.source_family.borrow_mut() = Some((source, family.clone()));
+        family
+    }
+
+    /// The image side the source model is made for: what its configs state,
+    /// else its family's (1024 for SDXL).
+    pub fn model_resolution(&self) -> Option<i64> {
+        self.native_resolution().or_else(|| self.source_family().map(|f| f.default_resolution()))
+    }
+
+    /// Whether the chosen preset freezes the text encoders (`text_encoder_train_ratio: 0`,
+    /// for memory: sdxl-12gb, sdxl-24gb). It then wins over the ratio a concept's
+    /// kind recommends, so the run trains as the preset's estimate says; a ratio
+    /// typed in the advanced panel still wins over it.
+    fn preset_freezes_text_encoders(&self) -> bool {
+        let Some(preset) = self.preset_name() else { return false };
+        crate::config::presets::training_values(&preset)
+            .and_then(|t| t.get("text_encoder_train_ratio").and_then(Value::as_f64))
+            .is_some_and(|ratio| ratio == 0.0)
+    }
+
+    /// The preset that freezes the text encoders over the ratio the concept's kind
+    /// recommends, when one does (the training step says so).
+    pub fn text_encoders_frozen_by(&self) -> Option<String> {
+        let overridden = self.touched.contains("text_encoder_train_ratio")
+            && self.text_encoder_train_ratio > 0.0
+            && !self.advanced_values.contains_key("training.text_encoder_train_ratio");
+        if overridden && self.preset_freezes_text_encoders() {
+            self.preset_name()
+        } else {
+            None
+        }
+    }
+
     /// The baseline with what the steps before the advanced panel set.
     fn stepped_config(&self) -> Result<RunConfig, String> {
         let mut config = self.baseline()?;
-        // A model made for larger images (SD 2's 768 v models) trains at its own size
-        // (the advanced panel can still change it); smaller ones keep the default.
-        if let Some(size) = self.native_resolution().filter(|&s| s > config.resolution) {
+        // A model made for larger images (SD 2's 768 v models, SDXL) trains at its own
+        // size (the advanced panel can still change it); smaller ones keep the default.
+        if let Some(size) = self.model_resolution().filter(|&s| s > config.resolution) {
             config.resolution = size;
         }
         let typed = self.training()?;
@@ -982,7 +1030,7 @@ impl WizardState {
         if set("lr_warmup_steps") {
             t.lr_warmup_steps = typed.lr_warmup_steps;
         }
-        if set("text_encoder_train_ratio") {
+        if set("text_encoder_train_ratio") && !self.preset_freezes_text_encoders() {
             t.text_encoder_train_ratio = typed.text_encoder_train_ratio;
         }
         if set("sampling.scheduler") {

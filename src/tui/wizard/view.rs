@@ -120,6 +120,12 @@ fn draw_source(frame: &mut Frame, area: Rect, state: &WizardState) {
     if !state.completions.is_empty() {
         lines.push(hint(format!("  {}", state.completions.join("  "))));
     }
+    // The family decides the presets and the training size: say it before they appear.
+    if let Some(family) = state.source_family() {
+        let size = state.model_resolution().map(|s| format!(", made for {s}×{s} images")).unwrap_or_default();
+        lines.push(Line::from(""));
+        lines.push(hint(format!("{family} model{size}: the VRAM step offers {family} presets.")));
+    }
     frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), area);
 }
 
@@ -194,7 +200,10 @@ fn draw_training(frame: &mut Frame, area: Rect, state: &WizardState) {
         field_line("Warmup steps", &state.lr_warmup_steps, state.focus == 3, ""),
         field_line("Preview sampler", &format!("◀ {} ▶", state.sampler), state.focus == 4, ""),
         Line::from(""),
-        hint(format!("Text encoder trains for {:.0}% of the steps.", state.text_encoder_train_ratio * 100.0)),
+        hint(match state.text_encoders_frozen_by() {
+            Some(preset) => format!("Text encoder frozen: preset {preset} freezes it to fit its memory."),
+            None => format!("Text encoder trains for {:.0}% of the steps.", state.text_encoder_train_ratio * 100.0),
+        }),
     ];
     frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), area);
 }
@@ -210,6 +219,8 @@ fn draw_vram(frame: &mut Frame, area: Rect, state: &WizardState) {
     lines.push(Line::from(""));
     if state.presets.is_empty() {
         lines.push(hint("No presets available; the config's own settings are used.".into()));
+    } else if let Some(family) = state.source_family() {
+        lines.push(hint(format!("Presets for {family} models, with this run's estimated peak:")));
     }
     let card = state.gpu.as_ref().map(|g| g.total_bytes);
     let scale = card.or_else(|| state.presets.iter().map(|p| p.estimated_bytes).max()).unwrap_or(1).max(1);
