@@ -80,7 +80,6 @@ pub fn help(key: &str) -> &'static str {
         "training.mixed_precision" => "bf16 (recommended) or fp16 halves activation memory; no = full float32",
         "training.attention" => "default: fastest, most VRAM; xformers: between; flash_attention: least VRAM",
         "training.gradient_checkpointing" => "recompute activations in the backward pass: much less VRAM, slower",
-        "training.fused_backward" => "update each weight as its gradient is ready and free it: less VRAM; needs accumulation 1 and max_grad_norm 0",
         "training.fused_backward" => "update each tensor as its gradient is ready, never holding all gradients: a full SDXL UNet in 24 GB (max_grad_norm 0)",
         "training.set_grads_to_none" => "free the gradients between steps instead of zeroing them",
         "training.cache_latents" => "encode the images once and take the VAE off the GPU",
