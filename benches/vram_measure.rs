@@ -3,7 +3,11 @@
 //! encoder, cached latents) and prints the measured memory next to the
 //! estimator's figures, as one JSON line.
 //!
-//!     cargo bench --bench vram_measure -- MODEL_DIR RESOLUTION BATCH
+//!     cargo bench --bench vram_measure -- MODEL_DIR RESOLUTION BATCH [fused]
+//!
+//! `fused`: the step as `training.fused_backward` runs it (each tensor updated
+//! by AdamW inside the backward pass and its gradient freed; no clipping), and
+//! the estimate for that config.
 //!
 //! Memory is the process's resident set (Linux /proc): the peak (VmHWM, reset
 //! through /proc/self/clear_refs) over the resident size before the model was
@@ -18,7 +22,10 @@ use dreambooth::model::attention::AttentionBackend;
 use dreambooth::conditioning::{SizeIds, TextConditioner};
 use dreambooth::model::unet::UNet2DConditionModel;
 use dreambooth::model::weights::Weights;
-use dreambooth::train::adamw::{AdamW, AdamWConfig};
+use dreambooth::config::schema::Optimizer as OptimizerKind;
+use dreambooth::train::adamw::AdamWConfig;
+use dreambooth::train::fused::FusedBackward;
+use dreambooth::train::optimizer::Optimizer;
 use dreambooth::vram::{estimate, ModelShapes, Plan};
 use tch::{Device, Kind, Tensor};
 
@@ -45,6 +52,11 @@ fn main() -> anyhow::Result<()> {
     let model = args.first().map(String::as_str).unwrap_or("tests/fixtures/models/tiny-sd1");
     let resolution: i64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(64);
     let batch: i64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let fused_mode = match args.get(3).map(String::as_str) {
+        None => false,
+        Some("fused") => true,
+        Some(other) => anyhow::bail!("the fourth argument is `fused` or nothing, not {other:?}"),
+    };
     tch::set_num_threads(2);
     let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu)).sum(Kind::Float);
     let rss0 = status("VmRSS:");
@@ -63,34 +75,43 @@ fn main() -> anyhow::Result<()> {
     for (_, p) in &params {
         let _ = p.shallow_clone().set_requires_grad(true);
     }
-    let mut adamw = AdamW::new(unet_w.parameters(), AdamWConfig::default());
+    let trained: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+    let mut adamw = Optimizer::new(OptimizerKind::Adamw, unet_w.parameters(), AdamWConfig::default());
+    let mut fused = if fused_mode { Some(FusedBackward::install(&adamw)?) } else { None };
     let ids = Tensor::from_slice(&text.tokenize("")).view([1, -1]).repeat([batch, 1]);
     let states = tch::no_grad(|| text.conditioning(&text.encode_ids(&ids, 1), &[SizeIds::plain(resolution, resolution)]));
     let latent = resolution / factor;
     let latents = Tensor::randn([batch, loaded.unet_config.in_channels, latent, latent], (Kind::Float, Device::Cpu));
 
-    let step = |adamw: &mut AdamW| {
+    let step = |adamw: &mut Optimizer, fused: &mut Option<FusedBackward>| -> anyhow::Result<()> {
         let noise = latents.randn_like();
         let t = Tensor::from_slice(&vec![500i64; batch as usize]);
         let pred = unet.forward(&(&latents + &noise), &t, &states);
         let loss = pred.mse_loss(&noise, tch::Reduction::Mean);
-        loss.backward();
-        adamw.step(1e-6);
+        match fused.as_mut() {
+            Some(f) => f.run(adamw, 1e-6, || loss.backward())?,
+            None => {
+                loss.backward();
+                adamw.step(1e-6);
+            }
+        }
         for (_, p) in &params {
             dreambooth::rng::set_grad_to_none(p);
         }
+        Ok(())
     };
-    step(&mut adamw); // creates the optimizer state
+    step(&mut adamw, &mut fused)?; // creates the optimizer state
     let rss1 = status("VmRSS:");
     std::fs::write("/proc/self/clear_refs", "5")?;
     let start = std::time::Instant::now();
-    step(&mut adamw);
+    step(&mut adamw, &mut fused)?;
     let secs = start.elapsed().as_secs_f64();
     let hwm = status("VmHWM:");
 
     let shapes = ModelShapes::from_checkpoint(Path::new(model))?;
+    let fused_keys = if fused_mode { "  fused_backward: true\n  max_grad_norm: 0\n" } else { "" };
     let text = format!(
-        "name: m\nsource_checkpoint: {model}\nresolution: {resolution}\nconcepts:\n  - instance_data_dir: d\n    instance_prompt: p\ntraining:\n  batch_size: {batch}\n  mixed_precision: \"no\"\n  attention: default\n  save_preview_every_n_epochs: 0\n"
+        "name: m\nsource_checkpoint: {model}\nresolution: {resolution}\nconcepts:\n  - instance_data_dir: d\n    instance_prompt: p\ntraining:\n  batch_size: {batch}\n  mixed_precision: \"no\"\n  attention: default\n  save_preview_every_n_epochs: 0\n{fused_keys}"
     );
     let c = dreambooth::config::parse_run_config(&text, "measure", Path::new("."))?;
     let e = estimate(&shapes, &Plan::from_config(&c));
@@ -100,7 +121,7 @@ fn main() -> anyhow::Result<()> {
     let measured_peak = hwm.saturating_sub(rss0);
     let err = |est: u64, got: u64| if got == 0 { 0.0 } else { (est as f64 - got as f64) / got as f64 * 100.0 };
     println!(
-        "{{\"model\":\"{model}\",\"resolution\":{resolution},\"batch\":{batch},\"step_s\":{secs:.3},\
+        "{{\"model\":\"{model}\",\"resolution\":{resolution},\"batch\":{batch},\"fused_backward\":{fused_mode},\"trained_params\":{trained},\"step_s\":{secs:.3},\
 \"measured_resident\":{measured_resident},\"estimated_resident\":{},\"resident_err_pct\":{:.1},\
 \"measured_step\":{measured_step},\"estimated_step\":{step_est},\"step_err_pct\":{:.1},\
 \"measured_peak\":{measured_peak},\"estimated_peak\":{},\"peak_err_pct\":{:.1}}}",
