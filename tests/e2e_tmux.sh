@@ -7,7 +7,8 @@
 # Usage: tests/e2e_tmux.sh [path/to/dreambooth]   (default: target/release/dreambooth)
 # Skips (exit 0, with a message) when tmux is not installed; tests/e2e_tmux.rs runs it
 # in `./dev test`. About 11 s on an idle 2-core VM (10 steps); E2E_STEPS_PER_IMAGE=N
-# changes the run length, E2E_DEBUG=1 prints each screen.
+# changes the run length, E2E_DEBUG=1 prints each screen, E2E_MODEL=PATH trains another
+# model (tests/e2e_tmux.rs runs it on tiny-sdxl too).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +22,7 @@ if [ ! -x "$bin" ]; then
     echo "FAIL: $bin not found; build it first: source scripts/env.sh && cargo build --release" >&2
     exit 1
 fi
-model="$repo/tests/fixtures/models/tiny-sd1"
+model="${E2E_MODEL:-$repo/tests/fixtures/models/tiny-sd1}"
 steps_per_image="${E2E_STEPS_PER_IMAGE:-5}"
 
 work="$(mktemp -d)"

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{max_abs_diff, model, reference};
+use common::{close, max_abs_diff, model, reference, sdxl_request};
 use dreambooth::checkpoint::{load_model, Architecture};
 use dreambooth::conditioning::{PromptEmbeds, SizeIds};
 use dreambooth::model::attention::AttentionBackend;
@@ -20,24 +20,7 @@ fn sdxl() -> StableDiffusion {
     StableDiffusion::load(&model("tiny-sdxl"), None, Device::Cpu, AttentionBackend::Default).unwrap()
 }
 
-fn request(sampler: &str, seed: u64) -> SampleRequest {
-    SampleRequest {
-        prompt: "a photo of sks dog".into(),
-        negative: "blurry".into(),
-        seed,
-        steps: 8,
-        sampler: sampler.into(),
-        guidance: 5.0,
-        width: 48,
-        height: 32,
-        clip_skip: 1,
-    }
-}
 
-fn close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    let d = max_abs_diff(got, want);
-    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
-}
 
 #[test]
 fn the_folder_loads_as_sdxl_with_both_encoders() {
@@ -129,7 +112,7 @@ fn images_match_diffusers_for_every_sampler() {
     let mut worst = 0.0f64;
     for sampler in SAMPLERS {
         for seed in [0u64, 1234] {
-            let image = sd.text_to_image(&request(sampler, seed), |_, _| {}).unwrap();
+            let image = sd.text_to_image(&sdxl_request(sampler, seed), |_, _| {}).unwrap();
             let d = max_abs_diff(&image, &r[&format!("image.{sampler}.seed{seed}")]);
             worst = worst.max(d);
             assert!(d <= 2.0 / 255.0, "{sampler} seed {seed}: max abs diff {d}");
@@ -142,7 +125,7 @@ fn images_match_diffusers_for_every_sampler() {
 fn guidance_empty_negative_default_size_and_micro_conditioning_match_diffusers() {
     let r = reference("tiny-sdxl");
     let sd = sdxl();
-    let euler = request("euler", 0);
+    let euler = sdxl_request("euler", 0);
     let check = |what: &str, image: Tensor| {
         let d = max_abs_diff(&image, &r[what]);
         assert!(d <= 2.0 / 255.0, "{what}: max abs diff {d}");
@@ -162,7 +145,7 @@ fn guidance_empty_negative_default_size_and_micro_conditioning_match_diffusers()
 fn half_precision_sampling_stays_finite() {
     let m = load_model(&model("tiny-sdxl"), None).unwrap();
     let sd = StableDiffusion::from_loaded(m, Device::Cpu, Kind::BFloat16, AttentionBackend::Default).unwrap();
-    let image = sd.text_to_image(&request("euler", 0), |_, _| {}).unwrap();
+    let image = sd.text_to_image(&sdxl_request("euler", 0), |_, _| {}).unwrap();
     assert!(bool::try_from(image.isfinite().all()).unwrap());
     let d = max_abs_diff(&image, &reference("tiny-sdxl")["image.euler.seed0"]);
     assert!(d < 0.1, "bf16 image differs by {d}");

@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use common::{max_abs_diff, model, reference};
+use common::{max_abs_diff, model, reference, sdxl_request};
 use dreambooth::checkpoint::models::scan;
 use dreambooth::checkpoint::write::write_safetensors;
 use dreambooth::checkpoint::{
@@ -18,7 +18,7 @@ use dreambooth::checkpoint::{
 };
 use dreambooth::error::one_line;
 use dreambooth::model::attention::AttentionBackend;
-use dreambooth::pipeline::{SampleRequest, StableDiffusion};
+use dreambooth::pipeline::StableDiffusion;
 use tch::{Device, Kind, Tensor};
 
 fn folder() -> std::path::PathBuf {
@@ -61,19 +61,6 @@ fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap()
 }
 
-fn request() -> SampleRequest {
-    SampleRequest {
-        prompt: "a photo of sks dog".into(),
-        negative: "blurry".into(),
-        seed: 0,
-        steps: 8,
-        sampler: "euler".into(),
-        guidance: 5.0,
-        width: 48,
-        height: 32,
-        clip_skip: 1,
-    }
-}
 
 #[test]
 fn single_file_with_model_config_is_the_folder_rounded_to_fp16() {
@@ -179,7 +166,7 @@ fn given_configs_leave_sdxl_defaults_for_the_rest() {
 fn single_file_draws_the_reference_image() {
     let m = load(&single_file(), Some(&folder()));
     let sd = StableDiffusion::from_loaded(m, Device::Cpu, Kind::Float, AttentionBackend::Default).unwrap();
-    let image = sd.text_to_image(&request(), |_, _| {}).unwrap();
+    let image = sd.text_to_image(&sdxl_request("euler", 0), |_, _| {}).unwrap();
     let d = max_abs_diff(&image, &reference("tiny-sdxl")["image.single_file"]);
     eprintln!("tiny-sdxl.safetensors: image difference {d:.2e}");
     assert!(d <= 2.0 / 255.0, "max abs diff {d}");

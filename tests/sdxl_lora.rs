@@ -10,7 +10,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use common::{fixtures, max_abs_diff, model, reference};
+use common::{close, fixtures, max_abs_diff, model, reference, sdxl_request};
 use dreambooth::checkpoint::load_model;
 use dreambooth::checkpoint::safetensors_file::SafetensorsFile;
 use dreambooth::checkpoint::source::TensorSource;
@@ -18,7 +18,7 @@ use dreambooth::config::schema::{LoraLayers, Training};
 use dreambooth::model::attention::AttentionBackend;
 use dreambooth::model::lora::LoraNetwork;
 use dreambooth::model::unet::{Conditioning, TextTime};
-use dreambooth::pipeline::{SampleRequest, StableDiffusion};
+use dreambooth::pipeline::StableDiffusion;
 use dreambooth::train::modules::choose_trainable_parameters;
 use tch::{Device, Kind, Tensor};
 
@@ -37,24 +37,7 @@ fn sdxl() -> StableDiffusion {
     StableDiffusion::load(&model("tiny-sdxl"), None, Device::Cpu, AttentionBackend::Default).unwrap()
 }
 
-fn request() -> SampleRequest {
-    SampleRequest {
-        prompt: "a photo of sks dog".into(),
-        negative: "blurry".into(),
-        seed: 0,
-        steps: 8,
-        sampler: "euler".into(),
-        guidance: 5.0,
-        width: 48,
-        height: 32,
-        clip_skip: 1,
-    }
-}
 
-fn close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    let d = max_abs_diff(got, want);
-    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
-}
 
 fn unet_out(sd: &StableDiffusion, r: &HashMap<String, Tensor>) -> Tensor {
     let cond = Conditioning {
@@ -71,7 +54,7 @@ fn check_against_diffusers(sd: &StableDiffusion, r: &HashMap<String, Tensor>, su
     let prompt = tch::no_grad(|| sd.encode_prompt("a photo of sks dog", 1));
     close(&format!("text.prompt_embeds{suffix}"), &prompt.hidden, &r[&format!("text.prompt_embeds{suffix}")], 1e-4);
     close(&format!("text.pooled{suffix}"), prompt.pooled.as_ref().unwrap(), &r[&format!("text.pooled{suffix}")], 1e-4);
-    let drawn = sd.text_to_image(&request(), |_, _| {}).unwrap();
+    let drawn = sd.text_to_image(&sdxl_request("euler", 0), |_, _| {}).unwrap();
     close(image, &drawn, &r[image], 2.0 / 255.0);
 }
 

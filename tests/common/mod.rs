@@ -41,3 +41,25 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The request every tiny-SDXL reference image was drawn with
+/// (make_sdxl_fixtures.py): prompt, negative, 8 steps, guidance 5, 48×32.
+pub fn sdxl_request(sampler: &str, seed: u64) -> dreambooth::pipeline::SampleRequest {
+    dreambooth::pipeline::SampleRequest {
+        prompt: "a photo of sks dog".into(),
+        negative: "blurry".into(),
+        seed,
+        steps: 8,
+        sampler: sampler.into(),
+        guidance: 5.0,
+        width: 48,
+        height: 32,
+        clip_skip: 1,
+    }
+}
+
+/// Asserts `got` is within `tol` of `want` everywhere.
+pub fn close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    let d = max_abs_diff(got, want);
+    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
+}
