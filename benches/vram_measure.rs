@@ -5,6 +5,8 @@
 //!
 //!     cargo bench --bench vram_measure -- MODEL_DIR RESOLUTION BATCH [fused]
 //!
+//! VRAM_MEASURE_THREADS sets libtorch's CPU threads (default 2).
+//!
 //! `fused`: the step as `training.fused_backward` runs it (each tensor updated
 //! by AdamW inside the backward pass and its gradient freed; no clipping), and
 //! the estimate for that config.
@@ -57,7 +59,9 @@ fn main() -> anyhow::Result<()> {
         Some("fused") => true,
         Some(other) => anyhow::bail!("the fourth argument is `fused` or nothing, not {other:?}"),
     };
-    tch::set_num_threads(2);
+    // VRAM_MEASURE_THREADS: libtorch's CPU threads (default 2).
+    let threads = std::env::var("VRAM_MEASURE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    tch::set_num_threads(threads);
     let _ = Tensor::zeros([1], (Kind::Float, Device::Cpu)).sum(Kind::Float);
     let rss0 = status("VmRSS:");
 
