@@ -129,6 +129,7 @@ fn concept_keys() -> Vec<String> {
         class_infer_steps: Some(0),
         prior_loss_weight: 0.0,
         sample_prompts: vec![],
+        validation_data_dir: Some(PathBuf::new()),
     });
     keys.sort();
     keys

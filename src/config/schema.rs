@@ -72,6 +72,10 @@ pub struct Concept {
     pub prior_loss_weight: f64,
     #[serde(default)]
     pub sample_prompts: Vec<String>,
+    /// Held-out photos of the subject, never trained on: their denoising loss at
+    /// fixed timesteps and noise is logged every `training.validate_every_n_epochs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +196,11 @@ pub struct Training {
     /// Checkpoints kept on disk (older ones are deleted); 0 = keep all.
     pub keep_last_checkpoints: u32,
 }
+    /// Validation loss (held-out photos, class images) every n epochs; 0 = off.
+    pub validate_every_n_epochs: u32,
+    /// Fixed timesteps the validation loss is averaged over, spread evenly over
+    /// the schedule (kohya's 4: 200, 400, 600, 800 of 1000).
+    pub validation_timesteps: u32,
 
 impl Default for Training {
     fn default() -> Self {
@@ -245,6 +254,8 @@ impl Default for Training {
         }
     }
 }
+            validate_every_n_epochs: 0,
+            validation_timesteps: 4,
 
 impl Training {
     /// Rank and alpha of the text encoder's LoRA adapters: their own, else the UNet's.

@@ -126,6 +126,9 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
     if !crate::scheduler::SAMPLER_NAMES.contains(&s.scheduler.as_str()) {
         return Err(format!(
             "`sampling.scheduler` {:?} is not one of {}",
+    if !(1..=100).contains(&t.validation_timesteps) {
+        return Err(format!("`training.validation_timesteps` {} must be between 1 and 100 (4 is usual)", t.validation_timesteps));
+    }
             s.scheduler,
             crate::scheduler::SAMPLER_NAMES.join(", ")
         ));

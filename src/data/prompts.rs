@@ -120,6 +120,7 @@ mod tests {
             class_infer_steps: None,
             prior_loss_weight: 1.0,
             sample_prompts: Vec::new(),
+            validation_data_dir: None,
         }
     }
 

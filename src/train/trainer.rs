@@ -78,6 +78,7 @@ pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
     if let Some(vae) = config.vae.as_ref().filter(|v| !v.exists()) {
         return Err(usage(format!("`vae` {} does not exist", vae.display())));
     }
+    validation::check(config)?;
     Ok(())
 }
 
@@ -226,6 +227,8 @@ pub struct Trainer {
     last_record_at: Option<Instant>,
 }
 
+    /// `training.validate_every_n_epochs`: the held-out sets and the last pass (trainer/validation.rs).
+    validation: validation::Validation,
 /// Whether a run directory holds anything a later `resume` could use: a checkpoint
 /// or class images.
 fn made_anything(run_dir: &Path) -> bool {
@@ -539,9 +542,11 @@ impl Trainer {
         trainer.describe_plan();
         trainer.start_cuda_graphs();
         Ok(trainer)
+            validation: validation::Validation::default(),
     }
 
     #[allow(clippy::type_complexity)]
+        trainer.describe_validation();
     fn build_inner(
         config: RunConfig,
         run_dir: &Path,
@@ -1028,6 +1033,7 @@ impl Trainer {
                 return self.stop();
             }
             let epochs_before = self.epochs_done();
+        self.validate_before_training()?;
             let started = Instant::now();
             let loss = self.queue_train_step()?;
             let pending = PendingStep { step: self.step, epoch: self.epochs_done(), lr: self.last_lr, loss, started };
@@ -1049,6 +1055,7 @@ impl Trainer {
         }
         if self.last_sample_step != Some(self.step) && self.config.training.save_preview_every_n_epochs > 0 {
             self.previews()?;
+        self.validate_at_end()?;
         }
         self.checkpoint()?;
         let peak = crate::device::memory_in_use(self.device).1;
@@ -1081,6 +1088,7 @@ impl Trainer {
         }
         if t.save_model_every_n_epochs > 0 && epoch.is_multiple_of(u64::from(t.save_model_every_n_epochs)) {
             self.checkpoint()?;
+        self.validate_if_due(epoch)?;
         }
         if !last && t.pause_after_n_epochs > 0 && epoch.is_multiple_of(u64::from(t.pause_after_n_epochs)) {
             let reason = format!("after epoch {epoch}");
@@ -1182,6 +1190,7 @@ use step_records::PendingStep;
 
 /// `DREAMBOOTH_FAIL_AT_STEP=N`: step N asks libtorch for an impossible
 /// allocation, so tests can drive the real out-of-memory path (a panic of tch
+mod validation;
 /// from a C++ exception) without a GPU.
 fn fail_if_injected(step: u64) {
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();

@@ -1,20 +1,22 @@
 //! `dreambooth runs [DIR]`: one line per run directory under DIR, read the way
 //! the dashboard reads a run (status from the lock and the event log, steps,
-//! last loss, newest checkpoint), for finding a run again after an SSH session
-//! ended.
+//! last loss, the lowest validation loss and its epoch, newest checkpoint), for
+//! finding a run again after an SSH session ended.
 
 use std::path::{Path, PathBuf};
 
 use super::state::{DashboardState, Preparing, RunStatus};
 use crate::error::usage;
 
-/// A run's line: name, status, steps, last loss, newest checkpoint.
+/// A run's line: name, status, steps, last loss, lowest validation loss, newest checkpoint.
 pub struct RunLine {
     pub dir: PathBuf,
     pub name: String,
     pub status: String,
     pub steps: String,
     pub loss: String,
+    /// The lowest held-out validation loss and its epoch (`0.1234 @ epoch 6`), "-" without one.
+    pub validation: String,
     pub checkpoint: String,
 }
 
@@ -83,34 +85,51 @@ pub fn run_lines(dir: &Path, now: f64) -> anyhow::Result<Vec<RunLine>> {
                 None => step.to_string(),
             };
             let loss = state.last_step().map_or_else(|| "-".into(), |s| format!("{:.4}", s.loss));
+            let validation = state
+                .lowest_validation()
+                .and_then(|v| Some(format!("{:.4} @ epoch {}", v.loss?, v.epoch)))
+                .unwrap_or_else(|| "-".into());
             let checkpoint = crate::train::checkpoint::list_checkpoints(&run)
                 .last()
                 .map_or_else(|| "-".into(), |(step, _)| format!("step {step}"));
-            RunLine { name: state.name.clone(), status: status_word(&state), steps, loss, checkpoint, dir: run }
+            RunLine { name: state.name.clone(), status: status_word(&state), steps, loss, validation, checkpoint, dir: run }
         })
         .collect())
 }
 
-/// The table `dreambooth runs` prints, columns aligned.
+/// The table `dreambooth runs` prints, columns aligned; the VALIDATION column
+/// (lowest validation loss @ its epoch) only when some run measured one.
 pub fn format_table(lines: &[RunLine]) -> String {
-    let header = ["RUN", "STATUS", "STEP", "LOSS", "CHECKPOINT", "FOLDER"];
-    let rows: Vec<[String; 6]> = lines
+    let validated = lines.iter().any(|l| l.validation != "-");
+    let pick = |cells: [String; 7]| -> Vec<String> {
+        cells.into_iter().enumerate().filter(|(i, _)| validated || *i != 4).map(|(_, c)| c).collect()
+    };
+    let header = pick(["RUN", "STATUS", "STEP", "LOSS", "VALIDATION", "CHECKPOINT", "FOLDER"].map(String::from));
+    let rows: Vec<Vec<String>> = lines
         .iter()
         .map(|l| {
-            [l.name.clone(), l.status.clone(), l.steps.clone(), l.loss.clone(), l.checkpoint.clone(), l.dir.display().to_string()]
+            pick([
+                l.name.clone(),
+                l.status.clone(),
+                l.steps.clone(),
+                l.loss.clone(),
+                l.validation.clone(),
+                l.checkpoint.clone(),
+                l.dir.display().to_string(),
+            ])
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(String::len).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let line = |cells: &[String]| -> String {
-        let padded: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, &w)| format!("{c:<w$}")).collect();
         padded.join("  ").trim_end().to_string()
     };
-    let mut out = line(&header.map(String::from));
+    let mut out = line(&header);
     out.push('\n');
     for row in &rows {
         out.push_str(&line(row));

@@ -63,6 +63,16 @@ pub struct Summary {
     pub log_file: PathBuf,
 }
 
+/// One validation pass (a `validation` event): the held-out photos' loss and the
+/// class images' (language drift), each pooled over the run's concepts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidationPoint {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: Option<f64>,
+    pub class_loss: Option<f64>,
+}
+
 /// What a live trainer does before its first step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Preparing {
@@ -88,6 +98,8 @@ pub struct DashboardState {
     /// Where the trainer runs (`start` event's `device`).
     pub device: Option<String>,
     pub steps: Vec<StepRecord>,
+    /// Validation passes in step order, each step once (a restarted trainer's replace those it redoes).
+    pub validations: Vec<ValidationPoint>,
     pub log: Vec<LogLine>,
     pub status: RunStatus,
     pub previews: Vec<Preview>,
@@ -128,6 +140,7 @@ impl DashboardState {
             config_total_steps: None,
             device: None,
             steps: Vec::new(),
+            validations: Vec::new(),
             log: Vec::new(),
             status: RunStatus::NotRunning,
             previews: Vec::new(),
@@ -199,6 +212,7 @@ impl DashboardState {
 
     fn apply_events(&mut self, events: &[Event]) {
         self.steps.clear();
+        self.validations.clear();
         self.log.clear();
         self.started = None;
         self.total_steps = self.config_total_steps;
@@ -257,12 +271,25 @@ impl DashboardState {
                             // logged after that point were lost with the process and are redone.
                             let from = fields.get("resumed_from").and_then(|v| v.as_u64()).unwrap_or(0);
                             self.steps.retain(|s| s.step <= from);
+                            self.validations.retain(|v| v.step <= from);
                             if let Some(total) = fields.get("total_steps").and_then(|v| v.as_u64()) {
                                 self.total_steps = Some(total);
                             }
                             if let Some(device) = fields.get("device").and_then(|v| v.as_str()) {
                                 self.device = Some(device.to_string());
                             }
+                        }
+                        "validation" => {
+                            let number = |key: &str| fields.get(key).and_then(|v| v.as_f64()).filter(|v| v.is_finite());
+                            let step = fields.get("step").and_then(|v| v.as_u64()).unwrap_or(0);
+                            // A pass logged again (a restart that redid its step) replaces the earlier one.
+                            self.validations.retain(|v| v.step < step);
+                            self.validations.push(ValidationPoint {
+                                step,
+                                epoch: fields.get("epoch").and_then(|v| v.as_u64()).unwrap_or(0),
+                                loss: number("loss"),
+                                class_loss: number("class_loss"),
+                            });
                         }
                         "stopped" => status = RunStatus::Stopped,
                         "pause" => status = RunStatus::Paused,
@@ -394,6 +421,15 @@ impl DashboardState {
         Some((total - last) as f64 / self.measured_speed()?)
     }
 
+    /// The validation pass with the lowest held-out loss (the earliest of equals):
+    /// where a run that has begun to overfit was best.
+    pub fn lowest_validation(&self) -> Option<&ValidationPoint> {
+        self.validations.iter().filter(|v| v.loss.is_some()).fold(None, |best: Option<&ValidationPoint>, v| match best {
+            Some(b) if b.loss <= v.loss => Some(b),
+            _ => Some(v),
+        })
+    }
+
     /// Peak of the logged VRAM use; None when no step reported any (CPU runs log 0).
     pub fn vram_peak(&self) -> Option<u64> {
         self.steps.iter().map(|s| s.vram_bytes).max().filter(|&b| b > 0)
@@ -433,6 +469,13 @@ fn describe(name: &str, fields: &serde_json::Map<String, serde_json::Value>) -> 
         );
         line.extend(text("prompt").map(|p| format!(" · {p:?}")));
         return line;
+    }
+    if name == "validation" {
+        let value = |key: &str| fields.get(key).and_then(|v| v.as_f64()).map(|v| format!("{v:.4}"));
+        let mut parts = vec![format!("validation · step {}", number("step").unwrap_or(0))];
+        parts.extend(value("loss").map(|l| format!("loss {l}")));
+        parts.extend(value("class_loss").map(|l| format!("class images {l}")));
+        return parts.join(" · ");
     }
     if name == "loading" {
         return format!("loading the model{}", text("source").map(|s| format!(" · {s}")).unwrap_or_default());

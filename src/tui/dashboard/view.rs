@@ -19,6 +19,8 @@ pub struct Areas {
     pub header: Rect,
     pub recent: Rect,
     pub whole: Rect,
+    /// Beside the whole-run chart once a validation pass is logged.
+    pub validation: Option<Rect>,
     pub stats: Rect,
     pub previews: Rect,
     pub summary: Option<Rect>,
@@ -42,9 +44,15 @@ pub fn areas(area: Rect, state: &DashboardState) -> Areas {
     .areas(area);
     let [charts, right] = Layout::horizontal([Constraint::Percentage(55), Constraint::Percentage(45)]).areas(middle);
     let [recent, whole] = Layout::vertical([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(charts);
-    let stats_height = if text_encoder_lr_line(state).is_some() { 6 } else { 5 };
+    let (whole, validation) = if state.validations.is_empty() {
+        (whole, None)
+    } else {
+        let [whole, validation] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(whole);
+        (whole, Some(validation))
+    };
+    let stats_height = 5 + u16::from(text_encoder_lr_line(state).is_some()) + u16::from(validation_line(state).is_some());
     let [stats, previews] = Layout::vertical([Constraint::Length(stats_height), Constraint::Min(3)]).areas(right);
-    Areas { header, recent, whole, stats, previews, summary: state.summary.as_ref().map(|_| summary), log, footer }
+    Areas { header, recent, whole, validation, stats, previews, summary: state.summary.as_ref().map(|_| summary), log, footer }
 }
 
 /// Cell rectangles of each preview image inside the previews block.
@@ -67,6 +75,9 @@ pub fn draw(frame: &mut Frame, state: &DashboardState) {
     draw_header(frame, a.header, state);
     draw_loss(frame, a.recent, state, true);
     draw_loss(frame, a.whole, state, false);
+    if let Some(area) = a.validation {
+        draw_validation(frame, area, state);
+    }
     draw_stats(frame, a.stats, state);
     draw_previews(frame, a.previews, state);
     if let Some(area) = a.summary {
@@ -205,6 +216,72 @@ fn draw_loss(frame: &mut Frame, area: Rect, state: &DashboardState, recent: bool
     frame.render_widget(chart, area);
 }
 
+/// Colours of the validation series: held-out photos, class images.
+const HELD_OUT_COLOUR: Color = Color::Yellow;
+const CLASS_COLOUR: Color = Color::Magenta;
+
+/// The validation passes on their own scale (they move far less than the
+/// per-step loss, drawn at random timesteps): the held-out photos' loss and, with
+/// prior preservation, the class images' (the source model's own pictures:
+/// rising, the class drifts).
+fn draw_validation(frame: &mut Frame, area: Rect, state: &DashboardState) {
+    let series = |pick: fn(&super::state::ValidationPoint) -> Option<f64>| -> Vec<(f64, f64)> {
+        state.validations.iter().filter_map(|v| Some((v.step as f64, pick(v)?))).collect()
+    };
+    let (held_out, class) = (series(|v| v.loss), series(|v| v.class_loss));
+    let title = match (held_out.is_empty(), class.is_empty()) {
+        (false, false) => Line::from(vec![
+            Span::raw(" val: "),
+            Span::styled("photos", Style::new().fg(HELD_OUT_COLOUR)),
+            Span::raw(" "),
+            Span::styled("class", Style::new().fg(CLASS_COLOUR)),
+            Span::raw(" "),
+        ]),
+        (true, false) => Line::from(vec![Span::raw(" validation: "), Span::styled("class", Style::new().fg(CLASS_COLOUR)), Span::raw(" ")]),
+        _ => Line::from(vec![Span::raw(" "), Span::styled("validation loss", Style::new().fg(HELD_OUT_COLOUR)), Span::raw(" ")]),
+    };
+    let block = Block::bordered().title(title);
+    let all: Vec<&(f64, f64)> = held_out.iter().chain(&class).collect();
+    if all.is_empty() {
+        frame.render_widget(Paragraph::new("no values").block(block), area);
+        return;
+    }
+    let x0 = all.iter().map(|p| p.0).fold(f64::MAX, f64::min);
+    let x1 = all.iter().map(|p| p.0).fold(f64::MIN, f64::max).max(x0 + 1.0);
+    let (mut y0, mut y1) = all.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    if y1 - y0 < 1e-9 {
+        y0 -= 0.5 * y0.abs().max(1e-3);
+        y1 += 0.5 * y1.abs().max(1e-3);
+    }
+    fn dataset(points: &[(f64, f64)], colour: Color) -> Dataset<'_> {
+        // A line needs two points; the first pass alone is drawn as a dot.
+        let kind = if points.len() > 1 { GraphType::Line } else { GraphType::Scatter };
+        Dataset::default().marker(Marker::Braille).graph_type(kind).style(Style::new().fg(colour)).data(points)
+    }
+    let mut datasets = Vec::new();
+    if !held_out.is_empty() {
+        datasets.push(dataset(&held_out, HELD_OUT_COLOUR));
+    }
+    if !class.is_empty() {
+        datasets.push(dataset(&class, CLASS_COLOUR));
+    }
+    let chart = Chart::new(datasets)
+        .block(block)
+        .x_axis(Axis::default().bounds([x0, x1]).labels([format!("{x0:.0}"), format!("{x1:.0}")]))
+        .y_axis(Axis::default().bounds([y0, y1]).labels([format!("{y0:.4}"), format!("{y1:.4}")]));
+    frame.render_widget(chart, area);
+}
+
+/// The stats panel's validation line: the last held-out loss and the epoch of
+/// the lowest (or, with class images only, their last loss); None before a pass.
+fn validation_line(state: &DashboardState) -> Option<String> {
+    let last = state.validations.last()?;
+    Some(match (last.loss, state.lowest_validation()) {
+        (Some(loss), Some(best)) => format!("val {loss:.4} · lowest {:.4} @ epoch {}", best.loss.unwrap_or(loss), best.epoch),
+        _ => format!("val class images {}", last.class_loss.map_or_else(|| "-".into(), |l| format!("{l:.4}"))),
+    })
+}
+
 /// The text encoder's own rate (`text_encoder_learning_rate`, scheduled like the
 /// UNet's) while it trains, or the step it stopped at; None when it has no rate of its own.
 fn text_encoder_lr_line(state: &DashboardState) -> Option<String> {
@@ -230,15 +307,20 @@ fn draw_stats(frame: &mut Frame, area: Rect, state: &DashboardState) {
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let text_encoder = text_encoder_lr_line(state);
-    let [lr_row, te_row, vram_label, vram_gauge] = Layout::vertical([
+    let validation = validation_line(state);
+    let [lr_row, te_row, val_row, vram_label, vram_gauge] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(u16::from(text_encoder.is_some())),
+        Constraint::Length(u16::from(validation.is_some())),
         Constraint::Length(1),
         Constraint::Length(1),
     ])
     .areas(inner);
     if let Some(line) = text_encoder {
         frame.render_widget(Paragraph::new(line), te_row);
+    }
+    if let Some(line) = validation {
+        frame.render_widget(Paragraph::new(line).style(Style::new().fg(HELD_OUT_COLOUR)), val_row);
     }
     let last = state.last_step();
     let lr = last.map(|s| format!("lr {:.3e}", s.lr)).unwrap_or_else(|| "lr -".into());
@@ -312,12 +394,35 @@ fn summary_lines(state: &DashboardState) -> Vec<Line<'static>> {
         }
         _ => lines.push(Line::from(format!("finished {outcome}"))),
     }
+    if let Some(line) = validation_summary(state) {
+        lines.push(Line::from(line));
+    }
     lines.push(Line::from(format!(
         "checkpoint: {}",
         summary.checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
     )));
     lines.push(Line::from(format!("samples:    {}", summary.samples_dir.display())));
     lines
+}
+
+/// The summary's validation line: the lowest held-out loss with its epoch (the
+/// checkpoint nearest it is the one to keep when the curve turned up), the last,
+/// and the class images' loss from the first pass to the last.
+fn validation_summary(state: &DashboardState) -> Option<String> {
+    let (first, last) = (state.validations.first()?, state.validations.last()?);
+    let mut parts = Vec::new();
+    if let (Some(best), Some(loss)) = (state.lowest_validation(), last.loss) {
+        parts.push(format!(
+            "validation lowest {:.4} at epoch {} (step {}) · last {loss:.4}",
+            best.loss.unwrap_or(loss),
+            best.epoch,
+            best.step
+        ));
+    }
+    if let (Some(a), Some(b)) = (first.class_loss, last.class_loss) {
+        parts.push(format!("class images {a:.4} → {b:.4}"));
+    }
+    (!parts.is_empty()).then(|| parts.join(" · "))
 }
 
 fn draw_summary(frame: &mut Frame, area: Rect, state: &DashboardState) {

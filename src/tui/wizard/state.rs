@@ -914,6 +914,7 @@ impl WizardState {
                         c.sample_prompts.split('|').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
                     if typed.is_empty() { vec![c.instance_prompt.trim().to_string()] } else { typed }
                 },
+                validation_data_dir: None,
             })
             .collect()
     }
