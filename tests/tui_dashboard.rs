@@ -443,3 +443,102 @@ fn refreshes_read_appended_events_and_retry_an_unreadable_preview() {
     assert_eq!(state.steps.len(), 41);
     assert!(state.previews.iter().find(|p| p.name == "step-000040-0").unwrap().image.is_some());
 }
+
+/// Appends validation passes every 5 epochs (10 steps) of the recorded run: the
+/// held-out photos' loss falls to its lowest at epoch 10 and rises after (the
+/// model starts reproducing the training photos), the class images' rises (drift).
+fn append_validations(run: &Path, passes: &[(u64, f64, f64)]) {
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    for &(step, loss, class_loss) in passes {
+        let event = serde_json::json!({
+            "event": "validation", "step": step, "epoch": step / 2, "loss": loss,
+            "concepts": [{"concept": 0, "loss": loss, "images": 3}],
+            "class_loss": class_loss, "class_concepts": [{"concept": 0, "loss": class_loss, "images": 4}],
+            "timesteps": [200, 400, 600, 800], "timestep_losses": [loss, loss, loss, loss], "seconds": 0.5,
+            "time": T0 + 3.0 * step as f64 / 2.0 + 1.0,
+        });
+        writeln!(file, "{event}").unwrap();
+    }
+}
+
+const PASSES: [(u64, f64, f64); 5] =
+    [(0, 0.2150, 0.1800), (10, 0.1720, 0.1810), (20, 0.1610, 0.1850), (30, 0.1660, 0.1900), (40, 0.1745, 0.1960)];
+
+/// The validation passes are drawn on their own scale beside the whole-run loss
+/// (held-out photos and class images), the stats name the epoch of the lowest,
+/// and the events say each pass's values.
+#[test]
+fn validation_passes_are_plotted_beside_the_loss() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    append_validations(&run, &PASSES);
+    let _lock = RunLock::acquire(&run).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 60.0);
+    assert_eq!(state.validations.len(), 5);
+    let best = state.lowest_validation().unwrap();
+    assert_eq!((best.step, best.epoch, best.loss), (20, 10, Some(0.1610)));
+    let text = screen(&mut state, 80, 24);
+    assert!(text.contains("val: photos class"), "{text}");
+    assert!(text.contains("val 0.1745 · best 0.1610 @ ep 10"), "{text}");
+    assert!(text.contains("0.1610") && text.contains("0.1960"), "the validation chart's own scale:\n{text}");
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_validation_80x24", text));
+    let big = screen(&mut state, 120, 36);
+    assert!(big.contains("validation · step 40 · loss 0.1745 · class images 0.1960"), "{big}");
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_validation_120x36", big));
+}
+
+/// A finished run's summary names the epoch of the lowest validation loss (the
+/// checkpoint to keep when the curve turned up) and how far the class images'
+/// loss moved; `dreambooth runs` has it in its VALIDATION column.
+#[test]
+fn a_finished_runs_summary_names_its_lowest_validation_epoch() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    append_validations(&run, &PASSES);
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    writeln!(file, "{{\"event\":\"done\",\"step\":40,\"time\":{}}}", T0 + 53.0).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 1000.0);
+    let text = screen(&mut state, 80, 24);
+    assert!(text.contains("val: lowest 0.1610 @ epoch 10, step 20 · last 0.1745 · class 0.1800 → 0.1960"), "{text}");
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_validation_finished", text));
+    let lines = dreambooth::tui::dashboard::list::run_lines(&root.path().join("runs"), T0 + 1000.0).unwrap();
+    assert_eq!(lines[0].validation, "0.1610 @ epoch 10");
+    let table = dreambooth::tui::dashboard::list::format_table(&lines);
+    assert!(table.starts_with("RUN  STATUS    STEP   LOSS    VALIDATION         CHECKPOINT"), "{table}");
+    // Without validation the table keeps its columns.
+    let plain = recorded_run(&root.path().join("plain"));
+    let lines = dreambooth::tui::dashboard::list::run_lines(&plain.parent().unwrap().to_path_buf(), T0 + 1000.0).unwrap();
+    assert_eq!(lines[0].validation, "-");
+    assert!(!dreambooth::tui::dashboard::list::format_table(&lines).contains("VALIDATION"));
+}
+
+/// A restarted trainer redoes the passes after its checkpoint: the dashboard
+/// keeps each step once, the restarted trainer's; class images alone are drawn too.
+#[test]
+fn a_restart_replaces_the_validation_passes_it_redoes() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    append_validations(&run, &PASSES);
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    writeln!(file, "{{\"event\":\"start\",\"step\":20,\"total_steps\":50,\"resumed_from\":20,\"time\":{}}}", T0 + 100.0).unwrap();
+    let state = DashboardState::load(&run, T0 + 101.0);
+    let steps: Vec<u64> = state.validations.iter().map(|v| v.step).collect();
+    assert_eq!(steps, [0, 10, 20], "the passes after the checkpoint were lost with the process");
+    // The restarted trainer's own pass at step 30, and one at 20 logged again, replace the old ones.
+    writeln!(file, "{{\"event\":\"validation\",\"step\":30,\"epoch\":15,\"class_loss\":0.25,\"time\":{}}}", T0 + 110.0).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 111.0);
+    let points: Vec<(u64, Option<f64>)> = state.validations.iter().map(|v| (v.step, v.class_loss)).collect();
+    assert_eq!(points, [(0, Some(0.18)), (10, Some(0.181)), (20, Some(0.185)), (30, Some(0.25))]);
+    writeln!(file, "{{\"event\":\"validation\",\"step\":20,\"epoch\":10,\"class_loss\":0.3,\"time\":{}}}", T0 + 112.0).unwrap();
+    state.refresh(T0 + 113.0);
+    let points: Vec<(u64, Option<f64>)> = state.validations.iter().map(|v| (v.step, v.class_loss)).collect();
+    assert_eq!(points, [(0, Some(0.18)), (10, Some(0.181)), (20, Some(0.3))]);
+    // A run with class images only: their chart and line.
+    std::fs::write(run.join("events.jsonl"), "").unwrap();
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    writeln!(file, "{{\"event\":\"validation\",\"step\":0,\"epoch\":0,\"class_loss\":0.2,\"time\":{T0}}}").unwrap();
+    let mut state = DashboardState::load(&run, T0 + 1.0);
+    assert!(state.lowest_validation().is_none());
+    let text = screen(&mut state, 80, 24);
+    assert!(text.contains("validation: class") && text.contains("val class images 0.2000"), "{text}");
+}

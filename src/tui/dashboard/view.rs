@@ -31,7 +31,12 @@ pub struct Areas {
 pub fn areas(area: Rect, state: &DashboardState) -> Areas {
     // A finished run trades event lines for its summary, so the charts keep their room at 80×24.
     let (summary_height, log_height) = match state.summary {
-        Some(_) => (summary_lines(state).len() as u16 + 2, 4),
+        // Rows as drawn: a line wider than the box wraps.
+        Some(_) => {
+            let inner = usize::from(area.width.saturating_sub(2)).max(1);
+            let rows: usize = summary_lines(state).iter().map(|l| l.width().max(1).div_ceil(inner)).sum();
+            (rows as u16 + 2, 4)
+        }
         None => (0, 6),
     };
     let [header, middle, summary, log, footer] = Layout::vertical([
@@ -277,7 +282,7 @@ fn draw_validation(frame: &mut Frame, area: Rect, state: &DashboardState) {
 fn validation_line(state: &DashboardState) -> Option<String> {
     let last = state.validations.last()?;
     Some(match (last.loss, state.lowest_validation()) {
-        (Some(loss), Some(best)) => format!("val {loss:.4} · lowest {:.4} @ epoch {}", best.loss.unwrap_or(loss), best.epoch),
+        (Some(loss), Some(best)) => format!("val {loss:.4} · best {:.4} @ ep {}", best.loss.unwrap_or(loss), best.epoch),
         _ => format!("val class images {}", last.class_loss.map_or_else(|| "-".into(), |l| format!("{l:.4}"))),
     })
 }
@@ -412,15 +417,10 @@ fn validation_summary(state: &DashboardState) -> Option<String> {
     let (first, last) = (state.validations.first()?, state.validations.last()?);
     let mut parts = Vec::new();
     if let (Some(best), Some(loss)) = (state.lowest_validation(), last.loss) {
-        parts.push(format!(
-            "validation lowest {:.4} at epoch {} (step {}) · last {loss:.4}",
-            best.loss.unwrap_or(loss),
-            best.epoch,
-            best.step
-        ));
+        parts.push(format!("val: lowest {:.4} @ epoch {}, step {} · last {loss:.4}", best.loss.unwrap_or(loss), best.epoch, best.step));
     }
     if let (Some(a), Some(b)) = (first.class_loss, last.class_loss) {
-        parts.push(format!("class images {a:.4} → {b:.4}"));
+        parts.push(format!("{}class {a:.4} → {b:.4}", if parts.is_empty() { "val: " } else { "" }));
     }
     (!parts.is_empty()).then(|| parts.join(" · "))
 }
