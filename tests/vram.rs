@@ -128,7 +128,7 @@ fn sd15_plan() -> Plan {
 #[test]
 fn memory_savers_lower_the_estimate() {
     let m = ModelShapes::sd15();
-    let base = Plan { attention: AttentionBackend::Default, mixed: MixedPrecision::No, ..sd15_plan() };
+    let base = Plan { attention: AttentionBackend::Explicit, mixed: MixedPrecision::No, ..sd15_plan() };
     let peak = |p: &Plan| estimate(&m, p).peak;
     let b = peak(&base);
     assert!(peak(&Plan { attention: AttentionBackend::Xformers, ..base.clone() }) < b);

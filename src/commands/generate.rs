@@ -10,10 +10,11 @@ use crate::error::usage;
 use crate::model::attention::AttentionBackend;
 use crate::pipeline::{progress_bar, save_png, SampleRequest, StableDiffusion};
 
+/// `generate` uses the fused SDPA kernel (`attention: default`), as diffusers'
+/// pipeline does by default: the same attention without materialising the score matrix.
+const GENERATE_ATTENTION: AttentionBackend = AttentionBackend::Default;
+
 /// `dreambooth generate`.
-/// `generate` uses the fused SDPA kernel, as diffusers' pipeline does by default:
-/// the same attention without materialising the score matrix.
-const GENERATE_ATTENTION: AttentionBackend = AttentionBackend::Xformers;
 
 pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     use crate::scheduler::SAMPLER_NAMES;

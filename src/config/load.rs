@@ -253,7 +253,7 @@ mod tests {
         assert_eq!(err, "t.yaml: `training.mixed_precision` is true, not one of `no`, `fp16`, `bf16`");
         let text = format!("{MINIMAL}training:\n  attention: [a]\n");
         let err = parse_run_config(&text, "t.yaml", Path::new(".")).unwrap_err().to_string();
-        assert_eq!(err, "t.yaml: `training.attention` is [\"a\"], not one of `default`, `xformers`, `flash_attention`");
+        assert_eq!(err, "t.yaml: `training.attention` is [\"a\"], not one of `default`, `explicit`, `xformers`, `flash_attention`");
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! Attention back ends. `default` is the explicit matmul-softmax (what diffusers'
-//! AttnProcessor computes); `xformers` and `flash_attention` map to libtorch's
-//! memory-efficient and flash SDPA kernels (on the CPU, its fused CPU kernel).
-//! Where a kernel cannot run (flash attention in fp32 on CUDA) the math path is
-//! used instead and that is said once.
+//! Attention back ends. `default` is libtorch's fused scaled-dot-product
+//! attention (SDPA), which picks its kernel itself (flash, memory-efficient or
+//! math on CUDA; its fused flash-style kernel on the CPU): what diffusers'
+//! default processor, AttnProcessor2_0, calls. `explicit` is the matmul-softmax
+//! of diffusers' AttnProcessor, which keeps the `[seq, seq]` score matrices.
+//! `xformers` and `flash_attention` name the memory-efficient and flash SDPA
+//! kernels; where a kernel cannot run (flash attention in fp32 on CUDA) the
+//! explicit path is used instead and that is said once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,8 +14,11 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum AttentionBackend {
+    /// libtorch's SDPA (diffusers' default, AttnProcessor2_0).
     #[default]
     Default,
+    /// softmax(q kᵀ) v with the scores materialised (diffusers' AttnProcessor).
+    Explicit,
     Xformers,
     FlashAttention,
 }
@@ -21,6 +27,7 @@ impl AttentionBackend {
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "default" => Some(Self::Default),
+            "explicit" => Some(Self::Explicit),
             "xformers" => Some(Self::Xformers),
             "flash_attention" | "flash" => Some(Self::FlashAttention),
             _ => None,
@@ -32,7 +39,7 @@ static FALLBACK_SAID: AtomicBool = AtomicBool::new(false);
 
 fn say_fallback_once(backend: AttentionBackend, why: &str) {
     if !FALLBACK_SAID.swap(true, Ordering::Relaxed) {
-        eprintln!("note: attention back end {backend:?} is not available ({why}); using the default attention");
+        eprintln!("note: attention back end {backend:?} is not available ({why}); using the explicit attention");
     }
 }
 
@@ -52,8 +59,8 @@ fn run(q: &Tensor, k: &Tensor, v: &Tensor, backend: AttentionBackend, upcast: bo
     let head_dim = *q.size().last().expect("attention input has dimensions");
     let scale = 1.0 / (head_dim as f64).sqrt();
     match backend {
-        AttentionBackend::Default => explicit(q, k, v, scale, upcast, causal),
-        AttentionBackend::Xformers | AttentionBackend::FlashAttention => {
+        AttentionBackend::Explicit => explicit(q, k, v, scale, upcast, causal),
+        AttentionBackend::Default | AttentionBackend::Xformers | AttentionBackend::FlashAttention => {
             // On the CPU libtorch's SDPA runs its own fused (flash-style) kernel for
             // every float type, so both back ends are real there too.
             let flash = backend == AttentionBackend::FlashAttention;

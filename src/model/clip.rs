@@ -82,7 +82,8 @@ impl ClipEncoderLayer {
                 v_proj: Linear::new(&a.pp("v_proj"), d, d, true)?,
                 out_proj: Linear::new(&a.pp("out_proj"), d, d, true)?,
                 heads: cfg.num_attention_heads,
-                backend: AttentionBackend::Default,
+                // transformers' eager CLIP attention (77 tokens: no memory to save).
+                backend: AttentionBackend::Explicit,
             },
             layer_norm1: LayerNorm::new(&w.pp("layer_norm1"), d, eps)?,
             mlp: ClipMlp {

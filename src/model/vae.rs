@@ -42,7 +42,8 @@ impl VaeAttention {
         let q = self.to_q.forward(&tokens);
         let k = self.to_k.forward(&tokens);
         let v = self.to_v.forward(&tokens);
-        // One head; softmax in float32 as diffusers' upcast_softmax does.
+        // One head, through SDPA as diffusers' default processor runs it (no
+        // [pixels, pixels] score matrix: 16 GiB of them for a 2048² decode).
         let out = super::attention::attention(&q, &k, &v, super::attention::AttentionBackend::Default, true);
         let out = self.to_out.forward(&out.squeeze_dim(1));
         out.transpose(1, 2).reshape([b, c, h, w]) + x

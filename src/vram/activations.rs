@@ -17,7 +17,8 @@ pub struct ActSettings {
     pub width: i64,
     /// Autocast to fp16/bf16 (2-byte activations with float32 norms and softmax).
     pub mixed: bool,
-    /// SDPA (memory-efficient / flash) instead of the explicit softmax(q kᵀ) v.
+    /// The UNet's attention through SDPA (`attention: default`, `xformers`,
+    /// `flash_attention`) instead of the explicit softmax(q kᵀ) v.
     pub sdpa: bool,
 }
 
@@ -107,7 +108,9 @@ pub fn saved(kind: &LayerKind, s: &ActSettings) -> u64 {
             let t = (s.batch * windows * tokens) as u64;
             let (h, i) = (hidden as u64, intermediate as u64);
             let qkv_inputs = if s.mixed { 3 * e * h * t } else { F32 * h * t };
-            2 * F32 * h * t + qkv_inputs + 4 * e * h * t + s.probs(heads, t, tokens as u64) + e * h * t + 3 * e * i * t
+            // CLIP's attention is always the explicit one (model/clip.rs).
+            let probs = ActSettings { sdpa: false, ..*s }.probs(heads, t, tokens as u64);
+            2 * F32 * h * t + qkv_inputs + 4 * e * h * t + probs + e * h * t + 3 * e * i * t
         }
         LayerKind::Small => 0,
     }
@@ -140,11 +143,8 @@ pub fn largest_tensor(kind: &LayerKind, s: &ActSettings) -> u64 {
             let scores = if s.sdpa { 0 } else { F32 * heads as u64 * t * (t / s.batch.max(1) as u64) };
             geglu.max(scores)
         }
-        LayerKind::SelfAttention { dim, scale } => {
-            let t = s.positions(scale);
-            let scores = if s.sdpa { 0 } else { F32 * t * (t / s.batch.max(1) as u64) };
-            (F32 * dim as u64 * t).max(scores)
-        }
+        // The VAE's attention always runs through SDPA (model/vae.rs): no score matrix.
+        LayerKind::SelfAttention { dim, scale } => F32 * dim as u64 * s.positions(scale),
         LayerKind::ClipLayer { hidden, intermediate, heads, tokens, windows } => {
             let t = (s.batch * windows * tokens) as u64;
             (F32 * intermediate.max(hidden) as u64 * t).max(F32 * heads as u64 * t * tokens as u64)

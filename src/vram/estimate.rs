@@ -389,7 +389,7 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         height: latent,
         width: latent,
         mixed: plan.half(),
-        sdpa: plan.attention != AttentionBackend::Default,
+        sdpa: plan.attention != AttentionBackend::Explicit,
     };
     let ckpt = plan.gradient_checkpointing;
     let checkpointed_layer = |l: &Layer| ckpt && l.checkpointable;
@@ -456,7 +456,7 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
         activations - attention_part,
     ));
     if !act.sdpa {
-        step_rows.push(("attention score matrices".into(), "default back end (explicit softmax)".into(), attention_part));
+        step_rows.push(("attention score matrices".into(), "explicit back end (softmax of q kᵀ)".into(), attention_part));
     } else {
         step_rows.push(("attention score matrices".into(), "none kept (SDPA back end)".into(), 0));
     }

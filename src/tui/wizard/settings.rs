@@ -41,7 +41,7 @@ pub fn choices(key: &str) -> Option<&'static [&'static str]> {
         "training.optimizer" => &["adamw", "adamw_8bit"],
         "training.lora_layers" => &["attention", "transformer", "all"],
         "training.mixed_precision" => &["no", "fp16", "bf16"],
-        "training.attention" => &["default", "xformers", "flash_attention"],
+        "training.attention" => &["default", "xformers", "flash_attention", "explicit"],
         _ => return None,
     })
 }
@@ -78,7 +78,7 @@ pub fn help(key: &str) -> &'static str {
         "training.weight_decay" => "AdamW: decoupled weight decay",
         "training.max_grad_norm" => "clip gradients to this global norm; 0 = off",
         "training.mixed_precision" => "bf16 (recommended) or fp16 halves activation memory; no = full float32",
-        "training.attention" => "default: fastest, most VRAM; xformers: between; flash_attention: least VRAM",
+        "training.attention" => "default: libtorch's fused SDPA, as diffusers; explicit: softmax(q kᵀ) v, most VRAM; xformers / flash_attention: those SDPA kernels",
         "training.gradient_checkpointing" => "recompute activations in the backward pass: much less VRAM, slower",
         "training.fused_backward" => "update each tensor as its gradient is ready, never holding all gradients: a full SDXL UNet in 24 GB (max_grad_norm 0)",
         "training.set_grads_to_none" => "free the gradients between steps instead of zeroing them",
@@ -345,6 +345,6 @@ mod tests {
         assert!(e.contains("`resolution` is empty"), "{e}");
         let row = rows(&config(), &BTreeMap::new()).into_iter().find(|r| r.key == "training.attention").unwrap();
         assert_eq!(cycled(&row, true).as_deref(), Some("xformers"));
-        assert_eq!(cycled(&row, false).as_deref(), Some("flash_attention"));
+        assert_eq!(cycled(&row, false).as_deref(), Some("explicit"));
     }
 }
