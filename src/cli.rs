@@ -25,6 +25,9 @@ pub enum Command {
         detach: bool,
         #[arg(long)]
         plain: bool,
+        /// Start even when the memory estimate is above what the GPU (or the machine) has free.
+        #[arg(long)]
+        force: bool,
     },
     /// Continue a run from its newest complete checkpoint.
     Resume {
@@ -37,6 +40,9 @@ pub enum Command {
         /// written into the run's config.yaml.
         #[arg(long)]
         steps_per_image: Option<u32>,
+        /// Start even when the memory estimate is above what the GPU (or the machine) has free.
+        #[arg(long)]
+        force: bool,
     },
     /// Dashboard of a running or finished run.
     Attach { run_dir: PathBuf },
@@ -142,6 +148,9 @@ pub struct GenerateArgs {
     pub device: String,
     #[arg(long)]
     pub out: PathBuf,
+    /// Draw even when the memory estimate is above what the GPU (or the machine) has free.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -161,9 +170,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { dir, plain } => crate::demo::demo_command(&dir, plain),
         Command::Wizard { runs_dir } => wizard(&runs_dir.unwrap_or_else(|| PathBuf::from("runs"))),
         Command::Attach { run_dir } => crate::tui::dashboard::run(&run_dir),
-        Command::Train { config, detach, plain } => crate::train::commands::train_command(&config, detach, plain),
-        Command::Resume { run_dir, detach, plain, steps_per_image } => {
-            crate::train::commands::resume_command(&run_dir, detach, plain, steps_per_image)
+        Command::Train { config, detach, plain, force } => crate::train::commands::train_command(&config, detach, plain, force),
+        Command::Resume { run_dir, detach, plain, steps_per_image, force } => {
+            crate::train::commands::resume_command(&run_dir, detach, plain, steps_per_image, force)
         }
         Command::Stop { run_dir } => crate::train::commands::stop_command(&run_dir),
         Command::Runs { dir } => crate::tui::dashboard::list::runs_command(dir.as_deref().unwrap_or(std::path::Path::new("runs"))),

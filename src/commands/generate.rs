@@ -51,12 +51,21 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     if run_dir && args.model_config.is_some() {
         return Err(usage("--model-config does not apply to a run directory (its source model is read as it was for training)"));
     }
+    let max = crate::config::validate::MAX_RESOLUTION;
+    for (flag, side) in [("--width", args.width), ("--height", args.height)] {
+        if let Some(v) = side.filter(|&v| v > max) {
+            return Err(usage(format!("{flag} {v} is above {max}, the largest side this program draws")));
+        }
+    }
     let device = crate::device::parse_device(&args.device, false)?;
     if args.device == "auto" && device == Device::Cpu {
         if let Some(why) = crate::device::unusable_gpu() {
             eprintln!("warning: --device auto samples on the CPU, because {why}");
         }
     }
+    // A run samples as its previews did: with the layer it trained against, at its resolution.
+    let run_config = if run_dir { Some(crate::config::load_run_config(&args.model.join("config.yaml"))?) } else { None };
+    check_fit(args, run_config.as_ref(), device)?;
     let mut loaded = if run_dir {
         // The run's checkpoint over its source model (with the run's VAE), as `export` would write it.
         crate::train::export::load_run_model(&args.model, args.step)?
@@ -68,8 +77,6 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     }
     let kind = if device.is_cuda() { Kind::Half } else { Kind::Float };
     let mut sd = StableDiffusion::from_loaded(loaded, device, kind, GENERATE_ATTENTION)?;
-    // A run samples as its previews did: with the layer it trained against, at its resolution.
-    let run_config = if run_dir { Some(crate::config::load_run_config(&args.model.join("config.yaml"))?) } else { None };
     for warning in run_config.iter().flat_map(|c| crate::run::source::changed_since_start(&args.model, c)) {
         eprintln!("warning: {warning}");
     }
@@ -126,4 +133,27 @@ pub fn generate_command(args: &crate::cli::GenerateArgs) -> anyhow::Result<()> {
     save_png(&image, &args.out)?;
     eprintln!("wrote {} ({width}x{height}, {} steps of {}, seed {})", args.out.display(), args.steps, sampler, args.seed);
     Ok(())
+}
+
+/// The fit check before the model loads (src/vram/fit.rs): the weights in the
+/// dtypes `generate` uses and the UNet's and VAE's activations at the size asked
+/// (or the default one) against what the device has. Skipped where the model's
+/// shapes cannot be read without loading it (its loader then says why).
+fn check_fit(args: &crate::cli::GenerateArgs, run: Option<&crate::config::RunConfig>, device: Device) -> anyhow::Result<()> {
+    if args.force {
+        return Ok(());
+    }
+    let shapes = match run {
+        Some(run) => crate::vram::ModelShapes::for_run(run),
+        None => crate::vram::ModelShapes::from_checkpoint(&args.model),
+    };
+    let Ok(shapes) = shapes else { return Ok(()) };
+    let default = run.map_or(shapes.native_size, |r| r.resolution);
+    let (width, height) = (args.width.unwrap_or(default), args.height.unwrap_or(default));
+    if width <= 0 || height <= 0 {
+        return Ok(());
+    }
+    // Classifier-free guidance runs the prompt and the negative prompt as one batch of 2.
+    let plan = crate::vram::SamplingPlan { width, height, batch: 2, half: device.is_cuda(), attention: GENERATE_ATTENTION };
+    crate::vram::fit::check_sampling(&shapes, &plan, device, false)
 }

@@ -171,6 +171,9 @@ pub struct Training {
     /// backward pass and free that gradient at once (kohya's fused backward
     /// pass): the whole set of gradients never exists.
     pub fused_backward: bool,
+    /// Start even when the memory estimate is above what the device has (the
+    /// fit check before the first large allocation; `--force` does the same once).
+    pub skip_fit_check: bool,
     pub set_grads_to_none: bool,
     pub cache_latents: bool,
     pub offset_noise: f64,
@@ -236,6 +239,7 @@ impl Default for Training {
             attention: AttentionBackend::Default,
             gradient_checkpointing: false,
             fused_backward: false,
+            skip_fit_check: false,
             set_grads_to_none: true,
             cache_latents: true,
             offset_noise: 0.0,

@@ -4,6 +4,10 @@
 
 use super::schema::RunConfig;
 
+/// The largest `resolution` (and `generate` side) taken: 8192 is 16× SD 1.5's
+/// own size and 64× its pixels; a typo past it would fill any machine's memory.
+pub const MAX_RESOLUTION: i64 = 8192;
+
 pub fn validate(c: &RunConfig) -> Result<(), String> {
     if c.name.trim().is_empty() {
         return Err("`name` is empty; it names the run directory".into());
@@ -14,8 +18,11 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
     if !matches!(c.device.as_str(), "auto" | "cpu" | "cuda") && !c.device.starts_with("cuda:") {
         return Err(format!("`device` {:?} is not one of auto, cpu, cuda, cuda:N", c.device));
     }
-    if c.resolution < 64 || c.resolution % 8 != 0 {
-        return Err(format!("`resolution` {} must be a multiple of 8, at least 64", c.resolution));
+    if !(64..=MAX_RESOLUTION).contains(&c.resolution) || c.resolution % 8 != 0 {
+        return Err(format!(
+            "`resolution` {} must be a multiple of 8 from 64 to {MAX_RESOLUTION} (512 for SD 1.x, 768 for SD 2, 1024 for SDXL)",
+            c.resolution
+        ));
     }
     if c.concepts.is_empty() {
         return Err("`concepts` is empty; give at least one instance_data_dir and instance_prompt".into());

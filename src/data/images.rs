@@ -126,13 +126,46 @@ fn not_image(path: &Path, e: &dyn std::fmt::Display) -> anyhow::Error {
     usage(format!("{} is not a readable image ({e})", path.display()))
 }
 
-/// The decoder for `path`'s format (told by its bytes), its header read.
+/// The largest image side decoded: past any camera's (a 200-megapixel sensor is
+/// about 16 000 × 12 000), so only a decompression bomb or a broken header reaches it.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// The most memory one image's decoder may take (a 16384² 16-bit RGBA image is 2 GiB).
+pub const MAX_DECODE_BYTES: u64 = 4 << 30;
+
+/// The decoder for `path`'s format (told by its bytes), its header read, with
+/// its size checked against the limits before any pixel is decoded: a PNG of a
+/// few MB can declare 50 000 × 50 000 pixels (7.5 GB as RGB).
 fn open_decoder(path: &Path) -> anyhow::Result<Box<dyn ImageDecoder>> {
-    let reader = ImageReader::open(path)
+    let mut reader = ImageReader::open(path)
         .with_context(|| format!("cannot read the image {}", path.display()))?
         .with_guessed_format()
         .map_err(|e| not_image(path, &e))?;
-    reader.into_decoder().map_err(|e| not_image(path, &e)).map(|d| Box::new(d) as Box<dyn ImageDecoder>)
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| decode_error(path, &e))?;
+    let (w, h) = decoder.dimensions();
+    if w.max(h) > MAX_IMAGE_SIDE || decoder.total_bytes() > MAX_DECODE_BYTES {
+        return Err(usage(format!(
+            "the image {} is {w} × {h} pixels, past the {MAX_IMAGE_SIDE} × {MAX_IMAGE_SIDE} (and {} GiB decoded) this program \
+             reads; scale it down (or remove it: it may be a decompression bomb)",
+            path.display(),
+            MAX_DECODE_BYTES >> 30
+        )));
+    }
+    Ok(Box::new(decoder))
+}
+
+/// A decoding failure in words: a decoder's own memory limit is named as such.
+fn decode_error(path: &Path, e: &image::ImageError) -> anyhow::Error {
+    match e {
+        image::ImageError::Limits(_) => usage(format!(
+            "the image {} needs more than the {} GiB this program lets one image's decoder take; scale it down",
+            path.display(),
+            MAX_DECODE_BYTES >> 30
+        )),
+        _ => not_image(path, e),
+    }
 }
 
 /// Decodes `path` with its EXIF orientation applied, as 8-bit RGB.
@@ -143,7 +176,7 @@ pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
     }
     let mut decoder = open_decoder(path)?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| not_image(path, &e))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(path, &e))?;
     img.apply_orientation(orientation);
     Ok(img.to_rgb8())
 }

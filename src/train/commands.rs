@@ -108,14 +108,18 @@ fn finish(trainer: &mut Trainer) -> anyhow::Result<()> {
     }
 }
 
-pub fn train_command(config_path: &Path, detach_flag: bool, plain: bool) -> anyhow::Result<()> {
+pub fn train_command(config_path: &Path, detach_flag: bool, plain: bool, force: bool) -> anyhow::Result<()> {
     let config = crate::config::load_run_config(config_path)?;
     if detach_flag {
         let run_dir = run_dir_of(&config);
-        return detach(&["train".as_ref(), config_path.as_os_str(), "--plain".as_ref()], Some(&run_dir));
+        let mut args: Vec<&std::ffi::OsStr> = vec!["train".as_ref(), config_path.as_os_str(), "--plain".as_ref()];
+        if force {
+            args.push("--force".as_ref());
+        }
+        return detach(&args, Some(&run_dir));
     }
     let quiet = detached_child();
-    let Some(mut trainer) = stopped_is_fine(Trainer::start(config, options(plain, quiet)))? else {
+    let Some(mut trainer) = stopped_is_fine(Trainer::start(config, options(plain, quiet, force)))? else {
         return Ok(());
     };
     if quiet {
@@ -124,10 +128,10 @@ pub fn train_command(config_path: &Path, detach_flag: bool, plain: bool) -> anyh
     finish(&mut trainer)
 }
 
-fn options(plain: bool, quiet: bool) -> TrainOptions {
+fn options(plain: bool, quiet: bool, force: bool) -> TrainOptions {
     // A detached run's parent waits for the model to load, not for the class images.
     let before_class_images = quiet.then_some(redirect_output_to_log as fn(&Path) -> anyhow::Result<()>);
-    TrainOptions { plain, quiet, before_class_images }
+    TrainOptions { plain, quiet, before_class_images, force }
 }
 
 /// A stop while class images were made is a clean end (the event and log say so);
@@ -143,17 +147,20 @@ fn stopped_is_fine(started: anyhow::Result<Trainer>) -> anyhow::Result<Option<Tr
     }
 }
 
-pub fn resume_command(run_dir: &Path, detach_flag: bool, plain: bool, steps_per_image: Option<u32>) -> anyhow::Result<()> {
+pub fn resume_command(run_dir: &Path, detach_flag: bool, plain: bool, steps_per_image: Option<u32>, force: bool) -> anyhow::Result<()> {
     if detach_flag {
         let steps = steps_per_image.map(|n| n.to_string());
         let mut args: Vec<&std::ffi::OsStr> = vec!["resume".as_ref(), run_dir.as_os_str(), "--plain".as_ref()];
         if let Some(n) = &steps {
             args.extend([std::ffi::OsStr::new("--steps-per-image"), std::ffi::OsStr::new(n)]);
         }
+        if force {
+            args.push("--force".as_ref());
+        }
         return detach(&args, Some(run_dir));
     }
     let quiet = detached_child();
-    let Some(mut trainer) = stopped_is_fine(Trainer::resume_with(run_dir, options(plain, quiet), steps_per_image))? else {
+    let Some(mut trainer) = stopped_is_fine(Trainer::resume_with(run_dir, options(plain, quiet, force), steps_per_image))? else {
         return Ok(());
     };
     if quiet {

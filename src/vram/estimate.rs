@@ -51,6 +51,8 @@ pub struct Plan {
     pub fused_backward: bool,
     /// Prompts whose frozen text-encoder output the trainer keeps on the device.
     pub cached_prompts: i64,
+    /// Prior preservation: class images may be generated before the first step.
+    pub class_images: bool,
 }
 
 /// The most prompts whose frozen text states the trainer keeps (its cache's cap).
@@ -96,6 +98,7 @@ impl Plan {
             // Imagic's stages step as usual.
             fused_backward: t.fused_backward && !t.train_imagic_only,
             cached_prompts: cached_prompt_count(c),
+            class_images: prior && !t.train_imagic_only,
         }
     }
 
@@ -501,32 +504,101 @@ pub fn estimate(m: &ModelShapes, plan: &Plan) -> Estimate {
 
     // --- VAE encode each step (latents not cached): no grad, a few live tensors.
     let pixel = ActSettings { height: plan.resolution, width: plan.resolution, ..act };
-    let inference_peak = |layers: &[Layer], s: &ActSettings| -> u64 {
-        layers.iter().map(|l| 2 * largest_tensor(&l.kind, s) + output(&l.kind, s)).max().unwrap_or(0)
-    };
     if !plan.cache_latents {
         let enc = inference_peak(&m.vae_encoder, &pixel);
         push(&mut rows, "VAE encode", "encoder activations".into(), "no grad, each step".into(), enc);
         phases.push(("VAE encode", enc));
     }
-    // --- previews: classifier-free guidance runs the UNet at batch 2, then the VAE decodes.
-    if plan.previews {
-        let p = ActSettings { batch: 2, ..act };
-        let skips: u64 = m
-            .unet
-            .iter()
-            .filter(|l| l.name.starts_with("down_blocks") && !matches!(l.kind, LayerKind::TransformerBlock { .. }))
-            .map(|l| output(&l.kind, &p))
-            .sum();
-        let unet_peak = skips + inference_peak(&m.unet, &p);
+    // --- previews and class images: classifier-free guidance runs the UNet at
+    // batch 2, then the VAE decodes.
+    if plan.previews || plan.class_images {
+        let unet_peak = unet_inference_peak(m, &ActSettings { batch: 2, ..act });
         let dec = inference_peak(&m.vae_decoder, &ActSettings { batch: 1, ..pixel });
         let vae_back = if plan.cache_latents { vae_bytes } else { 0 };
         let b = vae_back + unet_peak.max(dec);
-        let detail = format!("UNet batch 2 (guidance), VAE decode{}", if plan.cache_latents { ", VAE back on the device" } else { "" });
+        let what = match (plan.previews, plan.class_images) {
+            (true, true) => "previews, class images",
+            (false, true) => "class images",
+            _ => "previews",
+        };
+        let detail = format!(
+            "{what}: UNet batch 2 (guidance), VAE decode{}",
+            if plan.cache_latents { ", VAE back on the device" } else { "" }
+        );
         push(&mut rows, "preview", "sampling".into(), detail, b);
         // Grads are freed before previews when set to none.
         phases.push(("preview", b));
     }
     let (peak_phase, worst) = phases.iter().copied().max_by_key(|(_, b)| *b).unwrap_or(("training step", 0));
     Estimate { rows, resident, phases, peak: resident + worst, peak_phase, trained_params: trained_n, checkpoint_bytes }
+}
+
+/// The largest of a network's layers run without grad: two of its largest
+/// tensors (an input and a result being made) and its output.
+fn inference_peak(layers: &[Layer], s: &ActSettings) -> u64 {
+    layers.iter().map(|l| 2 * largest_tensor(&l.kind, s) + output(&l.kind, s)).max().unwrap_or(0)
+}
+
+/// A UNet forward pass without grad: the down blocks' outputs wait as skips for
+/// the up blocks, on top of the largest layer's working tensors.
+fn unet_inference_peak(m: &ModelShapes, s: &ActSettings) -> u64 {
+    let skips: u64 = m
+        .unet
+        .iter()
+        .filter(|l| l.name.starts_with("down_blocks") && !matches!(l.kind, LayerKind::TransformerBlock { .. }))
+        .map(|l| output(&l.kind, s))
+        .sum();
+    skips + inference_peak(&m.unet, s)
+}
+
+/// What `generate` draws with: the size, the images a UNet pass (2 with
+/// classifier-free guidance), the weights' dtype and the attention.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingPlan {
+    pub width: i64,
+    pub height: i64,
+    /// Images a UNet pass: 2 with classifier-free guidance (the prompt and the negative one).
+    pub batch: i64,
+    /// The UNet and text encoders in fp16 (`generate` on CUDA); the VAE stays float32.
+    pub half: bool,
+    pub attention: AttentionBackend,
+}
+
+/// The peak memory of drawing one image: the model's weights in their dtypes,
+/// then the larger of the denoising UNet pass and the VAE decode at the asked size.
+pub fn estimate_sampling(m: &ModelShapes, plan: &SamplingPlan) -> Estimate {
+    let wb: u64 = if plan.half { 2 } else { 4 };
+    let dt = if plan.half { "fp16" } else { "fp32" };
+    let mut rows = Vec::new();
+    let mut row = |phase, what: &str, detail: String, bytes: u64| {
+        rows.push(Row { phase, what: what.to_string(), detail, bytes: bytes as i64 })
+    };
+    let unet_n = count_layers(&m.unet);
+    let text_n: u64 = m.text_encoders.iter().map(|e| count_layers(&e.layers)).sum();
+    let vae_n = count_layers(&m.vae_encoder) + count_layers(&m.vae_decoder);
+    row("resident", "UNet", format!("{:.1} M params, {dt}", unet_n as f64 / 1e6), unet_n * wb);
+    row("resident", "text encoders", format!("{:.1} M params, {dt}", text_n as f64 / 1e6), text_n * wb);
+    row("resident", "VAE", format!("{:.1} M params, fp32", vae_n as f64 / 1e6), vae_n * 4);
+    let resident = (unet_n + text_n) * wb + vae_n * 4;
+    let f = m.vae_factor.max(1);
+    let act = ActSettings {
+        batch: plan.batch.max(1),
+        height: plan.height / f,
+        width: plan.width / f,
+        mixed: plan.half,
+        sdpa: plan.attention != AttentionBackend::Explicit,
+    };
+    let unet = unet_inference_peak(m, &act);
+    let detail = format!("batch {}, {}×{} latents", act.batch, act.width, act.height);
+    row("denoising", "UNet activations", detail, unet);
+    let pixel = ActSettings { batch: 1, height: plan.height, width: plan.width, mixed: false, ..act };
+    let decode = inference_peak(&m.vae_decoder, &pixel);
+    row("VAE decode", "decoder activations", format!("{}×{} pixels, fp32", plan.width, plan.height), decode);
+    let phases = vec![("denoising", unet), ("VAE decode", decode)];
+    let (peak_phase, worst) = phases.iter().copied().max_by_key(|(_, b)| *b).unwrap_or(("denoising", 0));
+    Estimate { rows, resident, phases, peak: resident + worst, peak_phase, trained_params: 0, checkpoint_bytes: 0 }
+}
+
+fn count_layers(layers: &[Layer]) -> u64 {
+    layers.iter().map(|l| numel(&l.params)).sum()
 }

@@ -3,6 +3,7 @@
 
 pub mod activations;
 pub mod estimate;
+pub mod fit;
 pub mod model;
 pub mod probe;
 pub mod shapes;
@@ -12,7 +13,7 @@ use std::path::Path;
 use crate::config::presets::{builtin_for, load_preset};
 use crate::model::family::Architecture;
 use crate::config::schema::RunConfig;
-pub use estimate::{estimate, with_cuda_overhead, Estimate, Plan};
+pub use estimate::{estimate, estimate_sampling, with_cuda_overhead, Estimate, Plan, SamplingPlan};
 pub use model::ModelShapes;
 pub use probe::{probe, GpuMemory};
 

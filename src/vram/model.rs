@@ -70,6 +70,11 @@ pub struct ModelShapes {
     /// Pixels per latent along a side (8 for SD).
     pub vae_factor: i64,
     pub latent_channels: i64,
+    /// The image side the model is made for, in pixels (the UNet's sample size
+    /// times the VAE factor: what `generate` draws at unless told).
+    pub native_size: i64,
+    /// Image sides must be a multiple of this (the VAE factor times the UNet's downsampling).
+    pub size_multiple: i64,
     /// Where the parameter tensors came from ("config" or the checkpoint).
     pub origin: String,
 }
@@ -121,6 +126,8 @@ impl ModelShapes {
             text_encoders,
             vae_factor: vae.downsampling_factor(),
             latent_channels: vae.latent_channels,
+            native_size: unet.sample_size * vae.downsampling_factor(),
+            size_multiple: unet.size_multiple(vae),
             origin: origin.to_string(),
         }
     }

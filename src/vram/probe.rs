@@ -28,6 +28,35 @@ pub fn probe() -> Option<GpuMemory> {
     .flatten()
 }
 
+/// The GPU that CUDA calls device `index`, or `None` where it cannot be told
+/// (no driver; a MIG slice, whose memory NVML does not give per process).
+/// `CUDA_VISIBLE_DEVICES` renumbers the devices CUDA sees: its `index`-th entry
+/// is an NVML index or a GPU's UUID. Without it CUDA's order is taken to be
+/// NVML's (the PCI order, as on machines of one kind of card).
+pub fn probe_cuda(index: usize) -> Option<GpuMemory> {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let entry = match &visible {
+        Some(list) => Some(list.split(',').map(str::trim).nth(index)?.to_string()),
+        None => None,
+    };
+    std::panic::catch_unwind(|| {
+        let nvml = nvml_wrapper::Nvml::init().ok()?;
+        let device = match entry.as_deref() {
+            None => nvml.device_by_index(index as u32).ok()?,
+            Some(e) if e.starts_with("GPU-") => nvml.device_by_uuid(e).ok()?,
+            Some(e) => nvml.device_by_index(e.parse::<u32>().ok()?).ok()?,
+        };
+        let memory = device.memory_info().ok()?;
+        Some(GpuMemory {
+            name: device.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
+            total_bytes: memory.total,
+            used_bytes: memory.used,
+        })
+    })
+    .ok()
+    .flatten()
+}
+
 /// The NVIDIA driver's version ("535.104.05") and the newest CUDA it supports
 /// (12.2 as 12020), or `None` without a driver.
 pub fn driver_versions() -> Option<(String, i32)> {
