@@ -92,6 +92,8 @@ pub struct TrainOptions {
     /// images are made: a detached run lets its waiting parent return then, so
     /// the wizard's dashboard follows the class images instead of a blank wait.
     pub before_class_images: Option<fn(&Path) -> anyhow::Result<()>>,
+    /// `--force`: start even when the memory estimate is above what the device has.
+    pub force: bool,
 }
 
 /// A stop (request or signal) that came before training began, while class
@@ -279,6 +281,8 @@ impl Trainer {
     /// directory (config.yaml, lock), loads the model, prepares the data.
     pub fn start(config: RunConfig, options: TrainOptions) -> anyhow::Result<Trainer> {
         check_supported(&config)?;
+        // Before the images are decoded and anything is written (src/vram/fit.rs).
+        crate::vram::fit::check_run(&config, options.force)?;
         let instances = dataset::load_instances(&config, &early_buckets(&config))?;
         let device = crate::device::parse_device(&config.device, true)?;
         let run_dir = prepare_new_run_dir(&config)?;
@@ -330,6 +334,7 @@ impl Trainer {
         }
         check_supported(&config)?;
         let lock = RunLock::acquire(run_dir)?;
+        crate::vram::fit::check_run(&config, options.force)?;
         // A run that ended before its first checkpoint (killed while it made its
         // class images, or in its first steps) starts over from step 0: exactly the
         // run it would have been, with the class images it had made kept.

@@ -81,6 +81,7 @@ pub fn help(key: &str) -> &'static str {
         "training.attention" => "default: libtorch's fused SDPA, as diffusers; explicit: softmax(q kᵀ) v, most VRAM; xformers / flash_attention: those SDPA kernels",
         "training.gradient_checkpointing" => "recompute activations in the backward pass: much less VRAM, slower",
         "training.fused_backward" => "update each tensor as its gradient is ready, never holding all gradients: a full SDXL UNet in 24 GB (max_grad_norm 0)",
+        "training.skip_fit_check" => "start even when the memory estimate is above what the GPU (or the machine) has free",
         "training.set_grads_to_none" => "free the gradients between steps instead of zeroing them",
         "training.cache_latents" => "encode the images once and take the VAE off the GPU",
         "training.offset_noise" => "noise offset per channel: lets the model learn brightness and contrast; 0 = off",
