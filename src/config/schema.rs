@@ -196,14 +196,14 @@ pub struct Training {
     pub pause_seconds: u64,
     pub save_model_every_n_epochs: u32,
     pub save_preview_every_n_epochs: u32,
-    /// Checkpoints kept on disk (older ones are deleted); 0 = keep all.
-    pub keep_last_checkpoints: u32,
-}
     /// Validation loss (held-out photos, class images) every n epochs; 0 = off.
     pub validate_every_n_epochs: u32,
     /// Fixed timesteps the validation loss is averaged over, spread evenly over
     /// the schedule (kohya's 4: 200, 400, 600, 800 of 1000).
     pub validation_timesteps: u32,
+    /// Checkpoints kept on disk (older ones are deleted); 0 = keep all.
+    pub keep_last_checkpoints: u32,
+}
 
 impl Default for Training {
     fn default() -> Self {
@@ -254,12 +254,12 @@ impl Default for Training {
             pause_seconds: 0,
             save_model_every_n_epochs: 25,
             save_preview_every_n_epochs: 5,
+            validate_every_n_epochs: 0,
+            validation_timesteps: 4,
             keep_last_checkpoints: 3,
         }
     }
 }
-            validate_every_n_epochs: 0,
-            validation_timesteps: 4,
 
 impl Training {
     /// Rank and alpha of the text encoder's LoRA adapters: their own, else the UNet's.

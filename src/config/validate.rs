@@ -126,6 +126,9 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
     if t.pause_after_n_epochs > 0 && t.pause_seconds == 0 {
         return Err("`training.pause_after_n_epochs` is set but `training.pause_seconds` is 0".into());
     }
+    if !(1..=100).contains(&t.validation_timesteps) {
+        return Err(format!("`training.validation_timesteps` {} must be between 1 and 100 (4 is usual)", t.validation_timesteps));
+    }
     if t.train_imagic_only && c.concepts.len() != 1 {
         return Err("`training.train_imagic_only` trains on one image of one concept; give exactly one concept".into());
     }
@@ -133,9 +136,6 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
     if !crate::scheduler::SAMPLER_NAMES.contains(&s.scheduler.as_str()) {
         return Err(format!(
             "`sampling.scheduler` {:?} is not one of {}",
-    if !(1..=100).contains(&t.validation_timesteps) {
-        return Err(format!("`training.validation_timesteps` {} must be between 1 and 100 (4 is usual)", t.validation_timesteps));
-    }
             s.scheduler,
             crate::scheduler::SAMPLER_NAMES.join(", ")
         ));

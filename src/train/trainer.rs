@@ -227,10 +227,10 @@ pub struct Trainer {
     /// When the last step record was written (its interval is the step's time
     /// when records follow one another, deferred).
     last_record_at: Option<Instant>,
-}
-
     /// `training.validate_every_n_epochs`: the held-out sets and the last pass (trainer/validation.rs).
     validation: validation::Validation,
+}
+
 /// Whether a run directory holds anything a later `resume` could use: a checkpoint
 /// or class images.
 fn made_anything(run_dir: &Path) -> bool {
@@ -542,16 +542,16 @@ impl Trainer {
             graphs: None,
             fused,
             frozen_text_states: HashMap::new(),
+            validation: validation::Validation::default(),
             config,
         };
         trainer.describe_plan();
+        trainer.describe_validation();
         trainer.start_cuda_graphs();
         Ok(trainer)
-            validation: validation::Validation::default(),
     }
 
     #[allow(clippy::type_complexity)]
-        trainer.describe_validation();
     fn build_inner(
         config: RunConfig,
         run_dir: &Path,
@@ -1033,12 +1033,12 @@ impl Trainer {
         if self.imagic_plan.is_some() {
             return self.run_imagic();
         }
+        self.validate_before_training()?;
         while self.step < self.total_steps {
             if self.poll_controls()? {
                 return self.stop();
             }
             let epochs_before = self.epochs_done();
-        self.validate_before_training()?;
             let started = Instant::now();
             let loss = self.queue_train_step()?;
             let pending = PendingStep { step: self.step, epoch: self.epochs_done(), lr: self.last_lr, loss, started };
@@ -1055,12 +1055,12 @@ impl Trainer {
             }
         }
         self.flush_step_record()?;
+        self.validate_at_end()?;
         if let Some(bar) = self.progress.take() {
             bar.finish_and_clear();
         }
         if self.last_sample_step != Some(self.step) && self.config.training.save_preview_every_n_epochs > 0 {
             self.previews()?;
-        self.validate_at_end()?;
         }
         self.checkpoint()?;
         let peak = crate::device::memory_in_use(self.device).1;
@@ -1088,12 +1088,12 @@ impl Trainer {
     fn end_of_epoch(&mut self, epoch: u64) -> anyhow::Result<bool> {
         let t = self.config.training.clone();
         let last = self.step >= self.total_steps;
+        self.validate_if_due(epoch)?;
         if t.save_preview_every_n_epochs > 0 && epoch.is_multiple_of(u64::from(t.save_preview_every_n_epochs)) {
             self.previews()?;
         }
         if t.save_model_every_n_epochs > 0 && epoch.is_multiple_of(u64::from(t.save_model_every_n_epochs)) {
             self.checkpoint()?;
-        self.validate_if_due(epoch)?;
         }
         if !last && t.pause_after_n_epochs > 0 && epoch.is_multiple_of(u64::from(t.pause_after_n_epochs)) {
             let reason = format!("after epoch {epoch}");
@@ -1190,12 +1190,12 @@ mod persist;
 mod plan;
 mod samples;
 mod step_records;
+mod validation;
 use samples::prepare_class_images;
 use step_records::PendingStep;
 
 /// `DREAMBOOTH_FAIL_AT_STEP=N`: step N asks libtorch for an impossible
 /// allocation, so tests can drive the real out-of-memory path (a panic of tch
-mod validation;
 /// from a C++ exception) without a GPU.
 fn fail_if_injected(step: u64) {
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
