@@ -204,10 +204,13 @@ def main():
         unet.add_adapter(LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, init_lora_weights="gaussian",
                                     target_modules=UNET_LORA[a.lora_layers]))
         if lora_te:
+            # peft's own injection (what transformers' add_adapter calls, without
+            # its peft version floor): the same adapters.
+            from peft import inject_adapter_in_model
             for te in text_encoders:
                 te.to(device, dtype=weight_dtype)
-                te.add_adapter(LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, init_lora_weights="gaussian",
-                                          target_modules=TEXT_LORA[a.lora_layers]))
+                inject_adapter_in_model(LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, init_lora_weights="gaussian",
+                                                   target_modules=TEXT_LORA[a.lora_layers]), te)
         for net in [unet] + (text_encoders if lora_te else []):
             for p in net.parameters():
                 if p.requires_grad:
