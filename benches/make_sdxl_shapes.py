@@ -148,7 +148,7 @@ def build(out, width=320, dtype=torch.float16, device="cpu", hub_config=False):
     ]:
         with torch.device("meta"):
             m = make()
-        fill(m, dtype, device)
+        fill(m, dtype, device).to("cpu")  # written from host memory
         counts[sub] = sum(p.numel() for p in m.parameters())
         m.save_pretrained(os.path.join(out, sub), safe_serialization=True, max_shard_size="20GB")
         del m
