@@ -111,8 +111,8 @@ def scaled_configs(width):
 @torch.no_grad()
 def fill(module, dtype, device):
     """Materialises a meta-device module on `device` in `dtype`, random as a fresh init."""
+    module.to(dtype)  # still on the meta device: the dtype costs nothing yet
     module.to_empty(device=device)
-    module.to(dtype)
     for name, p in module.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "bias":
