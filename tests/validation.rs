@@ -344,3 +344,49 @@ fn a_validation_without_images_is_refused_naming_the_key() {
     let e = dreambooth::config::validate::validate(&config).unwrap_err();
     assert!(e.contains("`training.validation_timesteps` 0 must be between 1 and 100"), "{e}");
 }
+
+/// The baseline pass recomputed here from its definition: each held-out photo's
+/// posterior-mean latents noised at 200, 400, 600 and 800 with draws from a
+/// generator seeded `seed + 2^20 + 2 × concept` (in photo order, then timestep
+/// order), the source UNet's MSE against the noise averaged over all of them.
+#[test]
+fn the_baseline_pass_is_the_documented_loss() {
+    use dreambooth::train::step::{denoising_loss, ExampleWeights, LossInputs, PredictionType};
+    let root = tempfile::tempdir().unwrap();
+    let (data, held) = (root.path().join("data"), root.path().join("held"));
+    subject_images(&data, 2);
+    held_out_images(&held, 2);
+    let config = config_with(root.path(), "defined", &data, "  steps_per_image: 1\n  validate_every_n_epochs: 1\n", Some(&held), false);
+    let seed = config.seed;
+    let mut t = Trainer::start(config, quiet()).unwrap();
+    let expected = {
+        let _guard = tch::no_grad_guard();
+        let buckets = dreambooth::data::buckets::Buckets::square(64);
+        let examples = dreambooth::data::dataset::load_folder(&held, "held", |_| "a photo of sks thing".into(), 0, &buckets, None).unwrap();
+        let schedule = dreambooth::scheduler::NoiseSchedule::new(&t.sd.scheduler_config).unwrap();
+        let prediction = PredictionType::from_config(&t.sd.scheduler_config).unwrap();
+        let ids = Tensor::from_slice(&t.sd.text.tokenize("a photo of sks thing")).view([1, -1]);
+        let conditioning = t.sd.text.conditioning(&t.sd.text.encode_ids(&ids, 1), &[examples[0].sizes]);
+        let mut rng = dreambooth::rng::CpuRng::new(seed + (1 << 20));
+        let mut losses = Vec::new();
+        for e in &examples {
+            let latents = t.sd.vae.encode(&e.pixels.unsqueeze(0)).mean * t.sd.vae_config.scaling_factor;
+            for timestep in [200i64, 400, 600, 800] {
+                let noise = rng.randn(&latents.size());
+                let inputs = LossInputs {
+                    latents: &latents,
+                    noise: &noise,
+                    timesteps: &Tensor::from_slice(&[timestep]),
+                    conditioning: &conditioning,
+                    coefficients: &ExampleWeights::all_instance(1).coefficients_tensor(),
+                };
+                losses.push(denoising_loss(&t.sd.unet, &schedule, prediction, 0.0, &inputs, &|f| f()).loss.double_value(&[]));
+            }
+        }
+        losses.iter().sum::<f64>() / losses.len() as f64
+    };
+    t.run().unwrap();
+    let run = root.path().join("runs/defined");
+    let baseline = f(&validations(&run)[0]["loss"]);
+    assert!((baseline - expected).abs() <= 1e-6 * expected, "the event says {baseline}, the definition gives {expected}");
+}

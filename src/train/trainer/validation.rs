@@ -169,16 +169,18 @@ impl Trainer {
         Ok(())
     }
 
-    /// Epoch `epoch` ended: a pass when it is a multiple of `validate_every_n_epochs`.
+    /// Epoch `epoch` ended: a pass when it is a multiple of `validate_every_n_epochs`,
+    /// or the run's last (before its final checkpoint, so a finished run has it).
     pub(super) fn validate_if_due(&mut self, epoch: u64) -> anyhow::Result<()> {
         let every = u64::from(self.config.training.validate_every_n_epochs);
-        if self.validation_on() && epoch.is_multiple_of(every) && self.validation.last_step != Some(self.step) {
+        let due = epoch.is_multiple_of(every) || self.step >= self.total_steps;
+        if self.validation_on() && due && self.validation.last_step != Some(self.step) {
             self.validate()?;
         }
         Ok(())
     }
 
-    /// The run's last step: a pass unless one was made there.
+    /// The run's last step (where it ends inside an epoch): a pass unless one was made there.
     pub(super) fn validate_at_end(&mut self) -> anyhow::Result<()> {
         if self.validation_on() && self.validation.last_step != Some(self.step) {
             self.validate()?;
