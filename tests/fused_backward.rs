@@ -51,13 +51,7 @@ fn a_fused_sdxl_run_resumes_exactly() {
     let sdxl = fixture_model("tiny-sdxl");
     let training = "  steps_per_image: 2\n  max_grad_norm: 0\n  fused_backward: true\n  optimizer: adamw_8bit\n  save_model_every_n_epochs: 1\n";
     let whole = run_to_end(root.path(), "whole", &data, &sdxl, training);
-    let mut cut = Trainer::start(load(&write_config_over(&sdxl, root.path(), "cut", &data, training)), quiet()).unwrap();
-    cut.stop_at_step = Some(1);
-    assert_eq!(cut.run().unwrap(), Outcome::Stopped);
-    let run = cut.run_dir.clone();
-    drop(cut);
-    let mut resumed = Trainer::resume(&run, quiet()).unwrap();
-    assert_eq!(resumed.run().unwrap(), Outcome::Finished);
+    let resumed = stopped_and_resumed(&write_config_over(&sdxl, root.path(), "cut", &data, training), 1);
     for ((key, x), (_, y)) in weights(&whole).iter().zip(&weights(&resumed)) {
         assert!(x.equal(y), "{key} differs after resume");
     }

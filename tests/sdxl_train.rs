@@ -63,14 +63,7 @@ fn a_full_sdxl_run_trains_both_text_encoders_and_resumes_exactly() {
     }
     assert!(std::fs::read_dir(run.join("samples")).unwrap().count() > 0, "no previews");
 
-    let cut_cfg = write_config_over(&sdxl(), root.path(), "cut", &data, training);
-    let mut cut = Trainer::start(load(&cut_cfg), quiet()).unwrap();
-    cut.stop_at_step = Some(2);
-    assert_eq!(cut.run().unwrap(), Outcome::Stopped);
-    let cut_run = cut.run_dir.clone();
-    drop(cut);
-    let mut resumed = Trainer::resume(&cut_run, quiet()).unwrap();
-    assert_eq!(resumed.run().unwrap(), Outcome::Finished);
+    let resumed = stopped_and_resumed(&write_config_over(&sdxl(), root.path(), "cut", &data, training), 2);
     assert_same(&after, &weights(&resumed), "resumed SDXL run");
 }
 

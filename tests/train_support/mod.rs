@@ -170,3 +170,18 @@ pub fn eval_loss(t: &dreambooth::train::trainer::Trainer, dir: &std::path::Path)
     }
     total / n
 }
+
+/// Trains the run of `config` until step `stop_at`, where it stops (with a
+/// checkpoint, as a stop request does), then resumes it in a new trainer to the
+/// end: the trainer that finished.
+pub fn stopped_and_resumed(config: &Path, stop_at: u64) -> dreambooth::train::trainer::Trainer {
+    use dreambooth::train::trainer::{Outcome, Trainer};
+    let mut cut = Trainer::start(load(config), quiet()).unwrap();
+    cut.stop_at_step = Some(stop_at);
+    assert_eq!(cut.run().unwrap(), Outcome::Stopped);
+    let run = cut.run_dir.clone();
+    drop(cut);
+    let mut resumed = Trainer::resume(&run, quiet()).unwrap();
+    assert_eq!(resumed.run().unwrap(), Outcome::Finished);
+    resumed
+}
