@@ -100,7 +100,9 @@ def config_defaults(path):
         "resolution": int(cfg.get("resolution", 512)),
         "batch": int(t.get("batch_size", 1)),
         "precision": "no" if mp in ("no", "False", "false") else mp,
-        "attention": "default" if t.get("attention", "default") == "default" else "sdpa",
+        # ours: `explicit` is diffusers' AttnProcessor; `default` (libtorch's SDPA),
+        # `xformers` and `flash_attention` are SDPA kernels (AttnProcessor2_0).
+        "attention": "default" if t.get("attention", "default") == "explicit" else "sdpa",
         "gradient_checkpointing": bool(t.get("gradient_checkpointing", False)),
         "optimizer": t.get("optimizer", "adamw"),
         "lora_rank": int(t.get("lora_rank", 4)) if t.get("use_lora") else 0,

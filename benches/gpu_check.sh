@@ -17,7 +17,8 @@
 #    torch AdamW where bitsandbytes is absent, and runs PyTorch's per-parameter
 #    optimizer hooks for the fused pass), then, time left, the full UNet with float32
 #    AdamW and clipping on both sides (sdxl-bf16-full-adamw.yaml, like for like).
-#    SDXL_BUDGET (seconds, default 500) stops starting new runs past it.
+#    SDXL_BUDGET (seconds, default 450) stops starting new runs past it; each run is
+#    cut at 120 s, so the part ends within ~10 minutes.
 # Every result is one JSON line in $OUT/results.jsonl.
 set -uo pipefail
 what=" ${*:-all} "
@@ -86,14 +87,14 @@ if want presets; then
 fi
 if [[ "$what" == *" sdxl "* ]]; then
   SDXL="${SDXL_DIR:-/tmp/sdxl-shapes}"
-  budget=${SDXL_BUDGET:-500}
+  budget=${SDXL_BUDGET:-450}
   t0=$SECONDS
   # in_budget: there is time to start another run.
   in_budget() { (( SECONDS - t0 < budget )) || { note sdxl_budget_spent "{\"seconds\":$((SECONDS - t0)),\"skipped\":\"$1\"}"; false; }; }
   [ -f "$SDXL/unet/config.json" ] || note sdxl_weights "$(json_or_error $PY benches/make_sdxl_shapes.py --out "$SDXL" --device cuda)"
   # ours NAME CONFIG: `dreambooth bench`; theirs NAME CONFIG: diffusers' step, same config.
-  ours() { in_budget "$1" && note "$1" "$(json_or_error timeout 200 "$BIN" bench --model "$SDXL" --config "$2" --steps 10 --device cuda)"; }
-  theirs() { in_budget "$1" && note "$1" "$(json_or_error timeout 200 $PY benches/diffusers_train_step.py --model "$SDXL" --config "$2" --steps 10 --warmup 3 --pre-compute-text-embeddings --device cuda)"; }
+  ours() { in_budget "$1" && note "$1" "$(json_or_error timeout 120 "$BIN" bench --model "$SDXL" --config "$2" --steps 10 --device cuda)"; }
+  theirs() { in_budget "$1" && note "$1" "$(json_or_error timeout 120 $PY benches/diffusers_train_step.py --model "$SDXL" --config "$2" --steps 10 --warmup 3 --pre-compute-text-embeddings --device cuda)"; }
   # The estimator's figures as JSON: resident, the training step's peak, the run's peak.
   estimate() {
     "$BIN" vram "$1" >"$WORK/vram-$2.txt" 2>&1

@@ -1,5 +1,5 @@
 //! Measures one real training step on the CPU (UNet forward, MSE, backward,
-//! AdamW step, gradients set to none; float32, default attention, frozen text
+//! AdamW step, gradients set to none; float32, explicit attention, frozen text
 //! encoder, cached latents) and prints the measured memory next to the
 //! estimator's figures, as one JSON line.
 //!
@@ -69,7 +69,7 @@ fn main() -> anyhow::Result<()> {
     let factor = loaded.vae_config.downsampling_factor();
     loaded.vae.clear(); // cache_latents: the VAE is not kept
     let unet_w = Weights::new("UNet", std::mem::take(&mut loaded.unet), Device::Cpu, Kind::Float);
-    let unet = UNet2DConditionModel::new(&unet_w, &loaded.unet_config, AttentionBackend::Default)?;
+    let unet = UNet2DConditionModel::new(&unet_w, &loaded.unet_config, AttentionBackend::Explicit)?;
     unet_w.release();
     let uses_text_time = loaded.architecture.uses_text_time();
     let (text, stores) =
@@ -115,7 +115,7 @@ fn main() -> anyhow::Result<()> {
     let shapes = ModelShapes::from_checkpoint(Path::new(model))?;
     let fused_keys = if fused_mode { "  fused_backward: true\n  max_grad_norm: 0\n" } else { "" };
     let text = format!(
-        "name: m\nsource_checkpoint: {model}\nresolution: {resolution}\nconcepts:\n  - instance_data_dir: d\n    instance_prompt: p\ntraining:\n  batch_size: {batch}\n  mixed_precision: \"no\"\n  attention: default\n  save_preview_every_n_epochs: 0\n{fused_keys}"
+        "name: m\nsource_checkpoint: {model}\nresolution: {resolution}\nconcepts:\n  - instance_data_dir: d\n    instance_prompt: p\ntraining:\n  batch_size: {batch}\n  mixed_precision: \"no\"\n  attention: explicit\n  save_preview_every_n_epochs: 0\n{fused_keys}"
     );
     let c = dreambooth::config::parse_run_config(&text, "measure", Path::new("."))?;
     let e = estimate(&shapes, &Plan::from_config(&c));
