@@ -23,6 +23,16 @@ impl<T: Clone> PerBlock<T> {
     }
 }
 
+/// A value a config may give as `null` (SDXL base's `"upcast_attention": null`):
+/// read as the type's default, as diffusers reads it.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct UNetConfig {
@@ -48,7 +58,9 @@ pub struct UNetConfig {
     /// absent (a historical naming quirk it keeps for SD 1.x and 2.x alike).
     pub attention_head_dim: PerBlock<i64>,
     pub num_attention_heads: Option<PerBlock<i64>>,
+    #[serde(deserialize_with = "null_as_default")]
     pub use_linear_projection: bool,
+    #[serde(deserialize_with = "null_as_default")]
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
     pub center_input_sample: bool,
@@ -282,5 +294,17 @@ impl ClipConfig {
             projection_dim: 512,
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SDXL base 1.0's unet/config.json says `"upcast_attention": null`.
+    #[test]
+    fn a_null_boolean_reads_as_false() {
+        let c: UNetConfig = serde_json::from_str(r#"{"upcast_attention": null, "use_linear_projection": true}"#).unwrap();
+        assert!(!c.upcast_attention && c.use_linear_projection);
     }
 }
