@@ -127,21 +127,26 @@ impl Trainer {
     /// Logs what validation will measure, and settings that make it measure nothing.
     pub(super) fn describe_validation(&mut self) {
         let t = self.config.training.clone();
-        let held_out: Vec<usize> = self.config.concepts.iter().enumerate().filter(|(_, c)| c.validation_data_dir.is_some()).map(|(i, _)| i).collect();
+        let held_out: Vec<usize> =
+            (0..self.config.concepts.len()).filter(|&i| self.config.concepts[i].validation_data_dir.is_some()).collect();
         if t.validate_every_n_epochs == 0 {
             if !held_out.is_empty() {
-                self.log.line("validation_data_dir is set but `training.validate_every_n_epochs` is 0: no validation loss is measured");
+                self.log.line(
+                    "validation_data_dir is set but `training.validate_every_n_epochs` is 0: no validation loss is measured",
+                );
             }
             return;
         }
         if self.imagic_plan.is_some() {
-            self.log.line("`training.validate_every_n_epochs` does not apply to Imagic, which trains on one image: no validation loss is measured");
+            self.log.line(
+                "`training.validate_every_n_epochs` does not apply to Imagic, which trains on one image: no validation loss is measured",
+            );
             return;
         }
         for &i in &held_out {
             let c = &self.config.concepts[i];
-            let same = c.validation_data_dir.as_deref().and_then(|d| d.canonicalize().ok()) == c.instance_data_dir.canonicalize().ok();
-            if same {
+            let held = c.validation_data_dir.as_deref().and_then(|d| d.canonicalize().ok());
+            if held.is_some() && held == c.instance_data_dir.canonicalize().ok() {
                 self.warn(&format!(
                     "concepts[{i}].validation_data_dir is its instance_data_dir: those photos are trained on, so their loss is not a held-out one"
                 ));
@@ -341,6 +346,27 @@ impl Trainer {
         Set { concept, class, items }
     }
 
+    /// The loss of each row of `chunk` ((image, timestep) pairs of `set`, one
+    /// latent shape), in one UNet call under the run's autocast.
+    fn chunk_losses(&self, set: &Set, states: &[PromptEmbeds], chunk: &[(usize, usize)]) -> Vec<f64> {
+        let each = |f: &dyn Fn(usize, usize) -> Tensor| chunk.iter().map(|&(i, k)| f(i, k)).collect::<Vec<_>>();
+        let latents = Tensor::cat(&each(&|i, _| set.items[i].latents.shallow_clone()), 0);
+        let noise = Tensor::cat(&each(&|i, k| set.items[i].noise[k].shallow_clone()), 0);
+        let timesteps: Vec<i64> = chunk.iter().map(|&(_, k)| self.validation.timesteps[k]).collect();
+        let timesteps = crate::device::upload(&Tensor::from_slice(&timesteps), self.device);
+        let text = PromptEmbeds::cat(&chunk.iter().map(|&(i, _)| states[i].shallow_clone()).collect::<Vec<_>>());
+        let sizes: Vec<SizeIds> = chunk.iter().map(|&(i, _)| set.items[i].sizes).collect();
+        let time_ids = crate::device::upload(&SizeIds::tensor(&sizes), self.device);
+        let conditioning = self.sd.text.conditioning_with_ids(&text, &time_ids);
+        let coefficients = ExampleWeights::all_instance(chunk.len()).coefficients_tensor();
+        let inputs =
+            LossInputs { latents: &latents, noise: &noise, timesteps: &timesteps, conditioning: &conditioning, coefficients: &coefficients };
+        let precision = self.precision;
+        let out = denoising_loss(&self.sd.unet, &self.schedule, self.prediction, 0.0, &inputs, &|f| precision.autocast(f));
+        let per_row = (&out.model_pred - &out.target).square().mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
+        Vec::<f64>::try_from(&per_row.to_kind(Kind::Double).to_device(Device::Cpu)).expect("a 1-d float64 tensor")
+    }
+
     /// The losses of every set under the current weights, each (image, timestep)
     /// pair a row, in batches no larger than a training micro-batch.
     fn validation_pass(&self) -> Pass {
@@ -378,18 +404,7 @@ impl Trainer {
                     end += 1;
                 }
                 let chunk = &rows[start..end];
-                let latents = Tensor::cat(&chunk.iter().map(|&(i, _)| set.items[i].latents.shallow_clone()).collect::<Vec<_>>(), 0);
-                let noise = Tensor::cat(&chunk.iter().map(|&(i, k)| set.items[i].noise[k].shallow_clone()).collect::<Vec<_>>(), 0);
-                let steps = crate::device::upload(&Tensor::from_slice(&chunk.iter().map(|&(_, k)| timesteps[k]).collect::<Vec<_>>()), self.device);
-                let text = PromptEmbeds::cat(&chunk.iter().map(|&(i, _)| states[i].shallow_clone()).collect::<Vec<_>>());
-                let sizes: Vec<SizeIds> = chunk.iter().map(|&(i, _)| set.items[i].sizes).collect();
-                let time_ids = crate::device::upload(&SizeIds::tensor(&sizes), self.device);
-                let conditioning = self.sd.text.conditioning_with_ids(&text, &time_ids);
-                let coefficients = ExampleWeights::all_instance(chunk.len()).coefficients_tensor();
-                let inputs = LossInputs { latents: &latents, noise: &noise, timesteps: &steps, conditioning: &conditioning, coefficients: &coefficients };
-                let pred = denoising_loss(&self.sd.unet, &self.schedule, self.prediction, 0.0, &inputs, &|f| precision.autocast(f));
-                let per_row = (&pred.model_pred - &pred.target).square().mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
-                let values = Vec::<f64>::try_from(&per_row.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default();
+                let values = self.chunk_losses(set, &states, chunk);
                 for (&(_, k), &v) in chunk.iter().zip(&values) {
                     if !set.class {
                         per_timestep[k].push(v);
