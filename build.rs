@@ -8,8 +8,13 @@
 //    multi-tensor optimizer kernels for CUDA,
 //    src/shim/checkpoint_shim.cpp: the autograd function behind gradient checkpointing,
 //    src/shim/fused_shim.cpp: the gradient-ready hook of `training.fused_backward`,
-//    and src/shim/cuda_shim.cpp: CUDA allocator statistics (only where libtorch has
-//    CUDA and the CUDA runtime headers that the PyPI wheel's nvidia packages ship).
+//    src/shim/cuda_shim.cpp: CUDA allocator statistics (only where libtorch has
+//    CUDA and the CUDA runtime headers that the PyPI wheel's nvidia packages ship),
+//    and src/shim/dist_shim.cpp: c10d's process groups for data-parallel training,
+//    with Gloo where Gloo's headers are found (Debian's libgloo-dev; the wheel
+//    ships Gloo's code inside libtorch_cpu but not its headers; or the folder
+//    DREAMBOOTH_GLOO_INCLUDE names), with NCCL where its wheel's and CUDA's
+//    headers are; else its form without a back end (`--nproc` then says so).
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -21,6 +26,10 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/train_shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/foreach_shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/fused_shim.cpp");
+    println!("cargo:rerun-if-changed=src/shim/dist_shim.cpp");
+    println!("cargo:rerun-if-env-changed=DREAMBOOTH_GLOO_INCLUDE");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-changed=/usr/include/gloo/algorithm.h");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     println!("cargo:rustc-check-cfg=cfg(libtorch_cuda)");
@@ -63,6 +72,7 @@ fn main() {
     if !with_cuda {
         cuda.compile("dreambooth_cuda_shim");
     }
+    compile_dist_shim(&lib, &base);
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
 }
@@ -84,4 +94,85 @@ fn cuda_headers(torch_lib: &std::path::Path) -> Option<PathBuf> {
         .collect();
     candidates.sort();
     candidates.pop()
+}
+
+/// Compiles src/shim/dist_shim.cpp with every c10d back end whose headers are
+/// here (Gloo and NCCL, then Gloo alone), else in its form without one.
+fn compile_dist_shim(torch_lib: &std::path::Path, base: &dyn Fn(&mut cc::Build)) {
+    println!("cargo:rustc-check-cfg=cfg(dist_gloo)");
+    let mut dist = cc::Build::new();
+    base(&mut dist);
+    dist.file("src/shim/dist_shim.cpp");
+    let gloo = gloo_headers();
+    let nccl = nccl_headers(torch_lib);
+    let with_gloo = |build: &mut cc::Build| {
+        build.define("DBT_HAVE_GLOO", None);
+        if let Some(dir) = gloo.as_ref().filter(|d| d.as_path() != std::path::Path::new("/usr/include")) {
+            build.include(dir);
+        }
+    };
+    let mut attempts: Vec<(&str, cc::Build)> = Vec::new();
+    if let (Some(_), Some(dirs)) = (&gloo, &nccl) {
+        let mut both = dist.clone();
+        with_gloo(&mut both);
+        both.define("DBT_HAVE_NCCL", None).includes(dirs);
+        attempts.push(("Gloo and NCCL", both));
+    }
+    if gloo.is_some() {
+        let mut only_gloo = dist.clone();
+        with_gloo(&mut only_gloo);
+        attempts.push(("Gloo", only_gloo));
+    }
+    for (what, attempt) in attempts {
+        match attempt.try_compile("dreambooth_dist_shim") {
+            Ok(()) => {
+                println!("cargo:rustc-cfg=dist_gloo");
+                return;
+            }
+            Err(e) => println!("cargo:warning=data-parallel training with {what} left out: {e}"),
+        }
+    }
+    if gloo.is_none() {
+        println!("cargo:warning=data-parallel training (--nproc) left out: no Gloo headers (apt-get install libgloo-dev, or set DREAMBOOTH_GLOO_INCLUDE)");
+    }
+    dist.compile("dreambooth_dist_shim");
+}
+
+/// The folder holding `gloo/algorithm.h`: DREAMBOOTH_GLOO_INCLUDE, else the system's.
+fn gloo_headers() -> Option<PathBuf> {
+    std::env::var_os("DREAMBOOTH_GLOO_INCLUDE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/usr/include"), PathBuf::from("/usr/local/include")])
+        .find(|dir| dir.join("gloo/algorithm.h").exists())
+}
+
+/// NCCL's include folder (the nvidia-nccl wheel beside torch) with the CUDA
+/// runtime's and the other nvidia wheels' (ATen's CUDA headers include cuBLAS,
+/// cuSPARSE, cuSOLVER), when libtorch has CUDA.
+fn nccl_headers(torch_lib: &std::path::Path) -> Option<Vec<PathBuf>> {
+    let cuda = cuda_headers(torch_lib)?;
+    let site_packages = torch_lib.parent()?.parent()?;
+    let nvidia = site_packages.join("nvidia");
+    if !nvidia.join("nccl/include/nccl.h").exists() {
+        return None;
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&nvidia)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("include")))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs.push(cuda);
+    // ATen's CUDA headers reach CCCL's <nv/target>, which the wheels do not ship:
+    // NCCL is compiled only beside a CUDA toolkit's headers.
+    let toolkit = std::env::var_os("CUDA_HOME")
+        .map(|h| PathBuf::from(h).join("include"))
+        .into_iter()
+        .chain([PathBuf::from("/usr/local/cuda/include")])
+        .flat_map(|d| [d.join("cccl"), d])
+        .chain(dirs.iter().map(|d| d.join("cccl")))
+        .find(|d| d.join("nv/target").exists())?;
+    dirs.push(toolkit);
+    Some(dirs)
 }

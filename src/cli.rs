@@ -28,6 +28,9 @@ pub enum Command {
         /// Start even when the memory estimate is above what the GPU (or the machine) has free.
         #[arg(long)]
         force: bool,
+        /// Train with N processes on this machine (one per GPU; on the CPU over Gloo).
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Continue a run from its newest complete checkpoint.
     Resume {
@@ -43,6 +46,9 @@ pub enum Command {
         /// Start even when the memory estimate is above what the GPU (or the machine) has free.
         #[arg(long)]
         force: bool,
+        /// Train with N processes on this machine (the same N as before resumes exactly).
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Dashboard of a running or finished run.
     Attach { run_dir: PathBuf },
@@ -170,9 +176,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { dir, plain } => crate::demo::demo_command(&dir, plain),
         Command::Wizard { runs_dir } => wizard(&runs_dir.unwrap_or_else(|| PathBuf::from("runs"))),
         Command::Attach { run_dir } => crate::tui::dashboard::run(&run_dir),
-        Command::Train { config, detach, plain, force } => crate::train::commands::train_command(&config, detach, plain, force),
-        Command::Resume { run_dir, detach, plain, steps_per_image, force } => {
-            crate::train::commands::resume_command(&run_dir, detach, plain, steps_per_image, force)
+        Command::Train { config, detach, plain, force, nproc } => {
+            crate::train::commands::train_command(&config, detach, plain, force, nproc)
+        }
+        Command::Resume { run_dir, detach, plain, steps_per_image, force, nproc } => {
+            crate::train::commands::resume_command(&run_dir, detach, plain, steps_per_image, force, nproc)
         }
         Command::Stop { run_dir } => crate::train::commands::stop_command(&run_dir),
         Command::Runs { dir } => crate::tui::dashboard::list::runs_command(dir.as_deref().unwrap_or(std::path::Path::new("runs"))),

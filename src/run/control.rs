@@ -41,6 +41,11 @@ pub fn send(run_dir: &Path, request: Request) -> anyhow::Result<()> {
 }
 
 /// Takes the pending requests of `run_dir` (the trainer's side), in a fixed order.
+/// `take` for the process that answers requests (rank 0 of several); none for the others.
+pub fn take_if(answers: bool, run_dir: &Path) -> Vec<Request> {
+    if answers { take(run_dir) } else { Vec::new() }
+}
+
 pub fn take(run_dir: &Path) -> Vec<Request> {
     let dir = run_dir.join("control");
     Request::ALL

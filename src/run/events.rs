@@ -75,6 +75,13 @@ impl EventLog {
     /// Opens for appending. A last line torn by a killed trainer is ended first,
     /// so the next event starts a line of its own instead of being glued to the
     /// torn one (and lost with it).
+    /// A log that keeps nothing: a rank other than 0 of several, which writes no run directory.
+    pub fn discard() -> anyhow::Result<EventLog> {
+        let path = PathBuf::from("/dev/null");
+        let file = OpenOptions::new().write(true).open(&path).context("cannot open /dev/null")?;
+        Ok(EventLog { path, file })
+    }
+
     pub fn open(run_dir: &Path) -> anyhow::Result<EventLog> {
         let path = run_dir.join("events.jsonl");
         let mut file = OpenOptions::new()
@@ -98,6 +105,9 @@ impl EventLog {
 
     /// Makes what was written durable (at checkpoints).
     pub fn sync(&mut self) -> anyhow::Result<()> {
+        if self.path == Path::new("/dev/null") {
+            return Ok(());
+        }
         self.file.sync_data().with_context(|| format!("cannot sync {}", self.path.display()))
     }
 }

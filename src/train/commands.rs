@@ -108,8 +108,61 @@ fn finish(trainer: &mut Trainer) -> anyhow::Result<()> {
     }
 }
 
-pub fn train_command(config_path: &Path, detach_flag: bool, plain: bool, force: bool) -> anyhow::Result<()> {
+/// `--nproc N` (N > 1): checked here, then N copies of this command run as the
+/// ranks of one group (src/dist/launch.rs). None: train alone, or as the rank
+/// torchrun's variables say.
+fn several(nproc: Option<usize>, detach_flag: bool, config: &crate::config::schema::RunConfig) -> anyhow::Result<Option<usize>> {
+    match nproc {
+        None | Some(1) => Ok(None),
+        Some(0) => Err(usage("--nproc must be at least 1")),
+        Some(n) => {
+            if !crate::dist::group::available() {
+                return Err(usage(crate::dist::group::MISSING_BACKEND));
+            }
+            if detach_flag {
+                return Err(usage("--detach cannot be combined with --nproc yet: start it under nohup, tmux or a batch job"));
+            }
+            if std::env::var_os("WORLD_SIZE").is_some() {
+                return Err(usage("--nproc starts its own processes: leave it out where torchrun (WORLD_SIZE) starts them"));
+            }
+            super::trainer::check_world(config, n)?;
+            Ok(Some(n))
+        }
+    }
+}
+
+/// The ranks' arguments: this command without `--nproc`.
+fn rank_args(command: &str, target: &Path, plain: bool, force: bool, steps_per_image: Option<u32>) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec![command.into(), target.as_os_str().to_owned()];
+    if plain {
+        args.push("--plain".into());
+    }
+    if force {
+        args.push("--force".into());
+    }
+    if let Some(n) = steps_per_image {
+        args.extend(["--steps-per-image".into(), n.to_string().into()]);
+    }
+    args
+}
+
+/// A process torchrun (or our launcher) started joins its group before the model
+/// loads; before CUDA is touched, so it can be given its GPU.
+fn join_group(config: &crate::config::schema::RunConfig) -> anyhow::Result<()> {
+    let device = config.device.trim();
+    let cuda = device.starts_with("cuda") || (device == "auto" && Path::new("/dev/nvidiactl").exists());
+    crate::dist::group::join_from_env(cuda)?;
+    Ok(())
+}
+
+pub fn train_command(config_path: &Path, detach_flag: bool, plain: bool, force: bool, nproc: Option<usize>) -> anyhow::Result<()> {
     let config = crate::config::load_run_config(config_path)?;
+    if let Some(n) = several(nproc, detach_flag, &config)? {
+        super::trainer::check_supported(&config)?;
+        let run_dir = run_dir_of(&config);
+        return crate::dist::launch::launch(n, &rank_args("train", config_path, plain, force, None), Some(&run_dir));
+    }
+    join_group(&config)?;
     if detach_flag {
         let run_dir = run_dir_of(&config);
         let mut args: Vec<&std::ffi::OsStr> = vec!["train".as_ref(), config_path.as_os_str(), "--plain".as_ref()];
@@ -147,7 +200,23 @@ fn stopped_is_fine(started: anyhow::Result<Trainer>) -> anyhow::Result<Option<Tr
     }
 }
 
-pub fn resume_command(run_dir: &Path, detach_flag: bool, plain: bool, steps_per_image: Option<u32>, force: bool) -> anyhow::Result<()> {
+pub fn resume_command(
+    run_dir: &Path,
+    detach_flag: bool,
+    plain: bool,
+    steps_per_image: Option<u32>,
+    force: bool,
+    nproc: Option<usize>,
+) -> anyhow::Result<()> {
+    if nproc.is_some_and(|n| n != 1) || std::env::var_os("WORLD_SIZE").is_some() {
+        crate::run::require_run_dir(run_dir)?;
+        let config = crate::config::load_run_config(&run_dir.join("config.yaml"))?;
+        if let Some(n) = several(nproc, detach_flag, &config)? {
+            let args = rank_args("resume", run_dir, plain, force, steps_per_image);
+            return crate::dist::launch::launch(n, &args, Some(run_dir));
+        }
+        join_group(&config)?;
+    }
     if detach_flag {
         let steps = steps_per_image.map(|n| n.to_string());
         let mut args: Vec<&std::ffi::OsStr> = vec!["resume".as_ref(), run_dir.as_os_str(), "--plain".as_ref()];

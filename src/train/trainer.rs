@@ -40,6 +40,9 @@ use crate::run::events::{Event, EventLog};
 use crate::run::lock::RunLock;
 use crate::scheduler::NoiseSchedule;
 
+/// How long the other ranks wait for rank 0 to make the class images.
+const CLASS_IMAGES_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 /// Optimizer steps of a run: epochs × the micro-batches of an epoch (ceil(images ÷
 /// batch), counted per frame with aspect-ratio buckets: `Dataset::batches_per_epoch`),
 /// of which `gradient_accumulation_steps` make one step. The one definition of the count.
@@ -57,8 +60,27 @@ pub fn run_dir_of(config: &RunConfig) -> PathBuf {
     config.output_dir.join(&config.name)
 }
 
+/// The batch of one optimizer micro-step over every rank: `batch_size` is per
+/// process (src/dist/).
+pub fn global_batch(t: &crate::config::schema::Training) -> u32 {
+    t.batch_size * crate::dist::world_size() as u32
+}
+
+/// Settings that cannot train with `world` processes, as one sentence.
+pub fn check_world(config: &RunConfig, world: usize) -> anyhow::Result<()> {
+    let t = &config.training;
+    if world > 1 && t.fused_backward {
+        return Err(usage("`training.fused_backward` updates each tensor inside the backward pass, before the processes could average its gradient, so it cannot train with --nproc or torchrun"));
+    }
+    if world > 1 && t.train_imagic_only {
+        return Err(usage("`training.train_imagic_only` trains on one image, so it cannot train with --nproc or torchrun"));
+    }
+    Ok(())
+}
+
 /// Settings this build cannot honour yet: an explicit error, never ignored.
 pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
+    check_world(config, crate::dist::world_size())?;
     let t = &config.training;
     if t.train_imagic_only && t.use_lora {
         return Err(usage("`training.train_imagic_only` fine-tunes the whole UNet; it cannot be combined with `use_lora`"));
@@ -163,7 +185,8 @@ impl RunLog {
 pub struct Trainer {
     pub config: RunConfig,
     pub run_dir: PathBuf,
-    _lock: RunLock,
+    /// Held by the process that writes the run (rank 0 of several).
+    _lock: Option<RunLock>,
     pub device: Device,
     pub precision: Precision,
     pub sd: StableDiffusion,
@@ -285,12 +308,17 @@ impl Trainer {
         crate::vram::fit::check_run(&config, options.force)?;
         let instances = dataset::load_instances(&config, &early_buckets(&config))?;
         let device = crate::device::parse_device(&config.device, true)?;
+        // With several processes only rank 0 writes the run directory (src/dist/).
+        if !crate::dist::is_writer() {
+            let run_dir = run_dir_of(&config);
+            return Trainer::build(config, run_dir, None, device, instances, options, None);
+        }
         let run_dir = prepare_new_run_dir(&config)?;
         if let Err(e) = crate::run::source::record(&run_dir, &config) {
             let _ = std::fs::remove_dir_all(&run_dir);
             return Err(e);
         }
-        let lock = RunLock::acquire(&run_dir)?;
+        let lock = Some(RunLock::acquire(&run_dir)?);
         let yaml = serde_yaml::to_string(&config)?;
         std::fs::write(run_dir.join("config.yaml"), yaml)
             .with_context(|| format!("cannot write {}", run_dir.join("config.yaml").display()))?;
@@ -333,7 +361,7 @@ impl Trainer {
             config.training.steps_per_image = n;
         }
         check_supported(&config)?;
-        let lock = RunLock::acquire(run_dir)?;
+        let lock = if crate::dist::is_writer() { Some(RunLock::acquire(run_dir)?) } else { None };
         crate::vram::fit::check_run(&config, options.force)?;
         // A run that ended before its first checkpoint (killed while it made its
         // class images, or in its first steps) starts over from step 0: exactly the
@@ -344,7 +372,7 @@ impl Trainer {
         let wanted = config.training.steps_per_image;
         let accumulation = config.training.gradient_accumulation_steps;
         // Checked before the model loads: the batches an epoch come from the images.
-        let batches = crate::data::buckets::batches_per_epoch(instances.iter().map(dataset::Example::frame), config.training.batch_size);
+        let batches = crate::data::buckets::batches_per_epoch(instances.iter().map(dataset::Example::frame), global_batch(&config.training));
         let total = match config.training.train_imagic_only {
             true => imagic_run::ImagicPlan::from_training(&config.training).total(),
             false => total_steps(wanted, batches, accumulation),
@@ -402,7 +430,7 @@ impl Trainer {
             return Err(damaged(&e, &dir));
         }
         t.log.line(&format!("resumed from {} (step {step})", dir.display()));
-        if wanted != planned {
+        if wanted != planned && crate::dist::is_writer() {
             t.rewrite_config(&config_path, planned, wanted, planned_total)?;
         }
         Ok(t)
@@ -422,20 +450,22 @@ impl Trainer {
     fn build(
         config: RunConfig,
         run_dir: PathBuf,
-        lock: RunLock,
+        lock: Option<RunLock>,
         device: Device,
         instances: Vec<dataset::Example>,
         options: TrainOptions,
         resume: Option<(u64, PathBuf)>,
     ) -> anyhow::Result<Trainer> {
-        let log_path = run_dir.join("train.log");
+        // The other ranks of several write nothing: their logs go nowhere.
+        let writer = crate::dist::is_writer();
+        let log_path = if writer { run_dir.join("train.log") } else { PathBuf::from("/dev/null") };
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
-        let mut log = RunLog { file, echo: !options.quiet };
-        let mut events = EventLog::open(&run_dir)?;
+        let mut log = RunLog { file, echo: !options.quiet && writer };
+        let mut events = if writer { EventLog::open(&run_dir)? } else { EventLog::discard()? };
         // Signals are caught from here on: a stop while class images are made ends cleanly.
         let stop_flag = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
@@ -479,7 +509,7 @@ impl Trainer {
             // Both stages count as steps; the LR schedule covers the UNet stage.
             Some(plan) => (plan.total(), 1, plan.unet_steps),
             None => {
-                let batches = data.batches_per_epoch(t.batch_size);
+                let batches = data.batches_per_epoch(global_batch(t));
                 let total = total_steps(t.steps_per_image, batches, t.gradient_accumulation_steps);
                 (total, batches, total)
             }
@@ -597,7 +627,15 @@ impl Trainer {
         // The images were framed before the model was read, with the multiple its
         // configs give (64 for a single file); frame them again if the model needs another.
         let instances = if buckets == early_buckets(&config) { instances } else { dataset::load_instances(&config, &buckets)? };
+        // Rank 0 of several makes the class images while the others wait, then they read them.
+        let group = crate::dist::current();
+        if let Some(g) = group.filter(|g| g.rank != 0) {
+            g.barrier("class images", CLASS_IMAGES_WAIT)?;
+        }
         let classes = prepare_class_images(&config, run_dir, &sd, &instances, &buckets, log, preparation)?;
+        if let Some(g) = group.filter(|g| g.rank == 0) {
+            g.barrier("class images", CLASS_IMAGES_WAIT)?;
+        }
         let mut data = Dataset {
             instances,
             classes,
@@ -674,7 +712,7 @@ impl Trainer {
     /// Turns CUDA graphs on when asked for (`DREAMBOOTH_CUDA_GRAPHS=1`, an
     /// experiment until its speed is measured) and the run allows them.
     fn start_cuda_graphs(&mut self) {
-        if std::env::var("DREAMBOOTH_CUDA_GRAPHS").map_or(true, |v| v != "1") {
+        if std::env::var("DREAMBOOTH_CUDA_GRAPHS").map_or(true, |v| v != "1") || crate::dist::world_size() > 1 {
             return;
         }
         let refusal = if !self.device.is_cuda() {
@@ -866,10 +904,28 @@ impl Trainer {
         let accum = t.gradient_accumulation_steps.max(1);
         let te_training = self.text_encoder_training() && t.text_encoder_train_ratio > 0.0;
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
+        let (rank, world) = (crate::dist::rank(), crate::dist::world_size());
         for _ in 0..accum {
-            let plan =
-                next_batch(&self.data, &mut self.data_state, &mut self.data_rng, t.batch_size as usize, t.random_flip, t.shuffle_tags);
-            let latents = self.latents(&plan);
+            // Every rank draws the whole global batch and its noise (the draws of one
+            // process with world × batch_size), then trains on its own rows of it.
+            let global = next_batch(
+                &self.data,
+                &mut self.data_state,
+                &mut self.data_rng,
+                global_batch(&t) as usize,
+                t.random_flip,
+                t.shuffle_tags,
+            );
+            let global_latents = self.latents(&global);
+            let global_noise =
+                draw_noise(&mut self.noise_rng, &global_latents.size(), self.schedule.num_train_timesteps(), t.offset_noise);
+            let (plan, rows) = crate::dist::share::take_share(&global, rank, world);
+            if rows.is_empty() {
+                // An epoch's short last batch left this rank nothing: it adds no gradient.
+                self.micro_batches += 1;
+                continue;
+            }
+            let latents = global_latents.narrow(0, rows.start as i64, rows.len() as i64);
             let item_ids: Vec<Vec<i64>> = plan
                 .items
                 .iter()
@@ -882,9 +938,15 @@ impl Trainer {
             let sizes: Vec<SizeIds> =
                 plan.items.iter().map(|&(c, k, i, flip)| self.data.example(c, k, i).size_ids(flip)).collect();
             let ids = Tensor::from_slice(&item_ids.concat()).view([plan.items.len() as i64, -1]);
-            let noise = draw_noise(&mut self.noise_rng, &latents.size(), self.schedule.num_train_timesteps(), t.offset_noise);
+            let narrow = |x: &Tensor| x.narrow(0, rows.start as i64, rows.len() as i64);
+            let noise = crate::train::step::StepNoise { noise: narrow(&global_noise.noise), timesteps: narrow(&global_noise.timesteps) };
             let weights = ExampleWeights {
-                prior: plan.items.iter().map(|&(c, k, _, _)| c.then(|| self.data.prior_weights[k])).collect(),
+                prior: global.items.iter().map(|&(c, k, _, _)| c.then(|| self.data.prior_weights[k])).collect(),
+            };
+            // The global batch's loss weights: the ranks' mean of world × their rows' sum is the global loss.
+            let coefficients = match world {
+                1 => weights.coefficients_tensor(),
+                _ => narrow(&weights.coefficients_tensor()) * world as f64,
             };
             let up = |x: &Tensor| crate::device::upload(x, self.device);
             let batch = GraphInputs {
@@ -893,7 +955,7 @@ impl Trainer {
                 timesteps: up(&noise.timesteps),
                 ids: up(&ids),
                 time_ids: up(&SizeIds::tensor(&sizes)),
-                coefficients: up(&weights.coefficients_tensor()),
+                coefficients: up(&coefficients),
             };
             // A captured graph runs the text encoder inside it, reading the ids it
             // was captured with: the cache is for eager steps.
@@ -926,6 +988,11 @@ impl Trainer {
             self.graphs = graphs;
             loss_sum += loss;
             self.micro_batches += 1;
+        }
+        // Every rank applies the same update: from the gradients' mean over the ranks.
+        if let Some(group) = crate::dist::current() {
+            crate::dist::buckets::average_gradients(group, self.optimizer.params())?;
+            loss_sum = group.mean(&loss_sum)?;
         }
         let found_inf = match &self.scaler {
             Some(s) => s.unscale(self.optimizer.params()),
@@ -1035,7 +1102,13 @@ impl Trainer {
         }
         self.validate_before_training()?;
         while self.step < self.total_steps {
-            if self.poll_controls()? {
+            let stop = self.poll_controls()?;
+            // A signal or request that reached one rank stops every rank at the same step.
+            let stop = match crate::dist::current() {
+                Some(group) => group.any(stop)?,
+                None => stop,
+            };
+            if stop {
                 return self.stop();
             }
             let epochs_before = self.epochs_done();
@@ -1120,7 +1193,7 @@ impl Trainer {
                 break;
             }
             let mut resume = false;
-            for r in control::take(&self.run_dir) {
+            for r in control::take_if(crate::dist::is_writer(), &self.run_dir) {
                 match r {
                     Request::Stop => stop = true,
                     Request::Resume => resume = true,
@@ -1152,7 +1225,7 @@ impl Trainer {
             self.log.line("signal received: saving a checkpoint, then stopping");
             return Ok(true);
         }
-        for r in control::take(&self.run_dir) {
+        for r in control::take_if(crate::dist::is_writer(), &self.run_dir) {
             match r {
                 Request::Stop => return Ok(true),
                 Request::Pause => {

@@ -51,6 +51,11 @@ impl Trainer {
         if self.last_checkpoint_step == Some(self.step) && dir.is_dir() {
             return Ok(dir);
         }
+        // Every rank holds the same weights and state: rank 0 alone writes them.
+        if !crate::dist::is_writer() {
+            self.last_checkpoint_step = Some(self.step);
+            return Ok(dir);
+        }
         let state = TrainState {
             step: self.step,
             total_steps: self.total_steps,

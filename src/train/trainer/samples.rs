@@ -25,6 +25,11 @@ impl Trainer {
     /// the EMA weights when kept); returns the paths.
     pub fn previews(&mut self) -> anyhow::Result<Vec<PathBuf>> {
         self.flush_step_record()?;
+        // Rank 0 of several makes the previews; the others have the same weights.
+        if !crate::dist::is_writer() {
+            self.last_sample_step = Some(self.step);
+            return Ok(Vec::new());
+        }
         let prompts: Vec<String> = match &self.imagic {
             // One image from the interpolated embedding (the prompt is its target text).
             Some(_) => vec![self.data.instances[0].prompt.clone()],

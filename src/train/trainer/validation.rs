@@ -196,6 +196,10 @@ impl Trainer {
     /// One validation pass at the current step: a `validation` event and a log line.
     fn validate(&mut self) -> anyhow::Result<()> {
         self.flush_step_record()?;
+        // Rank 0 of several measures and reports the held-out loss.
+        if !crate::dist::is_writer() {
+            return Ok(());
+        }
         let started = Instant::now();
         if self.validation.sets.is_none() {
             self.validation.timesteps =
