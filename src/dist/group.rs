@@ -225,7 +225,9 @@ fn narrow_visible_gpus(local_rank: usize) {
 
 fn last_error() -> String {
     // SAFETY: the shim returns a NUL-terminated string it owns.
-    unsafe { CStr::from_ptr(ffi::dbt_dist_last_error()) }.to_string_lossy().trim().to_string()
+    let text = unsafe { CStr::from_ptr(ffi::dbt_dist_last_error()) }.to_string_lossy().into_owned();
+    // c10's messages go on with where they were raised: the first line says what.
+    text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").trim_end_matches('.').to_string()
 }
 
 impl ProcessGroup {

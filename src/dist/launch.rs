@@ -82,12 +82,12 @@ pub fn launch(nproc: usize, args: &[OsString], resume_hint: Option<&std::path::P
         let lines = last_lines.clone();
         readers.push(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Rank 0 speaks for the run; another rank's last words go into the
+                // launcher's sentence if it is the one that failed.
                 if rank == 0 {
                     eprintln!("{line}");
-                } else {
-                    eprintln!("rank {rank}: {line}");
                 }
-                if !line.trim().is_empty() {
+                if !line.trim().is_empty() && !line.contains("[c10d]") {
                     lines.lock().expect("no panics hold this lock")[rank] = line;
                 }
             }
@@ -129,12 +129,16 @@ pub fn launch(nproc: usize, args: &[OsString], resume_hint: Option<&std::path::P
         let _ = reader.join();
     }
     let Some((rank, status, _)) = first_failure else { return Ok(()) };
+    if rank == 0 {
+        // Rank 0 has said what went wrong in its own sentence.
+        std::process::exit(status.code().filter(|&c| c != 0).unwrap_or(1));
+    }
     let last = last_lines.lock().expect("no panics hold this lock")[rank].trim().trim_start_matches("error: ").to_string();
     let mut message = format!("rank {rank} of {nproc} {} and the run stopped on every rank", ending(status));
     if !last.is_empty() {
         message.push_str(&format!(" (rank {rank}: {})", last.trim_end_matches('.')));
     }
-    if let Some(dir) = resume_hint {
+    if let Some(dir) = resume_hint.filter(|d| crate::train::checkpoint::find_checkpoint(d, None).is_ok()) {
         message.push_str(&format!("; `dreambooth resume {} --nproc {nproc}` continues from its last checkpoint", dir.display()));
     }
     if status.code() == Some(2) {

@@ -84,7 +84,9 @@ void* dbt_dist_init(const char* host, int port, int rank, int world, int host_st
     store_options.port = static_cast<std::uint16_t>(port);
     store_options.isServer = host_store != 0;
     store_options.numWorkers = static_cast<std::size_t>(world);
-    store_options.waitWorkers = host_store != 0;
+    // The Gloo rendezvous waits for every rank; the store's own wait counts
+    // connections in a way that can stall the host here.
+    store_options.waitWorkers = false;
     store_options.timeout = timeout;
     c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(std::string(host), store_options);
     if (prefix != nullptr && prefix[0] != '\0') {
@@ -92,7 +94,7 @@ void* dbt_dist_init(const char* host, int port, int rank, int world, int host_st
     }
     auto group = new Group();
     group->store = store;
-    auto pg_store = c10::make_intrusive<c10d::PrefixStore>("dreambooth/", store);
+    auto pg_store = c10::make_intrusive<c10d::PrefixStore>("dreambooth", store);
     if (backend == 0) {
 #ifdef DBT_HAVE_GLOO
       auto options = c10d::ProcessGroupGloo::Options::create(timeout);
@@ -117,6 +119,9 @@ void* dbt_dist_init(const char* host, int port, int rank, int world, int host_st
 #endif
     }
     return group;
+  } catch (const c10::Error& e) {
+    last_error = e.what_without_backtrace();
+    return nullptr;
   } catch (const std::exception& e) {
     last_error = e.what();
     return nullptr;
@@ -148,6 +153,9 @@ int dbt_dist_all_reduce(void* handle, at::Tensor** tensors, size_t n, int op) {
       work->wait();
     }
     return 0;
+  } catch (const c10::Error& e) {
+    last_error = e.what_without_backtrace();
+    return -1;
   } catch (const std::exception& e) {
     last_error = e.what();
     return -1;
@@ -169,6 +177,9 @@ int dbt_dist_broadcast(void* handle, at::Tensor* tensor, int root) {
     std::vector<at::Tensor> one{*tensor};
     group->backend->broadcast(one, options)->wait();
     return 0;
+  } catch (const c10::Error& e) {
+    last_error = e.what_without_backtrace();
+    return -1;
   } catch (const std::exception& e) {
     last_error = e.what();
     return -1;
@@ -198,6 +209,9 @@ int dbt_dist_barrier(void* handle, const char* name, int world, int64_t timeout_
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     return 0;
+  } catch (const c10::Error& e) {
+    last_error = e.what_without_backtrace();
+    return -1;
   } catch (const std::exception& e) {
     last_error = e.what();
     return -1;

@@ -1093,6 +1093,8 @@ impl Trainer {
                 "precision": self.precision.describe(),
                 "resumed_from": self.resumed_from,
                 "pid": std::process::id(),
+                "world_size": crate::dist::world_size(),
+                "backend": crate::dist::current().map(|g| g.backend),
                 "imagic": self.imagic_plan.map(|p| p.describe()),
             }),
         ))?;
@@ -1274,7 +1276,18 @@ fn fail_if_injected(step: u64) {
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     let at = AT.get_or_init(|| std::env::var("DREAMBOOTH_FAIL_AT_STEP").ok().and_then(|v| v.parse().ok()));
     if *at == Some(step) {
-        let _ = Tensor::empty([1i64 << 52], (Kind::Float, Device::Cpu));
+        // `DREAMBOOTH_KILL_RANK=R`: instead, rank R of several dies at once (SIGKILL),
+        // as a worker the machine kills, for the tests of a run's collective faults.
+        match std::env::var("DREAMBOOTH_KILL_RANK").ok().and_then(|v| v.parse::<usize>().ok()) {
+            // SAFETY: signalling this very process.
+            Some(rank) if rank == crate::dist::rank() => unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            },
+            Some(_) => {}
+            None => {
+                let _ = Tensor::empty([1i64 << 52], (Kind::Float, Device::Cpu));
+            }
+        }
     }
 }
 

@@ -1,0 +1,183 @@
+//! Data-parallel training over c10d's Gloo on the CPU: two processes on loopback.
+//! `--nproc 2` with batch 1 trains what one process with batch 2 trains (the same
+//! samples and noise each step), two processes started by hand with torchrun's
+//! variables equal the `--nproc` run bit for bit, a killed worker ends the run on
+//! every rank with a sentence naming it, and the run resumes with the same world
+//! size exactly.
+
+mod train_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+use train_support::*;
+
+fn dreambooth() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dreambooth"));
+    // Two ranks share two cores.
+    cmd.env("OMP_NUM_THREADS", "1").env("DREAMBOOTH_DIST_TIMEOUT", "120").env("DREAMBOOTH_DIST_GRACE", "20");
+    for var in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.stdout(Stdio::null()).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Four images, two epochs, a checkpoint every epoch: 4 steps of global batch 2.
+fn config(root: &Path, name: &str, batch: u32) -> PathBuf {
+    let images = root.join("images");
+    if !images.exists() {
+        subject_images(&images, 4);
+    }
+    let training = format!("steps_per_image: 2\nbatch_size: {batch}\nsave_model_every_n_epochs: 1\nkeep_last_checkpoints: 0\n");
+    write_config(root, name, &images, &training)
+}
+
+fn unet_file(run: &Path) -> PathBuf {
+    let (step, dir) = dreambooth::train::checkpoint::find_checkpoint(run, None).unwrap();
+    assert_eq!(step, 4, "{} ends at step 4", run.display());
+    dir.join("unet.safetensors")
+}
+
+fn unet(run: &Path) -> Vec<(String, Tensor)> {
+    let mut tensors = Tensor::read_safetensors(unet_file(run)).unwrap();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+fn max_difference(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|((ka, ta), (kb, tb))| {
+            assert_eq!(ka, kb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn two_processes_train_what_one_process_trains_with_the_global_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let runs = r.join("runs");
+
+    let alone = config(r, "alone", 2);
+    let (code, err) = run(dreambooth().args(["train", alone.to_str().unwrap(), "--plain"]));
+    assert_eq!(code, 0, "{err}");
+
+    let launched = config(r, "launched", 1);
+    let (code, err) = run(dreambooth().args(["train", launched.to_str().unwrap(), "--plain", "--nproc", "2"]));
+    assert_eq!(code, 0, "{err}");
+
+    // Rank 0 alone wrote the run; its events give the world size and the global loss.
+    let start = &named_events(&runs.join("launched"), "start")[0];
+    assert_eq!(start["world_size"], 2);
+    assert_eq!(start["total_steps"], 4);
+    assert_eq!(step_count(&runs.join("launched")), 4);
+
+    let difference = max_difference(&unet(&runs.join("alone")), &unet(&runs.join("launched")));
+    assert!(difference < 1e-5, "--nproc 2 × batch 1 differs from batch 2 alone by {difference}");
+    let losses = |run: &str| -> Vec<f64> {
+        dreambooth::run::events::read_events(&runs.join(run))
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e {
+                dreambooth::run::events::Event::Step(s) => Some(s.loss),
+                _ => None,
+            })
+            .collect()
+    };
+    let (a, b) = (losses("alone"), losses("launched"));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "losses {a:?} vs {b:?}");
+    }
+
+    // The same two ranks started by hand, as torchrun or srun would.
+    let by_hand = config(r, "by-hand", 1);
+    let port = free_port().to_string();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            dreambooth()
+                .args(["train", by_hand.to_str().unwrap(), "--plain"])
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in ranks {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(
+        std::fs::read(unet_file(&runs.join("by-hand"))).unwrap(),
+        std::fs::read(unet_file(&runs.join("launched"))).unwrap(),
+        "torchrun's variables by hand must equal --nproc bit for bit"
+    );
+}
+
+#[test]
+fn a_killed_worker_ends_every_rank_and_the_run_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let runs = r.join("runs");
+
+    let whole = config(r, "whole", 1);
+    let (code, err) = run(dreambooth().args(["train", whole.to_str().unwrap(), "--plain", "--nproc", "2"]));
+    assert_eq!(code, 0, "{err}");
+
+    // Rank 1 dies (SIGKILL) at step 4, after the checkpoint of step 2.
+    let cut = config(r, "cut", 1);
+    let started = Instant::now();
+    let (code, err) = run(dreambooth()
+        .args(["train", cut.to_str().unwrap(), "--plain", "--nproc", "2"])
+        .env("DREAMBOOTH_FAIL_AT_STEP", "4")
+        .env("DREAMBOOTH_KILL_RANK", "1"));
+    assert_eq!(code, 1, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(120), "the run took {:?} to end", started.elapsed());
+    let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap();
+    assert!(last.contains("rank 1 of 2 was killed by signal 9"), "{err}");
+    assert!(last.contains("resume"), "{last}");
+    let (step, _) = dreambooth::train::checkpoint::find_checkpoint(&runs.join("cut"), None).unwrap();
+    assert_eq!(step, 2);
+
+    let (code, err) = run(dreambooth().args(["resume", runs.join("cut").to_str().unwrap(), "--plain", "--nproc", "2"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(unet_file(&runs.join("cut"))).unwrap(),
+        std::fs::read(unet_file(&runs.join("whole"))).unwrap(),
+        "resumed with the same world size, the run equals one never cut"
+    );
+}
+
+#[test]
+fn settings_that_cannot_train_with_several_processes_are_one_sentence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let images = r.join("images");
+    subject_images(&images, 2);
+    let fused = write_config(r, "fused", &images, "fused_backward: true\n");
+    let (code, err) = run(dreambooth().args(["train", fused.to_str().unwrap(), "--nproc", "2"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("fused_backward") && err.lines().count() == 1, "{err}");
+    let (code, err) = run(dreambooth().args(["train", fused.to_str().unwrap(), "--nproc", "0"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(!r.join("runs/fused").exists());
+}
