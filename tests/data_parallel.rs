@@ -35,7 +35,13 @@ fn config(root: &Path, name: &str, batch: u32) -> PathBuf {
     if !images.exists() {
         subject_images(&images, 4);
     }
-    let training = format!("steps_per_image: 2\nbatch_size: {batch}\nsave_model_every_n_epochs: 1\nkeep_last_checkpoints: 0\n");
+    // DreamBooth's usual learning rate: AdamW moves a weight by about the learning
+    // rate whatever its gradient's size, so a gradient component that is rounding
+    // noise (batch 2 in one UNet call vs. two calls of 1) moves it by up to that
+    // much; at 1e-6 over 4 steps that stays well under the 1e-5 asked for.
+    let training = format!(
+        "steps_per_image: 2\nbatch_size: {batch}\nlearning_rate: 1.0e-6\nsave_model_every_n_epochs: 1\nkeep_last_checkpoints: 0\n"
+    );
     write_config(root, name, &images, &training)
 }
 
