@@ -24,4 +24,15 @@ if ! venv_ok; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy >&2
   fi
 fi
+# Gloo's headers for the c10d part of the build (data-parallel training): the
+# wheel has Gloo inside libtorch but not its headers; Debian's libgloo-dev has
+# them. Installed once where we are root with apt; elsewhere the build leaves
+# --nproc out and says what to install.
+if [ ! -e /usr/include/gloo/algorithm.h ] && [ -z "${DREAMBOOTH_GLOO_INCLUDE:-}" ] &&
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -e "$VENV.gloo-tried" ]; then
+  echo "installing Gloo's headers (libgloo-dev) for data-parallel training..." >&2
+  touch "$VENV.gloo-tried"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgloo-dev; } >&2 ||
+    echo "warning: libgloo-dev did not install: --nproc will be left out of the build" >&2
+fi
 echo "$VENV"
