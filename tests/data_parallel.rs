@@ -164,6 +164,10 @@ fn a_killed_worker_ends_every_rank_and_the_run_resumes_exactly() {
     let (step, _) = dreambooth::train::checkpoint::find_checkpoint(&runs.join("cut"), None).unwrap();
     assert_eq!(step, 2);
 
+    // Another number of processes is refused in one sentence that names the right one.
+    let (code, err) = run(dreambooth().args(["resume", runs.join("cut").to_str().unwrap(), "--plain"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.trim().lines().last().unwrap().contains("--nproc 2"), "{err}");
     let (code, err) = run(dreambooth().args(["resume", runs.join("cut").to_str().unwrap(), "--plain", "--nproc", "2"]));
     assert_eq!(code, 0, "{err}");
     assert_eq!(

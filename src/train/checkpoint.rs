@@ -29,6 +29,13 @@ pub struct TrainState {
     pub ema_step: Option<u64>,
     /// The learning rate of the last step (informative).
     pub lr: f64,
+    /// The processes that trained it (data parallel); checkpoints from before say nothing: one.
+    #[serde(default = "one_process")]
+    pub world_size: usize,
+}
+
+fn one_process() -> usize {
+    1
 }
 
 /// The adapters of a LoRA run's checkpoint (kohya keys), in place of the networks' weights.

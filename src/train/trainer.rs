@@ -425,6 +425,10 @@ impl Trainer {
             return Ok(t);
         };
         if let Err(e) = t.load_checkpoint(&dir, expected_total) {
+            // A checkpoint that is fine but was made by another number of processes.
+            if crate::error::exit_code(&e) == 2 {
+                return Err(e);
+            }
             // A damaged newest checkpoint (disk fault, a copy cut short): say
             // which earlier one is left rather than silently going back to it.
             return Err(damaged(&e, &dir));

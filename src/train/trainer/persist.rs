@@ -65,6 +65,7 @@ impl Trainer {
             loss_scaler: self.scaler.as_ref().map(|s| (s.scale, s.growth_tracker)),
             ema_step: self.ema.as_ref().map(|e| e.optimization_step),
             lr: self.last_lr,
+            world_size: crate::dist::world_size(),
         };
         let copy = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
         let full = self.lora.is_none();
@@ -127,6 +128,17 @@ impl Trainer {
         };
         self.noise_rng.set_state(rng("rng.noise")?)?;
         self.data_rng.set_state(rng("rng.data")?)?;
+        // Its data order and step count were planned for its global batch.
+        let world = crate::dist::world_size();
+        if state.world_size != world {
+            return Err(crate::error::usage(format!(
+                "{} was trained by {} process(es) and this resume has {world}: resume it with `--nproc {}` \
+                 (another number of processes is not supported yet)",
+                dir.display(),
+                state.world_size,
+                state.world_size
+            )));
+        }
         if state.total_steps != expected_total {
             anyhow::bail!(
                 "{}: the checkpoint was made for {} steps but the run now has {} (did the images or config change?)",
