@@ -76,6 +76,10 @@ pub struct Concept {
     /// fixed timesteps and noise is logged every `training.validate_every_n_epochs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_data_dir: Option<PathBuf>,
+    /// With `training.masked_loss`: a mask per instance image, same file stem
+    /// (white: learn, black: ignore, grey: a weight in between).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +207,12 @@ pub struct Training {
     pub validation_timesteps: u32,
     /// Checkpoints kept on disk (older ones are deleted); 0 = keep all.
     pub keep_last_checkpoints: u32,
+    /// Weight each instance image's loss by its mask (`concepts[].mask_dir`),
+    /// as kohya's `--masked_loss` and OneTrainer's masked training.
+    pub masked_loss: bool,
+    /// The least weight a masked-out region keeps (OneTrainer's
+    /// `unmasked_weight`): 0 ignores the background, 0.1 learns a little of it.
+    pub unmasked_weight: f64,
 }
 
 impl Default for Training {
@@ -257,6 +267,8 @@ impl Default for Training {
             validate_every_n_epochs: 0,
             validation_timesteps: 4,
             keep_last_checkpoints: 3,
+            masked_loss: false,
+            unmasked_weight: 0.0,
         }
     }
 }

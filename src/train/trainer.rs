@@ -26,7 +26,7 @@ use super::lr_schedule::LrSchedule;
 use super::modules;
 use super::optimizer::Optimizer;
 use super::precision::{LossScaler, Precision};
-use super::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
+use super::step::{draw_noise, masked_denoising_loss, ExampleWeights, LossInputs, PredictionType};
 use crate::config::schema::{MixedPrecision, RunConfig};
 use crate::model::lora::LoraNetwork;
 use crate::conditioning::{PromptEmbeds, SizeIds};
@@ -79,6 +79,7 @@ pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
         return Err(usage(format!("`vae` {} does not exist", vae.display())));
     }
     validation::check(config)?;
+    crate::data::masks::check(config)?;
     Ok(())
 }
 
@@ -787,7 +788,8 @@ impl Trainer {
             conditioning: &conditioning,
             coefficients: &b.coefficients,
         };
-        let out = denoising_loss(&self.sd.unet, &self.schedule, self.prediction, t.min_snr_gamma, &inputs, &|f| {
+        let weights = b.loss_weights.as_ref();
+        let out = masked_denoising_loss(&self.sd.unet, &self.schedule, self.prediction, t.min_snr_gamma, &inputs, weights, &|f| {
             precision.autocast(f)
         });
         let loss = &out.loss / f64::from(accum);
@@ -887,6 +889,9 @@ impl Trainer {
                 prior: plan.items.iter().map(|&(c, k, _, _)| c.then(|| self.data.prior_weights[k])).collect(),
             };
             let up = |x: &Tensor| crate::device::upload(x, self.device);
+            // Masked loss: the batch's masks on the latent grid (data/masks.rs).
+            let latent_size = (latents.size()[2], latents.size()[3]);
+            let loss_weights = t.masked_loss.then(|| up(&self.data.loss_weights(&plan, latent_size, t.unmasked_weight)));
             let batch = GraphInputs {
                 latents,
                 noise: up(&noise.noise),
@@ -894,6 +899,7 @@ impl Trainer {
                 ids: up(&ids),
                 time_ids: up(&SizeIds::tensor(&sizes)),
                 coefficients: up(&weights.coefficients_tensor()),
+                loss_weights,
             };
             // A captured graph runs the text encoder inside it, reading the ids it
             // was captured with: the cache is for eager steps.

@@ -98,6 +98,8 @@ pub fn help(key: &str) -> &'static str {
         "training.save_preview_every_n_epochs" => "preview images every n epochs and at the end (5 is usual); 0 = no previews",
         "training.validate_every_n_epochs" => "validation loss every n epochs (held-out photos in a concept's validation_data_dir, class images): a rise means over-training; 0 = off",
         "training.validation_timesteps" => "validation: fixed timesteps the loss is averaged over, spread over the schedule (4: 200, 400, 600, 800)",
+        "training.masked_loss" => "learn only where each image's mask (a concept's mask folder, same file names) is white: the subject, not its background",
+        "training.unmasked_weight" => "masked loss: the weight black (masked-out) areas keep; 0 = ignore the background, 0.1 = learn a little of it",
         "training.keep_last_checkpoints" => "checkpoints kept on disk, older ones deleted; 0 = keep all",
         "sampling.steps" => "sampler steps for previews and class images",
         "sampling.guidance" => "classifier-free guidance scale for previews and class images",
