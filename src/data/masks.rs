@@ -141,9 +141,9 @@ pub fn warnings(config: &RunConfig) -> Vec<String> {
             masks.by_stem.iter().filter(|(s, _)| !stems.contains(s)).map(|(_, p)| file_name(p)).collect();
         if !orphans.is_empty() {
             warnings.push(format!(
-                "concepts[{i}].mask_dir {}: {} match no image of {} (a mask takes its image's file name): {}",
+                "concepts[{i}].mask_dir {}: {} no image of {} (a mask takes its image's file name): {}",
                 dir.display(),
-                if orphans.len() == 1 { "1 mask does not".to_string() } else { format!("{} masks do not", orphans.len()) },
+                if orphans.len() == 1 { "1 mask matches".to_string() } else { format!("{} masks match", orphans.len()) },
                 c.instance_data_dir.display(),
                 some_of(&orphans, 5)
             ));
