@@ -193,7 +193,7 @@ fn draw_concept_form(frame: &mut Frame, area: Rect, state: &WizardState) {
 fn mask_hint(c: &ConceptDraft) -> String {
     let dir = c.mask_dir.trim();
     if dir.is_empty() {
-        return "optional: masks named as the photos, white = learn, black = ignore".into();
+        return "optional: masks named as the photos (white: learn)".into();
     }
     let Ok(masks) = crate::data::masks::MaskFolder::read(std::path::Path::new(dir), "the mask folder") else {
         return "not a folder of masks".into();
