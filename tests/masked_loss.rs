@@ -276,3 +276,62 @@ fn a_mask_folder_without_masked_loss_is_a_warning() {
         named_events(&t.run_dir, "warning").iter().map(|w| w["message"].as_str().unwrap().to_string()).collect();
     assert!(warnings.iter().any(|w| w.contains("1 mask matches no image") && w.contains("img-9.png")), "{warnings:?}");
 }
+
+#[test]
+fn cuda_graphs_take_the_masks_as_inputs() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, mask_dir) = (root.path().join("data"), root.path().join("masks"));
+    subject_images(&data, 1);
+    save_mask(&mask_dir.join("img-0.png"), 64, 64, |x, y| if x < 20 || y > 50 { 255 } else { 40 });
+    // Random flips change the weights from step to step: a graph replay that kept
+    // the weights it was captured with would train differently.
+    let training = "  steps_per_image: 5\n  random_flip: true\n  masked_loss: true\n";
+    let eager = masked_config(root.path(), "eager", &data, Some(&mask_dir), training);
+    let mut a = Trainer::start(load(&eager), quiet()).unwrap();
+    a.run().unwrap();
+    let graphs = masked_config(root.path(), "graphs", &data, Some(&mask_dir), training);
+    let mut b = Trainer::start(load(&graphs), quiet()).unwrap();
+    b.simulate_cuda_graphs();
+    b.run().unwrap();
+    assert_eq!(b.cuda_graph_state(), "captured");
+    for ((k, x), (_, y)) in trained_weights(&a).iter().zip(&trained_weights(&b)) {
+        assert!(x.equal(y), "{k} differs with CUDA graphs (simulated)");
+    }
+}
+
+#[test]
+fn validation_weights_held_out_photos_by_their_masks() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, held, mask_dir) = (root.path().join("data"), root.path().join("held"), root.path().join("masks"));
+    subject_images(&data, 1);
+    subject_images(&held, 2);
+    // Masks are looked up by file name in the concept's mask_dir: the held-out
+    // photos get names of their own, and black masks.
+    for k in 0..2 {
+        std::fs::rename(held.join(format!("img-{k}.png")), held.join(format!("held-{k}.png"))).unwrap();
+    }
+    save_mask(&mask_dir.join("img-0.png"), 64, 64, |_, _| 255);
+    save_mask(&mask_dir.join("held-0.png"), 64, 64, |_, _| 0);
+    save_mask(&mask_dir.join("held-1.png"), 64, 64, |_, _| 0);
+    let with_held = |path: &Path| {
+        let yaml = std::fs::read_to_string(path).unwrap();
+        let prompt = "    instance_prompt: a photo of sks thing\n";
+        std::fs::write(path, yaml.replacen(prompt, &format!("{prompt}    validation_data_dir: {}\n", held.display()), 1)).unwrap();
+    };
+    let training = "  steps_per_image: 1\n  validate_every_n_epochs: 1\n";
+    let plain = masked_config(root.path(), "plain", &data, None, training);
+    with_held(&plain);
+    let masked = masked_config(root.path(), "masked", &data, Some(&mask_dir), &format!("{training}  masked_loss: true\n  unmasked_weight: 0.25\n"));
+    with_held(&masked);
+    let first_validation = |config: &Path| {
+        let mut t = Trainer::start(load(config), quiet()).unwrap();
+        t.run().unwrap();
+        let warnings = named_events(&t.run_dir, "warning");
+        assert!(!warnings.iter().any(|w| w["message"].as_str().unwrap().contains("held-")), "{warnings:?}");
+        named_events(&t.run_dir, "validation")[0]["loss"].as_f64().unwrap()
+    };
+    let whole = first_validation(&plain);
+    let weighted = first_validation(&masked);
+    // Black held-out masks keep a quarter of every cell: a quarter of the loss.
+    assert!((weighted - 0.25 * whole).abs() <= 1e-6 * whole, "masked validation {weighted}, unmasked {whole}");
+}

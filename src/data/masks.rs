@@ -107,8 +107,8 @@ fn some_of(names: &[String], shown: usize) -> String {
 }
 
 /// Warnings about a run's masks, read from the folders: images without a mask
-/// (named: they train unmasked), masks that match no image (a misspelt name),
-/// and mask folders that `masked_loss: false` leaves unused.
+/// (named: they train unmasked), masks that match no image, trained or held
+/// out (a misspelt name), and mask folders that `masked_loss: false` leaves unused.
 pub fn warnings(config: &RunConfig) -> Vec<String> {
     let mut warnings = Vec::new();
     for (i, c) in config.concepts.iter().enumerate() {
@@ -136,7 +136,9 @@ pub fn warnings(config: &RunConfig) -> Vec<String> {
                 some_of(&unmasked, 10)
             ));
         }
-        let stems: Vec<String> = images.iter().map(|f| stem(&f.path)).collect();
+        // Held-out photos take their masks from the same folder (validation).
+        let held_out = c.validation_data_dir.as_deref().and_then(|d| list_images(d, "validation_data_dir").ok()).unwrap_or_default();
+        let stems: Vec<String> = images.iter().chain(&held_out).map(|f| stem(&f.path)).collect();
         let orphans: Vec<String> =
             masks.by_stem.iter().filter(|(s, _)| !stems.contains(s)).map(|(_, p)| file_name(p)).collect();
         if !orphans.is_empty() {
