@@ -335,3 +335,22 @@ fn validation_weights_held_out_photos_by_their_masks() {
     // Black held-out masks keep a quarter of every cell: a quarter of the loss.
     assert!((weighted - 0.25 * whole).abs() <= 1e-6 * whole, "masked validation {weighted}, unmasked {whole}");
 }
+
+#[test]
+fn a_masked_run_resumes_exactly() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, mask_dir) = (root.path().join("data"), root.path().join("masks"));
+    subject_images(&data, 2);
+    save_mask(&mask_dir.join("img-0.png"), 64, 64, |x, _| if x < 40 { 255 } else { 0 });
+    let training = "  steps_per_image: 2\n  random_flip: true\n  masked_loss: true\n  unmasked_weight: 0.1\n";
+    let full = masked_config(root.path(), "full", &data, Some(&mask_dir), training);
+    let mut a = Trainer::start(load(&full), quiet()).unwrap();
+    a.run().unwrap();
+    let log = std::fs::read_to_string(a.run_dir.join("train.log")).unwrap();
+    assert!(log.contains("masked loss: 1 of 2 instance images have a mask"), "{log}");
+    let cut = masked_config(root.path(), "cut", &data, Some(&mask_dir), training);
+    let b = stopped_and_resumed(&cut, 2);
+    for ((k, x), (_, y)) in trained_weights(&a).iter().zip(&trained_weights(&b)) {
+        assert!(x.equal(y), "{k} differs after a stop and resume");
+    }
+}

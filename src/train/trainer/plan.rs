@@ -178,6 +178,13 @@ impl Trainer {
                 if left_over > 0 { format!(", and {left_over} left-over micro-batches at the end are not trained") } else { String::new() }
             ));
         }
+        if t.masked_loss {
+            let masked = self.data.instances.iter().filter(|e| e.mask.is_some()).count();
+            self.log.line(&format!(
+                "masked loss: {masked} of {images} instance images have a mask (the rest and the class images count every pixel); unmasked_weight {}",
+                t.unmasked_weight
+            ));
+        }
         self.check_disk_room();
         let class_count: usize = self.data.classes.iter().map(Vec::len).sum();
         let text_encoder_lr = if self.text_encoder_steps > 0 && t.text_encoder_lr() != t.learning_rate {
