@@ -1030,6 +1030,11 @@ impl Trainer {
             }),
         ))?;
         self.progress = self.make_progress();
+        // Previews never touch the training generators: drawing these first
+        // leaves the run as it would have been.
+        if self.step == 0 && self.config.training.sample_before_training {
+            self.previews()?;
+        }
         if self.imagic_plan.is_some() {
             return self.run_imagic();
         }
