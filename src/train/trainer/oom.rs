@@ -57,6 +57,8 @@ impl Trainer {
                 micro_batches: self.micro_batches,
             };
             self.updating = false;
+            // A failed step drops its captured graphs while unwinding.
+            let graphs_on = self.graphs.is_some();
             let payload = match catch_unwind(AssertUnwindSafe(|| self.queue_train_step())) {
                 Ok(result) => return result,
                 Err(payload) => payload,
@@ -71,6 +73,11 @@ impl Trainer {
             };
             self.restore_step_start(start)?;
             self.split_micro_batch(smaller, factor, &message)?;
+            // Captured graphs hold the old micro-batch's shapes: captured anew.
+            self.graphs = None;
+            if graphs_on {
+                self.start_cuda_graphs();
+            }
         }
     }
 
@@ -98,10 +105,6 @@ impl Trainer {
         self.batches_per_epoch = new_per_epoch;
         let planned = self.total_steps;
         self.replan_total_steps();
-        // Captured graphs hold the old micro-batch's shapes.
-        if self.graphs.take().is_some() {
-            self.start_cuda_graphs();
-        }
         let config_path = self.run_dir.join("config.yaml");
         let yaml = serde_yaml::to_string(&self.config)?;
         crate::checkpoint::write::write_atomically(&config_path, |out| Ok(std::io::Write::write_all(out, yaml.as_bytes())?))?;
