@@ -200,6 +200,9 @@ pub struct Training {
     pub pause_seconds: u64,
     pub save_model_every_n_epochs: u32,
     pub save_preview_every_n_epochs: u32,
+    /// Draw the previews once before the first step too (what the source model
+    /// makes of the prompts), so the change can be seen from step 0.
+    pub sample_before_training: bool,
     /// Validation loss (held-out photos, class images) every n epochs; 0 = off.
     pub validate_every_n_epochs: u32,
     /// Fixed timesteps the validation loss is averaged over, spread evenly over
@@ -264,6 +267,7 @@ impl Default for Training {
             pause_seconds: 0,
             save_model_every_n_epochs: 25,
             save_preview_every_n_epochs: 5,
+            sample_before_training: false,
             validate_every_n_epochs: 0,
             validation_timesteps: 4,
             keep_last_checkpoints: 3,

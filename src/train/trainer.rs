@@ -230,6 +230,9 @@ pub struct Trainer {
     last_record_at: Option<Instant>,
     /// `training.validate_every_n_epochs`: the held-out sets and the last pass (trainer/validation.rs).
     validation: validation::Validation,
+    /// The step has passed its micro-batches and is updating the weights: an
+    /// out-of-memory from here on cannot be retried (trainer/oom.rs).
+    updating: bool,
 }
 
 /// Whether a run directory holds anything a later `resume` could use: a checkpoint
@@ -544,6 +547,7 @@ impl Trainer {
             fused,
             frozen_text_states: HashMap::new(),
             validation: validation::Validation::default(),
+            updating: false,
             config,
         };
         trainer.describe_plan();
@@ -869,6 +873,7 @@ impl Trainer {
         let te_training = self.text_encoder_training() && t.text_encoder_train_ratio > 0.0;
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         for _ in 0..accum {
+            fail_if_micro_batch_above_injected(t.batch_size);
             let plan =
                 next_batch(&self.data, &mut self.data_state, &mut self.data_rng, t.batch_size as usize, t.random_flip, t.shuffle_tags);
             let latents = self.latents(&plan);
@@ -933,6 +938,7 @@ impl Trainer {
             loss_sum += loss;
             self.micro_batches += 1;
         }
+        self.updating = true;
         let found_inf = match &self.scaler {
             Some(s) => s.unscale(self.optimizer.params()),
             None => false,
@@ -1036,6 +1042,11 @@ impl Trainer {
             }),
         ))?;
         self.progress = self.make_progress();
+        // Previews never touch the training generators: drawing these first
+        // leaves the run as it would have been.
+        if self.step == 0 && self.config.training.sample_before_training {
+            self.previews()?;
+        }
         if self.imagic_plan.is_some() {
             return self.run_imagic();
         }
@@ -1046,7 +1057,7 @@ impl Trainer {
             }
             let epochs_before = self.epochs_done();
             let started = Instant::now();
-            let loss = self.queue_train_step()?;
+            let loss = self.train_step_recovering()?;
             let pending = PendingStep { step: self.step, epoch: self.epochs_done(), lr: self.last_lr, loss, started };
             // The previous step's loss is ready (or nearly) now that this one is queued.
             self.flush_step_record()?;
@@ -1192,6 +1203,7 @@ impl Trainer {
 }
 
 mod imagic_run;
+mod oom;
 mod persist;
 mod plan;
 mod samples;
@@ -1207,6 +1219,17 @@ fn fail_if_injected(step: u64) {
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     let at = AT.get_or_init(|| std::env::var("DREAMBOOTH_FAIL_AT_STEP").ok().and_then(|v| v.parse().ok()));
     if *at == Some(step) {
+        let _ = Tensor::empty([1i64 << 52], (Kind::Float, Device::Cpu));
+    }
+}
+
+/// `DREAMBOOTH_OOM_ABOVE_MICRO_BATCH=N`: a micro-batch above N examples fails
+/// as an out-of-memory would (a device whose memory fits N), so tests can drive
+/// the recovery in trainer/oom.rs without a GPU.
+fn fail_if_micro_batch_above_injected(batch_size: u32) {
+    static LIMIT: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let limit = LIMIT.get_or_init(|| std::env::var("DREAMBOOTH_OOM_ABOVE_MICRO_BATCH").ok().and_then(|v| v.parse().ok()));
+    if limit.is_some_and(|n| batch_size > n) {
         let _ = Tensor::empty([1i64 << 52], (Kind::Float, Device::Cpu));
     }
 }

@@ -96,6 +96,7 @@ pub fn help(key: &str) -> &'static str {
         "training.pause_seconds" => "length of each pause, in seconds",
         "training.save_model_every_n_epochs" => "checkpoint every n epochs (each the size of the model on disk); the end is always saved",
         "training.save_preview_every_n_epochs" => "preview images every n epochs and at the end (5 is usual); 0 = no previews",
+        "training.sample_before_training" => "previews once before the first step too: what the source model draws, to compare",
         "training.validate_every_n_epochs" => "validation loss every n epochs (held-out photos in a concept's validation_data_dir, class images): a rise means over-training; 0 = off",
         "training.validation_timesteps" => "validation: fixed timesteps the loss is averaged over, spread over the schedule (4: 200, 400, 600, 800)",
         "training.masked_loss" => "learn only where each image's mask (a concept's mask folder, same file names) is white: the subject, not its background",
