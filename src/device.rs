@@ -129,6 +129,7 @@ mod ffi {
         pub fn dbt_cuda_memory(device: i32, allocated: *mut i64, allocated_peak: *mut i64, reserved: *mut i64, reserved_peak: *mut i64) -> i32;
         pub fn dbt_cuda_reset_peak(device: i32) -> i32;
         pub fn dbt_pin_memory(t: *const torch_sys::C_tensor) -> *mut torch_sys::C_tensor;
+        pub fn dbt_cuda_empty_cache() -> i32;
     }
 }
 
@@ -145,6 +146,15 @@ pub fn cuda_memory(device: Device) -> Option<CudaMemory> {
 pub fn reset_cuda_peak(device: Device) {
     if let Device::Cuda(index) = device {
         unsafe { ffi::dbt_cuda_reset_peak(index as i32) };
+    }
+}
+
+/// Hands the CUDA caching allocator's unused blocks back to the driver
+/// (torch.cuda.empty_cache), so that a retry after an out-of-memory starts
+/// from unfragmented memory; nothing to do on the CPU.
+pub fn release_cached_memory(device: Device) {
+    if device.is_cuda() {
+        unsafe { ffi::dbt_cuda_empty_cache() };
     }
 }
 

@@ -9,7 +9,8 @@ fn the_readme_names_every_config_key() {
     let text = "name: x\nsource_checkpoint: x\npreset: cpu\nconcepts:\n  - instance_data_dir: x\n    \
                 instance_prompt: a photo of sks dog\n    instance_token: sks\n    class_token: dog\n    \
                 class_prompt: a photo of a dog\n    class_data_dir: c\n    class_negative_prompt: blurry\n    \
-                class_guidance_scale: 7.0\n    class_infer_steps: 20\n";
+                class_guidance_scale: 7.0\n    class_infer_steps: 20\n    \
+                validation_data_dir: v\n    mask_dir: m\n";
     let config = dreambooth::config::parse_run_config(text, "a test config", std::path::Path::new(".")).unwrap();
     let Value::Mapping(top) = serde_yaml::to_value(&config).unwrap() else { panic!("a mapping") };
     let mut keys = Vec::new();

@@ -470,6 +470,94 @@ fn a_libtorch_allocation_failure_is_one_sentence_and_the_run_resumes() {
     assert_eq!(dreambooth::train::checkpoint::list_checkpoints(&run).last().map(|c| c.0), Some(6));
 }
 
+/// `train` of 4 images in micro-batches of 4 on a device whose memory fits
+/// `fits` examples (`DREAMBOOTH_OOM_ABOVE_MICRO_BATCH`); returns the run and the exit code.
+fn run_with_memory_for(r: &Path, name: &str, data: &Path, fits: &str) -> (std::path::PathBuf, i32, String) {
+    let cfg = write_config(r, name, data, "  steps_per_image: 2\n  batch_size: 4\n  save_model_every_n_epochs: 1\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+        .args(["train", cfg.to_str().unwrap(), "--plain"])
+        .env("OMP_NUM_THREADS", "2")
+        .env("DREAMBOOTH_OOM_ABOVE_MICRO_BATCH", fits)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (r.join("runs").join(name), out.status.code().unwrap_or(-1), err)
+}
+
+/// An out-of-memory in a step's micro-batches retries the step with the
+/// micro-batch halved and accumulation doubled, said and recorded in
+/// config.yaml: the run is the one it would have been at those sizes from the
+/// start. At micro-batch 1 it ends as before, in one sentence.
+#[test]
+fn out_of_memory_splits_the_micro_batch_and_the_run_goes_on() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 4);
+    let (run, code, err) = run_with_memory_for(r, "split", &data, "2");
+    assert_eq!(code, 0, "{err}");
+    let splits = named_events(&run, "micro_batch_split");
+    assert_eq!(splits.len(), 1, "{:?}", event_names(&run));
+    assert_eq!((splits[0]["step"].as_u64(), splits[0]["batch_size"].as_u64()), (Some(0), Some(2)));
+    assert_eq!(splits[0]["gradient_accumulation_steps"], 2);
+    let warnings = named_events(&run, "warning");
+    assert!(warnings.iter().any(|w| w["message"].as_str().unwrap().contains("retrying with batch_size 2 × gradient_accumulation_steps 2")));
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("out of memory at step 1"), "{log}");
+    let recorded = load(&run.join("config.yaml"));
+    assert_eq!((recorded.training.batch_size, recorded.training.gradient_accumulation_steps), (2, 2));
+    assert_eq!(named_events(&run, "done")[0]["step"], 2);
+
+    // The same run configured at 2 × 2 from the start: bit for bit.
+    let cfg = write_config(r, "planned", &data, "  steps_per_image: 2\n  batch_size: 2\n  gradient_accumulation_steps: 2\n  save_model_every_n_epochs: 1\n");
+    let (code, _, err) = cli(&["train", cfg.to_str().unwrap(), "--plain"]);
+    assert_eq!(code, 0, "{err}");
+    let unet = |run: &Path| {
+        let (_, dir) = dreambooth::train::checkpoint::find_checkpoint(run, None).unwrap();
+        let mut tensors = Tensor::read_safetensors(dir.join("unet.safetensors")).unwrap();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        tensors
+    };
+    for ((k, a), (_, b)) in unet(&run).iter().zip(unet(&r.join("runs/planned")).iter()) {
+        assert!(a.equal(b), "{k} differs");
+    }
+
+    // Nothing fits: 4 → 2 → 1, then the usual sentence.
+    let (run, code, err) = run_with_memory_for(r, "nothing-fits", &data, "0");
+    assert_eq!(code, 1, "{err}");
+    assert!(last_line(&err).starts_with("error: out of memory while training step 1 of "), "{err}");
+    let sizes: Vec<u64> = named_events(&run, "micro_batch_split").iter().map(|e| e["batch_size"].as_u64().unwrap()).collect();
+    assert_eq!(sizes, vec![2, 1]);
+}
+
+/// A checkpoint written before the micro-batch was split resumes under the
+/// split sizes (what config.yaml says after a split): its epoch count carries
+/// over and the run ends at the same step.
+#[test]
+fn a_checkpoint_from_before_a_split_resumes_at_the_split_sizes() {
+    use dreambooth::train::trainer::{Outcome, Trainer};
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let data = r.join("data");
+    subject_images(&data, 4);
+    let cfg = write_config(r, "resplit", &data, "  steps_per_image: 3\n  batch_size: 2\n");
+    let mut t = Trainer::start(load(&cfg), quiet()).unwrap();
+    t.stop_at_step = Some(3);
+    assert_eq!(t.run().unwrap(), Outcome::Stopped);
+    assert_eq!((t.epochs_done(), t.total_steps), (1, 6));
+    let run = t.run_dir.clone();
+    drop(t);
+    let config_path = run.join("config.yaml");
+    let mut config = load(&config_path);
+    config.training.batch_size = 1;
+    config.training.gradient_accumulation_steps = 2;
+    std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    let mut t = Trainer::resume(&run, quiet()).unwrap();
+    assert_eq!((t.step, t.micro_batches, t.epochs_done(), t.total_steps), (3, 6, 1, 6));
+    assert_eq!(t.run().unwrap(), Outcome::Finished);
+    assert_eq!((t.step, t.epochs_done()), (6, 3));
+}
+
 /// Asking for CUDA graphs where they cannot run says so and trains eagerly.
 #[test]
 fn cuda_graphs_asked_for_on_the_cpu_are_refused_with_a_warning() {

@@ -185,6 +185,34 @@ fn previews_without_sample_prompts_use_the_instance_prompt() {
     assert!(t.run_dir.join("samples/step-000002-0.png").is_file());
 }
 
+/// `sample_before_training` draws the previews at step 0 (what the source
+/// model makes of the prompt) and leaves training exactly as it was.
+#[test]
+fn previews_before_training_leave_the_run_unchanged() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 2);
+    let training = "  steps_per_image: 1\n  save_preview_every_n_epochs: 1\n";
+    let run = |name: &str, before: bool| {
+        let mut c = load(&write_config(root.path(), name, &data, training));
+        c.concepts[0].sample_prompts = vec!["a photo of sks thing".into()];
+        c.training.sample_before_training = before;
+        let mut t = Trainer::start(c, quiet()).unwrap();
+        assert_eq!(t.run().unwrap(), dreambooth::train::trainer::Outcome::Finished);
+        t.run_dir.clone()
+    };
+    let (plain, before) = (run("plain", false), run("before", true));
+    let steps: Vec<u64> = named_events(&before, "sample").iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![0, 2]);
+    assert!(before.join("samples/step-000000-0.png").is_file());
+    assert!(!plain.join("samples/step-000000-0.png").exists());
+    // The source model's image differs from the trained one's.
+    let read = |dir: &Path, step: &str| std::fs::read(dir.join(format!("samples/step-{step}-0.png"))).unwrap();
+    assert_ne!(read(&before, "000000"), read(&before, "000002"));
+    assert_eq!(read(&before, "000002"), read(&plain, "000002"));
+    assert_bit_identical(&final_unet(&before), &final_unet(&plain));
+}
+
 /// Under mixed precision the networks that never train are stored in the half
 /// dtype (diffusers' `weight_dtype`); what trains stays float32.
 #[test]

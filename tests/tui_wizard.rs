@@ -142,6 +142,47 @@ fn the_concept_form_counts_files_that_are_not_read() {
     assert!(text.contains("3 images; 1 other file is not read"), "{text}");
 }
 
+/// The concept form's mask folder: a wrong folder is refused in a sentence, a
+/// right one counts the photos it masks and turns masked loss on in the config.
+#[test]
+fn the_concept_form_takes_a_mask_folder() {
+    let Setup { root, mut state } = setup();
+    let masks = root.path().join("dog-masks");
+    std::fs::create_dir_all(&masks).unwrap();
+    for name in ["1.png", "2.png"] {
+        image::GrayImage::new(8, 8).save(masks.join(name)).unwrap();
+    }
+    type_text(&mut state, "masked");
+    state.apply(Action::Next);
+    state.apply(Action::FocusNext);
+    state.apply(Action::Next);
+    state.apply(Action::AddConcept);
+    type_text(&mut state, &root.path().join("dog").display().to_string());
+    state.apply(Action::FocusNext);
+    type_text(&mut state, "a photo of sks dog");
+    while state.focus != 13 {
+        state.apply(Action::FocusNext);
+    }
+    assert!(state.on_path_field());
+    type_text(&mut state, &root.path().join("nowhere").display().to_string());
+    state.apply(Action::Next);
+    let error = state.error.clone().unwrap_or_default();
+    assert!(error.contains("concept 1: the mask folder") && error.contains("does not exist"), "{error}");
+    for _ in 0.."nowhere".len() {
+        state.apply(Action::Backspace);
+    }
+    type_text(&mut state, "dog-masks");
+    let text = screen_sized(&state, 200, 30);
+    assert!(text.contains("2 of 3 photos have a mask (the rest train unmasked)"), "{text}");
+    state.apply(Action::Next);
+    assert!(!state.editing, "{:?}", state.error);
+    let config = state.build_config().unwrap();
+    assert_eq!(config.concepts[0].mask_dir.as_deref(), Some(masks.as_path()));
+    assert!(config.training.masked_loss);
+    let yaml = state.yaml().unwrap();
+    assert!(yaml.contains("mask_dir:") && yaml.contains("masked_loss: true"), "{yaml}");
+}
+
 fn type_text(state: &mut WizardState, text: &str) {
     for c in text.chars() {
         state.apply(Action::Input(c));

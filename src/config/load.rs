@@ -130,6 +130,7 @@ fn concept_keys() -> Vec<String> {
         prior_loss_weight: 0.0,
         sample_prompts: vec![],
         validation_data_dir: Some(PathBuf::new()),
+        mask_dir: Some(PathBuf::new()),
     });
     keys.sort();
     keys

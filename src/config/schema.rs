@@ -76,6 +76,10 @@ pub struct Concept {
     /// fixed timesteps and noise is logged every `training.validate_every_n_epochs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_data_dir: Option<PathBuf>,
+    /// With `training.masked_loss`: a mask per instance image, same file stem
+    /// (white: learn, black: ignore, grey: a weight in between).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +200,9 @@ pub struct Training {
     pub pause_seconds: u64,
     pub save_model_every_n_epochs: u32,
     pub save_preview_every_n_epochs: u32,
+    /// Draw the previews once before the first step too (what the source model
+    /// makes of the prompts), so the change can be seen from step 0.
+    pub sample_before_training: bool,
     /// Validation loss (held-out photos, class images) every n epochs; 0 = off.
     pub validate_every_n_epochs: u32,
     /// Fixed timesteps the validation loss is averaged over, spread evenly over
@@ -203,6 +210,12 @@ pub struct Training {
     pub validation_timesteps: u32,
     /// Checkpoints kept on disk (older ones are deleted); 0 = keep all.
     pub keep_last_checkpoints: u32,
+    /// Weight each instance image's loss by its mask (`concepts[].mask_dir`),
+    /// as kohya's `--masked_loss` and OneTrainer's masked training.
+    pub masked_loss: bool,
+    /// The least weight a masked-out region keeps (OneTrainer's
+    /// `unmasked_weight`): 0 ignores the background, 0.1 learns a little of it.
+    pub unmasked_weight: f64,
 }
 
 impl Default for Training {
@@ -254,9 +267,12 @@ impl Default for Training {
             pause_seconds: 0,
             save_model_every_n_epochs: 25,
             save_preview_every_n_epochs: 5,
+            sample_before_training: false,
             validate_every_n_epochs: 0,
             validation_timesteps: 4,
             keep_last_checkpoints: 3,
+            masked_loss: false,
+            unmasked_weight: 0.0,
         }
     }
 }

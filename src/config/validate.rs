@@ -129,6 +129,15 @@ pub fn validate(c: &RunConfig) -> Result<(), String> {
     if !(1..=100).contains(&t.validation_timesteps) {
         return Err(format!("`training.validation_timesteps` {} must be between 1 and 100 (4 is usual)", t.validation_timesteps));
     }
+    if !(0.0..=1.0).contains(&t.unmasked_weight) {
+        return Err(format!(
+            "`training.unmasked_weight` {} must be between 0 and 1 (0: the masked-out background is ignored; 0.1 keeps a little of it)",
+            t.unmasked_weight
+        ));
+    }
+    if t.masked_loss && !t.train_imagic_only && c.concepts.iter().all(|c| c.mask_dir.is_none()) {
+        return Err("`training.masked_loss` is on but no concept has a `mask_dir` (a folder of masks named as its images): there is nothing to mask".into());
+    }
     if t.train_imagic_only && c.concepts.len() != 1 {
         return Err("`training.train_imagic_only` trains on one image of one concept; give exactly one concept".into());
     }

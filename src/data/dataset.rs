@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::buckets::Buckets;
 use super::images::{list_images, load_rgb, resize_cover_crop, to_tensor, CoverCrop, ImageFile};
+use super::masks::{self, MaskFolder};
 use super::prompts::{self, Role};
 use crate::conditioning::{SizeIds, TextConditioner};
 use crate::config::schema::{Concept, RunConfig};
@@ -32,6 +33,8 @@ pub struct Example {
     pub scaled_width: i64,
     /// `cache_latents`: (mean, std) of the VAE's latent distribution, as is and flipped.
     pub cached: Option<[(Tensor, Tensor); 2]>,
+    /// `masked_loss`: its mask framed as `pixels`, `[1, H, W]` uint8 (see data/masks.rs).
+    pub mask: Option<Tensor>,
 }
 
 /// Instance images of every concept and, per concept, its class images.
@@ -72,6 +75,20 @@ pub fn load_folder(
     buckets: &Buckets,
     limit: Option<usize>,
 ) -> anyhow::Result<Vec<Example>> {
+    load_folder_with_masks(dir, what, prompt_of, concept, buckets, limit, None)
+}
+
+/// [`load_folder`], each image with its mask from `masks` when it has one,
+/// framed as the image is.
+pub fn load_folder_with_masks(
+    dir: &Path,
+    what: &str,
+    prompt_of: impl Fn(&ImageFile) -> String,
+    concept: usize,
+    buckets: &Buckets,
+    limit: Option<usize>,
+    masks: Option<&MaskFolder>,
+) -> anyhow::Result<Vec<Example>> {
     let mut files = list_images(dir, what)?;
     if let Some(n) = limit {
         files.truncate(n);
@@ -88,8 +105,12 @@ pub fn load_folder(
                 target: (i64::from(height), i64::from(width)),
             };
             let scaled_width = i64::from(cover.resized.0);
+            let mask = match masks.and_then(|m| m.mask_for(&f.path)) {
+                Some(path) => Some(masks::to_tensor(&masks::load_mask(path, &f.path, img.dimensions(), (width, height))?)),
+                None => None,
+            };
             let img = resize_cover_crop(&img, width, height);
-            Ok(Example { pixels: to_tensor(&img), prompt: prompt_of(&f), concept, ids: Vec::new(), sizes, scaled_width, cached: None })
+            Ok(Example { pixels: to_tensor(&img), prompt: prompt_of(&f), concept, ids: Vec::new(), sizes, scaled_width, cached: None, mask })
         })
         .collect()
 }
@@ -113,9 +134,11 @@ pub fn class_prompt(concept: &Concept, image: &ImageFile) -> String {
 /// Every concept's instance images; an empty folder is a usage error.
 pub fn load_instances(config: &RunConfig, buckets: &Buckets) -> anyhow::Result<Vec<Example>> {
     let mut all = Vec::new();
-    for (i, c) in config.concepts.iter().enumerate() {
+    let mask_folders = masks::mask_folders(config)?;
+    for ((i, c), masks) in config.concepts.iter().enumerate().zip(&mask_folders) {
         let what = format!("concepts[{i}].instance_data_dir");
-        let examples = load_folder(&c.instance_data_dir, &what, |f| instance_prompt(c, f), i, buckets, None)?;
+        let examples =
+            load_folder_with_masks(&c.instance_data_dir, &what, |f| instance_prompt(c, f), i, buckets, None, masks.as_ref())?;
         if examples.is_empty() {
             return Err(usage(format!(
                 "{what} {} holds no images ({})",
@@ -334,6 +357,14 @@ impl Dataset {
 
     pub fn example(&self, is_class: bool, concept: usize, index: usize) -> &Example {
         if is_class { &self.classes[concept][index] } else { &self.instances[index] }
+    }
+
+    /// The loss weights `[B, 1, h, w]` of a plan on a latent grid of `latent`
+    /// (height, width), on the CPU: each example's mask, flipped with it (1 for
+    /// class images and images without a mask; see data/masks.rs).
+    pub fn loss_weights(&self, plan: &BatchPlan, latent: (i64, i64), unmasked_weight: f64) -> Tensor {
+        let masks = plan.items.iter().map(|&(c, k, i, flip)| (self.example(c, k, i).mask.as_ref(), flip));
+        masks::loss_weights(masks, latent, unmasked_weight)
     }
 
     /// Pixels `[B, 3, H, W]` of a plan (flips applied), on `device`.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, GrayImage, ImageBuffer, ImageDecoder, ImageReader, Pixel, RgbImage};
 use tch::{Kind, Tensor};
 
 use crate::error::usage;
@@ -22,7 +22,7 @@ pub struct ImageFile {
     pub caption: Option<String>,
 }
 
-fn is_image(path: &Path) -> bool {
+pub(crate) fn is_image(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
@@ -168,8 +168,8 @@ fn decode_error(path: &Path, e: &image::ImageError) -> anyhow::Error {
     }
 }
 
-/// Decodes `path` with its EXIF orientation applied, as 8-bit RGB.
-pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
+/// Decodes `path` (within the size limits) with its EXIF orientation applied.
+fn load_oriented(path: &Path) -> anyhow::Result<DynamicImage> {
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read the image {}", path.display()))?;
     if meta.len() == 0 {
         return Err(usage(format!("the image {} is empty (0 bytes)", path.display())));
@@ -178,7 +178,18 @@ pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(path, &e))?;
     img.apply_orientation(orientation);
-    Ok(img.to_rgb8())
+    Ok(img)
+}
+
+/// Decodes `path` with its EXIF orientation applied, as 8-bit RGB.
+pub fn load_rgb(path: &Path) -> anyhow::Result<RgbImage> {
+    Ok(load_oriented(path)?.to_rgb8())
+}
+
+/// Decodes `path` with its EXIF orientation applied, as 8-bit grey levels (a
+/// colour image's luma; a mask's alpha channel is not read).
+pub fn load_gray(path: &Path) -> anyhow::Result<GrayImage> {
+    Ok(load_oriented(path)?.to_luma8())
 }
 
 /// Short side to `size` (bilinear), then the centre `size`×`size` square.
@@ -187,8 +198,12 @@ pub fn resize_center_crop(img: &RgbImage, size: u32) -> RgbImage {
 }
 
 /// Scaled (bilinear) so that it covers `width`×`height`, then the centre
-/// `width`×`height` cut out: the frame of an aspect-ratio bucket.
-pub fn resize_cover_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+/// `width`×`height` cut out: the frame of an aspect-ratio bucket (an image's,
+/// or its mask's).
+pub fn resize_cover_crop<P>(img: &ImageBuffer<P, Vec<P::Subpixel>>, width: u32, height: u32) -> ImageBuffer<P, Vec<P::Subpixel>>
+where
+    P: Pixel + 'static,
+{
     let (w, h) = img.dimensions();
     let cover = CoverCrop::of(w, h, width, height);
     let resized = image::imageops::resize(img, cover.resized.0, cover.resized.1, FilterType::Triangle);

@@ -1,6 +1,7 @@
-//! Training data: instance and class images, captions, the latent cache.
+//! Training data: instance and class images, captions, masks, the latent cache.
 
 pub mod buckets;
 pub mod dataset;
 pub mod images;
+pub mod masks;
 pub mod prompts;

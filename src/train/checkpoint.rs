@@ -29,6 +29,10 @@ pub struct TrainState {
     pub ema_step: Option<u64>,
     /// The learning rate of the last step (informative).
     pub lr: f64,
+    /// The micro-batch size `micro_batches` counts in (it changes when an
+    /// out-of-memory splits the micro-batch); absent in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
     /// The processes that trained it (data parallel); checkpoints from before say nothing: one.
     #[serde(default = "one_process")]
     pub world_size: usize,

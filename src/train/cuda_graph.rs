@@ -130,11 +130,15 @@ pub struct GraphInputs {
     /// SDXL's size and crop ids `[batch, 6]` (unused by SD 1.x/2.x).
     pub time_ids: Tensor,
     pub coefficients: Tensor,
+    /// `masked_loss`: the loss weights `[batch, 1, h, w]` (every batch of a masked
+    /// run has them, ones where an image has no mask, so one graph serves all).
+    pub loss_weights: Option<Tensor>,
 }
 
 impl GraphInputs {
-    fn tensors(&self) -> [&Tensor; 6] {
-        [&self.latents, &self.noise, &self.timesteps, &self.ids, &self.time_ids, &self.coefficients]
+    fn tensors(&self) -> Vec<&Tensor> {
+        let fixed = [&self.latents, &self.noise, &self.timesteps, &self.ids, &self.time_ids, &self.coefficients];
+        fixed.into_iter().chain(self.loss_weights.as_ref()).collect()
     }
 
     /// Tensors with `from`'s shapes and dtypes on `device`, holding its values.
@@ -147,6 +151,7 @@ impl GraphInputs {
             ids: on(&from.ids),
             time_ids: on(&from.time_ids),
             coefficients: on(&from.coefficients),
+            loss_weights: from.loss_weights.as_ref().map(on),
         }
     }
 

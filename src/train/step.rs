@@ -107,6 +107,22 @@ pub fn denoising_loss(
     inputs: &LossInputs,
     autocast: &dyn Fn(&dyn Fn() -> Tensor) -> Tensor,
 ) -> LossOutput {
+    masked_denoising_loss(unet, schedule, prediction, min_snr_gamma, inputs, None, autocast)
+}
+
+/// [`denoising_loss`] with each latent cell's squared error weighted by
+/// `loss_weights` (`[B, 1, h, w]`, the masked loss: data/masks.rs) before the
+/// per-example mean, as kohya's `apply_masked_loss`; the mean stays over every
+/// cell (not divided by the mask's area). Weights of exactly 1 change no bit.
+pub fn masked_denoising_loss(
+    unet: &UNet2DConditionModel,
+    schedule: &NoiseSchedule,
+    prediction: PredictionType,
+    min_snr_gamma: f64,
+    inputs: &LossInputs,
+    loss_weights: Option<&Tensor>,
+    autocast: &dyn Fn(&dyn Fn() -> Tensor) -> Tensor,
+) -> LossOutput {
     let device = inputs.latents.device();
     let timesteps = inputs.timesteps.to_device(device);
     let noise = inputs.noise.to_device(device);
@@ -117,7 +133,12 @@ pub fn denoising_loss(
     };
     let model_pred =
         autocast(&|| unet.forward(&noisy, &timesteps, inputs.conditioning)).to_kind(Kind::Float);
-    let per_example = (&model_pred - &target).square().mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
+    let squared = (&model_pred - &target).square();
+    let squared = match loss_weights {
+        Some(w) => squared * w.to_device(device),
+        None => squared,
+    };
+    let per_example = squared.mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
     let per_example = if min_snr_gamma > 0.0 {
         let snr = schedule.snr(&timesteps);
         let clipped = snr.clamp_max(min_snr_gamma);

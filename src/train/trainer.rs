@@ -26,7 +26,7 @@ use super::lr_schedule::LrSchedule;
 use super::modules;
 use super::optimizer::Optimizer;
 use super::precision::{LossScaler, Precision};
-use super::step::{denoising_loss, draw_noise, ExampleWeights, LossInputs, PredictionType};
+use super::step::{draw_noise, masked_denoising_loss, ExampleWeights, LossInputs, PredictionType};
 use crate::config::schema::{MixedPrecision, RunConfig};
 use crate::model::lora::LoraNetwork;
 use crate::conditioning::{PromptEmbeds, SizeIds};
@@ -101,6 +101,7 @@ pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
         return Err(usage(format!("`vae` {} does not exist", vae.display())));
     }
     validation::check(config)?;
+    crate::data::masks::check(config)?;
     Ok(())
 }
 
@@ -252,6 +253,9 @@ pub struct Trainer {
     last_record_at: Option<Instant>,
     /// `training.validate_every_n_epochs`: the held-out sets and the last pass (trainer/validation.rs).
     validation: validation::Validation,
+    /// The step has passed its micro-batches and is updating the weights: an
+    /// out-of-memory from here on cannot be retried (trainer/oom.rs).
+    updating: bool,
 }
 
 /// Whether a run directory holds anything a later `resume` could use: a checkpoint
@@ -577,6 +581,7 @@ impl Trainer {
             fused,
             frozen_text_states: HashMap::new(),
             validation: validation::Validation::default(),
+            updating: false,
             config,
         };
         trainer.describe_plan();
@@ -829,7 +834,8 @@ impl Trainer {
             conditioning: &conditioning,
             coefficients: &b.coefficients,
         };
-        let out = denoising_loss(&self.sd.unet, &self.schedule, self.prediction, t.min_snr_gamma, &inputs, &|f| {
+        let weights = b.loss_weights.as_ref();
+        let out = masked_denoising_loss(&self.sd.unet, &self.schedule, self.prediction, t.min_snr_gamma, &inputs, weights, &|f| {
             precision.autocast(f)
         });
         let loss = &out.loss / f64::from(accum);
@@ -910,6 +916,7 @@ impl Trainer {
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         let (rank, world) = (crate::dist::rank(), crate::dist::world_size());
         for _ in 0..accum {
+            fail_if_micro_batch_above_injected(t.batch_size);
             // Every rank draws the whole global batch and its noise (the draws of one
             // process with world × batch_size), then trains on its own rows of it.
             let global = next_batch(
@@ -953,6 +960,9 @@ impl Trainer {
                 _ => narrow(&weights.coefficients_tensor()) * world as f64,
             };
             let up = |x: &Tensor| crate::device::upload(x, self.device);
+            // Masked loss: the batch's masks on the latent grid (data/masks.rs).
+            let latent_size = (latents.size()[2], latents.size()[3]);
+            let loss_weights = t.masked_loss.then(|| up(&self.data.loss_weights(&plan, latent_size, t.unmasked_weight)));
             let batch = GraphInputs {
                 latents,
                 noise: up(&noise.noise),
@@ -960,6 +970,7 @@ impl Trainer {
                 ids: up(&ids),
                 time_ids: up(&SizeIds::tensor(&sizes)),
                 coefficients: up(&coefficients),
+                loss_weights,
             };
             // A captured graph runs the text encoder inside it, reading the ids it
             // was captured with: the cache is for eager steps.
@@ -993,6 +1004,7 @@ impl Trainer {
             loss_sum += loss;
             self.micro_batches += 1;
         }
+        self.updating = true;
         // Every rank applies the same update: from the gradients' mean over the ranks.
         if let Some(group) = crate::dist::current() {
             crate::dist::buckets::average_gradients(group, self.optimizer.params())?;
@@ -1103,6 +1115,11 @@ impl Trainer {
             }),
         ))?;
         self.progress = self.make_progress();
+        // Previews never touch the training generators: drawing these first
+        // leaves the run as it would have been.
+        if self.step == 0 && self.config.training.sample_before_training {
+            self.previews()?;
+        }
         if self.imagic_plan.is_some() {
             return self.run_imagic();
         }
@@ -1119,7 +1136,7 @@ impl Trainer {
             }
             let epochs_before = self.epochs_done();
             let started = Instant::now();
-            let loss = self.queue_train_step()?;
+            let loss = self.train_step_recovering()?;
             let pending = PendingStep { step: self.step, epoch: self.epochs_done(), lr: self.last_lr, loss, started };
             // The previous step's loss is ready (or nearly) now that this one is queued.
             self.flush_step_record()?;
@@ -1265,6 +1282,7 @@ impl Trainer {
 }
 
 mod imagic_run;
+mod oom;
 mod persist;
 mod plan;
 mod samples;
@@ -1292,6 +1310,17 @@ fn fail_if_injected(step: u64) {
                 let _ = Tensor::empty([1i64 << 52], (Kind::Float, Device::Cpu));
             }
         }
+    }
+}
+
+/// `DREAMBOOTH_OOM_ABOVE_MICRO_BATCH=N`: a micro-batch above N examples fails
+/// as an out-of-memory would (a device whose memory fits N), so tests can drive
+/// the recovery in trainer/oom.rs without a GPU.
+fn fail_if_micro_batch_above_injected(batch_size: u32) {
+    static LIMIT: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let limit = LIMIT.get_or_init(|| std::env::var("DREAMBOOTH_OOM_ABOVE_MICRO_BATCH").ok().and_then(|v| v.parse().ok()));
+    if limit.is_some_and(|n| batch_size > n) {
+        let _ = Tensor::empty([1i64 << 52], (Kind::Float, Device::Cpu));
     }
 }
 

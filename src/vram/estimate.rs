@@ -92,7 +92,7 @@ impl Plan {
             use_ema: t.use_ema,
             cache_latents: t.cache_latents,
             set_grads_to_none: t.set_grads_to_none,
-            previews: t.save_preview_every_n_epochs > 0,
+            previews: t.save_preview_every_n_epochs > 0 || t.sample_before_training,
             half_storage: half_storage(t),
             token_windows: (i64::from(t.max_token_length) / 75).max(1),
             // Imagic's stages step as usual.

@@ -65,6 +65,7 @@ impl Trainer {
             loss_scaler: self.scaler.as_ref().map(|s| (s.scale, s.growth_tracker)),
             ema_step: self.ema.as_ref().map(|e| e.optimization_step),
             lr: self.last_lr,
+            batch_size: Some(self.config.training.batch_size),
             world_size: crate::dist::world_size(),
         };
         let copy = |v: &[(String, Tensor)]| v.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect::<Vec<_>>();
@@ -139,7 +140,10 @@ impl Trainer {
                 state.world_size
             )));
         }
-        if state.total_steps != expected_total {
+        // A checkpoint from before an out-of-memory split the micro-batch was
+        // planned at the old size: its total need not match (trainer/oom.rs).
+        let same_batch = state.batch_size.is_none_or(|b| b == self.config.training.batch_size);
+        if same_batch && state.total_steps != expected_total {
             anyhow::bail!(
                 "{}: the checkpoint was made for {} steps but the run now has {} (did the images or config change?)",
                 dir.display(),
@@ -149,6 +153,7 @@ impl Trainer {
         }
         self.step = state.step;
         self.micro_batches = state.micro_batches;
+        self.adopt_checkpoint_batch_size(state.batch_size);
         self.data_state = state.data;
         self.last_lr = state.lr;
         if let (Some(s), Some((scale, tracker))) = (&mut self.scaler, state.loss_scaler) {

@@ -59,6 +59,7 @@ fn settings_without_effect(t: &Training, chosen_by_user: &BTreeSet<String>) -> V
         "LoRA runs (`use_lora: true`)",
     );
     unless(chosen(&["ema_decay"]), t.use_ema, "runs with `use_ema: true`");
+    unless(chosen(&["unmasked_weight"]), t.masked_loss, "runs with `masked_loss: true`");
     // Only a fully trained text encoder has normalization layers that could move
     // (its steps are the ratio's share, rounded up: any ratio above 0 trains it).
     let full_text_encoder = t.text_encoder_train_ratio > 0.0 && !t.use_lora && !t.train_imagic_only;
@@ -101,7 +102,7 @@ pub(super) fn early_warnings(config: &RunConfig, run_dir: &std::path::Path, inst
         }
         // Imagic's stages take one sample of the one image a step, with the paper's plain loss.
         let unused: Vec<String> = ["batch_size", "gradient_accumulation_steps", "offset_noise", "min_snr_gamma",
-            "random_flip", "aspect_ratio_bucketing", "shuffle_tags"]
+            "random_flip", "aspect_ratio_bucketing", "shuffle_tags", "masked_loss"]
             .into_iter()
             .filter(|key| chosen_by_user.contains(*key))
             .map(|key| format!("`{key}`"))
@@ -120,6 +121,7 @@ pub(super) fn early_warnings(config: &RunConfig, run_dir: &std::path::Path, inst
         return warnings;
     }
     warnings.extend(settings_without_effect(t, &chosen_by_user));
+    warnings.extend(crate::data::masks::warnings(config));
     if chosen_by_user.contains("text_encoder_learning_rate") && t.text_encoder_train_ratio <= 0.0 {
         warnings.push("`text_encoder_learning_rate` is set but the text encoder does not train (`text_encoder_train_ratio` is 0)".into());
     }
@@ -174,6 +176,13 @@ impl Trainer {
                 if frames.len() > 1 { "each bucket's last batch of an epoch" } else { "the last batch of each epoch" },
                 if t.gradient_accumulation_steps > 1 { " and accumulation carries across epoch boundaries" } else { "" },
                 if left_over > 0 { format!(", and {left_over} left-over micro-batches at the end are not trained") } else { String::new() }
+            ));
+        }
+        if t.masked_loss {
+            let masked = self.data.instances.iter().filter(|e| e.mask.is_some()).count();
+            self.log.line(&format!(
+                "masked loss: {masked} of {images} instance images have a mask (the rest and the class images count every pixel); unmasked_weight {}",
+                t.unmasked_weight
             ));
         }
         self.check_disk_room();

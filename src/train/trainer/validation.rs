@@ -16,7 +16,10 @@
 //! fills the frozen text encoders' cache, and gives back the VAE's place.
 //! The plain MSE against the model's target is measured (no offset noise, no
 //! min-SNR weighting: the loss at each timestep as it is), on the posterior mean
-//! of each image's latents.
+//! of each image's latents. With `masked_loss`, a held-out photo whose file name
+//! has a mask in its concept's `mask_dir` is weighted by it as training weights
+//! its photos (kohya validates with the training loss, masks included); class
+//! images, as in training, count every pixel.
 
 use std::time::Instant;
 
@@ -29,6 +32,7 @@ use crate::config::schema::RunConfig;
 use crate::data::buckets::Buckets;
 use crate::data::dataset;
 use crate::data::images::{list_images, load_rgb};
+use crate::data::masks::{self, MaskFolder};
 use crate::error::usage;
 use crate::rng::CpuRng;
 use crate::run::events::Event;
@@ -104,6 +108,9 @@ struct Item {
     sizes: SizeIds,
     /// One `[1, C, h, w]` draw per timestep, on the training device.
     noise: Vec<Tensor>,
+    /// `masked_loss`: a held-out photo's mask as loss weights `[1, 1, h, w]`
+    /// on the training device, as training weights its photos (data/masks.rs).
+    weights: Option<Tensor>,
 }
 
 /// The losses of one pass: per set, the mean over its images and timesteps.
@@ -304,10 +311,26 @@ impl Trainer {
         for (c, concept) in self.config.concepts.iter().enumerate() {
             let Some(dir) = &concept.validation_data_dir else { continue };
             let what = format!("concepts[{c}].validation_data_dir");
-            let examples = dataset::load_folder(dir, &what, |f| dataset::instance_prompt(concept, f), c, &buckets, None)?;
+            // Masked training is measured masked: a held-out photo's mask is the
+            // one of its file name in the concept's mask_dir (kohya validates
+            // with the training loss, masks included).
+            let masks = match (&concept.mask_dir, self.config.training.masked_loss) {
+                (Some(dir), true) => Some(MaskFolder::read(dir, &format!("concepts[{c}].mask_dir"))?),
+                _ => None,
+            };
+            let examples =
+                dataset::load_folder_with_masks(dir, &what, |f| dataset::instance_prompt(concept, f), c, &buckets, None, masks.as_ref())?;
             let items = examples
                 .iter()
-                .map(|e| (encode(&e.pixels), self.sd.text.tokenize(&e.prompt), e.size_ids(false)))
+                .map(|e| {
+                    let latents = encode(&e.pixels);
+                    let size = latents.size();
+                    let weights = e.mask.as_ref().map(|m| {
+                        let w = masks::loss_weights([(Some(m), false)], (size[2], size[3]), self.config.training.unmasked_weight);
+                        w.to_device(device)
+                    });
+                    (latents, self.sd.text.tokenize(&e.prompt), e.size_ids(false), weights)
+                })
                 .collect();
             sets.push(self.draw_noise_for(c, false, items));
         }
@@ -323,7 +346,7 @@ impl Trainer {
                         Some([(mean, _), _]) => mean.to_device(device).to_kind(Kind::Float) * scaling,
                         None => encode(&e.pixels),
                     };
-                    (latents, e.ids.clone(), e.size_ids(false))
+                    (latents, e.ids.clone(), e.size_ids(false), None)
                 })
                 .collect();
             sets.push(self.draw_noise_for(c, true, items));
@@ -332,19 +355,19 @@ impl Trainer {
     }
 
     /// A set with each image's noise, one draw per timestep from the set's own generator.
-    fn draw_noise_for(&self, concept: usize, class: bool, items: Vec<(Tensor, Vec<i64>, SizeIds)>) -> Set {
+    fn draw_noise_for(&self, concept: usize, class: bool, items: Vec<(Tensor, Vec<i64>, SizeIds, Option<Tensor>)>) -> Set {
         let seed = self.config.seed.wrapping_add(SEED_OFFSET + 2 * concept as u64 + u64::from(class));
         let mut rng = CpuRng::new(seed);
         let items = items
             .into_iter()
-            .map(|(latents, ids, sizes)| {
+            .map(|(latents, ids, sizes, weights)| {
                 let noise = self
                     .validation
                     .timesteps
                     .iter()
                     .map(|_| crate::device::upload(&rng.randn(&latents.size()), self.device))
                     .collect();
-                Item { latents, ids, sizes, noise }
+                Item { latents, ids, sizes, noise, weights }
             })
             .collect();
         Set { concept, class, items }
@@ -367,7 +390,18 @@ impl Trainer {
             LossInputs { latents: &latents, noise: &noise, timesteps: &timesteps, conditioning: &conditioning, coefficients: &coefficients };
         let precision = self.precision;
         let out = denoising_loss(&self.sd.unet, &self.schedule, self.prediction, 0.0, &inputs, &|f| precision.autocast(f));
-        let per_row = (&out.model_pred - &out.target).square().mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
+        let squared = (&out.model_pred - &out.target).square();
+        // Photos without a mask weigh 1 everywhere; a set without masks skips the product.
+        let squared = if chunk.iter().any(|&(i, _)| set.items[i].weights.is_some()) {
+            let weight = |i: usize| match &set.items[i].weights {
+                Some(w) => w.shallow_clone(),
+                None => set.items[i].latents.ones_like().narrow(1, 0, 1),
+            };
+            squared * Tensor::cat(&each(&|i, _| weight(i)), 0)
+        } else {
+            squared
+        };
+        let per_row = squared.mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
         Vec::<f64>::try_from(&per_row.to_kind(Kind::Double).to_device(Device::Cpu)).expect("a 1-d float64 tensor")
     }
 

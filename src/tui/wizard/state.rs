@@ -161,6 +161,9 @@ pub struct ConceptDraft {
     pub class_negative: String,
     pub class_guidance: String,
     pub class_steps: String,
+    /// Masks named as the instance images (white: learn, black: ignore); set,
+    /// the run trains with `masked_loss`. Empty: no masks.
+    pub mask_dir: String,
 }
 
 impl Default for ConceptDraft {
@@ -179,6 +182,7 @@ impl Default for ConceptDraft {
             class_negative: String::new(),
             class_guidance: String::new(),
             class_steps: String::new(),
+            mask_dir: String::new(),
         }
     }
 }
@@ -210,7 +214,7 @@ pub fn count_images(dir: &str) -> Result<usize, String> {
 }
 
 /// Fields of the concept form, in focus order.
-pub const CONCEPT_FIELDS: usize = 13;
+pub const CONCEPT_FIELDS: usize = 14;
 /// Fields of the training step, in focus order.
 pub const TRAINING_FIELDS: usize = 5;
 
@@ -376,6 +380,7 @@ impl WizardState {
                     10 => Some(&mut c.class_negative),
                     11 => Some(&mut c.class_guidance),
                     12 => Some(&mut c.class_steps),
+                    13 => Some(&mut c.mask_dir),
                     _ => None,
                 }
             }
@@ -427,7 +432,7 @@ impl WizardState {
 
     /// True when the focused field holds a path (Tab completes).
     pub fn on_path_field(&self) -> bool {
-        self.step == Step::Source || (self.step == Step::Concepts && self.editing && matches!(self.focus, 0 | 5))
+        self.step == Step::Source || (self.step == Step::Concepts && self.editing && matches!(self.focus, 0 | 5 | 13))
     }
 
     fn field_count(&self) -> usize {
@@ -826,6 +831,12 @@ impl WizardState {
         if !c.class_dir.trim().is_empty() && class_dir.exists() && !class_dir.is_dir() {
             return Err(format!("concept {n}: the class folder {} is a file", class_dir.display()));
         }
+        let mask_dir = c.mask_dir.trim();
+        if !mask_dir.is_empty() {
+            if let Err(e) = crate::data::masks::MaskFolder::read(Path::new(mask_dir), "the mask folder") {
+                return Err(format!("concept {n}: {}", crate::error::one_line(&e)));
+            }
+        }
         Ok(())
     }
 
@@ -915,6 +926,7 @@ impl WizardState {
                     if typed.is_empty() { vec![c.instance_prompt.trim().to_string()] } else { typed }
                 },
                 validation_data_dir: None,
+                mask_dir: (!c.mask_dir.trim().is_empty()).then(|| absolute(c.mask_dir.trim())),
             })
             .collect()
     }
@@ -1036,6 +1048,10 @@ impl WizardState {
         }
         if set("sampling.scheduler") {
             config.sampling.scheduler = self.sampler.clone();
+        }
+        // A mask folder is given to be used (the advanced panel can still turn it off).
+        if config.concepts.iter().any(|c| c.mask_dir.is_some()) {
+            t.masked_loss = true;
         }
         Ok(config)
     }

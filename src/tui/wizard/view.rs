@@ -7,7 +7,7 @@ use ratatui::widgets::{Block, Paragraph, Wrap};
 use ratatui::Frame;
 
 use super::settings::{self, SettingKind};
-use super::state::{count_images, scheduler_name, Step, WizardState};
+use super::state::{count_images, scheduler_name, ConceptDraft, Step, WizardState};
 use crate::tui::widgets::{error_line, field_line, format_gib, key_hints};
 
 pub fn draw(frame: &mut Frame, state: &WizardState) {
@@ -181,11 +181,30 @@ fn draw_concept_form(frame: &mut Frame, area: Rect, state: &WizardState) {
         field_line("Class negative", &c.class_negative, state.focus == 10, "class images; empty: sampling's"),
         field_line("Class CFG scale", &c.class_guidance, state.focus == 11, "class images; empty: sampling's"),
         field_line("Class steps", &c.class_steps, state.focus == 12, "class images; empty: sampling's"),
+        field_line("Mask folder", &c.mask_dir, state.focus == 13, &mask_hint(c)),
     ];
     if !state.completions.is_empty() {
         lines.push(hint(format!("  {}", state.completions.join("  "))));
     }
     frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), area);
+}
+
+/// What the mask folder field says: empty, how many of the photos have a mask.
+fn mask_hint(c: &ConceptDraft) -> String {
+    let dir = c.mask_dir.trim();
+    if dir.is_empty() {
+        return "optional: masks named as the photos (white: learn)".into();
+    }
+    let Ok(masks) = crate::data::masks::MaskFolder::read(std::path::Path::new(dir), "the mask folder") else {
+        return "not a folder of masks".into();
+    };
+    match crate::data::images::list_images(std::path::Path::new(c.instance_dir.trim()), "the instance folder") {
+        Ok(files) => {
+            let masked = files.iter().filter(|f| masks.mask_for(&f.path).is_some()).count();
+            format!("{masked} of {} photos have a mask (the rest train unmasked)", files.len())
+        }
+        Err(_) => "masks named as the photos".into(),
+    }
 }
 
 fn draw_training(frame: &mut Frame, area: Rect, state: &WizardState) {
