@@ -60,6 +60,7 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
         prior_loss_weight: 1.0,
         sample_prompts: Vec::new(),
         validation_data_dir: None,
+        validation_split: 0.0,
         mask_dir: None,
     }];
     let t = &mut run.training;

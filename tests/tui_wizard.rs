@@ -183,6 +183,47 @@ fn the_concept_form_takes_a_mask_folder() {
     assert!(yaml.contains("mask_dir:") && yaml.contains("masked_loss: true"), "{yaml}");
 }
 
+/// The concept form's validation folder: the instance folder itself is
+/// refused; held-out photos are counted, and the run validates as often as it
+/// previews.
+#[test]
+fn the_concept_form_takes_a_validation_folder() {
+    let Setup { root, mut state } = setup();
+    let held_out = root.path().join("dog-held-out");
+    std::fs::create_dir_all(&held_out).unwrap();
+    image::RgbImage::new(8, 8).save(held_out.join("a.png")).unwrap();
+    type_text(&mut state, "validated");
+    state.apply(Action::Next);
+    state.apply(Action::FocusNext);
+    state.apply(Action::Next);
+    state.apply(Action::AddConcept);
+    let dog = root.path().join("dog").display().to_string();
+    type_text(&mut state, &dog);
+    state.apply(Action::FocusNext);
+    type_text(&mut state, "a photo of sks dog");
+    while state.focus != 14 {
+        state.apply(Action::FocusNext);
+    }
+    assert!(state.on_path_field());
+    type_text(&mut state, &dog);
+    state.apply(Action::Next);
+    let error = state.error.clone().unwrap_or_default();
+    assert!(error.contains("concept 1: the validation folder is the instance folder"), "{error}");
+    for _ in 0..dog.len() {
+        state.apply(Action::Backspace);
+    }
+    type_text(&mut state, &held_out.display().to_string());
+    let text = screen_sized(&state, 200, 30);
+    assert!(text.contains("1 held-out photos: validation loss as often as previews"), "{text}");
+    state.apply(Action::Next);
+    assert!(!state.editing, "{:?}", state.error);
+    let config = state.build_config().unwrap();
+    assert_eq!(config.concepts[0].validation_data_dir.as_deref(), Some(held_out.as_path()));
+    assert_eq!(config.training.validate_every_n_epochs, config.training.save_preview_every_n_epochs.max(1));
+    let yaml = state.yaml().unwrap();
+    assert!(yaml.contains("validation_data_dir:") && yaml.contains("validate_every_n_epochs:"), "{yaml}");
+}
+
 fn type_text(state: &mut WizardState, text: &str) {
     for c in text.chars() {
         state.apply(Action::Input(c));

@@ -345,6 +345,63 @@ fn a_validation_without_images_is_refused_naming_the_key() {
     assert!(e.contains("`training.validation_timesteps` 0 must be between 1 and 100"), "{e}");
 }
 
+/// `validation_split` holds a seeded share of the concept's own photos out of
+/// training: the run is the one whose held-out photos were moved into a
+/// validation_data_dir by hand, bit for bit; bad splits are refused in a sentence.
+#[test]
+fn a_validation_split_is_a_held_out_folder_made_from_the_photos() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    subject_images(&data, 5);
+    let training = "  steps_per_image: 2\n  validate_every_n_epochs: 1\n";
+    let mut config = config_with(root.path(), "split", &data, training, None, false);
+    config.concepts[0].validation_split = 0.4;
+    let (kept, held) = dreambooth::data::holdout::split_photos(&config.concepts[0], 0, config.seed, "data").unwrap();
+    assert_eq!((kept.len(), held.len()), (3, 2));
+    let t = Trainer::start(config, quiet()).unwrap();
+    assert_eq!(t.data.instances.len(), 3);
+    drop(t);
+    std::fs::remove_dir_all(root.path().join("runs/split")).unwrap();
+    let mut config = config_with(root.path(), "split", &data, training, None, false);
+    config.concepts[0].validation_split = 0.4;
+    let split = train(config);
+
+    // The same photos moved by hand.
+    let (by_hand, by_hand_held) = (root.path().join("by-hand"), root.path().join("by-hand-held"));
+    for (files, dir) in [(&kept, &by_hand), (&held, &by_hand_held)] {
+        std::fs::create_dir_all(dir).unwrap();
+        for f in files.iter() {
+            std::fs::copy(&f.path, dir.join(f.path.file_name().unwrap())).unwrap();
+        }
+    }
+    let manual = train(config_with(root.path(), "manual", &by_hand, training, Some(&by_hand_held), false));
+    let (vs, vm) = (validations(&split), validations(&manual));
+    assert_eq!(vs, vm);
+    assert_eq!(vs[0]["concepts"][0]["images"], 2);
+    assert_same_tensors(&checkpoint_tensors(&split), &checkpoint_tensors(&manual), "split vs by hand");
+    let log = std::fs::read_to_string(split.join("train.log")).unwrap();
+    let names: Vec<String> = held.iter().map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert!(log.contains(&format!("concept 1 holds out of training for validation: {}", names.join(", "))), "{log}");
+
+    // Refused before anything is made: both ways at once, a share of 1, one photo.
+    let refused = |name: &str, data: &Path, share: f64, held_out: Option<&Path>| {
+        let mut config = config_with(root.path(), name, data, training, held_out, false);
+        config.concepts[0].validation_split = share;
+        let e = Trainer::start(config, quiet()).err().unwrap();
+        assert_eq!(dreambooth::error::exit_code(&e), 2, "{e}");
+        assert!(!root.path().join("runs").join(name).exists());
+        e.to_string()
+    };
+    let e = refused("both", &data, 0.2, Some(&by_hand_held));
+    assert!(e.contains("both a validation_data_dir and a validation_split"), "{e}");
+    let e = refused("all", &data, 1.0, None);
+    assert!(e.contains("concepts[0].validation_split is 1"), "{e}");
+    let one = root.path().join("one");
+    subject_images(&one, 1);
+    let e = refused("one", &one, 0.5, None);
+    assert!(e.contains("needs at least 2 photos"), "{e}");
+}
+
 /// The baseline pass recomputed here from its definition: each held-out photo's
 /// posterior-mean latents noised at 200, 400, 600 and 800 with draws from a
 /// generator seeded `seed + 2^20 + 2 × concept` (in photo order, then timestep

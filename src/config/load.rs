@@ -130,6 +130,8 @@ fn concept_keys() -> Vec<String> {
         prior_loss_weight: 0.0,
         sample_prompts: vec![],
         validation_data_dir: Some(PathBuf::new()),
+        // Non-zero: a zero share is not written.
+        validation_split: 0.5,
         mask_dir: Some(PathBuf::new()),
     });
     keys.sort();

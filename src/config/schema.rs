@@ -76,6 +76,11 @@ pub struct Concept {
     /// fixed timesteps and noise is logged every `training.validate_every_n_epochs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_data_dir: Option<PathBuf>,
+    /// Without a validation_data_dir: this share of the concept's own photos
+    /// (0.2: one in five, at least one) is held out of training for the
+    /// validation loss, drawn from the run's seed, as kohya's `validation_split`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub validation_split: f64,
     /// With `training.masked_loss`: a mask per instance image, same file stem
     /// (white: learn, black: ignore, grey: a weight in between).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -322,4 +327,7 @@ fn default_num_class_images() -> u32 {
 }
 fn one() -> f64 {
     1.0
+}
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }

@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::buckets::Buckets;
 use super::images::{list_images, load_rgb, resize_cover_crop, to_tensor, CoverCrop, ImageFile};
+use super::holdout;
 use super::masks::{self, MaskFolder};
 use super::prompts::{self, Role};
 use crate::conditioning::{SizeIds, TextConditioner};
@@ -93,6 +94,17 @@ pub fn load_folder_with_masks(
     if let Some(n) = limit {
         files.truncate(n);
     }
+    load_files_with_masks(files, prompt_of, concept, buckets, masks)
+}
+
+/// Images `files` (of one folder) decoded, framed and with their masks.
+pub fn load_files_with_masks(
+    files: Vec<ImageFile>,
+    prompt_of: impl Fn(&ImageFile) -> String,
+    concept: usize,
+    buckets: &Buckets,
+    masks: Option<&MaskFolder>,
+) -> anyhow::Result<Vec<Example>> {
     files
         .into_iter()
         .map(|f| {
@@ -137,8 +149,9 @@ pub fn load_instances(config: &RunConfig, buckets: &Buckets) -> anyhow::Result<V
     let mask_folders = masks::mask_folders(config)?;
     for ((i, c), masks) in config.concepts.iter().enumerate().zip(&mask_folders) {
         let what = format!("concepts[{i}].instance_data_dir");
-        let examples =
-            load_folder_with_masks(&c.instance_data_dir, &what, |f| instance_prompt(c, f), i, buckets, None, masks.as_ref())?;
+        // A concept's `validation_split` photos are held out (data/holdout.rs).
+        let (files, _) = holdout::split_photos(c, i, config.seed, &what)?;
+        let examples = load_files_with_masks(files, |f| instance_prompt(c, f), i, buckets, masks.as_ref())?;
         if examples.is_empty() {
             return Err(usage(format!(
                 "{what} {} holds no images ({})",

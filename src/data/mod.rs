@@ -2,6 +2,7 @@
 
 pub mod buckets;
 pub mod dataset;
+pub mod holdout;
 pub mod images;
 pub mod masks;
 pub mod prompts;

@@ -121,6 +121,7 @@ mod tests {
             prior_loss_weight: 1.0,
             sample_prompts: Vec::new(),
             validation_data_dir: None,
+            validation_split: 0.0,
             mask_dir: None,
         }
     }

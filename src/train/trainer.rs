@@ -101,6 +101,7 @@ pub fn check_supported(config: &RunConfig) -> anyhow::Result<()> {
         return Err(usage(format!("`vae` {} does not exist", vae.display())));
     }
     validation::check(config)?;
+    crate::data::holdout::check(config)?;
     crate::data::masks::check(config)?;
     Ok(())
 }

@@ -74,10 +74,13 @@ pub fn check(config: &RunConfig) -> anyhow::Result<()> {
             load_rgb(&f.path)?;
         }
     }
-    let anything = config.concepts.iter().any(|c| c.validation_data_dir.is_some() || !c.class_prompt.trim().is_empty());
+    let anything = config
+        .concepts
+        .iter()
+        .any(|c| c.validation_data_dir.is_some() || c.validation_split > 0.0 || !c.class_prompt.trim().is_empty());
     if !anything && !config.training.train_imagic_only {
         return Err(usage(
-            "`training.validate_every_n_epochs` is set but no concept has a `validation_data_dir` (held-out photos) \
+            "`training.validate_every_n_epochs` is set but no concept has a `validation_data_dir` or `validation_split` (held-out photos) \
              or a `class_prompt` (class images): there is nothing to validate on",
         ));
     }
@@ -134,10 +137,15 @@ impl Trainer {
     /// Logs what validation will measure, and settings that make it measure nothing.
     pub(super) fn describe_validation(&mut self) {
         let t = self.config.training.clone();
-        let held_out: Vec<usize> =
-            (0..self.config.concepts.len()).filter(|&i| self.config.concepts[i].validation_data_dir.is_some()).collect();
+        let held_out: Vec<usize> = (0..self.config.concepts.len())
+            .filter(|&i| self.config.concepts[i].validation_data_dir.is_some() || self.config.concepts[i].validation_split > 0.0)
+            .collect();
         if t.validate_every_n_epochs == 0 {
-            if !held_out.is_empty() {
+            if self.config.concepts.iter().any(|c| c.validation_split > 0.0) {
+                self.warn(
+                    "validation_split holds photos out of training but `training.validate_every_n_epochs` is 0: they are neither trained on nor measured",
+                );
+            } else if !held_out.is_empty() {
                 self.log.line(
                     "validation_data_dir is set but `training.validate_every_n_epochs` is 0: no validation loss is measured",
                 );
@@ -158,6 +166,16 @@ impl Trainer {
                     "concepts[{i}].validation_data_dir is its instance_data_dir: those photos are trained on, so their loss is not a held-out one"
                 ));
             }
+        }
+        match crate::data::holdout::held_out_paths(&self.config) {
+            Ok(split) => {
+                for (i, paths) in split {
+                    let names: Vec<String> =
+                        paths.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+                    self.log.line(&format!("concept {} holds out of training for validation: {}", i + 1, names.join(", ")));
+                }
+            }
+            Err(e) => self.warn(&crate::error::one_line(&e)),
         }
         let timesteps = spread_timesteps(t.validation_timesteps, self.schedule.num_train_timesteps());
         let mut what: Vec<String> = held_out.iter().map(|i| format!("concept {}'s held-out photos", i + 1)).collect();
@@ -309,8 +327,14 @@ impl Trainer {
         let buckets = Buckets::for_run(&self.config, self.sd.size_multiple());
         let mut sets = Vec::new();
         for (c, concept) in self.config.concepts.iter().enumerate() {
-            let Some(dir) = &concept.validation_data_dir else { continue };
-            let what = format!("concepts[{c}].validation_data_dir");
+            // Held-out photos: a folder of their own, else the concept's split.
+            let files = match (&concept.validation_data_dir, concept.validation_split > 0.0) {
+                (Some(dir), _) => list_images(dir, &format!("concepts[{c}].validation_data_dir"))?,
+                (None, true) => {
+                    crate::data::holdout::split_photos(concept, c, self.config.seed, &format!("concepts[{c}].instance_data_dir"))?.1
+                }
+                (None, false) => continue,
+            };
             // Masked training is measured masked: a held-out photo's mask is the
             // one of its file name in the concept's mask_dir (kohya validates
             // with the training loss, masks included).
@@ -319,7 +343,7 @@ impl Trainer {
                 _ => None,
             };
             let examples =
-                dataset::load_folder_with_masks(dir, &what, |f| dataset::instance_prompt(concept, f), c, &buckets, None, masks.as_ref())?;
+                dataset::load_files_with_masks(files, |f| dataset::instance_prompt(concept, f), c, &buckets, masks.as_ref())?;
             let items = examples
                 .iter()
                 .map(|e| {

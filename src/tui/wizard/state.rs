@@ -164,6 +164,9 @@ pub struct ConceptDraft {
     /// Masks named as the instance images (white: learn, black: ignore); set,
     /// the run trains with `masked_loss`. Empty: no masks.
     pub mask_dir: String,
+    /// Held-out photos of the subject (never trained on) for the validation
+    /// loss; set, the run validates as often as it previews. Empty: none.
+    pub validation_dir: String,
 }
 
 impl Default for ConceptDraft {
@@ -183,6 +186,7 @@ impl Default for ConceptDraft {
             class_guidance: String::new(),
             class_steps: String::new(),
             mask_dir: String::new(),
+            validation_dir: String::new(),
         }
     }
 }
@@ -214,7 +218,7 @@ pub fn count_images(dir: &str) -> Result<usize, String> {
 }
 
 /// Fields of the concept form, in focus order.
-pub const CONCEPT_FIELDS: usize = 14;
+pub const CONCEPT_FIELDS: usize = 15;
 /// Fields of the training step, in focus order.
 pub const TRAINING_FIELDS: usize = 5;
 
@@ -381,6 +385,7 @@ impl WizardState {
                     11 => Some(&mut c.class_guidance),
                     12 => Some(&mut c.class_steps),
                     13 => Some(&mut c.mask_dir),
+                    14 => Some(&mut c.validation_dir),
                     _ => None,
                 }
             }
@@ -432,7 +437,7 @@ impl WizardState {
 
     /// True when the focused field holds a path (Tab completes).
     pub fn on_path_field(&self) -> bool {
-        self.step == Step::Source || (self.step == Step::Concepts && self.editing && matches!(self.focus, 0 | 5 | 13))
+        self.step == Step::Source || (self.step == Step::Concepts && self.editing && matches!(self.focus, 0 | 5 | 13 | 14))
     }
 
     fn field_count(&self) -> usize {
@@ -837,6 +842,21 @@ impl WizardState {
                 return Err(format!("concept {n}: {}", crate::error::one_line(&e)));
             }
         }
+        let validation_dir = c.validation_dir.trim();
+        if !validation_dir.is_empty() {
+            if absolute(validation_dir) == absolute(c.instance_dir.trim()) {
+                return Err(format!(
+                    "concept {n}: the validation folder is the instance folder; held-out photos must be ones the run does not train on"
+                ));
+            }
+            match crate::data::images::list_images(Path::new(validation_dir), "the validation folder") {
+                Ok(files) if files.is_empty() => {
+                    return Err(format!("concept {n}: the validation folder {validation_dir} holds no images"))
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("concept {n}: {}", crate::error::one_line(&e))),
+            }
+        }
         Ok(())
     }
 
@@ -925,7 +945,8 @@ impl WizardState {
                         c.sample_prompts.split('|').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
                     if typed.is_empty() { vec![c.instance_prompt.trim().to_string()] } else { typed }
                 },
-                validation_data_dir: None,
+                validation_data_dir: (!c.validation_dir.trim().is_empty()).then(|| absolute(c.validation_dir.trim())),
+                validation_split: 0.0,
                 mask_dir: (!c.mask_dir.trim().is_empty()).then(|| absolute(c.mask_dir.trim())),
             })
             .collect()
@@ -1052,6 +1073,11 @@ impl WizardState {
         // A mask folder is given to be used (the advanced panel can still turn it off).
         if config.concepts.iter().any(|c| c.mask_dir.is_some()) {
             t.masked_loss = true;
+        }
+        // Held-out photos are given to be measured: as often as the previews
+        // (the advanced panel can still change it).
+        if config.concepts.iter().any(|c| c.validation_data_dir.is_some()) && t.validate_every_n_epochs == 0 {
+            t.validate_every_n_epochs = t.save_preview_every_n_epochs.max(1);
         }
         Ok(config)
     }

@@ -182,6 +182,7 @@ fn draw_concept_form(frame: &mut Frame, area: Rect, state: &WizardState) {
         field_line("Class CFG scale", &c.class_guidance, state.focus == 11, "class images; empty: sampling's"),
         field_line("Class steps", &c.class_steps, state.focus == 12, "class images; empty: sampling's"),
         field_line("Mask folder", &c.mask_dir, state.focus == 13, &mask_hint(c)),
+        field_line("Validation folder", &c.validation_dir, state.focus == 14, &validation_hint(c)),
     ];
     if !state.completions.is_empty() {
         lines.push(hint(format!("  {}", state.completions.join("  "))));
@@ -204,6 +205,18 @@ fn mask_hint(c: &ConceptDraft) -> String {
             format!("{masked} of {} photos have a mask (the rest train unmasked)", files.len())
         }
         Err(_) => "masks named as the photos".into(),
+    }
+}
+
+/// What the validation folder field says: empty, how many held-out photos.
+fn validation_hint(c: &ConceptDraft) -> String {
+    let dir = c.validation_dir.trim();
+    if dir.is_empty() {
+        return "optional: held-out photos for a validation loss".into();
+    }
+    match count_images(dir) {
+        Ok(n) => format!("{n} held-out photos: validation loss as often as previews"),
+        Err(_) => "not a folder of images".into(),
     }
 }
 
