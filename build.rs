@@ -164,8 +164,9 @@ fn nccl_headers(torch_lib: &std::path::Path) -> Option<Vec<PathBuf>> {
         .collect();
     dirs.sort();
     dirs.push(cuda);
-    // ATen's CUDA headers reach CCCL's <nv/target>, which the wheels do not ship:
-    // NCCL is compiled only beside a CUDA toolkit's headers.
+    // ATen's CUDA headers reach CCCL's <nv/target>, which torch's CUDA wheels do
+    // not ship: the set-up adds the nvidia-cuda-cccl wheel (nvidia/cu13/include),
+    // else a CUDA toolkit's headers serve.
     let toolkit = std::env::var_os("CUDA_HOME")
         .map(|h| PathBuf::from(h).join("include"))
         .into_iter()

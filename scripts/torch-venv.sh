@@ -24,6 +24,21 @@ if ! venv_ok; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy >&2
   fi
 fi
+# CCCL's headers (<nv/target>, reached by ATen's CUDA headers) for the NCCL back
+# end of the c10d part of the build: the CUDA wheels torch depends on lack them.
+# Once, where libtorch has CUDA; without them GPUs average gradients through Gloo.
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [ -e "$SITE/torch/lib/libtorch_cuda.so" ] && [ ! -e "$SITE/nvidia/cu13/include/nv/target" ] && [ ! -e "$VENV.cccl-tried" ]; then
+  exec 9>"$VENV.lock"
+  flock 9
+  if [ ! -e "$VENV.cccl-tried" ]; then
+    echo "installing CUDA's CCCL headers (nvidia-cuda-cccl) for NCCL..." >&2
+    touch "$VENV.cccl-tried"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-cccl==13.0.*" >&2 ||
+      echo "warning: nvidia-cuda-cccl did not install: data-parallel training on GPUs will use Gloo" >&2
+  fi
+  flock -u 9
+fi
 # Gloo's headers for the c10d part of the build (data-parallel training): the
 # wheel has Gloo inside libtorch but not its headers; Debian's libgloo-dev has
 # them. Installed once where we are root with apt; elsewhere the build leaves
