@@ -191,3 +191,45 @@ fn settings_that_cannot_train_with_several_processes_are_one_sentence() {
     assert_eq!(code, 2, "{err}");
     assert!(!r.join("runs/fused").exists());
 }
+
+/// The last checkpoint's UNet file of a run.
+fn last_unet_file(run: &Path) -> PathBuf {
+    dreambooth::train::checkpoint::find_checkpoint(run, None).unwrap().1.join("unet.safetensors")
+}
+
+#[test]
+fn averaging_during_backward_equals_averaging_after_it_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let runs = r.join("runs");
+    // Three images in global batches of 2: each epoch's last batch leaves rank 1
+    // without rows, and accumulation over 2 micro-batches reduces only on the last.
+    let images = r.join("images");
+    subject_images(&images, 3);
+    let training = "steps_per_image: 2\nbatch_size: 1\ngradient_accumulation_steps: 2\nlearning_rate: 1.0e-6\n\
+                    save_model_every_n_epochs: 1\nkeep_last_checkpoints: 0\n";
+    let overlapped = write_config(r, "overlapped", &images, training);
+    let after = write_config(r, "after", &images, training);
+    // Small buckets, so that several start while backward is still running.
+    let (code, err) = run(dreambooth()
+        .args(["train", overlapped.to_str().unwrap(), "--plain", "--nproc", "2"])
+        .env("DREAMBOOTH_DIST_BUCKET_MB", "0.05"));
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = run(dreambooth()
+        .args(["train", after.to_str().unwrap(), "--plain", "--nproc", "2"])
+        .env("DREAMBOOTH_DIST_BUCKET_MB", "0.05")
+        .env("DREAMBOOTH_DIST_OVERLAP", "0"));
+    assert_eq!(code, 0, "{err}");
+
+    let log = std::fs::read_to_string(runs.join("overlapped/train.log")).unwrap();
+    let note = log.lines().find(|l| l.contains("gradients averaged in")).unwrap_or_else(|| panic!("{log}"));
+    let early: u64 = note.split("; ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    eprintln!("{note}");
+    assert!(early > 0, "no bucket started during the backward pass: {note}");
+    assert!(log.contains("batch 1 per process × 2 processes = 2"), "{log}");
+    assert_eq!(
+        std::fs::read(last_unet_file(&runs.join("overlapped"))).unwrap(),
+        std::fs::read(last_unet_file(&runs.join("after"))).unwrap(),
+        "averaging during backward must equal averaging after it bit for bit"
+    );
+}

@@ -240,6 +240,9 @@ pub struct Trainer {
     graphs: Option<StepGraphs>,
     /// `training.fused_backward`: the hooks that update each tensor in the backward pass.
     fused: Option<FusedBackward>,
+    /// Several processes: the hooks that start averaging gradient buckets during
+    /// the backward pass (dist/overlap.rs); None averages after it.
+    overlap: Option<crate::dist::overlap::OverlappedAveraging>,
     /// A frozen text encoder's output for each prompt (token ids) it has encoded.
     /// While the text encoder does not train, a prompt's hidden states are the
     /// same every step (no dropout, fixed weights), so each is computed once, as
@@ -537,6 +540,10 @@ impl Trainer {
         let seed = config.seed;
         let text_encoder_steps = modules::text_encoder_steps(t, total);
         let fused = if t.fused_backward && imagic_plan.is_none() { Some(FusedBackward::install(&optimizer)?) } else { None };
+        let overlap = match crate::dist::current() {
+            Some(g) if crate::dist::overlap::wanted() => Some(crate::dist::overlap::OverlappedAveraging::install(g, optimizer.params())?),
+            _ => None,
+        };
         let mut trainer = Trainer {
             data_state: DataState::new(config.concepts.len()),
             run_dir,
@@ -579,6 +586,7 @@ impl Trainer {
             last_record_at: None,
             graphs: None,
             fused,
+            overlap,
             frozen_text_states: HashMap::new(),
             validation: validation::Validation::default(),
             updating: false,
@@ -915,8 +923,12 @@ impl Trainer {
         let te_training = self.text_encoder_training() && t.text_encoder_train_ratio > 0.0;
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         let (rank, world) = (crate::dist::rank(), crate::dist::world_size());
-        for _ in 0..accum {
+        for micro in 0..accum {
             fail_if_micro_batch_above_injected(t.batch_size);
+            // Only the last micro-batch's backward pass averages (DDP's no_sync for the rest).
+            if let Some(overlap) = self.overlap.as_mut().filter(|_| micro + 1 == accum) {
+                overlap.arm();
+            }
             // Every rank draws the whole global batch and its noise (the draws of one
             // process with world × batch_size), then trains on its own rows of it.
             let global = next_batch(
@@ -1007,7 +1019,15 @@ impl Trainer {
         self.updating = true;
         // Every rank applies the same update: from the gradients' mean over the ranks.
         if let Some(group) = crate::dist::current() {
-            crate::dist::buckets::average_gradients(group, self.optimizer.params())?;
+            match self.overlap.as_mut() {
+                Some(overlap) => {
+                    overlap.finish()?;
+                    if let Some(note) = overlap.first_report() {
+                        self.log.line(&note);
+                    }
+                }
+                None => crate::dist::buckets::average_gradients(group, self.optimizer.params())?,
+            }
             loss_sum = group.mean(&loss_sum)?;
         }
         let found_inf = match &self.scaler {
