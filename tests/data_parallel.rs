@@ -233,3 +233,43 @@ fn averaging_during_backward_equals_averaging_after_it_bit_for_bit() {
         "averaging during backward must equal averaging after it bit for bit"
     );
 }
+
+#[test]
+fn ranks_make_their_share_of_the_class_images_and_the_folder_equals_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let runs = r.join("runs");
+    let images = r.join("images");
+    subject_images(&images, 2);
+    let with_classes = |name: &str| {
+        let path = write_config(r, name, &images, "steps_per_image: 1\nbatch_size: 1\n");
+        let yaml = std::fs::read_to_string(&path).unwrap().replace(
+            "instance_prompt: a photo of sks thing\n",
+            "instance_prompt: a photo of sks thing\n    class_prompt: a photo of a thing\n    num_class_images: 3\n",
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let (alone, launched) = (with_classes("alone"), with_classes("launched"));
+    let (code, err) = run(dreambooth().args(["train", alone.to_str().unwrap(), "--plain"]));
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = run(dreambooth().args(["train", launched.to_str().unwrap(), "--plain", "--nproc", "2"]));
+    assert_eq!(code, 0, "{err}");
+
+    let folder = |run: &str| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(runs.join(run).join("class_images/concept-0"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let (a, b) = (folder("alone"), folder("launched"));
+    assert_eq!(b.iter().map(|f| f.0.clone()).collect::<Vec<_>>(), ["class-00000.png", "class-00001.png", "class-00002.png"]);
+    assert!(a == b, "the class images of two ranks differ from one process's");
+    let log = std::fs::read_to_string(runs.join("launched/train.log")).unwrap();
+    assert!(log.contains("each of 2 processes making its share"), "{log}");
+    let progress = named_events(&runs.join("launched"), "class_images");
+    assert_eq!(progress.last().unwrap()["done"], 3, "{progress:?}");
+}

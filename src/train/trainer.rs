@@ -644,15 +644,8 @@ impl Trainer {
         // The images were framed before the model was read, with the multiple its
         // configs give (64 for a single file); frame them again if the model needs another.
         let instances = if buckets == early_buckets(&config) { instances } else { dataset::load_instances(&config, &buckets)? };
-        // Rank 0 of several makes the class images while the others wait, then they read them.
-        let group = crate::dist::current();
-        if let Some(g) = group.filter(|g| g.rank != 0) {
-            g.barrier("class images", CLASS_IMAGES_WAIT)?;
-        }
+        // With several processes each makes its share of the class images (samples.rs).
         let classes = prepare_class_images(&config, run_dir, &sd, &instances, &buckets, log, preparation)?;
-        if let Some(g) = group.filter(|g| g.rank == 0) {
-            g.barrier("class images", CLASS_IMAGES_WAIT)?;
-        }
         let mut data = Dataset {
             instances,
             classes,
