@@ -91,6 +91,10 @@ fn two_processes_train_what_one_process_trains_with_the_global_batch() {
     assert_eq!(start["world_size"], 2);
     assert_eq!(start["total_steps"], 4);
     assert_eq!(step_count(&runs.join("launched")), 4);
+    // Each rank's memory reaches rank 0's events (step 1, then every 10 steps).
+    let ranks = &named_events(&runs.join("launched"), "ranks")[0];
+    let memory = ranks["memory_bytes"].as_array().unwrap();
+    assert!(memory.len() == 2 && memory.iter().all(|b| b.as_u64().unwrap() > 0), "{ranks:?}");
 
     let difference = max_difference(&unet(&runs.join("alone")), &unet(&runs.join("launched")));
     assert!(difference < 1e-5, "--nproc 2 × batch 1 differs from batch 2 alone by {difference}");

@@ -277,6 +277,15 @@ impl ProcessGroup {
         Ok((buffer / self.world as f64).reshape([]).to_device(value.device()))
     }
 
+    /// Every rank's `value`, in rank order, on every rank (each fills its own slot of a sum).
+    pub fn gather(&self, value: f64) -> anyhow::Result<Vec<f64>> {
+        let mut slots = vec![0.0f64; self.world];
+        slots[self.rank] = value;
+        let buffer = Tensor::from_slice(&slots).to_device(self.device);
+        self.all_reduce(std::slice::from_ref(&buffer), Reduce::Sum)?;
+        Ok(Vec::<f64>::try_from(&buffer.to_device(Device::Cpu)).expect("f64 slots"))
+    }
+
     /// Whether any rank says yes (a stop request or signal reaching one rank).
     pub fn any(&self, yes: bool) -> anyhow::Result<bool> {
         let flag = Tensor::from_slice(&[f32::from(u8::from(yes))]).to_device(self.device);

@@ -41,6 +41,8 @@ use crate::run::lock::RunLock;
 use crate::scheduler::NoiseSchedule;
 
 /// How long the other ranks wait for rank 0 to make the class images.
+/// How often (in steps) a data-parallel run gathers each rank's memory for the events.
+const RANK_MEMORY_EVERY: u64 = 10;
 const CLASS_IMAGES_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Optimizer steps of a run: epochs × the micro-batches of an epoch (ceil(images ÷
@@ -243,6 +245,9 @@ pub struct Trainer {
     /// Several processes: the hooks that start averaging gradient buckets during
     /// the backward pass (dist/overlap.rs); None averages after it.
     overlap: Option<crate::dist::overlap::OverlappedAveraging>,
+    /// Several processes: each rank's memory in use, gathered every
+    /// RANK_MEMORY_EVERY steps, for rank 0's next step record (a `ranks` event).
+    rank_memory: Option<Vec<u64>>,
     /// A frozen text encoder's output for each prompt (token ids) it has encoded.
     /// While the text encoder does not train, a prompt's hidden states are the
     /// same every step (no dropout, fixed weights), so each is computed once, as
@@ -587,6 +592,7 @@ impl Trainer {
             graphs: None,
             fused,
             overlap,
+            rank_memory: None,
             frozen_text_states: HashMap::new(),
             validation: validation::Validation::default(),
             updating: false,
@@ -1022,6 +1028,10 @@ impl Trainer {
                 None => crate::dist::buckets::average_gradients(group, self.optimizer.params())?,
             }
             loss_sum = group.mean(&loss_sum)?;
+            if self.step % RANK_MEMORY_EVERY == 0 {
+                let mine = crate::device::memory_in_use(self.device).0 as f64;
+                self.rank_memory = Some(group.gather(mine)?.into_iter().map(|b| b as u64).collect());
+            }
         }
         let found_inf = match &self.scaler {
             Some(s) => s.unscale(self.optimizer.params()),
