@@ -72,6 +72,11 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
     t.pause_after_n_epochs = 0;
     let settings = serde_json::to_value(&run.training)?;
     let resolution = run.resolution;
+    let samples_per_step = u64::from(run.training.batch_size.max(1)) * u64::from(run.training.gradient_accumulation_steps.max(1));
+    // A rank of `bench --nproc` joins its group before the model loads.
+    let cuda = run.device.trim().starts_with("cuda") || (run.device.trim() == "auto" && Path::new("/dev/nvidiactl").exists());
+    let group = crate::dist::group::join_from_env(cuda)?;
+    let world = group.map_or(1, |g| g.world) as u64;
 
     let mut trainer = Trainer::start(run, TrainOptions { plain: false, quiet: true, ..Default::default() })?;
     let device = trainer.device;
@@ -107,6 +112,9 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
     let trained: i64 = trainer.trainable().iter().map(|(_, p)| p.numel() as i64).sum();
     let line = serde_json::json!({
         "steps_per_s": steps as f64 / elapsed,
+        // Every rank's rows: the global batch each step.
+        "samples_per_s": (steps * samples_per_step * world) as f64 / elapsed,
+        "world_size": world,
         "peak_mem_bytes": peak,
         "peak_kind": peak_kind,
         "loss": loss,
@@ -120,6 +128,68 @@ pub fn bench_command(model: &Path, config: Option<&Path>, steps: Option<u64>, de
         "threads": tch::get_num_threads(),
         "precision": trainer.precision.describe(),
         "training": settings,
+    });
+    // A rank of `bench --nproc`: rank 0's figures go to the launching process.
+    match std::env::var_os(RANK_RESULT_VAR) {
+        Some(path) if crate::dist::is_writer() => {
+            std::fs::write(&path, line.to_string()).with_context(|| format!("cannot write {}", Path::new(&path).display()))?
+        }
+        Some(_) => {}
+        None => println!("{line}"),
+    }
+    Ok(())
+}
+
+/// Where a rank of `bench --nproc` writes rank 0's line.
+const RANK_RESULT_VAR: &str = "DREAMBOOTH_BENCH_RESULT";
+
+/// `bench --nproc N`: the same benchmark alone, then as N data-parallel
+/// processes (the `--nproc` launcher); one JSON line with the global samples/s
+/// of both and the scaling efficiency (N processes' samples/s ÷ N × one's).
+pub fn bench_several(nproc: usize, model: &Path, config: Option<&Path>, steps: Option<u64>, device: Option<&str>) -> anyhow::Result<()> {
+    if nproc == 0 {
+        return Err(crate::error::usage("--nproc must be at least 1"));
+    }
+    if std::env::var_os("WORLD_SIZE").is_some() {
+        return Err(crate::error::usage("--nproc starts its own processes: leave it out where torchrun (WORLD_SIZE) starts them"));
+    }
+    let scratch = tempfile::tempdir().context("cannot create a temporary folder for the benchmark")?;
+    let mut args: Vec<std::ffi::OsString> = vec!["bench".into(), "--model".into(), model.as_os_str().to_owned()];
+    if let Some(c) = config {
+        args.extend(["--config".into(), c.as_os_str().to_owned()]);
+    }
+    if let Some(n) = steps {
+        args.extend(["--steps".into(), n.to_string().into()]);
+    }
+    if let Some(d) = device {
+        args.extend(["--device".into(), d.into()]);
+    }
+    let run_once = |n: usize| -> anyhow::Result<serde_json::Value> {
+        let out = scratch.path().join(format!("result-{n}.json"));
+        std::env::set_var(RANK_RESULT_VAR, &out);
+        if n == 1 {
+            // In a child too, so both are measured alike (a fresh process each).
+            let exe = std::env::current_exe().context("cannot find this program's own path")?;
+            let status = std::process::Command::new(exe).args(&args).status().context("cannot start the one-process benchmark")?;
+            anyhow::ensure!(status.success(), "the one-process benchmark failed ({status})");
+        } else {
+            crate::dist::launch::launch(n, &args, None)?;
+        }
+        let text = std::fs::read_to_string(&out).with_context(|| format!("the benchmark wrote no {}", out.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    };
+    let one = run_once(1)?;
+    let several = run_once(nproc)?;
+    std::env::remove_var(RANK_RESULT_VAR);
+    let rate = |v: &serde_json::Value| v["samples_per_s"].as_f64().unwrap_or(0.0);
+    let efficiency = if rate(&one) > 0.0 { rate(&several) / (nproc as f64 * rate(&one)) } else { 0.0 };
+    let line = serde_json::json!({
+        "nproc": nproc,
+        "samples_per_s": rate(&several),
+        "samples_per_s_one_process": rate(&one),
+        "scaling_efficiency": efficiency,
+        "one_process": one,
+        "processes": several,
     });
     println!("{line}");
     Ok(())

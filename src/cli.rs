@@ -87,6 +87,9 @@ pub enum Command {
         steps: Option<u64>,
         #[arg(long)]
         device: Option<String>,
+        /// Also time N data-parallel processes and report the scaling against one.
+        #[arg(long)]
+        nproc: Option<usize>,
     },
     /// Tiny built-in model on the CPU.
     Demo {
@@ -189,9 +192,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Vram { config } => crate::vram::vram_command(&config),
         Command::Presets => crate::vram::presets_command(),
-        Command::Bench { model, config, steps, device } => {
-            crate::bench::bench_command(&model, config.as_deref(), steps, device.as_deref())
-        }
+        Command::Bench { model, config, steps, device, nproc } => match nproc.filter(|&n| n != 1) {
+            Some(n) => crate::bench::bench_several(n, &model, config.as_deref(), steps, device.as_deref()),
+            None => crate::bench::bench_command(&model, config.as_deref(), steps, device.as_deref()),
+        },
     }
 }
 

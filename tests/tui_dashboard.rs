@@ -542,3 +542,30 @@ fn a_restart_replaces_the_validation_passes_it_redoes() {
     let text = screen(&mut state, 80, 24);
     assert!(text.contains("validation: class") && text.contains("val class images 0.2000"), "{text}");
 }
+
+/// A data-parallel run: the stats give the world size and each rank's memory
+/// (rank 0's `ranks` events), the log's start line the processes, and
+/// `dreambooth runs` a PROCESSES column.
+#[test]
+fn a_run_of_two_processes_shows_each_ranks_memory() {
+    let root = tempfile::tempdir().unwrap();
+    let run = recorded_run(root.path());
+    let events = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
+    std::fs::write(run.join("events.jsonl"), events.replacen("\"step\":0,", "\"step\":0,\"world_size\":2,", 1)).unwrap();
+    let mut file = std::fs::OpenOptions::new().append(true).open(run.join("events.jsonl")).unwrap();
+    writeln!(file, "{{\"event\":\"ranks\",\"step\":40,\"memory_bytes\":[{},{}],\"time\":{}}}", 13u64 << 29, 7u64 << 30, T0 + 36.0)
+        .unwrap();
+    let _lock = RunLock::acquire(&run).unwrap();
+    let mut state = DashboardState::load(&run, T0 + 60.0);
+    assert_eq!(state.world_size, 2);
+    assert_eq!(state.rank_memory, vec![13u64 << 29, 7u64 << 30]);
+    assert!(state.log.iter().all(|l| l.kind != "ranks"), "a ranks event is not a log line");
+    let text = screen(&mut state, 120, 36);
+    assert!(text.contains("2 processes"), "{text}");
+    assert!(text.contains("rank 0 6.5 · rank 1 7.0 GiB"), "{text}");
+    settings(root.path()).bind(|| insta::assert_snapshot!("dashboard_two_processes_120x36", text));
+    let lines = dreambooth::tui::dashboard::list::run_lines(&root.path().join("runs"), T0 + 60.0).unwrap();
+    assert_eq!(lines[0].processes, "2: 6.5, 7.0 GiB");
+    let table = dreambooth::tui::dashboard::list::format_table(&lines);
+    assert!(table.lines().next().unwrap().contains("PROCESSES"), "{table}");
+}

@@ -30,6 +30,8 @@ mod ffi {
             timeout_ms: i64,
         ) -> *mut c_void;
         pub fn dbt_dist_all_reduce(group: *mut c_void, tensors: *const *mut torch_sys::C_tensor, n: usize, op: i32) -> i32;
+        pub fn dbt_dist_all_reduce_start(group: *mut c_void, tensor: *mut torch_sys::C_tensor, op: i32) -> *mut c_void;
+        pub fn dbt_dist_work_finish(work: *mut c_void, wait: i32) -> i32;
         pub fn dbt_dist_broadcast(group: *mut c_void, tensor: *mut torch_sys::C_tensor, root: i32) -> i32;
         pub fn dbt_dist_barrier(group: *mut c_void, name: *const c_char, world: i32, timeout_ms: i64) -> i32;
         pub fn dbt_dist_set_grad(param: *mut torch_sys::C_tensor, grad: *mut torch_sys::C_tensor);
@@ -257,11 +259,31 @@ impl ProcessGroup {
         Ok(())
     }
 
+    /// Starts reducing `tensor` in place across the ranks and returns at once;
+    /// the caller waits through the answer before reading the tensor.
+    pub fn start_all_reduce(&'static self, tensor: &Tensor, op: Reduce) -> anyhow::Result<PendingReduce> {
+        // SAFETY: the tensor is alive for the call (c10d's work holds it after); the shim catches C++ exceptions.
+        let work = unsafe { ffi::dbt_dist_all_reduce_start(self.handle, tensor.as_ptr() as *mut _, op as i32) };
+        if work.is_null() {
+            return Err(self.failure("starting an all-reduce"));
+        }
+        Ok(PendingReduce { work, group: self })
+    }
+
     /// The mean over the ranks of a 0-d value (a step's loss), on the caller's device.
     pub fn mean(&self, value: &Tensor) -> anyhow::Result<Tensor> {
         let buffer = value.detach().to_kind(Kind::Float).reshape([1]).to_device(self.device);
         self.all_reduce(std::slice::from_ref(&buffer), Reduce::Sum)?;
         Ok((buffer / self.world as f64).reshape([]).to_device(value.device()))
+    }
+
+    /// Every rank's `value`, in rank order, on every rank (each fills its own slot of a sum).
+    pub fn gather(&self, value: f64) -> anyhow::Result<Vec<f64>> {
+        let mut slots = vec![0.0f64; self.world];
+        slots[self.rank] = value;
+        let buffer = Tensor::from_slice(&slots).to_device(self.device);
+        self.all_reduce(std::slice::from_ref(&buffer), Reduce::Sum)?;
+        Ok(Vec::<f64>::try_from(&buffer.to_device(Device::Cpu)).expect("f64 slots"))
     }
 
     /// Whether any rank says yes (a stop request or signal reaching one rank).
@@ -301,6 +323,38 @@ impl ProcessGroup {
             ));
         }
         Ok(())
+    }
+}
+
+/// An all-reduce under way (`ProcessGroup::start_all_reduce`). Dropped
+/// unwaited (a failed step), it lets the work finish on its own.
+pub struct PendingReduce {
+    work: *mut c_void,
+    group: &'static ProcessGroup,
+}
+
+// SAFETY: c10d's work handles may be waited for from any thread.
+unsafe impl Send for PendingReduce {}
+
+impl PendingReduce {
+    /// Waits until the reduction is done on this rank.
+    pub fn wait(mut self) -> anyhow::Result<()> {
+        let work = std::mem::replace(&mut self.work, std::ptr::null_mut());
+        // SAFETY: a live handle of the shim, finished once (nulled here, so Drop skips it).
+        let rc = unsafe { ffi::dbt_dist_work_finish(work, 1) };
+        if rc != 0 {
+            return Err(self.group.failure("an all-reduce"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingReduce {
+    fn drop(&mut self) {
+        if !self.work.is_null() {
+            // SAFETY: a live handle of the shim, released without waiting.
+            unsafe { ffi::dbt_dist_work_finish(self.work, 0) };
+        }
     }
 }
 

@@ -167,6 +167,56 @@ int dbt_dist_all_reduce(void* handle, at::Tensor** tensors, size_t n, int op) {
 #endif
 }
 
+// Starts reducing `tensor` in place across the group (op as above) without
+// waiting: a bucket started while the backward pass goes on. Returns the
+// pending work for dbt_dist_work_wait, or null (see dbt_dist_last_error).
+void* dbt_dist_all_reduce_start(void* handle, at::Tensor* tensor, int op) {
+#if defined(DBT_HAVE_GLOO) || defined(DBT_HAVE_NCCL)
+  try {
+    auto group = static_cast<Group*>(handle);
+    c10d::AllreduceOptions options;
+    options.reduceOp = reduce_op(op);
+    std::vector<at::Tensor> one{*tensor};
+    return new c10::intrusive_ptr<c10d::Work>(group->backend->allreduce(one, options));
+  } catch (const c10::Error& e) {
+    last_error = e.what_without_backtrace();
+    return nullptr;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return nullptr;
+  }
+#else
+  (void)handle; (void)tensor; (void)op;
+  last_error = "this build has no c10d back end";
+  return nullptr;
+#endif
+}
+
+// Waits for work from dbt_dist_all_reduce_start (`wait` 1), or lets it go
+// (`wait` 0: the work keeps its tensor alive until done), and frees the handle.
+// Returns 0 on success, -1 on failure.
+int dbt_dist_work_finish(void* work, int wait) {
+#if defined(DBT_HAVE_GLOO) || defined(DBT_HAVE_NCCL)
+  auto pending = static_cast<c10::intrusive_ptr<c10d::Work>*>(work);
+  int rc = 0;
+  try {
+    if (wait != 0) (*pending)->wait();
+  } catch (const c10::Error& e) {
+    last_error = e.what_without_backtrace();
+    rc = -1;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    rc = -1;
+  }
+  delete pending;
+  return rc;
+#else
+  (void)work; (void)wait;
+  last_error = "this build has no c10d back end";
+  return -1;
+#endif
+}
+
 // Copies rank `root`'s tensor into every rank's. Returns 0 on success, -1 on failure.
 int dbt_dist_broadcast(void* handle, at::Tensor* tensor, int root) {
 #if defined(DBT_HAVE_GLOO) || defined(DBT_HAVE_NCCL)

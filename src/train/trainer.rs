@@ -41,6 +41,8 @@ use crate::run::lock::RunLock;
 use crate::scheduler::NoiseSchedule;
 
 /// How long the other ranks wait for rank 0 to make the class images.
+/// How often (in steps) a data-parallel run gathers each rank's memory for the events.
+const RANK_MEMORY_EVERY: u64 = 10;
 const CLASS_IMAGES_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Optimizer steps of a run: epochs × the micro-batches of an epoch (ceil(images ÷
@@ -241,6 +243,12 @@ pub struct Trainer {
     graphs: Option<StepGraphs>,
     /// `training.fused_backward`: the hooks that update each tensor in the backward pass.
     fused: Option<FusedBackward>,
+    /// Several processes: the hooks that start averaging gradient buckets during
+    /// the backward pass (dist/overlap.rs); None averages after it.
+    overlap: Option<crate::dist::overlap::OverlappedAveraging>,
+    /// Several processes: each rank's memory in use, gathered every
+    /// RANK_MEMORY_EVERY steps, for rank 0's next step record (a `ranks` event).
+    rank_memory: Option<Vec<u64>>,
     /// A frozen text encoder's output for each prompt (token ids) it has encoded.
     /// While the text encoder does not train, a prompt's hidden states are the
     /// same every step (no dropout, fixed weights), so each is computed once, as
@@ -538,6 +546,10 @@ impl Trainer {
         let seed = config.seed;
         let text_encoder_steps = modules::text_encoder_steps(t, total);
         let fused = if t.fused_backward && imagic_plan.is_none() { Some(FusedBackward::install(&optimizer)?) } else { None };
+        let overlap = match crate::dist::current() {
+            Some(g) if crate::dist::overlap::wanted() => Some(crate::dist::overlap::OverlappedAveraging::install(g, optimizer.params())?),
+            _ => None,
+        };
         let mut trainer = Trainer {
             data_state: DataState::new(config.concepts.len()),
             run_dir,
@@ -580,6 +592,8 @@ impl Trainer {
             last_record_at: None,
             graphs: None,
             fused,
+            overlap,
+            rank_memory: None,
             frozen_text_states: HashMap::new(),
             validation: validation::Validation::default(),
             updating: false,
@@ -637,15 +651,8 @@ impl Trainer {
         // The images were framed before the model was read, with the multiple its
         // configs give (64 for a single file); frame them again if the model needs another.
         let instances = if buckets == early_buckets(&config) { instances } else { dataset::load_instances(&config, &buckets)? };
-        // Rank 0 of several makes the class images while the others wait, then they read them.
-        let group = crate::dist::current();
-        if let Some(g) = group.filter(|g| g.rank != 0) {
-            g.barrier("class images", CLASS_IMAGES_WAIT)?;
-        }
+        // With several processes each makes its share of the class images (samples.rs).
         let classes = prepare_class_images(&config, run_dir, &sd, &instances, &buckets, log, preparation)?;
-        if let Some(g) = group.filter(|g| g.rank == 0) {
-            g.barrier("class images", CLASS_IMAGES_WAIT)?;
-        }
         let mut data = Dataset {
             instances,
             classes,
@@ -916,8 +923,12 @@ impl Trainer {
         let te_training = self.text_encoder_training() && t.text_encoder_train_ratio > 0.0;
         let mut loss_sum = Tensor::zeros([], (Kind::Float, self.device));
         let (rank, world) = (crate::dist::rank(), crate::dist::world_size());
-        for _ in 0..accum {
+        for micro in 0..accum {
             fail_if_micro_batch_above_injected(t.batch_size);
+            // Only the last micro-batch's backward pass averages (DDP's no_sync for the rest).
+            if let Some(overlap) = self.overlap.as_mut().filter(|_| micro + 1 == accum) {
+                overlap.arm();
+            }
             // Every rank draws the whole global batch and its noise (the draws of one
             // process with world × batch_size), then trains on its own rows of it.
             let global = next_batch(
@@ -1008,8 +1019,20 @@ impl Trainer {
         self.updating = true;
         // Every rank applies the same update: from the gradients' mean over the ranks.
         if let Some(group) = crate::dist::current() {
-            crate::dist::buckets::average_gradients(group, self.optimizer.params())?;
+            match self.overlap.as_mut() {
+                Some(overlap) => {
+                    overlap.finish()?;
+                    if let Some(note) = overlap.first_report() {
+                        self.log.line(&note);
+                    }
+                }
+                None => crate::dist::buckets::average_gradients(group, self.optimizer.params())?,
+            }
             loss_sum = group.mean(&loss_sum)?;
+            if self.step % RANK_MEMORY_EVERY == 0 {
+                let mine = crate::device::memory_in_use(self.device).0 as f64;
+                self.rank_memory = Some(group.gather(mine)?.into_iter().map(|b| b as u64).collect());
+            }
         }
         let found_inf = match &self.scaler {
             Some(s) => s.unscale(self.optimizer.params()),

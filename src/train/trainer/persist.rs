@@ -129,21 +129,13 @@ impl Trainer {
         };
         self.noise_rng.set_state(rng("rng.noise")?)?;
         self.data_rng.set_state(rng("rng.data")?)?;
-        // Its data order and step count were planned for its global batch.
+        // Another world size re-plans the steps for the new global batch (below).
         let world = crate::dist::world_size();
-        if state.world_size != world {
-            return Err(crate::error::usage(format!(
-                "{} was trained by {} process(es) and this resume has {world}: resume it with `--nproc {}` \
-                 (another number of processes is not supported yet)",
-                dir.display(),
-                state.world_size,
-                state.world_size
-            )));
-        }
+        let same_world = state.world_size == world;
         // A checkpoint from before an out-of-memory split the micro-batch was
         // planned at the old size: its total need not match (trainer/oom.rs).
         let same_batch = state.batch_size.is_none_or(|b| b == self.config.training.batch_size);
-        if same_batch && state.total_steps != expected_total {
+        if same_world && same_batch && state.total_steps != expected_total {
             anyhow::bail!(
                 "{}: the checkpoint was made for {} steps but the run now has {} (did the images or config change?)",
                 dir.display(),
@@ -153,7 +145,12 @@ impl Trainer {
         }
         self.step = state.step;
         self.micro_batches = state.micro_batches;
-        self.adopt_checkpoint_batch_size(state.batch_size);
+        if same_world {
+            self.adopt_checkpoint_batch_size(state.batch_size);
+        } else {
+            let old_global = state.batch_size.unwrap_or(self.config.training.batch_size).max(1) as u64 * state.world_size.max(1) as u64;
+            self.adopt_checkpoint_world_size(old_global, state.world_size);
+        }
         self.data_state = state.data;
         self.last_lr = state.lr;
         if let (Some(s), Some((scale, tracker))) = (&mut self.scaler, state.loss_scaler) {
@@ -163,5 +160,33 @@ impl Trainer {
         self.load_imagic_checkpoint(dir, &tensors)?;
         self.last_checkpoint_step = Some(self.step);
         Ok(())
+    }
+}
+
+impl Trainer {
+    /// A checkpoint of another world size: its whole epochs stay whole and the
+    /// epoch under way keeps its place in the data order (the instance images'
+    /// shuffled order and position are per epoch, not per batch), so the run goes
+    /// on with the same next images in global batches of the new size; the step
+    /// count and learning-rate schedule are those of the new global batch, from
+    /// the step that many micro-batches make.
+    fn adopt_checkpoint_world_size(&mut self, old_global: u64, old_world: usize) {
+        let accumulation = u64::from(self.config.training.gradient_accumulation_steps.max(1));
+        let old_per_epoch = self.data.batches_per_epoch(old_global as u32).max(1);
+        let new_global = super::global_batch(&self.config.training) as u64;
+        let new_per_epoch = self.batches_per_epoch.max(1);
+        let epochs = self.micro_batches / old_per_epoch;
+        let within = (self.micro_batches % old_per_epoch) * old_global / new_global.max(1);
+        let micro_batches = epochs * new_per_epoch + within.min(new_per_epoch - 1);
+        // Resume on a step boundary of the new plan.
+        self.micro_batches = micro_batches - micro_batches % accumulation;
+        let old_step = self.step;
+        self.step = self.micro_batches / accumulation;
+        self.log.line(&format!(
+            "resuming with {} processes where the checkpoint had {old_world}: its step {old_step} of global batch {old_global} \
+             (epoch {epochs} and its place in the data order) is step {} of global batch {new_global}; steps re-planned for the new batch",
+            crate::dist::world_size(),
+            self.step
+        ));
     }
 }

@@ -192,9 +192,15 @@ impl Trainer {
         } else {
             String::new()
         };
+        // With several processes the batch is per process; steps count global batches.
+        let world = crate::dist::world_size();
+        let batch = match world {
+            1 => format!("{}", t.batch_size),
+            _ => format!("{} per process × {world} processes = {}", t.batch_size, t.batch_size as usize * world),
+        };
         self.log.line(&format!(
-            "{} instance images, {} class images, {} epochs, {} steps (batch {}, accumulation {}); text encoder trains for {} steps{}",
-            images, class_count, t.steps_per_image, self.total_steps, t.batch_size, t.gradient_accumulation_steps, self.text_encoder_steps,
+            "{} instance images, {} class images, {} epochs, {} steps (batch {batch}, accumulation {}); text encoder trains for {} steps{}",
+            images, class_count, t.steps_per_image, self.total_steps, t.gradient_accumulation_steps, self.text_encoder_steps,
             text_encoder_lr
         ));
     }

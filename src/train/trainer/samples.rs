@@ -136,6 +136,9 @@ pub(super) fn sample_prompts(c: &Concept) -> Vec<String> {
 /// With aspect-ratio buckets each one is generated in the frame of the instance
 /// image it is paired with in turn, as the extension does, so every frame with
 /// instance images has class images to pair them with.
+/// With several processes each rank makes its share of the missing images (the
+/// n-th missing one goes to rank n mod world; an image's seed and name depend on
+/// n alone, so the folder is the same whoever made it), between two barriers.
 pub(super) fn prepare_class_images(
     config: &RunConfig,
     run_dir: &Path,
@@ -157,13 +160,21 @@ pub(super) fn prepare_class_images(
         let what = format!("concepts[{i}].class_data_dir");
         let have = list_images(&dir, &what)?.len();
         let want = c.num_class_images as usize;
+        let group = crate::dist::current();
+        let (rank, world) = (crate::dist::rank(), crate::dist::world_size());
+        // Every rank has counted and named the missing images before any is written.
+        let names = free_names(&dir, have, want.saturating_sub(have));
+        if let Some(g) = group.filter(|_| have < want) {
+            g.barrier("counting class images", super::CLASS_IMAGES_WAIT)?;
+        }
         if have < want {
             let prompts = generation_prompts(c, i)?;
             let frames: Vec<(u32, u32)> = instances.iter().filter(|e| e.concept == i).map(dataset::Example::frame).collect();
             if let Some(release) = preparation.before_class_images.take() {
                 release(run_dir)?;
             }
-            log.line(&format!("generating {} class images for {:?} into {}", want - have, c.class_prompt, dir.display()));
+            let share = if world > 1 { format!(", each of {world} processes making its share") } else { String::new() };
+            log.line(&format!("generating {} class images for {:?} into {}{share}", want - have, c.class_prompt, dir.display()));
             let progress = |done: usize, path: Option<&Path>| {
                 Event::named(
                     "class_images",
@@ -175,9 +186,10 @@ pub(super) fn prepare_class_images(
             preparation.events.write(&progress(have, None))?;
             let bar = crate::pipeline::progress_bar((want - have) as u64);
             let s = &config.sampling;
-            for n in have..want {
+            for n in (have..want).filter(|n| (n - have) % world == rank) {
                 // Between images: each one is written whole, so a stop loses none of them.
-                if preparation.stop_flag.load(Ordering::Relaxed) || control::take_one(run_dir, Request::Stop) {
+                let requested = crate::dist::is_writer() && control::take_one(run_dir, Request::Stop);
+                if preparation.stop_flag.load(Ordering::Relaxed) || requested {
                     bar.abandon();
                     return Err(StoppedBeforeTraining.into());
                 }
@@ -195,7 +207,7 @@ pub(super) fn prepare_class_images(
                     clip_skip: config.training.clip_skip,
                 };
                 let image = sd.text_to_image(&req, |_, _| {})?;
-                let path = next_free_name(&dir, n);
+                let path = names[n - have].clone();
                 if uses_filewords(&c.class_prompt) {
                     // The caption first: an image without it would be read with the template's words.
                     let caption = path.with_extension("txt");
@@ -203,10 +215,16 @@ pub(super) fn prepare_class_images(
                 }
                 save_png(&image, &path)?;
                 bar.inc(1);
-                preparation.events.write(&progress(n + 1, Some(&path)))?;
-                log.line(&format!("class image {}/{want}: {} ({prompt:?})", n + 1, path.display()));
+                // Counted in the folder: the other ranks' images are there too.
+                let done = if world > 1 { list_images(&dir, &what)?.len().min(want) } else { n + 1 };
+                preparation.events.write(&progress(done, Some(&path)))?;
+                log.line(&format!("class image {done}/{want}: {} ({prompt:?})", path.display()));
             }
             bar.finish_and_clear();
+            if let Some(g) = group {
+                g.barrier("the other ranks' class images", super::CLASS_IMAGES_WAIT)?;
+                preparation.events.write(&progress(want, None))?;
+            }
         }
         if let Some(note) = dataset::unused_captions_note(&dir, &what, &c.class_prompt) {
             log.line(&note);
@@ -229,13 +247,8 @@ fn generation_prompts(c: &Concept, index: usize) -> anyhow::Result<Vec<String>> 
     Ok(if prompts.is_empty() { vec![template("")] } else { prompts })
 }
 
-fn next_free_name(dir: &Path, n: usize) -> PathBuf {
-    let mut k = n;
-    loop {
-        let p = dir.join(format!("class-{k:05}.png"));
-        if !p.exists() {
-            return p;
-        }
-        k += 1;
-    }
+/// The names of the `count` images to make: the first free `class-NNNNN.png`
+/// from `have` on, chosen before any is written so every rank agrees.
+fn free_names(dir: &Path, have: usize, count: usize) -> Vec<PathBuf> {
+    (have..).map(|k| dir.join(format!("class-{k:05}.png"))).filter(|p| !p.exists()).take(count).collect()
 }

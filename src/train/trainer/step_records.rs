@@ -57,6 +57,10 @@ impl Trainer {
             time: now(),
         };
         self.events.write(&Event::Step(record.clone()))?;
+        // Several processes: each rank's memory, when the step gathered it.
+        if let Some(memory) = self.rank_memory.take() {
+            self.events.write(&Event::named("ranks", serde_json::json!({ "step": step, "memory_bytes": memory })))?;
+        }
         let line = format!(
             "step {}/{} epoch {} loss {:.6} lr {:.3e} {:.2} it/s",
             record.step, self.total_steps, record.epoch, record.loss, record.lr, record.it_s

@@ -18,6 +18,8 @@ pub struct RunLine {
     /// The lowest held-out validation loss and its epoch (`0.1234 @ epoch 6`), "-" without one.
     pub validation: String,
     pub checkpoint: String,
+    /// A data-parallel run's world size and each rank's memory (`2: 1.2, 1.3 GiB`), "-" alone.
+    pub processes: String,
 }
 
 fn status_word(state: &DashboardState) -> String {
@@ -92,19 +94,29 @@ pub fn run_lines(dir: &Path, now: f64) -> anyhow::Result<Vec<RunLine>> {
             let checkpoint = crate::train::checkpoint::list_checkpoints(&run)
                 .last()
                 .map_or_else(|| "-".into(), |(step, _)| format!("step {step}"));
-            RunLine { name: state.name.clone(), status: status_word(&state), steps, loss, validation, checkpoint, dir: run }
+            let processes = match (state.world_size, state.rank_memory.as_slice()) {
+                (1, _) => "-".to_string(),
+                (world, []) => world.to_string(),
+                (world, memory) => {
+                    let each: Vec<String> = memory.iter().map(|&b| format!("{:.1}", b as f64 / (1u64 << 30) as f64)).collect();
+                    format!("{world}: {} GiB", each.join(", "))
+                }
+            };
+            RunLine { name: state.name.clone(), status: status_word(&state), steps, loss, validation, checkpoint, processes, dir: run }
         })
         .collect())
 }
 
 /// The table `dreambooth runs` prints, columns aligned; the VALIDATION column
-/// (lowest validation loss @ its epoch) only when some run measured one.
+/// (lowest validation loss @ its epoch) only when some run measured one, the
+/// PROCESSES column (world size: each rank's memory) only when some run had several.
 pub fn format_table(lines: &[RunLine]) -> String {
     let validated = lines.iter().any(|l| l.validation != "-");
-    let pick = |cells: [String; 7]| -> Vec<String> {
-        cells.into_iter().enumerate().filter(|(i, _)| validated || *i != 4).map(|(_, c)| c).collect()
+    let parallel = lines.iter().any(|l| l.processes != "-");
+    let pick = |cells: [String; 8]| -> Vec<String> {
+        cells.into_iter().enumerate().filter(|(i, _)| (validated || *i != 4) && (parallel || *i != 6)).map(|(_, c)| c).collect()
     };
-    let header = pick(["RUN", "STATUS", "STEP", "LOSS", "VALIDATION", "CHECKPOINT", "FOLDER"].map(String::from));
+    let header = pick(["RUN", "STATUS", "STEP", "LOSS", "VALIDATION", "CHECKPOINT", "PROCESSES", "FOLDER"].map(String::from));
     let rows: Vec<Vec<String>> = lines
         .iter()
         .map(|l| {
@@ -115,6 +127,7 @@ pub fn format_table(lines: &[RunLine]) -> String {
                 l.loss.clone(),
                 l.validation.clone(),
                 l.checkpoint.clone(),
+                l.processes.clone(),
                 l.dir.display().to_string(),
             ])
         })

@@ -117,6 +117,10 @@ pub struct DashboardState {
     pub summary: Option<Summary>,
     /// The card's memory, when the trainer logged it (an event field `vram_total_bytes`).
     pub vram_total: Option<u64>,
+    /// How many processes train together (`start` event's `world_size`; 1 alone).
+    pub world_size: u64,
+    /// Each rank's memory in use, from the last `ranks` event of a data-parallel run.
+    pub rank_memory: Vec<u64>,
     /// Set from the trainer's last `loading` / `class_images` event until its `start`.
     pub preparing: Option<Preparing>,
     /// The class images the trainer has made, in order (`class_images` events' paths).
@@ -151,6 +155,8 @@ impl DashboardState {
             notice_answered_by: None,
             summary: None,
             vram_total: None,
+            world_size: 1,
+            rank_memory: Vec::new(),
             preparing: None,
             class_images: Vec::new(),
             previews_are_class_images: false,
@@ -236,6 +242,12 @@ impl DashboardState {
                     if let Some(total) = fields.get("vram_total_bytes").and_then(|v| v.as_u64()) {
                         self.vram_total = Some(total);
                     }
+                    // Each rank's memory, every few steps: a figure for the stats, not a log line.
+                    if name == "ranks" {
+                        let memory = fields.get("memory_bytes").and_then(|v| v.as_array());
+                        self.rank_memory = memory.map(|m| m.iter().filter_map(|b| b.as_u64()).collect()).unwrap_or_default();
+                        continue;
+                    }
                     let text = describe(name, fields);
                     if name != "class_images" && name != "warning" {
                         self.preparing = None;
@@ -278,6 +290,8 @@ impl DashboardState {
                             if let Some(device) = fields.get("device").and_then(|v| v.as_str()) {
                                 self.device = Some(device.to_string());
                             }
+                            self.world_size = fields.get("world_size").and_then(|v| v.as_u64()).unwrap_or(1).max(1);
+                            self.rank_memory.clear();
                         }
                         "validation" => {
                             let number = |key: &str| fields.get(key).and_then(|v| v.as_f64()).filter(|v| v.is_finite());
@@ -431,6 +445,16 @@ impl DashboardState {
     }
 
     /// Peak of the logged VRAM use; None when no step reported any (CPU runs log 0).
+    /// Each rank's memory in GiB on one line (`rank 0 1.2 · rank 1 1.3 GiB`), for a run of several processes.
+    pub fn rank_memory_line(&self) -> Option<String> {
+        if self.rank_memory.len() < 2 {
+            return None;
+        }
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let each: Vec<String> = self.rank_memory.iter().enumerate().map(|(r, &b)| format!("rank {r} {:.1}", gib(b))).collect();
+        Some(format!("{} GiB", each.join(" · ")))
+    }
+
     pub fn vram_peak(&self) -> Option<u64> {
         self.steps.iter().map(|s| s.vram_bytes).max().filter(|&b| b > 0)
     }
@@ -457,6 +481,7 @@ fn describe(name: &str, fields: &serde_json::Map<String, serde_json::Value>) -> 
         parts.extend(number("total_steps").map(|t| format!("{t} steps")));
         parts.extend(number("images").map(|i| format!("{i} images")));
         parts.extend(text("device"));
+        parts.extend(number("world_size").filter(|&w| w > 1).map(|w| format!("{w} processes")));
         parts.extend(text("precision"));
         return parts.join(" · ");
     }

@@ -308,19 +308,26 @@ fn draw_stats(frame: &mut Frame, area: Rect, state: &DashboardState) {
     // A CPU trainer logs its resident memory where a GPU one logs VRAM.
     let cpu = state.device.as_deref().is_some_and(|d| d.to_ascii_lowercase().starts_with("cpu"));
     let memory = if cpu { "RAM" } else { "VRAM" };
-    let block = Block::bordered().title(format!(" learning rate · {memory} "));
+    let processes = if state.world_size > 1 { format!(" · {} processes", state.world_size) } else { String::new() };
+    let block = Block::bordered().title(format!(" learning rate · {memory}{processes} "));
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let text_encoder = text_encoder_lr_line(state);
     let validation = validation_line(state);
-    let [lr_row, te_row, val_row, vram_label, vram_gauge] = Layout::vertical([
+    let ranks = state.rank_memory_line();
+    let [lr_row, te_row, val_row, vram_label, vram_gauge, ranks_row] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(u16::from(text_encoder.is_some())),
         Constraint::Length(u16::from(validation.is_some())),
         Constraint::Length(1),
         Constraint::Length(1),
+        Constraint::Length(u16::from(ranks.is_some())),
     ])
     .areas(inner);
+    // Every rank's own figure under rank 0's gauge (rank 0 logs the steps).
+    if let Some(line) = ranks {
+        frame.render_widget(Paragraph::new(line), ranks_row);
+    }
     if let Some(line) = text_encoder {
         frame.render_widget(Paragraph::new(line), te_row);
     }
