@@ -208,6 +208,7 @@ fn absolutize(config: &mut RunConfig, base: &Path) {
         if let Some(d) = &c.class_data_dir {
             c.class_data_dir = Some(abs(d));
         }
+        c.validation_data_dir = c.validation_data_dir.as_deref().map(abs);
     }
 }
 
@@ -224,6 +225,14 @@ mod tests {
         assert_eq!(c.resolution, 512);
         assert_eq!(c.sampling.scheduler, "ddim");
         assert_eq!(c.concepts[0].num_class_images, 200);
+    }
+
+    #[test]
+    fn folders_are_relative_to_the_config() {
+        let text = MINIMAL.replace("    instance_prompt", "    validation_data_dir: held-out\n    instance_prompt");
+        let c = parse_run_config(&text, "t.yaml", Path::new("/runs/dog")).unwrap();
+        assert_eq!(c.concepts[0].instance_data_dir, Path::new("/runs/dog/data"));
+        assert_eq!(c.concepts[0].validation_data_dir.as_deref(), Some(Path::new("/runs/dog/held-out")));
     }
 
     #[test]
