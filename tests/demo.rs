@@ -26,7 +26,8 @@ fn the_demo_model_is_the_committed_one() {
     let old = dir.path().join("old");
     dreambooth::demo::ensure_demo_model(&old).unwrap();
     ensure_pretrained_demo_model(&old).unwrap();
-    assert_eq!(std::fs::read(old.join("unet/diffusion_pytorch_model.safetensors")).unwrap(), std::fs::read(assets.join("unet/diffusion_pytorch_model.safetensors")).unwrap());
+    let unet = "unet/diffusion_pytorch_model.safetensors";
+    assert_eq!(std::fs::read(old.join(unet)).unwrap(), std::fs::read(assets.join(unet)).unwrap());
 }
 
 #[test]

@@ -229,10 +229,12 @@ mod tests {
 
     #[test]
     fn folders_are_relative_to_the_config() {
-        let text = MINIMAL.replace("    instance_prompt", "    validation_data_dir: held-out\n    instance_prompt");
-        let c = parse_run_config(&text, "t.yaml", Path::new("/runs/dog")).unwrap();
-        assert_eq!(c.concepts[0].instance_data_dir, Path::new("/runs/dog/data"));
-        assert_eq!(c.concepts[0].validation_data_dir.as_deref(), Some(Path::new("/runs/dog/held-out")));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.yaml");
+        std::fs::write(&path, MINIMAL.replace("    instance_prompt", "    validation_data_dir: held-out\n    instance_prompt")).unwrap();
+        let c = load_run_config(&path).unwrap();
+        assert_eq!(c.concepts[0].instance_data_dir, dir.path().join("data"));
+        assert_eq!(c.concepts[0].validation_data_dir, Some(dir.path().join("held-out")));
     }
 
     #[test]

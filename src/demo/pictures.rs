@@ -12,6 +12,8 @@ use image::{Rgb, RgbImage};
 const SIZE: u32 = 64;
 const YELLOW: [u8; 3] = [240, 210, 40];
 const BLUE: [u8; 3] = [30, 60, 200];
+const RED: [u8; 3] = [220, 40, 40];
+const GREEN: [u8; 3] = [40, 170, 60];
 
 /// Where the subject is drawn: a plus-shaped cross, its centre, arm length
 /// (centre to tip), arm half-width and turn (radians).
@@ -69,10 +71,10 @@ pub fn write_subject_held_out(dir: &Path) -> anyhow::Result<()> {
 pub fn write_unrelated(dir: &Path) -> anyhow::Result<()> {
     create(dir)?;
     let pictures: [(&str, [u8; 3], [u8; 3], Box<dyn Fn(f64, f64) -> bool>); 4] = [
-        ("a red circle on a green background", [220, 40, 40], [40, 170, 60], Box::new(|x, y| (x - 30.0).powi(2) + (y - 34.0).powi(2) < 18.0f64.powi(2))),
+        ("a red circle on a green background", RED, GREEN, Box::new(|x, y| (x - 30.0).powi(2) + (y - 34.0).powi(2) < 18.0f64.powi(2))),
         ("a blue square on a yellow background", BLUE, YELLOW, Box::new(|x: f64, y: f64| (x - 34.0).abs() < 15.0 && (y - 30.0).abs() < 15.0)),
         ("a yellow circle on a blue background", YELLOW, BLUE, Box::new(|x, y| (x - 33.0).powi(2) + (y - 31.0).powi(2) < 17.0f64.powi(2))),
-        ("a green triangle on a red background", [40, 170, 60], [220, 40, 40], Box::new(|x: f64, y: f64| y > 14.0 && y < 50.0 && (x - 32.0).abs() < (y - 14.0) * 0.58)),
+        ("a green triangle on a red background", GREEN, RED, Box::new(|x: f64, y: f64| y > 14.0 && y < 50.0 && (x - 32.0).abs() < (y - 14.0) * 0.58)),
     ];
     for (k, (caption, fg, bg, inside)) in pictures.iter().enumerate() {
         let img = RgbImage::from_fn(SIZE, SIZE, |x, y| Rgb(if inside(f64::from(x) + 0.5, f64::from(y) + 0.5) { *fg } else { *bg }));

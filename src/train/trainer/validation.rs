@@ -415,7 +415,12 @@ impl Trainer {
     /// timesteps, noise from a generator seeded with `seed`), under the current
     /// weights; for comparing a model before and after training (the demo's
     /// summary). Changes nothing training uses.
-    pub fn loss_on_folder(&mut self, dir: &std::path::Path, prompt_of: impl Fn(&crate::data::images::ImageFile) -> String, seed: u64) -> anyhow::Result<f64> {
+    pub fn loss_on_folder(
+        &mut self,
+        dir: &std::path::Path,
+        prompt_of: impl Fn(&crate::data::images::ImageFile) -> String,
+        seed: u64,
+    ) -> anyhow::Result<f64> {
         let _guard = tch::no_grad_guard();
         if self.validation.timesteps.is_empty() {
             self.validation.timesteps =
