@@ -211,6 +211,7 @@ fn absolutize(config: &mut RunConfig, base: &Path) {
         if let Some(d) = &c.class_data_dir {
             c.class_data_dir = Some(abs(d));
         }
+        c.validation_data_dir = c.validation_data_dir.as_deref().map(abs);
     }
 }
 
@@ -227,6 +228,16 @@ mod tests {
         assert_eq!(c.resolution, 512);
         assert_eq!(c.sampling.scheduler, "ddim");
         assert_eq!(c.concepts[0].num_class_images, 200);
+    }
+
+    #[test]
+    fn folders_are_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.yaml");
+        std::fs::write(&path, MINIMAL.replace("    instance_prompt", "    validation_data_dir: held-out\n    instance_prompt")).unwrap();
+        let c = load_run_config(&path).unwrap();
+        assert_eq!(c.concepts[0].instance_data_dir, dir.path().join("data"));
+        assert_eq!(c.concepts[0].validation_data_dir, Some(dir.path().join("held-out")));
     }
 
     #[test]

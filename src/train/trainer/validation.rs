@@ -381,6 +381,10 @@ impl Trainer {
     /// A set with each image's noise, one draw per timestep from the set's own generator.
     fn draw_noise_for(&self, concept: usize, class: bool, items: Vec<(Tensor, Vec<i64>, SizeIds, Option<Tensor>)>) -> Set {
         let seed = self.config.seed.wrapping_add(SEED_OFFSET + 2 * concept as u64 + u64::from(class));
+        self.draw_noise_seeded(seed, concept, class, items)
+    }
+
+    fn draw_noise_seeded(&self, seed: u64, concept: usize, class: bool, items: Vec<(Tensor, Vec<i64>, SizeIds)>) -> Set {
         let mut rng = CpuRng::new(seed);
         let items = items
             .into_iter()
@@ -429,52 +433,107 @@ impl Trainer {
         Vec::<f64>::try_from(&per_row.to_kind(Kind::Double).to_device(Device::Cpu)).expect("a 1-d float64 tensor")
     }
 
-    /// The losses of every set under the current weights, each (image, timestep)
-    /// pair a row, in batches no larger than a training micro-batch.
-    fn validation_pass(&self) -> Pass {
+    /// The loss of every (image, timestep) pair of `set` under the current
+    /// weights, as (timestep index, loss), in batches no larger than a training
+    /// micro-batch.
+    fn set_losses(&self, set: &Set) -> Vec<(usize, f64)> {
         let t = &self.config.training;
-        let sets = self.validation.sets.as_deref().unwrap_or_default();
-        let timesteps = &self.validation.timesteps;
         let rows_max = t.batch_size.max(1) as usize * if self.data.has_prior() { 2 } else { 1 };
         let te_training = self.text_encoder_training() && t.text_encoder_train_ratio > 0.0;
         let precision = self.precision;
+        // Each prompt encoded once a pass, as the training step encodes it.
+        let states: Vec<PromptEmbeds> = set
+            .items
+            .iter()
+            .map(|item| {
+                let ids = crate::device::upload(&Tensor::from_slice(&item.ids).view([1, -1]), self.device);
+                if te_training {
+                    precision.autocast(|| self.sd.text.encode_ids(&ids, t.clip_skip)).map(|s| s.to_kind(Kind::Float))
+                } else {
+                    self.sd.text.encode_ids(&ids, t.clip_skip)
+                }
+            })
+            .collect();
+        let rows: Vec<(usize, usize)> =
+            (0..set.items.len()).flat_map(|i| (0..self.validation.timesteps.len()).map(move |k| (i, k))).collect();
+        let mut out = Vec::with_capacity(rows.len());
+        let mut start = 0;
+        while start < rows.len() {
+            let shape = set.items[rows[start].0].latents.size();
+            let mut end = start + 1;
+            while end < rows.len() && end - start < rows_max && set.items[rows[end].0].latents.size() == shape {
+                end += 1;
+            }
+            let chunk = &rows[start..end];
+            let values = self.chunk_losses(set, &states, chunk);
+            out.extend(chunk.iter().zip(values).map(|(&(_, k), v)| (k, v)));
+            start = end;
+        }
+        out
+    }
+
+    /// The denoising loss of the images in `dir` (each with `prompt_of` it),
+    /// measured as a validation pass measures held-out photos (the same fixed
+    /// timesteps, noise from a generator seeded with `seed`), under the current
+    /// weights; for comparing a model before and after training (the demo's
+    /// summary). Changes nothing training uses.
+    pub fn loss_on_folder(
+        &mut self,
+        dir: &std::path::Path,
+        prompt_of: impl Fn(&crate::data::images::ImageFile) -> String,
+        seed: u64,
+    ) -> anyhow::Result<f64> {
+        let _guard = tch::no_grad_guard();
+        if self.validation.timesteps.is_empty() {
+            self.validation.timesteps =
+                spread_timesteps(self.config.training.validation_timesteps, self.schedule.num_train_timesteps());
+        }
+        let vae_device = self.params.vae.first().map_or(self.device, |(_, p)| p.device());
+        let moved = vae_device != self.device;
+        if moved {
+            move_parameters(&self.params.vae, self.device);
+        }
+        let buckets = Buckets::for_run(&self.config, self.sd.size_multiple());
+        let examples = dataset::load_folder(dir, &dir.display().to_string(), prompt_of, 0, &buckets, None);
+        let items: Option<Vec<_>> = examples.as_ref().ok().map(|examples| {
+            examples
+                .iter()
+                .map(|e| {
+                    let latents = self.sd.vae.encode(&e.pixels.unsqueeze(0).to_device(self.device)).mean.to_kind(Kind::Float)
+                        * self.sd.vae_config.scaling_factor;
+                    (latents, self.sd.text.tokenize(&e.prompt), e.size_ids(false))
+                })
+                .collect()
+        });
+        if moved {
+            move_parameters(&self.params.vae, vae_device);
+        }
+        examples?;
+        let set = self.draw_noise_seeded(seed, 0, false, items.unwrap_or_default());
+        if set.items.is_empty() {
+            return Err(usage(format!("{} holds no images to measure a loss on", dir.display())));
+        }
+        let rows = self.with_preview_weights(|t| t.set_losses(&set));
+        let losses: Vec<f64> = rows.iter().map(|&(_, v)| v).collect();
+        Ok(mean(&losses).unwrap_or(f64::NAN))
+    }
+
+    /// The losses of every set under the current weights, each (image, timestep)
+    /// pair a row, in batches no larger than a training micro-batch.
+    fn validation_pass(&self) -> Pass {
+        let sets = self.validation.sets.as_deref().unwrap_or_default();
+        let timesteps = &self.validation.timesteps;
         let mut out = Pass { sets: Vec::new(), held_out: None, per_timestep: Vec::new(), class: None };
         let (mut held_out, mut class) = (Vec::new(), Vec::new());
         let mut per_timestep = vec![Vec::new(); timesteps.len()];
         for set in sets {
-            // Each prompt encoded once a pass, as the training step encodes it.
-            let states: Vec<PromptEmbeds> = set
-                .items
-                .iter()
-                .map(|item| {
-                    let ids = crate::device::upload(&Tensor::from_slice(&item.ids).view([1, -1]), self.device);
-                    if te_training {
-                        precision.autocast(|| self.sd.text.encode_ids(&ids, t.clip_skip)).map(|s| s.to_kind(Kind::Float))
-                    } else {
-                        self.sd.text.encode_ids(&ids, t.clip_skip)
-                    }
-                })
-                .collect();
-            let rows: Vec<(usize, usize)> =
-                (0..set.items.len()).flat_map(|i| (0..timesteps.len()).map(move |k| (i, k))).collect();
-            let mut losses = Vec::with_capacity(rows.len());
-            let mut start = 0;
-            while start < rows.len() {
-                let shape = set.items[rows[start].0].latents.size();
-                let mut end = start + 1;
-                while end < rows.len() && end - start < rows_max && set.items[rows[end].0].latents.size() == shape {
-                    end += 1;
+            let rows = self.set_losses(set);
+            if !set.class {
+                for &(k, v) in &rows {
+                    per_timestep[k].push(v);
                 }
-                let chunk = &rows[start..end];
-                let values = self.chunk_losses(set, &states, chunk);
-                for (&(_, k), &v) in chunk.iter().zip(&values) {
-                    if !set.class {
-                        per_timestep[k].push(v);
-                    }
-                }
-                losses.extend(values);
-                start = end;
             }
+            let losses: Vec<f64> = rows.iter().map(|&(_, v)| v).collect();
             let set_mean = mean(&losses).unwrap_or(f64::NAN);
             out.sets.push((set.concept, set.class, set.items.len(), set_mean));
             if set.class { class.extend(losses) } else { held_out.extend(losses) }
