@@ -212,6 +212,7 @@ fn absolutize(config: &mut RunConfig, base: &Path) {
             c.class_data_dir = Some(abs(d));
         }
         c.validation_data_dir = c.validation_data_dir.as_deref().map(abs);
+        c.mask_dir = c.mask_dir.as_deref().map(abs);
     }
 }
 
@@ -234,10 +235,11 @@ mod tests {
     fn folders_are_relative_to_the_config() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.yaml");
-        std::fs::write(&path, MINIMAL.replace("    instance_prompt", "    validation_data_dir: held-out\n    instance_prompt")).unwrap();
+        std::fs::write(&path, MINIMAL.replace("    instance_prompt", "    validation_data_dir: held-out\n    mask_dir: masks\n    instance_prompt")).unwrap();
         let c = load_run_config(&path).unwrap();
         assert_eq!(c.concepts[0].instance_data_dir, dir.path().join("data"));
         assert_eq!(c.concepts[0].validation_data_dir, Some(dir.path().join("held-out")));
+        assert_eq!(c.concepts[0].mask_dir, Some(dir.path().join("masks")));
     }
 
     #[test]
