@@ -384,7 +384,7 @@ impl Trainer {
         self.draw_noise_seeded(seed, concept, class, items)
     }
 
-    fn draw_noise_seeded(&self, seed: u64, concept: usize, class: bool, items: Vec<(Tensor, Vec<i64>, SizeIds)>) -> Set {
+    fn draw_noise_seeded(&self, seed: u64, concept: usize, class: bool, items: Vec<(Tensor, Vec<i64>, SizeIds, Option<Tensor>)>) -> Set {
         let mut rng = CpuRng::new(seed);
         let items = items
             .into_iter()
@@ -501,7 +501,8 @@ impl Trainer {
                 .map(|e| {
                     let latents = self.sd.vae.encode(&e.pixels.unsqueeze(0).to_device(self.device)).mean.to_kind(Kind::Float)
                         * self.sd.vae_config.scaling_factor;
-                    (latents, self.sd.text.tokenize(&e.prompt), e.size_ids(false))
+                    // Unmasked: a folder measured as a whole (the demo's pictures).
+                    (latents, self.sd.text.tokenize(&e.prompt), e.size_ids(false), None)
                 })
                 .collect()
         });
