@@ -328,3 +328,42 @@ fn sigterm_to_the_launcher_checkpoints_once_and_the_run_resumes_with_one_process
         .max();
     assert_eq!(last_step, Some(120));
 }
+
+/// A pause from the dashboard pauses every rank at one step, for longer than
+/// the collectives' time-out, and a resume request goes on to the end.
+#[test]
+fn a_requested_pause_holds_every_rank_past_the_collective_time_out() {
+    use dreambooth::run::control::{send, Request};
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let run_dir = r.join("runs/paused");
+    let images = r.join("images");
+    subject_images(&images, 4);
+    // 4 images × 30 epochs in global batches of 2: 60 steps, more than the request takes to arrive.
+    let cfg = write_config(r, "paused", &images, "steps_per_image: 30\nbatch_size: 1\n");
+    let launcher = dreambooth()
+        .env("DREAMBOOTH_DIST_TIMEOUT", "3")
+        .args(["train", cfg.to_str().unwrap(), "--plain", "--nproc", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(120), "no {what} within 120 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("step", &|| run_dir.join("events.jsonl").is_file() && step_count(&run_dir) >= 1);
+    send(&run_dir, Request::Pause).unwrap();
+    wait_for("pause", &|| !named_events(&run_dir, "pause").is_empty());
+    // Twice the collectives' time-out.
+    std::thread::sleep(Duration::from_secs(6));
+    send(&run_dir, Request::Resume).unwrap();
+    let out = launcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert_eq!(named_events(&run_dir, "done")[0]["step"], 60, "{err}");
+    assert_eq!(named_events(&run_dir, "resume").len(), 1);
+}

@@ -288,9 +288,16 @@ impl ProcessGroup {
 
     /// Whether any rank says yes (a stop request or signal reaching one rank).
     pub fn any(&self, yes: bool) -> anyhow::Result<bool> {
-        let flag = Tensor::from_slice(&[f32::from(u8::from(yes))]).to_device(self.device);
-        self.all_reduce(std::slice::from_ref(&flag), Reduce::Max)?;
-        Ok(flag.double_value(&[0]) > 0.0)
+        Ok(self.any_each([yes])?[0])
+    }
+
+    /// [`Group::any`] for several questions in one collective.
+    pub fn any_each<const N: usize>(&self, yes: [bool; N]) -> anyhow::Result<[bool; N]> {
+        let values: Vec<f32> = yes.iter().map(|&y| f32::from(u8::from(y))).collect();
+        let flags = Tensor::from_slice(&values).to_device(self.device);
+        self.all_reduce(std::slice::from_ref(&flags), Reduce::Max)?;
+        let out = Vec::<f32>::try_from(&flags.to_device(Device::Cpu)).expect("f32 flags");
+        Ok(std::array::from_fn(|i| out[i] > 0.0))
     }
 
     /// Rank `root`'s values, on every rank (in place).

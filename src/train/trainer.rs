@@ -45,6 +45,10 @@ use crate::scheduler::NoiseSchedule;
 const RANK_MEMORY_EVERY: u64 = 10;
 const CLASS_IMAGES_WAIT: Duration = Duration::from_secs(24 * 3600);
 
+/// How long the other ranks wait while rank 0 is paused (a pause from the
+/// dashboard has no end of its own).
+const PAUSE_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Optimizer steps of a run: epochs × the micro-batches of an epoch (ceil(images ÷
 /// batch), counted per frame with aspect-ratio buckets: `Dataset::batches_per_epoch`),
 /// of which `gradient_accumulation_steps` make one step. The one definition of the count.
@@ -262,6 +266,8 @@ pub struct Trainer {
     last_record_at: Option<Instant>,
     /// `training.validate_every_n_epochs`: the held-out sets and the last pass (trainer/validation.rs).
     validation: validation::Validation,
+    /// A pause request reached rank 0 of several: every rank pauses at the next step.
+    pause_wanted: bool,
     /// The step has passed its micro-batches and is updating the weights: an
     /// out-of-memory from here on cannot be retried (trainer/oom.rs).
     updating: bool,
@@ -597,6 +603,7 @@ impl Trainer {
             frozen_text_states: HashMap::new(),
             validation: validation::Validation::default(),
             updating: false,
+            pause_wanted: false,
             config,
         };
         trainer.describe_plan();
@@ -1150,12 +1157,12 @@ impl Trainer {
         self.validate_before_training()?;
         while self.step < self.total_steps {
             let stop = self.poll_controls()?;
-            // A signal or request that reached one rank stops every rank at the same step.
-            let stop = match crate::dist::current() {
-                Some(group) => group.any(stop)?,
-                None => stop,
+            // A signal or request that reached one rank stops (or pauses) every rank at the same step.
+            let (stop, pause) = match crate::dist::current() {
+                Some(group) => group.any_each([stop, std::mem::take(&mut self.pause_wanted)]).map(|[s, p]| (s, p))?,
+                None => (stop, false),
             };
-            if stop {
+            if stop || (pause && self.pause_together(None, "requested")?) {
                 return self.stop();
             }
             let epochs_before = self.epochs_done();
@@ -1217,9 +1224,19 @@ impl Trainer {
         }
         if !last && t.pause_after_n_epochs > 0 && epoch.is_multiple_of(u64::from(t.pause_after_n_epochs)) {
             let reason = format!("after epoch {epoch}");
-            return self.pause(Some(Duration::from_secs(t.pause_seconds)), &reason);
+            return self.pause_together(Some(Duration::from_secs(t.pause_seconds)), &reason);
         }
         Ok(false)
+    }
+
+    /// [`Trainer::pause`] on every rank: rank 0 waits for the time or the
+    /// requests while the others wait for it (past the collectives' time-out,
+    /// which a long pause would otherwise reach), then all agree on stopping.
+    fn pause_together(&mut self, duration: Option<Duration>, reason: &str) -> anyhow::Result<bool> {
+        let Some(group) = crate::dist::current() else { return self.pause(duration, reason) };
+        let stop = if crate::dist::is_writer() { self.pause(duration, reason)? } else { false };
+        group.barrier("the end of a pause", PAUSE_WAIT)?;
+        group.any(stop || self.stop_flag.load(Ordering::Relaxed))
     }
 
     /// Waits `duration` (or, without one, for a resume request); true when a stop
@@ -1275,6 +1292,8 @@ impl Trainer {
         for r in control::take_if(crate::dist::is_writer(), &self.run_dir) {
             match r {
                 Request::Stop => return Ok(true),
+                // Several processes pause together, at the next step's agreement.
+                Request::Pause if crate::dist::current().is_some() => self.pause_wanted = true,
                 Request::Pause => {
                     if self.pause(None, "requested")? {
                         return Ok(true);
