@@ -173,7 +173,7 @@ pub fn bench_several(nproc: usize, model: &Path, config: Option<&Path>, steps: O
             let status = std::process::Command::new(exe).args(&args).status().context("cannot start the one-process benchmark")?;
             anyhow::ensure!(status.success(), "the one-process benchmark failed ({status})");
         } else {
-            crate::dist::launch::launch(n, &args, None)?;
+            crate::dist::launch::launch(n, &args, None, None)?;
         }
         let text = std::fs::read_to_string(&out).with_context(|| format!("the benchmark wrote no {}", out.display()))?;
         Ok(serde_json::from_str(&text)?)

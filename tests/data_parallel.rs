@@ -367,3 +367,27 @@ fn a_requested_pause_holds_every_rank_past_the_collective_time_out() {
     assert_eq!(named_events(&run_dir, "done")[0]["step"], 60, "{err}");
     assert_eq!(named_events(&run_dir, "resume").len(), 1);
 }
+
+/// `--detach --nproc 2`: the command returns once the run is set up, and the
+/// launcher and both ranks train in the background to the end.
+#[test]
+fn a_detached_launcher_trains_in_the_background() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = tmp.path();
+    let run_dir = r.join("runs/detached");
+    let images = r.join("images");
+    subject_images(&images, 4);
+    let cfg = write_config(r, "detached", &images, "steps_per_image: 2\nbatch_size: 1\n");
+    let out = dreambooth().args(["train", cfg.to_str().unwrap(), "--detach", "--nproc", "2"]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), run_dir.display().to_string());
+    assert!(stderr.contains("training in the background"), "{stderr}");
+    let started = Instant::now();
+    while named_events(&run_dir, "done").is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(120), "not done within 120 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(named_events(&run_dir, "start")[0]["world_size"], 2);
+    assert_eq!(named_events(&run_dir, "done")[0]["step"], 4);
+}

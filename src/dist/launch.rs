@@ -40,7 +40,14 @@ fn ending(status: ExitStatus) -> String {
 
 /// Runs this program's `args` as `nproc` ranks and waits for them all.
 /// `resume_hint`: the run directory, for the sentence that tells how to go on.
-pub fn launch(nproc: usize, args: &[OsString], resume_hint: Option<&std::path::Path>) -> anyhow::Result<()> {
+/// `detached_log`: a detached launcher's train.log, where its own output goes
+/// once rank 0 has stopped writing to it (its start-up is over, or it ended).
+pub fn launch(
+    nproc: usize,
+    args: &[OsString],
+    resume_hint: Option<&std::path::Path>,
+    detached_log: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     if !super::group::available() {
         return Err(crate::error::usage(super::group::MISSING_BACKEND));
     }
@@ -80,6 +87,7 @@ pub fn launch(nproc: usize, args: &[OsString], resume_hint: Option<&std::path::P
         };
         let stderr = child.stderr.take().expect("stderr is piped");
         let lines = last_lines.clone();
+        let log = if rank == 0 { detached_log.clone() } else { None };
         readers.push(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 // Rank 0 speaks for the run; another rank's last words go into the
@@ -90,6 +98,10 @@ pub fn launch(nproc: usize, args: &[OsString], resume_hint: Option<&std::path::P
                 if !line.trim().is_empty() && !line.contains("[c10d]") {
                     lines.lock().expect("no panics hold this lock")[rank] = line;
                 }
+            }
+            // A run that failed before making its folder keeps the terminal's.
+            if let Some(log) = log.filter(|l| l.parent().is_some_and(std::path::Path::is_dir)) {
+                let _ = crate::run::redirect_output(&log);
             }
         }));
         children.push(child);

@@ -21,21 +21,14 @@ fn detached_child() -> bool {
 
 /// In the background copy: from now on stdout and stderr go to the run's train.log
 /// (which also tells the waiting parent that start-up succeeded). Only the first call acts.
+/// The other ranks of several keep theirs: the launcher reads them, and passes
+/// on the last words of a rank that fails.
 fn redirect_output_to_log(run_dir: &Path) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd;
     static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+    if !crate::dist::is_writer() || DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return Ok(());
     }
-    let path = run_dir.join("train.log");
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: dup2 onto the standard descriptors; `file` stays open for the call.
-    unsafe {
-        libc::dup2(file.as_raw_fd(), 1);
-        libc::dup2(file.as_raw_fd(), 2);
-    }
-    Ok(())
+    crate::run::redirect_output(&run_dir.join("train.log"))
 }
 
 /// `--detach`: starts this program again as its own session (setsid, so a closed
@@ -111,16 +104,13 @@ fn finish(trainer: &mut Trainer) -> anyhow::Result<()> {
 /// `--nproc N` (N > 1): checked here, then N copies of this command run as the
 /// ranks of one group (src/dist/launch.rs). None: train alone, or as the rank
 /// torchrun's variables say.
-fn several(nproc: Option<usize>, detach_flag: bool, config: &crate::config::schema::RunConfig) -> anyhow::Result<Option<usize>> {
+fn several(nproc: Option<usize>, config: &crate::config::schema::RunConfig) -> anyhow::Result<Option<usize>> {
     match nproc {
         None | Some(1) => Ok(None),
         Some(0) => Err(usage("--nproc must be at least 1")),
         Some(n) => {
             if !crate::dist::group::available() {
                 return Err(usage(crate::dist::group::MISSING_BACKEND));
-            }
-            if detach_flag {
-                return Err(usage("--detach cannot be combined with --nproc yet: start it under nohup, tmux or a batch job"));
             }
             if std::env::var_os("WORLD_SIZE").is_some() {
                 return Err(usage("--nproc starts its own processes: leave it out where torchrun (WORLD_SIZE) starts them"));
@@ -129,6 +119,14 @@ fn several(nproc: Option<usize>, detach_flag: bool, config: &crate::config::sche
             Ok(Some(n))
         }
     }
+}
+
+/// Starts the ranks and waits for them. A detached launcher (`--detach`)
+/// moves its own output to the run's train.log once rank 0 has moved its own
+/// there (the run is set up), so the terminal that started it is let go.
+fn launch_ranks(n: usize, args: &[std::ffi::OsString], run_dir: &Path) -> anyhow::Result<()> {
+    let log = detached_child().then(|| run_dir.join("train.log"));
+    crate::dist::launch::launch(n, args, Some(run_dir), log)
 }
 
 /// The ranks' arguments: this command without `--nproc`.
@@ -157,10 +155,16 @@ fn join_group(config: &crate::config::schema::RunConfig) -> anyhow::Result<()> {
 
 pub fn train_command(config_path: &Path, detach_flag: bool, plain: bool, force: bool, nproc: Option<usize>) -> anyhow::Result<()> {
     let config = crate::config::load_run_config(config_path)?;
-    if let Some(n) = several(nproc, detach_flag, &config)? {
+    if let Some(n) = several(nproc, &config)? {
         super::trainer::check_supported(&config)?;
         let run_dir = run_dir_of(&config);
-        return crate::dist::launch::launch(n, &rank_args("train", config_path, plain, force, None), Some(&run_dir));
+        if detach_flag {
+            // The launcher goes to the background; its ranks follow it there.
+            let mut args = rank_args("train", config_path, true, force, None);
+            args.extend(["--nproc".into(), n.to_string().into()]);
+            return detach(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>(), Some(&run_dir));
+        }
+        return launch_ranks(n, &rank_args("train", config_path, plain, force, None), &run_dir);
     }
     join_group(&config)?;
     if detach_flag {
@@ -211,9 +215,13 @@ pub fn resume_command(
     if nproc.is_some_and(|n| n != 1) || std::env::var_os("WORLD_SIZE").is_some() {
         crate::run::require_run_dir(run_dir)?;
         let config = crate::config::load_run_config(&run_dir.join("config.yaml"))?;
-        if let Some(n) = several(nproc, detach_flag, &config)? {
-            let args = rank_args("resume", run_dir, plain, force, steps_per_image);
-            return crate::dist::launch::launch(n, &args, Some(run_dir));
+        if let Some(n) = several(nproc, &config)? {
+            if detach_flag {
+                let mut args = rank_args("resume", run_dir, true, force, steps_per_image);
+                args.extend(["--nproc".into(), n.to_string().into()]);
+                return detach(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>(), Some(run_dir));
+            }
+            return launch_ranks(n, &rank_args("resume", run_dir, plain, force, steps_per_image), run_dir);
         }
         join_group(&config)?;
     }
