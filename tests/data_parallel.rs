@@ -99,16 +99,7 @@ fn two_processes_train_what_one_process_trains_with_the_global_batch() {
 
     let difference = max_difference(&unet(&runs.join("alone")), &unet(&runs.join("launched")));
     assert!(difference < 1e-5, "--nproc 2 × batch 1 differs from batch 2 alone by {difference}");
-    let losses = |run: &str| -> Vec<f64> {
-        dreambooth::run::events::read_events(&runs.join(run))
-            .unwrap()
-            .into_iter()
-            .filter_map(|e| match e {
-                dreambooth::run::events::Event::Step(s) => Some(s.loss),
-                _ => None,
-            })
-            .collect()
-    };
+    let losses = |run: &str| step_losses(&runs.join(run));
     let (a, b) = (losses("alone"), losses("launched"));
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
@@ -244,11 +235,7 @@ fn ranks_make_their_share_of_the_class_images_and_the_folder_equals_one_process(
     subject_images(&images, 2);
     let with_classes = |name: &str| {
         let path = write_config(r, name, &images, "steps_per_image: 1\nbatch_size: 1\n");
-        let yaml = std::fs::read_to_string(&path).unwrap().replace(
-            "instance_prompt: a photo of sks thing\n",
-            "instance_prompt: a photo of sks thing\n    class_prompt: a photo of a thing\n    num_class_images: 3\n",
-        );
-        std::fs::write(&path, yaml).unwrap();
+        add_concept_keys(&path, "class_prompt: a photo of a thing\nnum_class_images: 3");
         path
     };
     let (alone, launched) = (with_classes("alone"), with_classes("launched"));

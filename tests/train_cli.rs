@@ -654,11 +654,7 @@ fn a_run_killed_or_stopped_while_making_class_images_resumes_from_step_0() {
     subject_images(&data, 2);
     let with_class_images = |name: &str| {
         let cfg = write_config(r, name, &data, "  steps_per_image: 2\n  random_flip: true\n");
-        let text = std::fs::read_to_string(&cfg).unwrap().replace(
-            "    instance_prompt: a photo of sks thing\n",
-            "    instance_prompt: a photo of sks thing\n    class_prompt: a photo of a thing\n    num_class_images: 24\n    class_infer_steps: 12\n",
-        );
-        std::fs::write(&cfg, text).unwrap();
+        add_concept_keys(&cfg, "class_prompt: a photo of a thing\nnum_class_images: 24\nclass_infer_steps: 12");
         cfg
     };
     let started = Instant::now();

@@ -116,17 +116,7 @@ fn validation_never_changes_a_full_run() {
         std::fs::read_to_string(dir.join("state.json")).unwrap()
     };
     assert_eq!(state(&plain), state(&validated));
-    let steps = |run: &Path| -> Vec<f64> {
-        dreambooth::run::events::read_events(run)
-            .unwrap()
-            .into_iter()
-            .filter_map(|e| match e {
-                dreambooth::run::events::Event::Step(s) => Some(s.loss),
-                _ => None,
-            })
-            .collect()
-    };
-    assert_eq!(steps(&plain), steps(&validated), "the same losses step by step");
+    assert_eq!(step_losses(&plain), step_losses(&validated), "the same losses step by step");
 }
 
 /// A LoRA run under bf16 autocast (its base UNet stored in bf16), and a run whose

@@ -185,3 +185,25 @@ pub fn stopped_and_resumed(config: &Path, stop_at: u64) -> dreambooth::train::tr
     assert_eq!(resumed.run().unwrap(), Outcome::Finished);
     resumed
 }
+
+/// Writes `keys` (`key: value` lines) into the first concept of the config at
+/// `path`, after its instance prompt (class prompts, class image counts, ...).
+pub fn add_concept_keys(path: &Path, keys: &str) {
+    let marker = "    instance_prompt: a photo of sks thing\n";
+    let indented: String = keys.lines().map(|l| format!("    {}\n", l.trim())).collect();
+    let yaml = std::fs::read_to_string(path).unwrap();
+    assert!(yaml.contains(marker), "{yaml}");
+    std::fs::write(path, yaml.replacen(marker, &format!("{marker}{indented}"), 1)).unwrap();
+}
+
+/// The loss of every step record of a run, in order.
+pub fn step_losses(run_dir: &Path) -> Vec<f64> {
+    dreambooth::run::events::read_events(run_dir)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            dreambooth::run::events::Event::Step(s) => Some(s.loss),
+            _ => None,
+        })
+        .collect()
+}
