@@ -36,6 +36,20 @@
 
 static thread_local std::string last_error;
 
+// Runs `body`, turning a C++ exception into `failed` and its message into
+// dbt_dist_last_error's: no exception may cross into Rust.
+template <class T, class Body>
+static T guarded(T failed, Body&& body) {
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    last_error = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  }
+  return failed;
+}
+
 #if defined(DBT_HAVE_GLOO) || defined(DBT_HAVE_NCCL)
 namespace {
 struct Group {
@@ -78,7 +92,7 @@ int dbt_dist_backends() {
 void* dbt_dist_init(const char* host, int port, int rank, int world, int host_store, const char* prefix, int backend,
                     int cuda_index, int64_t timeout_ms) {
 #if defined(DBT_HAVE_GLOO) || defined(DBT_HAVE_NCCL)
-  try {
+  return guarded(static_cast<void*>(nullptr), [&]() -> void* {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions store_options;
     store_options.port = static_cast<std::uint16_t>(port);
@@ -119,13 +133,7 @@ void* dbt_dist_init(const char* host, int port, int rank, int world, int host_st
 #endif
     }
     return group;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-    return nullptr;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return nullptr;
-  }
+  });
 #else
   (void)host; (void)port; (void)rank; (void)world; (void)host_store; (void)prefix; (void)backend; (void)cuda_index;
   (void)timeout_ms;
@@ -139,7 +147,7 @@ void* dbt_dist_init(const char* host, int port, int rank, int world, int host_st
 // of one step travel together. Returns 0 on success, -1 on failure.
 int dbt_dist_all_reduce(void* handle, at::Tensor** tensors, size_t n, int op) {
 #if defined(DBT_HAVE_GLOO) || defined(DBT_HAVE_NCCL)
-  try {
+  return guarded(-1, [&]() -> int {
     auto group = static_cast<Group*>(handle);
     c10d::AllreduceOptions options;
     options.reduceOp = reduce_op(op);
@@ -153,13 +161,7 @@ int dbt_dist_all_reduce(void* handle, at::Tensor** tensors, size_t n, int op) {
       work->wait();
     }
     return 0;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-    return -1;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 #else
   (void)handle; (void)tensors; (void)n; (void)op;
   last_error = "this build has no c10d back end";
@@ -172,19 +174,13 @@ int dbt_dist_all_reduce(void* handle, at::Tensor** tensors, size_t n, int op) {
 // pending work for dbt_dist_work_wait, or null (see dbt_dist_last_error).
 void* dbt_dist_all_reduce_start(void* handle, at::Tensor* tensor, int op) {
 #if defined(DBT_HAVE_GLOO) || defined(DBT_HAVE_NCCL)
-  try {
+  return guarded(static_cast<void*>(nullptr), [&]() -> void* {
     auto group = static_cast<Group*>(handle);
     c10d::AllreduceOptions options;
     options.reduceOp = reduce_op(op);
     std::vector<at::Tensor> one{*tensor};
     return new c10::intrusive_ptr<c10d::Work>(group->backend->allreduce(one, options));
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-    return nullptr;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return nullptr;
-  }
+  });
 #else
   (void)handle; (void)tensor; (void)op;
   last_error = "this build has no c10d back end";
@@ -198,16 +194,10 @@ void* dbt_dist_all_reduce_start(void* handle, at::Tensor* tensor, int op) {
 int dbt_dist_work_finish(void* work, int wait) {
 #if defined(DBT_HAVE_GLOO) || defined(DBT_HAVE_NCCL)
   auto pending = static_cast<c10::intrusive_ptr<c10d::Work>*>(work);
-  int rc = 0;
-  try {
+  int rc = guarded(-1, [&]() -> int {
     if (wait != 0) (*pending)->wait();
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-    rc = -1;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    rc = -1;
-  }
+    return 0;
+  });
   delete pending;
   return rc;
 #else
@@ -220,20 +210,14 @@ int dbt_dist_work_finish(void* work, int wait) {
 // Copies rank `root`'s tensor into every rank's. Returns 0 on success, -1 on failure.
 int dbt_dist_broadcast(void* handle, at::Tensor* tensor, int root) {
 #if defined(DBT_HAVE_GLOO) || defined(DBT_HAVE_NCCL)
-  try {
+  return guarded(-1, [&]() -> int {
     auto group = static_cast<Group*>(handle);
     c10d::BroadcastOptions options;
     options.rootRank = root;
     std::vector<at::Tensor> one{*tensor};
     group->backend->broadcast(one, options)->wait();
     return 0;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-    return -1;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 #else
   (void)handle; (void)tensor; (void)root;
   last_error = "this build has no c10d back end";
@@ -246,7 +230,7 @@ int dbt_dist_broadcast(void* handle, at::Tensor* tensor, int root) {
 // Goes through the store, so it needs no device. Returns 0, or -1 on failure.
 int dbt_dist_barrier(void* handle, const char* name, int world, int64_t timeout_ms) {
 #if defined(DBT_HAVE_GLOO) || defined(DBT_HAVE_NCCL)
-  try {
+  return guarded(-1, [&]() -> int {
     auto group = static_cast<Group*>(handle);
     std::string key = std::string("barrier/") + name;
     group->store->add(key, 1);
@@ -259,13 +243,7 @@ int dbt_dist_barrier(void* handle, const char* name, int world, int64_t timeout_
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     return 0;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-    return -1;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 #else
   (void)handle; (void)name; (void)world; (void)timeout_ms;
   last_error = "this build has no c10d back end";
