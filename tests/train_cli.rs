@@ -528,6 +528,19 @@ fn out_of_memory_splits_the_micro_batch_and_the_run_goes_on() {
     assert!(last_line(&err).starts_with("error: out of memory while training step 1 of "), "{err}");
     let sizes: Vec<u64> = named_events(&run, "micro_batch_split").iter().map(|e| e["batch_size"].as_u64().unwrap()).collect();
     assert_eq!(sizes, vec![2, 1]);
+
+    // fused_backward updates inside the backward pass and cannot accumulate: no split, the sentence.
+    let cfg = write_config(r, "fused", &data, "  steps_per_image: 2\n  batch_size: 4\n  fused_backward: true\n  max_grad_norm: 0\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_dreambooth"))
+        .args(["train", cfg.to_str().unwrap(), "--plain"])
+        .env("OMP_NUM_THREADS", "2")
+        .env("DREAMBOOTH_OOM_ABOVE_MICRO_BATCH", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(last_line(&err).starts_with("error: out of memory while training step 1 of "), "{err}");
+    assert!(named_events(&r.join("runs/fused"), "micro_batch_split").is_empty());
 }
 
 /// A checkpoint written before the micro-batch was split resumes under the

@@ -57,8 +57,10 @@ impl Trainer {
                 micro_batches: self.micro_batches,
             };
             self.updating = false;
-            // A failed step drops its captured graphs while unwinding.
+            // A failed step drops its captured graphs while unwinding; a fused one
+            // also its hooks and the optimizer it held (so it is known from here).
             let graphs_on = self.graphs.is_some();
+            let fused = self.fused.is_some();
             let payload = match catch_unwind(AssertUnwindSafe(|| self.queue_train_step())) {
                 Ok(result) => return result,
                 Err(payload) => payload,
@@ -69,8 +71,8 @@ impl Trainer {
             // With several processes the others are waiting in a collective: one
             // rank cannot change the batch alone.
             let alone = crate::dist::world_size() == 1;
-            let (Some(message), true, Some((smaller, factor)), false, None, true) =
-                (message, out_of_memory, split, self.updating, self.fused.as_ref(), alone)
+            let (Some(message), true, Some((smaller, factor)), false, false, true) =
+                (message, out_of_memory, split, self.updating, fused, alone)
             else {
                 resume_unwind(payload);
             };
