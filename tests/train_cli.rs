@@ -210,11 +210,7 @@ fn stop_checkpoints_a_detached_run_and_resume_finishes_it() {
     // Enough steps that the run is still going when `stop` arrives; a setting
     // without effect, and class images to make (after which output goes to train.log).
     let cfg = write_config(r, "bg", &data, "  steps_per_image: 12\n  lr_power: 2.0\n");
-    let with_class = std::fs::read_to_string(&cfg).unwrap().replace(
-        "instance_prompt: a photo of sks thing\n",
-        "instance_prompt: a photo of sks thing\n    class_prompt: a photo of a thing\n    num_class_images: 2\n",
-    );
-    std::fs::write(&cfg, with_class).unwrap();
+    add_concept_keys(&cfg, "class_prompt: a photo of a thing\nnum_class_images: 2");
     let run = r.join("runs/bg");
     let (code, out, err) = cli(&["train", cfg.to_str().unwrap(), "--detach"]);
     assert_eq!(code, 0, "{err}");

@@ -16,13 +16,7 @@ pub fn probe() -> Option<GpuMemory> {
     // catching it keeps "no GPU" the only outcome.
     std::panic::catch_unwind(|| {
         let nvml = nvml_wrapper::Nvml::init().ok()?;
-        let device = nvml.device_by_index(0).ok()?;
-        let memory = device.memory_info().ok()?;
-        Some(GpuMemory {
-            name: device.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
-            total_bytes: memory.total,
-            used_bytes: memory.used,
-        })
+        memory_of(&nvml.device_by_index(0).ok()?)
     })
     .ok()
     .flatten()
@@ -46,15 +40,20 @@ pub fn probe_cuda(index: usize) -> Option<GpuMemory> {
             Some(e) if e.starts_with("GPU-") => nvml.device_by_uuid(e).ok()?,
             Some(e) => nvml.device_by_index(e.parse::<u32>().ok()?).ok()?,
         };
-        let memory = device.memory_info().ok()?;
-        Some(GpuMemory {
-            name: device.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
-            total_bytes: memory.total,
-            used_bytes: memory.used,
-        })
+        memory_of(&device)
     })
     .ok()
     .flatten()
+}
+
+/// What NVML says of one device's memory.
+fn memory_of(device: &nvml_wrapper::Device) -> Option<GpuMemory> {
+    let memory = device.memory_info().ok()?;
+    Some(GpuMemory {
+        name: device.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
+        total_bytes: memory.total,
+        used_bytes: memory.used,
+    })
 }
 
 /// The NVIDIA driver's version ("535.104.05") and the newest CUDA it supports
